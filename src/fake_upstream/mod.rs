@@ -1,1 +1,226 @@
-//! placeholder
+//! A faithful fake of the Ketchup upstream (api.defapi.org), for tests, the demo and benchmarks.
+//!
+//! It answers the three endpoints with the contract's exact bodies and status codes
+//! (`/work/shared/upstream/CONTRACT.md`), renders on a clock-driven schedule (pending → submitted
+//! → in_progress → success | failed), calls webhooks, counts everything a test may want to
+//! assert, and injects faults on demand. Out of process it is driven through `/_fake/*`.
+//!
+//! It is served with hyper directly rather than `axum::serve`, because one fault must close the
+//! TCP connection without any response: each connection runs in its own task, and a handler can
+//! ask that task (through a `ConnectionHandle` in the request's extensions) to drop it.
+
+mod api;
+mod callbacks;
+mod faults;
+mod state;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+use tower::ServiceExt;
+
+pub use faults::{Fault, FaultRates, Faults};
+pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
+
+use crate::clock::{self, SharedClock};
+use crate::credits::Credits;
+
+/// How the fake behaves. [`FakeConfig::new`] gives working defaults; adjust the fields.
+#[derive(Clone)]
+pub struct FakeConfig {
+    /// The only accepted bearer token.
+    pub token: String,
+    /// Model → credits one image of a successful task consumes; other models get a 400.
+    pub consumed: BTreeMap<String, Credits>,
+    /// How long a task stays `pending`, then `submitted`, then `in_progress` before it is final.
+    pub pending_for: Duration,
+    pub submitted_for: Duration,
+    pub in_progress_for: Duration,
+    /// A new task answers 404 "task not found" to queries for this long (the contract's open
+    /// point: a new task can briefly be unknown to the query endpoint).
+    pub unknown_for: Duration,
+    /// Task states are computed from `clock.now() - created_at`.
+    pub clock: SharedClock,
+    /// The `/api/user` balance before any task finished.
+    pub initial_balance: Credits,
+}
+
+impl FakeConfig {
+    /// Both guide models at 0.50 credits per image, one second per phase, no early-404 window,
+    /// the system clock and a balance of 100.50.
+    pub fn new(token: impl Into<String>) -> Self {
+        let half = Credits::from_units(50_000_000);
+        FakeConfig {
+            token: token.into(),
+            consumed: BTreeMap::from([
+                ("google/gempix2".to_owned(), half),
+                ("google/gemini-2.5-flash-image".to_owned(), half),
+            ]),
+            pending_for: Duration::from_secs(1),
+            submitted_for: Duration::from_secs(1),
+            in_progress_for: Duration::from_secs(1),
+            unknown_for: Duration::ZERO,
+            clock: clock::system(),
+            initial_balance: Credits::from_units(10_050_000_000),
+        }
+    }
+}
+
+impl fmt::Debug for FakeConfig {
+    /// Leaves out the token (a secret in spirit) and the clock (not `Debug`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeConfig")
+            .field("consumed", &self.consumed)
+            .field("pending_for", &self.pending_for)
+            .field("submitted_for", &self.submitted_for)
+            .field("in_progress_for", &self.in_progress_for)
+            .field("unknown_for", &self.unknown_for)
+            .field("initial_balance", &self.initial_balance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running fake. Dropping it (or [`FakeHandle::shutdown`]) stops the server, its open
+/// connections and pending callback deliveries.
+pub struct FakeHandle {
+    addr: SocketAddr,
+    shared: Arc<state::Shared>,
+    server: JoinHandle<()>,
+    callbacks: JoinHandle<()>,
+}
+
+impl FakeHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A snapshot of everything counted so far, with every task as of now.
+    pub fn stats(&self) -> FakeStats {
+        self.shared.stats(true)
+    }
+
+    /// Zeroes the statistics, as `POST /_fake/reset` does; tasks and balance stay.
+    pub fn reset_stats(&self) {
+        self.shared.reset_stats();
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.shared.faults
+    }
+
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for FakeHandle {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.callbacks.abort();
+    }
+}
+
+/// Starts a fake on `127.0.0.1` with an ephemeral port.
+pub async fn start(config: FakeConfig) -> io::Result<FakeHandle> {
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    serve(config, listener).await
+}
+
+/// Serves a fake on `listener` in background tasks. Must run inside a tokio runtime.
+pub async fn serve(config: FakeConfig, listener: TcpListener) -> io::Result<FakeHandle> {
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(state::Shared::new(config));
+    let server = tokio::spawn(accept_loop(listener, api::router(shared.clone())));
+    let callbacks = tokio::spawn(callbacks::run(shared.clone()));
+    Ok(FakeHandle {
+        addr,
+        shared,
+        server,
+        callbacks,
+    })
+}
+
+/// Serves a fake on `listen` until ctrl-c: the `fake-upstream` subcommand of the binary.
+pub async fn run_standalone(listen: SocketAddr, config: FakeConfig) -> io::Result<()> {
+    let handle = serve(config, TcpListener::bind(listen).await?).await?;
+    tracing::info!(addr = %handle.addr(), "fake upstream listening");
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("fake upstream stopping");
+    handle.shutdown();
+    Ok(())
+}
+
+/// Accepts connections forever; they live in a `JoinSet`, so aborting this task ends them too.
+async fn accept_loop(listener: TcpListener, router: Router) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, router.clone()));
+                }
+                Err(error) => {
+                    // Typically out of file descriptors: pause instead of spinning.
+                    tracing::warn!(%error, "fake upstream: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2) until it ends or a handler asks to drop it.
+async fn serve_connection(stream: TcpStream, router: Router) {
+    // Benchmarks send many small requests; Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    let kill = Arc::new(Notify::new());
+    let handle = ConnectionHandle(kill.clone());
+    let service = router.map_request(move |mut request: http::Request<Incoming>| {
+        request.extensions_mut().insert(handle.clone());
+        request
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection =
+        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    tokio::select! {
+        served = connection => {
+            if let Err(error) = served {
+                tracing::debug!(%error, "fake upstream: connection ended with an error");
+            }
+        }
+        // Dropping the unfinished connection closes the socket: the client gets no response.
+        () = kill.notified() => {}
+    }
+}
+
+/// Lets a handler end its own connection without answering (the `DropConnection` fault).
+#[derive(Clone)]
+pub(crate) struct ConnectionHandle(Arc<Notify>);
+
+impl ConnectionHandle {
+    /// Asks the connection task to drop the connection, then waits to be dropped with it.
+    async fn drop_now(&self) -> Response {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}

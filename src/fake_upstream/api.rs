@@ -1,0 +1,291 @@
+//! The routes: the three upstream endpoints, exactly as the contract describes them, and the
+//! `/_fake/*` control API for out-of-process users (demo, benchmarks).
+//!
+//! Handlers take the raw body and query string rather than axum's typed extractors, so a
+//! malformed request is still counted and gets an upstream-shaped 400 instead of axum's text.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use http::{HeaderMap, Uri};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::ConnectionHandle;
+use super::faults::{Endpoint, Fault, FaultRates};
+use super::state::{FakeStats, PendingCallback, Recorder, Shared, Task};
+use super::wire::{self, Created, TaskData};
+use crate::credits::Credits;
+
+/// Largest generation body read; reference images are URLs, so this is generous.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Reference images per request: the upstream's feature list says "up to five".
+const MAX_REFERENCE_IMAGES: usize = 5;
+/// Images per task (`n`). The guides give no limit; a small one keeps results small.
+const MAX_IMAGES_PER_TASK: u64 = 4;
+/// A prompt containing this ends in a failed task: a deterministic failure for demos.
+const FAIL_MARKER: &str = "[fail]";
+
+type SharedState = State<Arc<Shared>>;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/image/gen", post(generate))
+        .route("/api/task/query", get(query))
+        .route("/api/user", get(user))
+        .route("/_fake/stats", get(control_stats))
+        .route(
+            "/_fake/faults",
+            get(control_get_faults).post(control_set_faults),
+        )
+        .route("/_fake/reset", post(control_reset))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(shared)
+}
+
+async fn not_found() -> Response {
+    wire::route_not_found()
+}
+
+/// `POST /api/image/gen`. Counts and records first, then applies the fault, then answers.
+async fn generate(
+    State(shared): SharedState,
+    Extension(connection): Extension<ConnectionHandle>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    Recorder::count(&shared.stats.generate_requests);
+    shared.stats.observe_headers(&headers);
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| "request body is unreadable or larger than 4 MiB")
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).map_err(|_| "invalid JSON body"));
+    if let Ok(json) = &body {
+        shared.stats.record_generate_body(json);
+    }
+    let fault = shared.faults.draw(Endpoint::Generate);
+    match fault {
+        Some(Fault::Status500) => return wire::internal_error(),
+        Some(Fault::DropConnection) => return connection.drop_now().await,
+        _ => {}
+    }
+    let response = if shared.is_authorized(&headers) {
+        match body
+            .map_err(String::from)
+            .and_then(|json| create_task(&shared, &json, fault == Some(Fault::FailTask)))
+        {
+            Ok(task_id) => wire::ok(Created { task_id: &task_id }),
+            Err(detail) => wire::bad_request(detail),
+        }
+    } else {
+        Recorder::count(&shared.stats.unauthorized);
+        wire::unauthorized()
+    };
+    // The task exists before the delay: a client that gives up waiting has still started it.
+    if let Some(Fault::Slow(delay)) = fault {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// Validates a generation body and creates its task; `Err` is the 400's detail.
+fn create_task(shared: &Shared, body: &Value, fail: bool) -> Result<String, String> {
+    let body = body
+        .as_object()
+        .ok_or("request body must be a JSON object")?;
+    let prompt = match field(body, "prompt") {
+        Some(Value::String(prompt)) if !prompt.trim().is_empty() => prompt,
+        None | Some(Value::String(_)) => return Err("prompt is required".into()),
+        Some(_) => return Err("prompt must be a string".into()),
+    };
+    let model = match field(body, "model") {
+        Some(Value::String(model)) => model,
+        None => return Err("model is required".into()),
+        Some(_) => return Err("model must be a string".into()),
+    };
+    let price = *shared
+        .prices
+        .get(model)
+        .ok_or_else(|| format!("unsupported model: {model}"))?;
+    if let Some(images) = field(body, "images") {
+        let urls = images
+            .as_array()
+            .filter(|urls| urls.iter().all(Value::is_string))
+            .ok_or("images must be an array of image URLs")?;
+        if urls.len() > MAX_REFERENCE_IMAGES {
+            return Err(format!(
+                "images allows at most {MAX_REFERENCE_IMAGES} reference images"
+            ));
+        }
+    }
+    let images = match field(body, "n") {
+        None => 1,
+        Some(n) => n
+            .as_u64()
+            .filter(|n| (1..=MAX_IMAGES_PER_TASK).contains(n))
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("n must be an integer from 1 to {MAX_IMAGES_PER_TASK}"))?,
+    };
+    let callback_url = field(body, "callback_url")
+        .map(|url| {
+            url.as_str()
+                .and_then(|url| url.parse::<Uri>().ok())
+                .filter(|url| {
+                    matches!(url.scheme_str(), Some("http" | "https")) && url.host().is_some()
+                })
+                .ok_or("callback_url must be an absolute http(s) URL")
+        })
+        .transpose()?;
+
+    let created_at = shared.clock.now();
+    let task = Task::new(
+        model.clone(),
+        created_at,
+        images,
+        // At most four times an admin-set price: saturating is only a guard.
+        price
+            .checked_mul(i64::from(images))
+            .unwrap_or(Credits::from_units(i64::MAX)),
+        fail || prompt.contains(FAIL_MARKER),
+    );
+    let task_id = new_task_id();
+    let final_at = task.final_at(&shared.schedule);
+    // The task goes in first: the ticker may look for it as soon as its callback is scheduled.
+    shared.tasks.insert(task_id.clone(), task);
+    if let (Some(url), Some(due)) = (callback_url, final_at) {
+        shared.schedule_callback(PendingCallback {
+            task_id: task_id.clone(),
+            url,
+            due,
+        });
+    }
+    Recorder::count(&shared.stats.generate_accepted);
+    Ok(task_id)
+}
+
+/// A present, non-null field: clients send `null` for "not given" as often as they omit it.
+fn field<'a>(body: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    body.get(name).filter(|value| !value.is_null())
+}
+
+/// `ta823dfb-eaac-44fd-aec2-3e2c7ba8e071` (as in the captured response): a v4 uuid whose first
+/// two hex digits are replaced by `ta`.
+fn new_task_id() -> String {
+    let mut id = Uuid::new_v4().to_string();
+    id.replace_range(..2, "ta");
+    id
+}
+
+/// `GET /api/task/query?task_id=…`, the hot path of benchmarks: no global lock, one lookup.
+async fn query(
+    State(shared): SharedState,
+    Extension(connection): Extension<ConnectionHandle>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    Recorder::count(&shared.stats.query_requests);
+    shared.stats.observe_headers(&headers);
+    let fault = shared.faults.draw(Endpoint::Query);
+    match fault {
+        Some(Fault::Status500) => return wire::internal_error(),
+        Some(Fault::DropConnection) => return connection.drop_now().await,
+        _ => {}
+    }
+    let response = answer_query(&shared, &headers, query.as_deref());
+    if let Some(Fault::Slow(delay)) = fault {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+fn answer_query(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Response {
+    if !shared.is_authorized(headers) {
+        Recorder::count(&shared.stats.unauthorized);
+        return wire::unauthorized_query();
+    }
+    let task_id = query.and_then(|query| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .find_map(|(key, value)| (key == "task_id").then_some(value))
+    });
+    let Some(task_id) = task_id.filter(|id| !id.is_empty()) else {
+        return wire::bad_request("task_id is required");
+    };
+    let Some(task) = shared.tasks.get(task_id.as_ref()) else {
+        return wire::task_not_found();
+    };
+    task.count_query();
+    let now = shared.clock.now();
+    // The contract's open point: a brand-new task can briefly be unknown to queries.
+    if task.age(now) < shared.schedule.unknown_for {
+        return wire::task_not_found();
+    }
+    let status = task.status(now, &shared.schedule);
+    wire::ok(TaskData::new(task.key(), &task, status))
+}
+
+/// `GET /api/user`: the account balance, lowered by every task that has finished.
+async fn user(State(shared): SharedState, headers: HeaderMap) -> Response {
+    #[derive(serde::Serialize)]
+    struct Balance {
+        credit: String,
+    }
+    Recorder::count(&shared.stats.user_requests);
+    shared.stats.observe_headers(&headers);
+    if !shared.is_authorized(&headers) {
+        Recorder::count(&shared.stats.unauthorized);
+        return wire::unauthorized();
+    }
+    wire::ok(Balance {
+        credit: shared.balance(shared.clock.now()).format_places(8),
+    })
+}
+
+/// `GET /_fake/stats`, or `/_fake/stats?summary=true` for counters only (no task map, no
+/// per-task query counts, no bodies), which stays small after a benchmark.
+async fn control_stats(State(shared): SharedState, RawQuery(query): RawQuery) -> Json<FakeStats> {
+    let summary = query.is_some_and(|query| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .any(|(key, value)| key == "summary" && matches!(value.as_ref(), "true" | "1"))
+    });
+    Json(shared.stats(!summary))
+}
+
+/// `GET /_fake/faults`: the current fault rates.
+async fn control_get_faults(State(shared): SharedState) -> Response {
+    wire::ok(shared.faults.rates())
+}
+
+/// `POST /_fake/faults` with a [`FaultRates`] body (missing fields are zero).
+async fn control_set_faults(State(shared): SharedState, body: Bytes) -> Response {
+    match serde_json::from_slice::<FaultRates>(&body) {
+        Ok(rates) => {
+            shared.faults.set_rates(rates.clone());
+            wire::ok(rates)
+        }
+        Err(error) => wire::bad_request(format!("invalid fault rates: {error}")),
+    }
+}
+
+/// `POST /_fake/reset`: zeroes the statistics (tasks and balance stay).
+async fn control_reset(State(shared): SharedState) -> Response {
+    shared.reset_stats();
+    wire::done()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_have_the_upstream_shape() {
+        let id = new_task_id();
+        assert_eq!(id.len(), 36);
+        assert!(id.starts_with("ta"));
+        assert!(Uuid::parse_str(&format!("00{}", &id[2..])).is_ok());
+    }
+}
