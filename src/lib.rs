@@ -1,6 +1,17 @@
 //! ketchup-gateway: a gateway in front of the Ketchup image API that maps team keys to the
 //! upstream token, enforces budgets and rate limits, owns task ids and shields the upstream.
 
+pub mod app;
+pub mod budget;
 pub mod clock;
+pub mod config;
 pub mod credits;
+pub mod demo;
+pub mod error;
 pub mod fake_upstream;
+pub mod keygen;
+pub mod ledger;
+pub mod middleware;
+pub mod routes;
+pub mod server;
+pub mod upstream;

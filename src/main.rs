@@ -1,1 +1,177 @@
-fn main() {}
+//! The `ketchup-gateway` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ketchup_gateway::{clock, config::Config, demo, fake_upstream, keygen, server::Server};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A gateway in front of the Ketchup image API for internal teams"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "KETCHUP_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    CheckConfig { path: PathBuf },
+    /// Print a new team key (once) and the line to paste into the team's `keys`.
+    Keygen {
+        #[arg(long)]
+        team: String,
+        /// A label for the key (defaults to the team name and today's date).
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Run the gateway with a demo team in front of the built-in fake upstream.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run only the fake upstream (for benchmarks and experiments).
+    FakeUpstream {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// The bearer token the fake accepts.
+        #[arg(long, env = "KETCHUP_UPSTREAM_TOKEN")]
+        token: String,
+        /// How long each task stays in each non-final status, e.g. "1s" or "0s".
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        phase: std::time::Duration,
+    },
+    /// Exit 0 if the URL answers 200 (for container health checks; the image has no curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    let result: Result<(), String> = match cli.command {
+        Command::CheckConfig { path } => Config::load(&path)
+            .map(|config| {
+                println!(
+                    "{}: ok ({} teams, {} models)",
+                    path.display(),
+                    config.teams.len(),
+                    config.models.len()
+                );
+            })
+            .map_err(|e| e.to_string()),
+        Command::Keygen { team, label } => {
+            let label = label
+                .unwrap_or_else(|| format!("{team}-{}", chrono::Utc::now().format("%Y-%m-%d")));
+            let key = keygen::new_key();
+            println!(
+                "# New key for team '{team}'. It is shown only now: hand it to the team's secret store."
+            );
+            println!("{key}");
+            println!(
+                "# Add this to the `keys` list of team '{team}' in the config, then reload (SIGHUP):"
+            );
+            println!("{}", keygen::config_line(&key, &label));
+            Ok(())
+        }
+        Command::Serve { config } => {
+            init_logs(cli.log_format);
+            runtime().block_on(serve(config))
+        }
+        Command::Demo { listen } => {
+            init_logs(cli.log_format);
+            runtime().block_on(demo::run(listen))
+        }
+        Command::FakeUpstream {
+            listen,
+            token,
+            phase,
+        } => {
+            init_logs(cli.log_format);
+            let mut fake = fake_upstream::FakeConfig::new(token);
+            fake.pending_for = phase;
+            fake.submitted_for = phase;
+            fake.in_progress_for = phase;
+            runtime()
+                .block_on(fake_upstream::run_standalone(listen, fake))
+                .map_err(|e| e.to_string())
+        }
+        Command::Healthcheck { url } => runtime().block_on(healthcheck(&url)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ketchup-gateway: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    let token = config
+        .upstream
+        .token
+        .resolve("upstream token")
+        .map_err(|e| e.to_string())?;
+    let server = Server::bind(config, &token, clock::system()).await?;
+    server.run(Some(path)).await
+}
+
+async fn healthcheck(url: &str) -> Result<(), String> {
+    use http_body_util::Empty;
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| format!("{url} did not answer within 5 s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    if response.status() == http::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}", response.status()))
+    }
+}

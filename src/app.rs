@@ -1,0 +1,90 @@
+//! The application: shared state and the whole HTTP stack, assembled in one place.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::{
+    Router,
+    error_handling::HandleErrorLayer,
+    middleware,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use http::header;
+use tokio_util::task::TaskTracker;
+use tower::ServiceBuilder;
+use tower_http::{
+    catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
+    trace::TraceLayer,
+};
+
+use crate::{
+    clock::SharedClock,
+    config::Config,
+    error::GatewayError,
+    ledger::LedgerStore,
+    middleware::{auth, request_id, trace},
+    routes,
+    upstream::UpstreamClient,
+};
+
+/// What every handler shares.
+pub struct AppState {
+    /// Swapped whole on reload, so a request sees one consistent configuration.
+    pub config: ArcSwap<Config>,
+    pub ledger: Arc<dyn LedgerStore>,
+    pub upstream: UpstreamClient,
+    pub clock: SharedClock,
+    /// Work that must finish even if its client has gone (recording a task the upstream
+    /// accepted); shutdown waits for it.
+    pub background: TaskTracker,
+}
+
+/// The routes and the middleware around them. Layers listed first wrap the ones below: a request
+/// passes them top to bottom, its response bottom to top.
+pub fn router(state: Arc<AppState>) -> Router {
+    let config = state.config.load();
+    let request_timeout = config.server.request_timeout;
+
+    let routes = Router::new()
+        .route("/api/image/gen", post(routes::generate::generate))
+        .route("/api/task/query", get(routes::task_query::query))
+        .route("/healthz", get(routes::health::live))
+        .route("/readyz", get(routes::health::ready))
+        .fallback(routes::no_such_route)
+        .method_not_allowed_fallback(routes::no_such_method);
+
+    let stack = ServiceBuilder::new()
+        // First, so that no later layer (or log line) ever sees a key or token in clear.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        // Before tracing, so the request span carries the id.
+        .layer(middleware::from_fn(request_id::assign))
+        // One span and one closing log line per request, covering everything below.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(trace::RequestSpan)
+                .on_request(())
+                .on_response(trace::LogResponse)
+                .on_failure(()),
+        )
+        // A bug in a handler answers 500 in the envelope instead of dropping the connection;
+        // inside tracing so the 500 is logged with its request id.
+        .layer(CatchPanicLayer::custom(|_| {
+            GatewayError::Internal("a handler panicked".into()).into_response()
+        }))
+        // Bounds the whole request; the handler's spawned upstream work is not cut short, so
+        // the ledger still records what the upstream accepted.
+        .layer(HandleErrorLayer::new(
+            move |_: tower::BoxError| async move { GatewayError::RequestTimeout(request_timeout) },
+        ))
+        .timeout(request_timeout)
+        // Last before the handlers: everything above also protects unauthenticated requests.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+
+    routes.layer(stack).with_state(state)
+}

@@ -1,0 +1,927 @@
+//! Configuration: the admin-facing TOML file.
+//!
+//! The file is read into `raw` types that mirror it one to one (`deny_unknown_fields`, so a typo
+//! such as `budjet` is an error rather than a silently ignored key), then converted into the
+//! validated runtime types below. Every value that can be wrong is parsed during deserialisation
+//! (durations, rates, credits, key digests, URLs), so its error carries the line it came from;
+//! checks that span several values report the line of the table they concern.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::credits::Credits;
+
+/// A configuration problem, already phrased for the admin: it names the file, the line and what
+/// is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(path: &Path, source: &str, span: Option<std::ops::Range<usize>>, what: &str) -> Self {
+        match span {
+            Some(span) => {
+                let before = &source[..span.start.min(source.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                ConfigError(format!("{}:{line}:{column}: {what}", path.display()))
+            }
+            None => ConfigError(format!("{}: {what}", path.display())),
+        }
+    }
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
+    pub admin_token: Option<SecretSource>,
+    pub models: BTreeMap<String, Model>,
+    pub teams: Vec<Arc<Team>>,
+    keys: HashMap<KeyDigest, KeyEntry>,
+}
+
+/// Whose a key is, and the admin's label for it (not secret: it names the key in logs, which
+/// shows whether an old key is still in use before it is removed).
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub team: Arc<Team>,
+    pub label: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub public_url: Option<url::Url>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub metrics_listen: Option<String>,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub base_url: url::Url,
+    pub token: SecretSource,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_reference_images: usize,
+    pub max_requests_per_second: NonZeroU32,
+    pub new_task_grace: Duration,
+    pub query_retries: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub status_ttl: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub name: String,
+    pub reserve: Credits,
+}
+
+#[derive(Debug)]
+pub struct Team {
+    pub name: String,
+    pub budget: Option<Budget>,
+    pub limits: Limits,
+    pub webhook_secret: Option<SecretSource>,
+    pub callback_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub credits: Credits,
+    pub period: BudgetPeriod,
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Daily,
+    Weekly,
+    Monthly,
+    Lifetime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub generate: Rate,
+    pub generate_burst: NonZeroU32,
+    pub query: Rate,
+    pub query_burst: NonZeroU32,
+}
+
+/// Where a secret comes from. The secret itself is never written in the TOML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// A resolved secret. Its `Debug` never shows the value, so it cannot leak through a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; a trailing newline (as `echo` writes into a Docker secret) is dropped.
+    pub fn resolve(&self, what: &str) -> Result<Secret, ConfigError> {
+        let value = match self {
+            SecretSource::Env(var) => std::env::var(var).map_err(|_| {
+                ConfigError(format!("{what}: environment variable {var} is not set"))
+            })?,
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("{what}: cannot read {}: {e}", path.display())))?,
+        };
+        let value = value.trim_end_matches(['\n', '\r']).to_owned();
+        if value.is_empty() {
+            return Err(ConfigError(format!("{what}: the secret is empty")));
+        }
+        Ok(Secret(value))
+    }
+}
+
+/// The SHA-256 digest of a team key: the only form in which keys are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    pub fn of(key: &str) -> Self {
+        KeyDigest(Sha256::digest(key.as_bytes()).into())
+    }
+
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyDigest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(text.to_ascii_lowercase(), &mut digest).map_err(|_| {
+            serde::de::Error::custom(
+                "sha256 must be 64 hex digits (the SHA-256 of the key; `ketchup-gateway keygen` prints one)",
+            )
+        })?;
+        Ok(KeyDigest(digest))
+    }
+}
+
+/// A rate such as `"60/min"`: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "second",
+            60 => "minute",
+            _ => "hour",
+        };
+        write!(f, "{} per {unit}", self.count)
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("rate {text:?} must look like \"20/s\", \"60/min\" or \"1000/h\"");
+        let (count, unit) = text.split_once('/').ok_or_else(bad)?;
+        let count = count.trim().parse::<NonZeroU32>().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration written as `"500ms"`, `"1s"`, `"5m"`.
+#[derive(Debug, Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "duration {text:?} is not valid ({e}); write e.g. \"500ms\", \"30s\" or \"5m\""
+                ))
+            })
+    }
+}
+
+/// An absolute http(s) URL.
+#[derive(Debug, Clone)]
+struct HttpUrl(url::Url);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match url::Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                Ok(HttpUrl(url))
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "{text:?} is not an absolute http(s) URL"
+            ))),
+        }
+    }
+}
+
+mod raw {
+    //! The file exactly as admins write it.
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(default)]
+        pub server: Server,
+        pub upstream: Spanned<Upstream>,
+        #[serde(default)]
+        pub store: Option<Spanned<Store>>,
+        #[serde(default)]
+        pub cache: Cache,
+        #[serde(default)]
+        pub admin: Option<Spanned<SecretRef>>,
+        #[serde(default)]
+        pub models: BTreeMap<String, Model>,
+        #[serde(default)]
+        pub defaults: Defaults,
+        #[serde(default)]
+        pub teams: Vec<Spanned<Team>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Server {
+        #[serde(default = "default_listen")]
+        pub listen: String,
+        pub public_url: Option<HttpUrl>,
+        #[serde(default = "default_max_body_bytes")]
+        pub max_body_bytes: usize,
+        #[serde(default = "default_request_timeout")]
+        pub request_timeout: HumanDuration,
+        pub metrics_listen: Option<String>,
+        #[serde(default = "default_shutdown_timeout")]
+        pub shutdown_timeout: HumanDuration,
+    }
+
+    impl Default for Server {
+        fn default() -> Self {
+            Server {
+                listen: default_listen(),
+                public_url: None,
+                max_body_bytes: default_max_body_bytes(),
+                request_timeout: default_request_timeout(),
+                metrics_listen: None,
+                shutdown_timeout: default_shutdown_timeout(),
+            }
+        }
+    }
+
+    fn default_listen() -> String {
+        "127.0.0.1:8080".into()
+    }
+    fn default_max_body_bytes() -> usize {
+        1024 * 1024
+    }
+    fn default_request_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_shutdown_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        #[serde(default = "default_base_url")]
+        pub base_url: HttpUrl,
+        pub token_env: Option<String>,
+        pub token_file: Option<PathBuf>,
+        #[serde(default = "default_connect_timeout")]
+        pub connect_timeout: HumanDuration,
+        #[serde(default = "default_upstream_timeout")]
+        pub timeout: HumanDuration,
+        #[serde(default = "default_max_reference_images")]
+        pub max_reference_images: usize,
+        #[serde(default = "default_max_requests_per_second")]
+        pub max_requests_per_second: NonZeroU32,
+        #[serde(default = "default_new_task_grace")]
+        pub new_task_grace: HumanDuration,
+        #[serde(default = "default_query_retries")]
+        pub query_retries: usize,
+    }
+
+    fn default_base_url() -> HttpUrl {
+        HttpUrl(url::Url::parse("https://api.defapi.org").expect("valid default URL"))
+    }
+    fn default_connect_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    fn default_upstream_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_max_reference_images() -> usize {
+        4
+    }
+    fn default_max_requests_per_second() -> NonZeroU32 {
+        NonZeroU32::new(50).expect("non-zero")
+    }
+    fn default_new_task_grace() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_query_retries() -> usize {
+        2
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Store {
+        #[serde(default = "default_store_kind")]
+        pub kind: String,
+        pub path: Option<PathBuf>,
+        pub url: Option<String>,
+    }
+
+    fn default_store_kind() -> String {
+        "sqlite".into()
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cache {
+        #[serde(default = "default_status_ttl")]
+        pub status_ttl: HumanDuration,
+        #[serde(default = "default_max_entries")]
+        pub max_entries: u64,
+    }
+
+    impl Default for Cache {
+        fn default() -> Self {
+            Cache {
+                status_ttl: default_status_ttl(),
+                max_entries: default_max_entries(),
+            }
+        }
+    }
+
+    fn default_status_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
+    fn default_max_entries() -> u64 {
+        100_000
+    }
+
+    /// `token_env` or `token_file`, exactly one.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SecretRef {
+        pub token_env: Option<String>,
+        pub token_file: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Model {
+        pub reserve: Credits,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Defaults {
+        #[serde(default)]
+        pub limits: Option<Limits>,
+    }
+
+    #[derive(Deserialize, Clone, Copy)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        pub generate: Option<Rate>,
+        pub generate_burst: Option<NonZeroU32>,
+        pub query: Option<Rate>,
+        pub query_burst: Option<NonZeroU32>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Team {
+        pub name: Spanned<String>,
+        pub keys: Vec<Spanned<Key>>,
+        pub budget: Option<Budget>,
+        pub limits: Option<Limits>,
+        pub webhook_secret_env: Option<String>,
+        pub webhook_secret_file: Option<PathBuf>,
+        #[serde(default)]
+        pub callback_hosts: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Key {
+        pub sha256: KeyDigest,
+        pub label: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Budget {
+        pub credits: Credits,
+        pub period: BudgetPeriod,
+        pub max_in_flight: Option<u32>,
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(path, &source)
+    }
+
+    /// Validates configuration text; `path` only names it in messages.
+    pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+        let file: raw::File = toml::from_str(source)
+            .map_err(|e| ConfigError::at(path, source, e.span(), e.message().trim_end()))?;
+        let fail = |span: std::ops::Range<usize>, what: &str| {
+            ConfigError::at(path, source, Some(span), what)
+        };
+
+        let server = ServerConfig {
+            listen: file.server.listen,
+            public_url: file.server.public_url.map(|u| u.0),
+            max_body_bytes: file.server.max_body_bytes,
+            request_timeout: file.server.request_timeout.0,
+            metrics_listen: file.server.metrics_listen,
+            shutdown_timeout: file.server.shutdown_timeout.0,
+        };
+
+        let upstream_span = file.upstream.span();
+        let raw_upstream = file.upstream.into_inner();
+        let token = secret_source(raw_upstream.token_env, raw_upstream.token_file)
+            .map_err(|what| fail(upstream_span.clone(), &format!("[upstream] {what}")))?
+            .ok_or_else(|| {
+                fail(
+                    upstream_span.clone(),
+                    "[upstream] needs token_env or token_file: the upstream token is never written in this file",
+                )
+            })?;
+        if raw_upstream.timeout.0.is_zero() || raw_upstream.connect_timeout.0.is_zero() {
+            return Err(fail(
+                upstream_span,
+                "[upstream] timeouts must be above zero",
+            ));
+        }
+        let upstream = UpstreamConfig {
+            base_url: raw_upstream.base_url.0,
+            token,
+            connect_timeout: raw_upstream.connect_timeout.0,
+            timeout: raw_upstream.timeout.0,
+            max_reference_images: raw_upstream.max_reference_images,
+            max_requests_per_second: raw_upstream.max_requests_per_second,
+            new_task_grace: raw_upstream.new_task_grace.0,
+            query_retries: raw_upstream.query_retries,
+        };
+
+        let store = match file.store {
+            None => StoreConfig::Sqlite {
+                path: PathBuf::from("data/ledger.db"),
+            },
+            Some(spanned) => {
+                let span = spanned.span();
+                let store = spanned.into_inner();
+                match store.kind.as_str() {
+                    "sqlite" => {
+                        if store.url.is_some() {
+                            return Err(fail(
+                                span,
+                                "[store] url is for kind = \"redis\"; sqlite uses path",
+                            ));
+                        }
+                        StoreConfig::Sqlite {
+                            path: store
+                                .path
+                                .unwrap_or_else(|| PathBuf::from("data/ledger.db")),
+                        }
+                    }
+                    "redis" => {
+                        return Err(fail(
+                            span,
+                            "[store] kind = \"redis\" is not available in this version; use \"sqlite\"",
+                        ));
+                    }
+                    other => {
+                        return Err(fail(
+                            span,
+                            &format!(
+                                "[store] kind {other:?} is unknown: use \"sqlite\" or \"redis\""
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+
+        let cache = CacheConfig {
+            status_ttl: file.cache.status_ttl.0,
+            max_entries: file.cache.max_entries,
+        };
+
+        let admin_token = match file.admin {
+            None => None,
+            Some(spanned) => {
+                let span = spanned.span();
+                let admin = spanned.into_inner();
+                secret_source(admin.token_env, admin.token_file)
+                    .map_err(|what| fail(span, &format!("[admin] {what}")))?
+            }
+        };
+
+        let models: BTreeMap<String, Model> = file
+            .models
+            .into_iter()
+            .map(|(name, model)| {
+                let model = Model {
+                    name: name.clone(),
+                    reserve: model.reserve,
+                };
+                (name, model)
+            })
+            .collect();
+        if models.is_empty() {
+            return Err(ConfigError::at(
+                path,
+                source,
+                None,
+                "no [models.\"…\"] table: list at least one model with its reserve",
+            ));
+        }
+
+        let builtin_limits = Limits {
+            generate: "60/min".parse().expect("valid default"),
+            generate_burst: NonZeroU32::new(10).expect("non-zero"),
+            query: "20/s".parse().expect("valid default"),
+            query_burst: NonZeroU32::new(20).expect("non-zero"),
+        };
+        let default_limits = match file.defaults.limits {
+            Some(raw) => merge_limits(builtin_limits, raw),
+            None => builtin_limits,
+        };
+
+        let mut teams = Vec::new();
+        let mut keys = HashMap::new();
+        for spanned in file.teams {
+            let team_span = spanned.span();
+            let raw_team = spanned.into_inner();
+            let name_span = raw_team.name.span();
+            let name = raw_team.name.into_inner();
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(fail(
+                    name_span,
+                    &format!("team name {name:?} must be 1 to 64 letters, digits, '-' or '_'"),
+                ));
+            }
+            if teams.iter().any(|t: &Arc<Team>| t.name == name) {
+                return Err(fail(name_span, &format!("team {name:?} is listed twice")));
+            }
+            if raw_team.keys.is_empty() {
+                return Err(fail(
+                    team_span,
+                    &format!(
+                        "team {name:?} has no keys; add one with `ketchup-gateway keygen --team {name}`"
+                    ),
+                ));
+            }
+            if let Some(budget) = &raw_team.budget
+                && budget.max_in_flight == Some(0)
+            {
+                return Err(fail(
+                    team_span,
+                    &format!("team {name:?}: budget.max_in_flight must be at least 1"),
+                ));
+            }
+            let webhook_secret =
+                secret_source(raw_team.webhook_secret_env, raw_team.webhook_secret_file).map_err(
+                    |what| fail(team_span.clone(), &format!("team {name:?}: webhook {what}")),
+                )?;
+            let team = Arc::new(Team {
+                name: name.clone(),
+                budget: raw_team.budget.map(|b| Budget {
+                    credits: b.credits,
+                    period: b.period,
+                    max_in_flight: b.max_in_flight,
+                }),
+                limits: raw_team
+                    .limits
+                    .map_or(default_limits, |raw| merge_limits(default_limits, raw)),
+                webhook_secret,
+                callback_hosts: raw_team.callback_hosts,
+            });
+            for key in raw_team.keys {
+                let key_span = key.span();
+                let key = key.into_inner();
+                let entry = KeyEntry {
+                    team: team.clone(),
+                    label: key.label.unwrap_or_default().into(),
+                };
+                if let Some(other) = keys.insert(key.sha256, entry) {
+                    return Err(fail(
+                        key_span,
+                        &format!(
+                            "this key digest is already used by team {:?}; every key belongs to one team",
+                            other.team.name
+                        ),
+                    ));
+                }
+            }
+            teams.push(team);
+        }
+
+        Ok(Config {
+            server,
+            upstream,
+            store,
+            cache,
+            admin_token,
+            models,
+            teams,
+            keys,
+        })
+    }
+
+    /// The team a key belongs to. Keys are compared by digest only.
+    pub fn key(&self, key: &str) -> Option<&KeyEntry> {
+        self.keys.get(&KeyDigest::of(key))
+    }
+
+    pub fn team(&self, name: &str) -> Option<&Arc<Team>> {
+        self.teams.iter().find(|t| t.name == name)
+    }
+}
+
+fn secret_source(
+    env: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<SecretSource>, String> {
+    match (env, file) {
+        (Some(_), Some(_)) => Err("set token_env or token_file, not both".into()),
+        (Some(var), None) if var.is_empty() => Err("token_env is empty".into()),
+        (Some(var), None) => Ok(Some(SecretSource::Env(var))),
+        (None, Some(path)) => Ok(Some(SecretSource::File(path))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn merge_limits(base: Limits, raw: raw::Limits) -> Limits {
+    let generate = raw.generate.unwrap_or(base.generate);
+    let query = raw.query.unwrap_or(base.query);
+    Limits {
+        generate,
+        // A new rate without a burst of its own allows one period's worth at once.
+        generate_burst: raw.generate_burst.unwrap_or(if raw.generate.is_some() {
+            generate.count
+        } else {
+            base.generate_burst
+        }),
+        query,
+        query_burst: raw.query_burst.unwrap_or(if raw.query.is_some() {
+            query.count
+        } else {
+            base.query_burst
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[upstream]
+token_env = "KETCHUP_UPSTREAM_TOKEN"
+
+[models."google/gempix2"]
+reserve = "0.50"
+
+[[teams]]
+name = "design"
+keys = [{ sha256 = "c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2", label = "prod" }]
+budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("gateway.toml"), text)
+    }
+
+    #[test]
+    fn the_design_example_is_valid() {
+        let text = include_str!("../config/gateway.example.toml");
+        let config = parse(text).expect("shipped example validates");
+        assert_eq!(config.teams.len(), 2);
+        let design = config.team("design").unwrap();
+        assert_eq!(design.budget.unwrap().credits, "250".parse().unwrap());
+        assert_eq!(design.limits.generate.count.get(), 120);
+        assert_eq!(design.limits.generate_burst.get(), 20);
+        let ads = config.team("ads").unwrap();
+        assert!(ads.budget.is_none());
+        assert_eq!(ads.limits.generate.to_string(), "60 per minute");
+        assert_eq!(ads.limits.query.count.get(), 20);
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080");
+        assert_eq!(config.server.max_body_bytes, 1 << 20);
+        assert_eq!(config.upstream.base_url.as_str(), "https://api.defapi.org/");
+        assert_eq!(config.upstream.max_reference_images, 4);
+        assert_eq!(config.upstream.new_task_grace, Duration::from_secs(30));
+        assert_eq!(config.cache.status_ttl, Duration::from_secs(1));
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: "data/ledger.db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn keys_are_found_by_digest() {
+        let config = parse(MINIMAL).unwrap();
+        // The digest in MINIMAL is the SHA-256 of "foobar".
+        let entry = config.key("foobar").unwrap();
+        assert_eq!(
+            (entry.team.name.as_str(), &*entry.label),
+            ("design", "prod")
+        );
+        assert!(config.key("foobaz").is_none());
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_typo_names_file_line_and_key() {
+        let text = MINIMAL.replace("budget = {", "budjet = {");
+        let error = error_of(&text);
+        assert!(error.starts_with("gateway.toml:11:1:"), "{error}");
+        assert!(error.contains("unknown field `budjet`"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_name_their_line() {
+        let cases = [
+            (
+                MINIMAL.replace("\"0.50\"", "\"0.5x\""),
+                "gateway.toml:6:",
+                "not a plain decimal",
+            ),
+            (
+                MINIMAL.replace("\"monthly\"", "\"yearly\""),
+                "gateway.toml:11:",
+                "unknown variant `yearly`",
+            ),
+            (
+                MINIMAL.replace("c3ab8ff1", "zzab8ff1"),
+                "gateway.toml:10:",
+                "64 hex digits",
+            ),
+            (
+                MINIMAL.replace("name = \"design\"", "name = \"design team\""),
+                "gateway.toml:9:",
+                "must be 1 to 64 letters",
+            ),
+            (
+                format!("{MINIMAL}\n[server]\nrequest_timeout = \"soon\"\n"),
+                "gateway.toml:14:",
+                "duration \"soon\" is not valid",
+            ),
+            (
+                format!("{MINIMAL}\n[defaults.limits]\ngenerate = \"60 per minute\"\n"),
+                "gateway.toml:14:",
+                "must look like",
+            ),
+        ];
+        for (text, at, what) in cases {
+            let error = error_of(&text);
+            assert!(
+                error.starts_with(at) && error.contains(what),
+                "{at} {what}: got {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn cross_field_mistakes_are_refused() {
+        let duplicate_team = format!(
+            "{MINIMAL}\n[[teams]]\nname = \"design\"\nkeys = [{{ sha256 = \"{}\" }}]\n",
+            KeyDigest::of("other").to_hex()
+        );
+        assert!(error_of(&duplicate_team).contains("team \"design\" is listed twice"));
+
+        let shared_key = format!(
+            "{MINIMAL}\n[[teams]]\nname = \"ads\"\nkeys = [{{ sha256 = \"{}\" }}]\n",
+            KeyDigest::of("foobar").to_hex()
+        );
+        assert!(error_of(&shared_key).contains("already used by team \"design\""));
+
+        let both_tokens = MINIMAL.replace(
+            "token_env = \"KETCHUP_UPSTREAM_TOKEN\"",
+            "token_env = \"A\"\ntoken_file = \"/run/secrets/t\"",
+        );
+        assert!(error_of(&both_tokens).contains("not both"));
+
+        let no_token = MINIMAL.replace("token_env = \"KETCHUP_UPSTREAM_TOKEN\"", "");
+        assert!(error_of(&no_token).contains("needs token_env or token_file"));
+
+        let no_keys = MINIMAL.replace(
+            "keys = [{ sha256 = \"c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2\", label = \"prod\" }]",
+            "keys = []",
+        );
+        assert!(error_of(&no_keys).contains("has no keys"));
+
+        let token_in_file = MINIMAL.replace("token_env", "token");
+        assert!(error_of(&token_in_file).contains("unknown field `token`"));
+    }
+
+    #[test]
+    fn secrets_resolve_from_files_without_the_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "dk-secret\n").unwrap();
+        let secret = SecretSource::File(path).resolve("upstream token").unwrap();
+        assert_eq!(secret.expose(), "dk-secret");
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        let missing =
+            SecretSource::Env("KETCHUP_TEST_SURELY_UNSET".into()).resolve("upstream token");
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("KETCHUP_TEST_SURELY_UNSET is not set")
+        );
+    }
+}

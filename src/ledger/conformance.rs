@@ -1,0 +1,518 @@
+//! The behaviour every ledger engine must show. Each engine runs all of it (see the bottom).
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+
+pub fn at(text: &str) -> DateTime<Utc> {
+    text.parse().expect("test timestamp")
+}
+
+pub fn credits(text: &str) -> Credits {
+    text.parse().expect("test amount")
+}
+
+pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservation {
+    NewReservation {
+        id: ReservationId::new(),
+        team: team.into(),
+        model: "google/gempix2".into(),
+        amount: credits(amount),
+        period: "2026-11".into(),
+        limit: limit.map(credits),
+        max_in_flight: None,
+        request_id: "req-1".into(),
+        created_at: at("2026-11-23T10:00:00Z"),
+    }
+}
+
+pub async fn ownership_is_recorded_and_read_back(store: &dyn LedgerStore) {
+    let r = reservation("design", "0.50", None);
+    let id = r.id;
+    assert!(matches!(
+        store.reserve(r).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert_eq!(store.task("ta-1").await.unwrap(), None);
+    store.attach_task(id, "ta-1").await.unwrap();
+    let task = store.task("ta-1").await.unwrap().expect("recorded");
+    assert_eq!(task.team, "design");
+    assert_eq!(task.model, "google/gempix2");
+    assert_eq!(task.reserved, credits("0.50"));
+    assert_eq!(task.state, TaskState::Open);
+    assert_eq!(task.created_at, at("2026-11-23T10:00:00Z"));
+    // A task id belongs to one reservation only.
+    let other = reservation("ads", "0.50", None);
+    let other_id = other.id;
+    store.reserve(other).await.unwrap();
+    assert!(matches!(
+        store.attach_task(other_id, "ta-1").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.task("ta-1").await.unwrap().unwrap().team, "design");
+}
+
+pub async fn the_last_credits_go_to_one_reservation_only(store: std::sync::Arc<dyn LedgerStore>) {
+    // A budget of 5.00 holds exactly ten reservations of 0.50, however many race for it.
+    let attempts = (0..50).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .reserve(reservation("design", "0.50", Some("5.00")))
+                .await
+        })
+    });
+    let mut reserved = 0;
+    let mut refused = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap().unwrap() {
+            ReserveOutcome::Reserved(_) => reserved += 1,
+            ReserveOutcome::BudgetExhausted {
+                spent,
+                reserved: held,
+            } => {
+                assert_eq!(spent, Credits::ZERO);
+                assert_eq!(held, credits("5.00"));
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((reserved, refused), (10, 40));
+}
+
+pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn LedgerStore) {
+    let first = reservation("design", "3.00", Some("5.00"));
+    let first_id = first.id;
+    assert!(matches!(
+        store.reserve(first).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert!(matches!(
+        store
+            .reserve(reservation("design", "3.00", Some("5.00")))
+            .await
+            .unwrap(),
+        ReserveOutcome::BudgetExhausted { .. }
+    ));
+    store.release(first_id).await.unwrap();
+    // Released once; a second release is refused rather than giving back twice.
+    assert!(matches!(
+        store.release(first_id).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let second = reservation("design", "3.00", Some("5.00"));
+    let second_id = second.id;
+    assert!(matches!(
+        store.reserve(second).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    store.mark_unknown_outcome(second_id).await.unwrap();
+    // The unknown outcome counts as spent: 3.00 spent, 2.00 left.
+    assert_eq!(
+        store
+            .reserve(reservation("design", "2.50", Some("5.00")))
+            .await
+            .unwrap(),
+        ReserveOutcome::BudgetExhausted {
+            spent: credits("3.00"),
+            reserved: Credits::ZERO
+        }
+    );
+    assert!(matches!(
+        store.attach_task(second_id, "ta-late").await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn LedgerStore) {
+    let limited = |amount| NewReservation {
+        max_in_flight: Some(2),
+        ..reservation("design", amount, None)
+    };
+    let a = limited("0.50");
+    let a_id = a.id;
+    store.reserve(a).await.unwrap();
+    let b = limited("0.50");
+    store.reserve(b.clone()).await.unwrap();
+    store.attach_task(b.id, "ta-b").await.unwrap();
+    assert_eq!(
+        store.reserve(limited("0.50")).await.unwrap(),
+        ReserveOutcome::TooManyInFlight { in_flight: 2 }
+    );
+    // Another team is not affected.
+    assert!(matches!(
+        store
+            .reserve(NewReservation {
+                max_in_flight: Some(2),
+                ..reservation("ads", "0.50", None)
+            })
+            .await
+            .unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    store.release(a_id).await.unwrap();
+    assert!(matches!(
+        store.reserve(limited("0.50")).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+}
+
+pub async fn periods_are_separate(store: &dyn LedgerStore) {
+    store
+        .reserve(reservation("design", "5.00", Some("5.00")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .reserve(reservation("design", "0.50", Some("5.00")))
+            .await
+            .unwrap(),
+        ReserveOutcome::BudgetExhausted { .. }
+    ));
+    let next_month = NewReservation {
+        period: "2026-12".into(),
+        ..reservation("design", "0.50", Some("5.00"))
+    };
+    assert!(matches!(
+        store.reserve(next_month).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+}
+
+fn settlement(status: FinalStatus, consumed: &str) -> Settlement {
+    Settlement {
+        status,
+        consumed: credits(consumed),
+        at: at("2026-11-23T10:05:00Z"),
+    }
+}
+
+/// Reserves and records a task; returns its reservation id.
+pub async fn open_task(
+    store: &dyn LedgerStore,
+    team: &str,
+    amount: &str,
+    task_id: &str,
+) -> ReservationId {
+    let r = reservation(team, amount, None);
+    let id = r.id;
+    assert!(matches!(
+        store.reserve(r).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    store.attach_task(id, task_id).await.unwrap();
+    id
+}
+
+pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn LedgerStore>) {
+    open_task(&*store, "design", "0.50", "ta-s").await;
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: Credits::ZERO,
+            reserved: credits("0.50")
+        }
+    );
+    // Fifty readers see the final state at once: one of them settles it.
+    let racers = (0..50).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .settle("ta-s", settlement(FinalStatus::Success, "0.00100000"))
+                .await
+        })
+    });
+    let mut settled = 0;
+    for racer in racers {
+        match racer.await.unwrap().unwrap() {
+            SettleOutcome::Settled(task) => {
+                settled += 1;
+                assert_eq!(task.team, "design");
+                assert_eq!(task.reserved, credits("0.50"));
+                assert_eq!(task.consumed, credits("0.001"));
+            }
+            SettleOutcome::AlreadyClosed => {}
+            SettleOutcome::NotOpen => panic!("the task is known"),
+        }
+    }
+    assert_eq!(settled, 1);
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: credits("0.001"),
+            reserved: Credits::ZERO
+        }
+    );
+    assert_eq!(
+        store.task("ta-s").await.unwrap().unwrap().state,
+        TaskState::Settled
+    );
+    assert_eq!(store.in_flight("design").await.unwrap(), 0);
+    assert_eq!(
+        store
+            .settle("ta-unknown", settlement(FinalStatus::Success, "1"))
+            .await
+            .unwrap(),
+        SettleOutcome::NotOpen
+    );
+    // Expiring a settled task changes nothing either.
+    assert_eq!(
+        store
+            .expire("ta-s", at("2026-11-24T10:00:00Z"))
+            .await
+            .unwrap(),
+        SettleOutcome::AlreadyClosed
+    );
+}
+
+pub async fn expiry_charges_the_reservation(store: &dyn LedgerStore) {
+    open_task(store, "design", "0.50", "ta-old").await;
+    match store
+        .expire("ta-old", at("2026-11-24T10:00:00Z"))
+        .await
+        .unwrap()
+    {
+        SettleOutcome::Settled(task) => assert_eq!(task.consumed, credits("0.50")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.task("ta-old").await.unwrap().unwrap().state,
+        TaskState::Expired
+    );
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: credits("0.50"),
+            reserved: Credits::ZERO
+        }
+    );
+    assert_eq!(
+        store
+            .settle("ta-old", settlement(FinalStatus::Success, "0.10"))
+            .await
+            .unwrap(),
+        SettleOutcome::AlreadyClosed
+    );
+}
+
+pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn LedgerStore) {
+    open_task(store, "design", "0.50", "ta-watched").await;
+    open_task(store, "design", "0.50", "ta-forgotten").await;
+    let settled = open_task(store, "design", "0.50", "ta-done").await;
+    let _ = settled;
+    store
+        .settle("ta-done", settlement(FinalStatus::Failed, "0"))
+        .await
+        .unwrap();
+    store
+        .mark_observed("ta-watched", at("2026-11-23T10:09:00Z"))
+        .await
+        .unwrap();
+    let due = store
+        .unobserved_open_tasks(at("2026-11-23T10:08:00Z"), 10)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = due.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["ta-forgotten"]);
+    let later = store
+        .unobserved_open_tasks(at("2026-11-23T11:00:00Z"), 10)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = later.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["ta-forgotten", "ta-watched"],
+        "least recently seen first"
+    );
+    assert_eq!(
+        store
+            .unobserved_open_tasks(at("2026-11-23T11:00:00Z"), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A reservation the upstream never answered (the gateway stopped in between).
+    let waiting = reservation("design", "0.25", None);
+    let waiting_id = waiting.id;
+    store.reserve(waiting).await.unwrap();
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:00:00Z"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+            .await
+            .unwrap(),
+        1
+    );
+    let unknown = store
+        .reservations(TaskState::UnknownOutcome, 10)
+        .await
+        .unwrap();
+    assert_eq!(unknown.len(), 1);
+    assert_eq!(unknown[0].id, waiting_id.0.to_string());
+    assert_eq!(unknown[0].reserved, credits("0.25"));
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: credits("0.25"),
+            reserved: credits("1.00")
+        }
+    );
+    // An admin who knows the upstream did not charge it gives it back, once.
+    store.release_unknown_outcome(waiting_id).await.unwrap();
+    assert!(matches!(
+        store.release_unknown_outcome(waiting_id).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: Credits::ZERO,
+            reserved: credits("1.00")
+        }
+    );
+}
+
+pub async fn usage_is_reported_per_day_team_and_model(store: &dyn LedgerStore) {
+    open_task(store, "design", "0.50", "ta-1").await;
+    open_task(store, "design", "0.50", "ta-2").await;
+    open_task(store, "design", "0.50", "ta-3").await;
+    open_task(store, "ads", "0.50", "ta-4").await;
+    let refused = reservation("design", "0.50", None);
+    store.reserve(refused.clone()).await.unwrap();
+    store.release(refused.id).await.unwrap();
+    let next_day = NewReservation {
+        created_at: at("2026-11-24T00:00:00Z"),
+        ..reservation("design", "0.50", None)
+    };
+    store.reserve(next_day.clone()).await.unwrap();
+    store.attach_task(next_day.id, "ta-5").await.unwrap();
+    store
+        .settle("ta-1", settlement(FinalStatus::Success, "0.40000000"))
+        .await
+        .unwrap();
+    store
+        .settle("ta-2", settlement(FinalStatus::Failed, "0.000000"))
+        .await
+        .unwrap();
+
+    let rows = store
+        .usage(
+            Some("design"),
+            at("2026-11-23T00:00:00Z"),
+            at("2026-11-24T00:00:00Z"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![UsageRow {
+            day: "2026-11-23".into(),
+            team: "design".into(),
+            model: "google/gempix2".into(),
+            tasks: 3,
+            succeeded: 1,
+            failed: 1,
+            unsettled: 1,
+            credits: credits("0.40"),
+        }]
+    );
+    let all = store
+        .usage(None, at("2026-11-01T00:00:00Z"), at("2026-12-01T00:00:00Z"))
+        .await
+        .unwrap();
+    let summary: Vec<(&str, &str, u64)> = all
+        .iter()
+        .map(|r| (r.day.as_str(), r.team.as_str(), r.tasks))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("2026-11-23", "ads", 1),
+            ("2026-11-23", "design", 3),
+            ("2026-11-24", "design", 1)
+        ]
+    );
+}
+
+/// Runs the whole suite against one engine; `$make` is an async expression giving a fresh,
+/// empty store each time it is evaluated.
+macro_rules! conformance_suite {
+    ($engine:ident, $make:expr) => {
+        mod $engine {
+            use super::*;
+            use std::sync::Arc;
+
+            #[tokio::test]
+            async fn ownership_is_recorded_and_read_back() {
+                let store = $make;
+                super::ownership_is_recorded_and_read_back(&*store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn the_last_credits_go_to_one_reservation_only() {
+                let store: Arc<dyn LedgerStore> = $make;
+                super::the_last_credits_go_to_one_reservation_only(store).await;
+            }
+
+            #[tokio::test]
+            async fn release_gives_back_and_unknown_outcome_spends() {
+                let store = $make;
+                super::release_gives_back_and_unknown_outcome_spends(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn in_flight_is_counted_from_unsettled_tasks() {
+                let store = $make;
+                super::in_flight_is_counted_from_unsettled_tasks(&*store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn settlement_replaces_the_reservation_once() {
+                let store: Arc<dyn LedgerStore> = $make;
+                super::settlement_replaces_the_reservation_once(store).await;
+            }
+
+            #[tokio::test]
+            async fn expiry_charges_the_reservation() {
+                let store = $make;
+                super::expiry_charges_the_reservation(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn the_reconciler_finds_what_nobody_watches() {
+                let store = $make;
+                super::the_reconciler_finds_what_nobody_watches(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn usage_is_reported_per_day_team_and_model() {
+                let store = $make;
+                super::usage_is_reported_per_day_team_and_model(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn periods_are_separate() {
+                let store = $make;
+                super::periods_are_separate(&*store).await;
+            }
+        }
+    };
+}
+
+conformance_suite!(sqlite, {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::ledger::sqlite::SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
+    // The directory must outlive the store; the test process cleans /tmp-based dirs on exit.
+    std::mem::forget(dir);
+    std::sync::Arc::new(store) as std::sync::Arc<dyn LedgerStore>
+});

@@ -1,0 +1,286 @@
+//! The ledger: which team owns which task, and what each task reserved and cost.
+//!
+//! One trait, one file per engine. Every engine passes the same conformance suite
+//! (`conformance.rs`), so the gateway's guarantees do not depend on which one runs.
+//!
+//! A generation moves through these states:
+//! `reserved` (credits held, upstream not yet answered) → `open` (upstream gave a task id; the
+//! team owns it) → `settled` (final status seen, `consumed` recorded). Side exits: `released`
+//! (the upstream refused, nothing was charged), `unknown_outcome` (the request may have reached
+//! the upstream but no answer came back: counted as spent until an admin releases it) and
+//! `expired` (no final status within the maximum task age: charged at its reservation).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::credits::Credits;
+
+pub mod sqlite;
+
+#[cfg(test)]
+mod conformance;
+
+/// Identifies a reservation before the upstream has given it a task id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationId(pub Uuid);
+
+impl ReservationId {
+    pub fn new() -> Self {
+        ReservationId(Uuid::now_v7())
+    }
+}
+
+impl Default for ReservationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a generation asks the ledger to hold before it calls the upstream.
+#[derive(Debug, Clone)]
+pub struct NewReservation {
+    pub id: ReservationId,
+    pub team: String,
+    pub model: String,
+    pub amount: Credits,
+    /// The budget period the cost belongs to (e.g. `2026-11`); it is part of the key, so a new
+    /// period starts from zero without any reset job.
+    pub period: String,
+    /// The team's budget for that period, if it has one.
+    pub limit: Option<Credits>,
+    /// Most unsettled tasks the team may have at once, if limited.
+    pub max_in_flight: Option<u32>,
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a team has spent and holds in one budget period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Standing {
+    pub spent: Credits,
+    pub reserved: Credits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Held; the standing includes this reservation.
+    Reserved(Standing),
+    /// `spent + reserved + amount` would pass the limit.
+    BudgetExhausted {
+        spent: Credits,
+        reserved: Credits,
+    },
+    TooManyInFlight {
+        in_flight: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    Reserved,
+    Open,
+    UnknownOutcome,
+    Settled,
+    Released,
+    Expired,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Reserved => "reserved",
+            TaskState::Open => "open",
+            TaskState::UnknownOutcome => "unknown_outcome",
+            TaskState::Settled => "settled",
+            TaskState::Released => "released",
+            TaskState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "reserved" => TaskState::Reserved,
+            "open" => TaskState::Open,
+            "unknown_outcome" => TaskState::UnknownOutcome,
+            "settled" => TaskState::Settled,
+            "released" => TaskState::Released,
+            "expired" => TaskState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// A task the gateway created, as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub team: String,
+    pub model: String,
+    pub reserved: Credits,
+    pub state: TaskState,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TaskState {
+    /// Settled, released or expired: nothing about the task will change any more.
+    pub fn is_closed(self) -> bool {
+        matches!(
+            self,
+            TaskState::Settled | TaskState::Released | TaskState::Expired
+        )
+    }
+}
+
+/// How a task ended upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalStatus {
+    Success,
+    Failed,
+}
+
+impl FinalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Success => "success",
+            FinalStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A task's final state as first seen, with the credits it is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    pub status: FinalStatus,
+    pub consumed: Credits,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// This call settled the task.
+    Settled(SettledTask),
+    /// The task was settled (or expired) before: nothing changed.
+    AlreadyClosed,
+    /// No open task has this id.
+    NotOpen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledTask {
+    pub team: String,
+    pub model: String,
+    pub reserved: Credits,
+    pub consumed: Credits,
+}
+
+/// A reservation as admins see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReservationRecord {
+    pub id: String,
+    pub task_id: Option<String>,
+    pub team: String,
+    pub model: String,
+    pub period: String,
+    pub reserved: Credits,
+    pub state: &'static str,
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One row of usage: a team's tasks of one model started on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRow {
+    pub day: String,
+    pub team: String,
+    pub model: String,
+    pub tasks: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Tasks whose cost is not final yet (open, or reserved and waiting for the upstream).
+    pub unsettled: u64,
+    /// Credits charged: `consumed` of settled tasks, the reservation of expired ones and of
+    /// those with an unknown outcome.
+    pub credits: Credits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ledger store unavailable: {0}")]
+    Unavailable(String),
+    #[error("ledger store refused the operation: {0}")]
+    Conflict(String),
+}
+
+#[async_trait]
+pub trait LedgerStore: Send + Sync + 'static {
+    /// Cheap round trip that proves the store can be used (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Atomically checks the team's budget and in-flight limit and, if both allow it, records the
+    /// reservation. Two concurrent calls can never both take the last credits.
+    async fn reserve(&self, reservation: NewReservation) -> Result<ReserveOutcome, StoreError>;
+
+    /// Records the task id the upstream gave a reservation: from now on the team owns the task.
+    /// Durable when it returns.
+    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError>;
+
+    /// The upstream refused the generation: the reservation is dropped, nothing is charged.
+    async fn release(&self, id: ReservationId) -> Result<(), StoreError>;
+
+    /// The generation may have reached the upstream but no answer came back: the reservation is
+    /// kept and counted as spent.
+    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
+
+    /// The task, if the gateway created it.
+    async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Replaces an open task's reservation by what it consumed, atomically and once: of many
+    /// concurrent calls for one task, exactly one returns `Settled`.
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Closes an open task that never reached a final state, charging its reservation.
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError>;
+
+    /// Notes that the task's status was read at `at`, so the reconciler leaves it alone a while.
+    async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Open tasks whose status nobody has read since `before`, least recently seen first.
+    async fn unobserved_open_tasks(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Reservations still waiting for the upstream's answer that were made before `before`:
+    /// the gateway stopped between reserving and recording. They become `unknown_outcome`.
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// What the team has spent and holds in `period`.
+    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError>;
+
+    /// Unsettled tasks of the team (reserved or open), across periods.
+    async fn in_flight(&self, team: &str) -> Result<u64, StoreError>;
+
+    /// Reservations in `state`, newest first.
+    async fn reservations(
+        &self,
+        state: TaskState,
+        limit: usize,
+    ) -> Result<Vec<ReservationRecord>, StoreError>;
+
+    /// An admin gives back a reservation whose outcome is unknown (the upstream did not charge).
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
+
+    /// Usage per UTC day, team and model for tasks started in `[from, to)`.
+    async fn usage(
+        &self,
+        team: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+}

@@ -1,0 +1,668 @@
+//! The embedded ledger: SQLite in WAL mode with `synchronous = FULL`, so a write that returned
+//! survives a crash or a SIGKILL.
+//!
+//! All writes go through one writer thread that applies them in batches: every waiting write
+//! joins the next transaction, and one fsync commits them all (group commit). That keeps durable
+//! writes cheap under load, and because only one thread writes, each check-and-reserve sees every
+//! earlier one: two reservations can never both take the last credits. Reads use their own
+//! connections, which WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    FinalStatus, LedgerStore, NewReservation, ReservationId, ReservationRecord, ReserveOutcome,
+    SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord, TaskState, UsageRow,
+};
+use crate::credits::Credits;
+
+/// Most writes committed by one transaction.
+const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS reservations (
+    id          TEXT PRIMARY KEY,       -- reservation id, made before the upstream call
+    task_id     TEXT UNIQUE,            -- the upstream's task id, once it answered
+    team        TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    period      TEXT NOT NULL,          -- budget period the cost belongs to, e.g. '2026-11'
+    reserved    INTEGER NOT NULL,       -- credits held, in units of 1e-8
+    consumed    INTEGER,                -- credits charged once settled, in units of 1e-8
+    state       TEXT NOT NULL,          -- reserved | open | unknown_outcome | settled | released | expired
+    final_status TEXT,                  -- success | failed, once settled
+    request_id  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,       -- unix milliseconds
+    settled_at  INTEGER,
+    observed_at INTEGER                 -- last time the task's status was read
+);
+CREATE INDEX IF NOT EXISTS reservations_in_flight ON reservations (team, state);
+CREATE INDEX IF NOT EXISTS reservations_created ON reservations (created_at);
+-- The reconciler's work list stays small however long the history grows.
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (coalesce(observed_at, created_at))
+    WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS reservations_waiting ON reservations (created_at)
+    WHERE state = 'reserved';
+
+-- Per team and period: what is spent and what is held. Kept in the same transaction as every
+-- change of a reservation's state, so it always equals the sum over `reservations`.
+CREATE TABLE IF NOT EXISTS budget_periods (
+    team     TEXT NOT NULL,
+    period   TEXT NOT NULL,
+    spent    INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (team, period)
+) WITHOUT ROWID;
+"#;
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A write: run against the open transaction (or told why there is none), it returns what to do
+/// once the transaction's fate is known.
+type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Completion + Send>;
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Job>,
+    readers: Arc<ReaderPool>,
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the ledger at `path` and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+
+        let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || write_batches(conn, jobs))
+            .map_err(unavailable)?;
+        Ok(SqliteStore {
+            writer,
+            readers: Arc::new(ReaderPool {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `op` inside the next batch's transaction; returns once that batch is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = conn.and_then(|conn| in_savepoint(conn, op));
+            Box::new(move |committed| {
+                let _ = reply.send(committed.and(result));
+            })
+        });
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| unavailable("ledger writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("ledger writer stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take()?;
+            let result = op(&conn);
+            readers.give_back(conn);
+            result
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+impl ReaderPool {
+    fn take(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.idle.lock().expect("reader pool lock").pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        Ok(conn)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        self.idle.lock().expect("reader pool lock").push(conn);
+    }
+}
+
+/// Runs one write in a savepoint, so a failing write leaves the rest of its batch intact.
+fn in_savepoint<T>(
+    conn: &Connection,
+    op: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job").map_err(unavailable)?;
+    let result = op(conn);
+    let end = if result.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
+    conn.execute_batch(end).map_err(unavailable)?;
+    result
+}
+
+fn write_batches(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+        let completions: Vec<Completion> = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => batch.drain(..).map(|job| job(Ok(&conn))).collect(),
+            Err(e) => batch
+                .drain(..)
+                .map(|job| job(Err(unavailable(&e))))
+                .collect(),
+        };
+        let committed = match conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(unavailable(format!("commit failed: {e}")))
+            }
+        };
+        for complete in completions {
+            complete(committed.as_ref().map(|_| ()).map_err(unavailable));
+        }
+    }
+}
+
+fn millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn from_millis(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Adds to a period's totals; every change of a reservation's state calls it in the same
+/// transaction, so the totals always equal the sum over the reservations.
+fn adjust_period(
+    conn: &Connection,
+    team: &str,
+    period: &str,
+    reserved: i64,
+    spent: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO budget_periods (team, period, reserved, spent) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (team, period) DO UPDATE
+         SET reserved = reserved + excluded.reserved, spent = spent + excluded.spent",
+        params![team, period, reserved, spent],
+    )
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Moves a reservation out of `from`; `charge` says whether its held amount becomes spent
+/// (unknown outcome) or is given back. Refused when the reservation is not in `from`.
+fn move_reservation(
+    conn: &Connection,
+    id: ReservationId,
+    from: TaskState,
+    to: TaskState,
+    charge: bool,
+) -> Result<(), StoreError> {
+    let row: Option<(String, String, i64)> = conn
+        .query_row(
+            "UPDATE reservations SET state = ?3 WHERE id = ?1 AND state = ?2
+             RETURNING team, period, reserved",
+            params![id.0.to_string(), from.as_str(), to.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let (team, period, amount) = row.ok_or_else(|| {
+        StoreError::Conflict(format!("reservation {} is not {}", id.0, from.as_str()))
+    })?;
+    match (from, charge) {
+        (TaskState::Reserved, true) => adjust_period(conn, &team, &period, -amount, amount),
+        (TaskState::Reserved, false) => adjust_period(conn, &team, &period, -amount, 0),
+        // Leaving a state that counted as spent.
+        _ => adjust_period(conn, &team, &period, 0, -amount),
+    }
+}
+
+/// Closes an open task as `to`, charging `consumed` (or its reservation when `None`).
+fn close_open_task(
+    conn: &Connection,
+    task_id: &str,
+    to: TaskState,
+    status: Option<FinalStatus>,
+    consumed: Option<Credits>,
+    at: DateTime<Utc>,
+) -> Result<SettleOutcome, StoreError> {
+    let row: Option<(String, String, String, i64, i64)> = conn
+        .query_row(
+            "UPDATE reservations
+             SET state = ?2, consumed = coalesce(?3, reserved), final_status = ?4,
+                 settled_at = ?5, observed_at = ?5
+             WHERE task_id = ?1 AND state = 'open'
+             RETURNING team, model, period, reserved, consumed",
+            params![
+                task_id,
+                to.as_str(),
+                consumed.map(Credits::units),
+                status.map(FinalStatus::as_str),
+                millis(at)
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some((team, model, period, reserved, consumed)) = row else {
+        let closed: Option<String> = conn
+            .query_row(
+                "SELECT state FROM reservations WHERE task_id = ?1",
+                params![task_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+        return Ok(match closed.as_deref().and_then(TaskState::parse) {
+            Some(state) if state.is_closed() => SettleOutcome::AlreadyClosed,
+            _ => SettleOutcome::NotOpen,
+        });
+    };
+    adjust_period(conn, &team, &period, -reserved, consumed)?;
+    Ok(SettleOutcome::Settled(SettledTask {
+        team,
+        model,
+        reserved: Credits::from_units(reserved),
+        consumed: Credits::from_units(consumed),
+    }))
+}
+
+fn task_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let state: String = row.get(4)?;
+    Ok(TaskRecord {
+        task_id: row.get(0)?,
+        team: row.get(1)?,
+        model: row.get(2)?,
+        reserved: Credits::from_units(row.get(3)?),
+        state: TaskState::parse(&state).unwrap_or(TaskState::Open),
+        created_at: from_millis(row.get(5)?),
+    })
+}
+
+const TASK_COLUMNS: &str = "task_id, team, model, reserved, state, created_at";
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.query_row("SELECT count(*) FROM budget_periods", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        self.write(move |conn| {
+            let (spent, reserved): (i64, i64) = conn
+                .query_row(
+                    "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
+                    params![r.team, r.period],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?
+                .unwrap_or((0, 0));
+            if let Some(limit) = r.limit {
+                let needed = spent
+                    .checked_add(reserved)
+                    .and_then(|held| held.checked_add(r.amount.units()));
+                if needed.is_none_or(|needed| needed > limit.units()) {
+                    return Ok(ReserveOutcome::BudgetExhausted {
+                        spent: Credits::from_units(spent),
+                        reserved: Credits::from_units(reserved),
+                    });
+                }
+            }
+            if let Some(max) = r.max_in_flight {
+                let in_flight: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM reservations
+                         WHERE team = ?1 AND state IN ('reserved', 'open')",
+                        params![r.team],
+                        |row| row.get(0),
+                    )
+                    .map_err(unavailable)?;
+                let in_flight = in_flight.unsigned_abs();
+                if in_flight >= u64::from(max) {
+                    return Ok(ReserveOutcome::TooManyInFlight { in_flight });
+                }
+            }
+            conn.execute(
+                "INSERT INTO reservations (id, team, model, period, reserved, state, request_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7)",
+                params![
+                    r.id.0.to_string(),
+                    r.team,
+                    r.model,
+                    r.period,
+                    r.amount.units(),
+                    r.request_id,
+                    millis(r.created_at)
+                ],
+            )
+            .map_err(unavailable)?;
+            adjust_period(conn, &r.team, &r.period, r.amount.units(), 0)?;
+            Ok(ReserveOutcome::Reserved(Standing {
+                spent: Credits::from_units(spent),
+                reserved: Credits::from_units(reserved + r.amount.units()),
+            }))
+        })
+        .await
+    }
+
+    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE reservations SET task_id = ?2, state = 'open'
+                     WHERE id = ?1 AND state = 'reserved'",
+                    params![id.0.to_string(), task_id],
+                )
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        StoreError::Conflict(format!("task {task_id} is already recorded"))
+                    }
+                    other => unavailable(other),
+                })?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "reservation {} is not held",
+                    id.0
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            move_reservation(conn, id, TaskState::Reserved, TaskState::Released, false)
+        })
+        .await
+    }
+
+    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            move_reservation(
+                conn,
+                id,
+                TaskState::Reserved,
+                TaskState::UnknownOutcome,
+                true,
+            )
+        })
+        .await
+    }
+
+    async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                &format!("SELECT {TASK_COLUMNS} FROM reservations WHERE task_id = ?1"),
+                params![task_id],
+                task_record,
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| {
+            close_open_task(
+                conn,
+                &task_id,
+                TaskState::Settled,
+                Some(settlement.status),
+                Some(settlement.consumed),
+                settlement.at,
+            )
+        })
+        .await
+    }
+
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| close_open_task(conn, &task_id, TaskState::Expired, None, None, at))
+            .await
+    }
+
+    async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE reservations SET observed_at = ?2 WHERE task_id = ?1",
+                params![task_id, millis(at)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unobserved_open_tasks(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare(&format!(
+                    "SELECT {TASK_COLUMNS} FROM reservations
+                     WHERE state = 'open' AND coalesce(observed_at, created_at) < ?1
+                     ORDER BY coalesce(observed_at, created_at) LIMIT ?2"
+                ))
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![millis(before), limit as i64], task_record)
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let mut statement = conn
+                .prepare(
+                    "UPDATE reservations SET state = 'unknown_outcome'
+                     WHERE state = 'reserved' AND created_at < ?1
+                     RETURNING team, period, reserved",
+                )
+                .map_err(unavailable)?;
+            let rows: Vec<(String, String, i64)> = statement
+                .query_map(params![millis(before)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            for (team, period, amount) in &rows {
+                adjust_period(conn, team, period, -amount, *amount)?;
+            }
+            Ok(rows.len() as u64)
+        })
+        .await
+    }
+
+    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
+        let (team, period) = (team.to_owned(), period.to_owned());
+        self.read(move |conn| {
+            let totals: Option<(i64, i64)> = conn
+                .query_row(
+                    "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
+                    params![team, period],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let (spent, reserved) = totals.unwrap_or((0, 0));
+            Ok(Standing {
+                spent: Credits::from_units(spent),
+                reserved: Credits::from_units(reserved),
+            })
+        })
+        .await
+    }
+
+    async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
+        let team = team.to_owned();
+        self.read(move |conn| {
+            let count: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM reservations
+                     WHERE team = ?1 AND state IN ('reserved', 'open')",
+                    params![team],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            Ok(count.unsigned_abs())
+        })
+        .await
+    }
+
+    async fn reservations(
+        &self,
+        state: TaskState,
+        limit: usize,
+    ) -> Result<Vec<ReservationRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT id, task_id, team, model, period, reserved, request_id, created_at
+                     FROM reservations WHERE state = ?1 ORDER BY created_at DESC LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![state.as_str(), limit as i64], |r| {
+                    Ok(ReservationRecord {
+                        id: r.get(0)?,
+                        task_id: r.get(1)?,
+                        team: r.get(2)?,
+                        model: r.get(3)?,
+                        period: r.get(4)?,
+                        reserved: Credits::from_units(r.get(5)?),
+                        state: state.as_str(),
+                        request_id: r.get(6)?,
+                        created_at: from_millis(r.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            move_reservation(
+                conn,
+                id,
+                TaskState::UnknownOutcome,
+                TaskState::Released,
+                false,
+            )
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        team: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let team = team.map(str::to_owned);
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team, model,
+                            count(*),
+                            coalesce(sum(final_status = 'success'), 0),
+                            coalesce(sum(final_status = 'failed'), 0),
+                            coalesce(sum(state IN ('reserved', 'open')), 0),
+                            coalesce(sum(CASE WHEN state = 'settled' THEN consumed
+                                              WHEN state IN ('expired', 'unknown_outcome')
+                                              THEN reserved ELSE 0 END), 0)
+                     FROM reservations
+                     WHERE created_at >= ?1 AND created_at < ?2 AND state != 'released'
+                       AND (?3 IS NULL OR team = ?3)
+                     GROUP BY day, team, model ORDER BY day, team, model",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![millis(from), millis(to), team], |r| {
+                    let count = |i| r.get::<_, i64>(i).map(i64::unsigned_abs);
+                    Ok(UsageRow {
+                        day: r.get(0)?,
+                        team: r.get(1)?,
+                        model: r.get(2)?,
+                        tasks: count(3)?,
+                        succeeded: count(4)?,
+                        failed: count(5)?,
+                        unsettled: count(6)?,
+                        credits: Credits::from_units(r.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+}

@@ -1,0 +1,5 @@
+//! The gateway's own middleware, one per file. The stack itself is assembled in `app::router`.
+
+pub mod auth;
+pub mod request_id;
+pub mod trace;

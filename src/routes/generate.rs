@@ -1,0 +1,362 @@
+//! `POST /api/image/gen`: validate locally, reserve credits, forward with the upstream token,
+//! record the task as the team's before answering.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{Extension, State},
+    response::Response,
+};
+use bytes::Bytes;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::{pass_through, read_body};
+use crate::{
+    app::AppState,
+    budget,
+    config::{BudgetPeriod, Config},
+    credits::Credits,
+    error::GatewayError,
+    ledger::{NewReservation, ReservationId, ReserveOutcome},
+    middleware::{auth::Caller, request_id::RequestId, trace::record_upstream_wait},
+    upstream::UpstreamError,
+};
+
+/// What the gateway itself needs from a generation request; everything else in the body is
+/// forwarded untouched.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Generation {
+    pub model: String,
+    /// `n`: how many images the request asks for (1 when absent).
+    pub images: i64,
+}
+
+fn invalid(detail: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidRequest(detail.into())
+}
+
+fn is_http_url(text: &str) -> bool {
+    url::Url::parse(text)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+}
+
+/// Checks what the upstream would refuse, so a bad request costs neither a reservation nor an
+/// upstream call.
+pub fn validate(body: &[u8], config: &Config) -> Result<Generation, GatewayError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(invalid("request body must be a JSON object"));
+    };
+
+    let model = match fields.get("model") {
+        None | Some(Value::Null) => return Err(invalid("model is required")),
+        Some(Value::String(model)) => model,
+        Some(_) => return Err(invalid("model must be a string")),
+    };
+    if !config.models.contains_key(model) {
+        let offered: Vec<&str> = config.models.keys().map(String::as_str).collect();
+        return Err(invalid(format!(
+            "model {:?} is not offered; choose one of: {}",
+            model.chars().take(100).collect::<String>(),
+            offered.join(", ")
+        )));
+    }
+
+    match fields.get("prompt") {
+        None | Some(Value::Null) => return Err(invalid("prompt is required")),
+        Some(Value::String(prompt)) if prompt.trim().is_empty() => {
+            return Err(invalid("prompt is required"));
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(invalid("prompt must be a string")),
+    }
+
+    match fields.get("images") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(images)) => {
+            let max = config.upstream.max_reference_images;
+            if images.len() > max {
+                return Err(invalid(format!(
+                    "at most {max} reference images are allowed, got {}",
+                    images.len()
+                )));
+            }
+            for (i, image) in images.iter().enumerate() {
+                if !image.as_str().is_some_and(is_http_url) {
+                    return Err(invalid(format!("images[{i}] must be an http(s) URL")));
+                }
+            }
+        }
+        Some(_) => return Err(invalid("images must be an array of http(s) URLs")),
+    }
+
+    match fields.get("callback_url") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(url)) if is_http_url(url) => {}
+        Some(_) => return Err(invalid("callback_url must be an http(s) URL")),
+    }
+
+    let images = match fields.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(n) => n
+            .as_i64()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| invalid("n must be a positive whole number"))?,
+    };
+
+    Ok(Generation {
+        model: model.clone(),
+        images,
+    })
+}
+
+pub async fn generate(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(team)): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let config = state.config.load_full();
+    let body = read_body(body, config.server.max_body_bytes).await?;
+    let generation = validate(&body, &config)?;
+
+    let per_image = config.models[&generation.model].reserve;
+    let amount = per_image
+        .checked_mul(generation.images)
+        .ok_or_else(|| invalid("n is too large"))?;
+    let now = state.clock.now();
+    let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
+    let reservation = NewReservation {
+        id: ReservationId::new(),
+        team: team.name.clone(),
+        model: generation.model,
+        amount,
+        period: budget::period_key(period, now),
+        limit: team.budget.map(|b| b.credits),
+        max_in_flight: team.budget.and_then(|b| b.max_in_flight),
+        request_id: request_id.as_str().to_owned(),
+        created_at: now,
+    };
+    let id = reservation.id;
+    let outcome = state
+        .ledger
+        .reserve(reservation)
+        .await
+        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?;
+    match outcome {
+        ReserveOutcome::Reserved(_) => {}
+        ReserveOutcome::BudgetExhausted { spent, reserved } => {
+            let budget = team
+                .budget
+                .expect("only a team with a budget can exhaust it");
+            let left = budget
+                .credits
+                .saturating_sub(spent)
+                .saturating_sub(reserved)
+                .max(Credits::ZERO);
+            let resets = budget::period_end(budget.period, now)
+                .map(|end| format!(" (resets {})", end.format("%Y-%m-%dT%H:%M:%SZ")))
+                .unwrap_or_default();
+            return Err(GatewayError::BudgetExhausted(format!(
+                "team '{}' has {left} of {} credits left {}{resets}; this request needs {amount}",
+                team.name,
+                budget.credits,
+                budget::period_phrase(budget.period),
+            )));
+        }
+        ReserveOutcome::TooManyInFlight { in_flight } => {
+            return Err(GatewayError::TooManyInFlight(format!(
+                "team '{}' has {in_flight} unfinished tasks, the most it may have at once; \
+                 retry when one finishes",
+                team.name
+            )));
+        }
+    }
+
+    // Once the request may reach the upstream, its outcome must be recorded even if the client
+    // disconnects and this handler is dropped: the work runs as a task of its own.
+    let work = forward(state.clone(), id, body, request_id);
+    state
+        .background
+        .spawn(work.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| GatewayError::Internal(format!("generation task failed: {e}")))?
+}
+
+async fn forward(
+    state: Arc<AppState>,
+    id: ReservationId,
+    body: Bytes,
+    request_id: RequestId,
+) -> Result<Response, GatewayError> {
+    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+    let upstream = match state.upstream.generate(body, request_id.as_str()).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            return Err(match error {
+                UpstreamError::Connect(_) => {
+                    state.ledger.release(id).await.map_err(ledger_down)?;
+                    GatewayError::UpstreamUnreachable(error.to_string())
+                }
+                UpstreamError::Timeout(_) => {
+                    state
+                        .ledger
+                        .mark_unknown_outcome(id)
+                        .await
+                        .map_err(ledger_down)?;
+                    GatewayError::UpstreamTimeout(error.to_string())
+                }
+                UpstreamError::Broken(_) => {
+                    state
+                        .ledger
+                        .mark_unknown_outcome(id)
+                        .await
+                        .map_err(ledger_down)?;
+                    GatewayError::UpstreamUnreachable(error.to_string())
+                }
+            });
+        }
+    };
+    record_upstream_wait(upstream.elapsed);
+
+    if !upstream.status.is_success() {
+        state.ledger.release(id).await.map_err(ledger_down)?;
+        return Ok(pass_through(upstream));
+    }
+    let Some(task_id) = accepted_task_id(&upstream.body) else {
+        // A 2xx without a task id: something may have started upstream that we cannot track.
+        state
+            .ledger
+            .mark_unknown_outcome(id)
+            .await
+            .map_err(ledger_down)?;
+        return Err(GatewayError::UpstreamBadResponse(
+            "the upstream accepted the generation but returned no task id".into(),
+        ));
+    };
+    tracing::Span::current().record("task_id", task_id.as_str());
+    state
+        .ledger
+        .attach_task(id, &task_id)
+        .await
+        .map_err(ledger_down)?;
+    Ok(pass_through(upstream))
+}
+
+/// `data.task_id` of a `{"code":0,…}` answer.
+fn accepted_task_id(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    if value.get("code")?.as_i64()? != 0 {
+        return None;
+    }
+    let task_id = value.get("data")?.get("task_id")?.as_str()?;
+    (!task_id.is_empty() && task_id.len() <= 256).then(|| task_id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config() -> Config {
+        Config::parse(
+            Path::new("test.toml"),
+            r#"
+            [upstream]
+            token_env = "T"
+            [models."google/gempix2"]
+            reserve = "0.50"
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn detail(body: &str) -> String {
+        match validate(body.as_bytes(), &config()) {
+            Err(GatewayError::InvalidRequest(detail)) => detail,
+            other => panic!("expected a 400 for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_full_request_and_reads_n() {
+        let body = r#"{"model":"google/gempix2","prompt":"a cat","images":["https://x.example/a.png"],
+            "callback_url":"http://hooks.example/cb","aspect_ratio":"16:9","n":3,"future_field":{"x":1}}"#;
+        assert_eq!(
+            validate(body.as_bytes(), &config()).unwrap(),
+            Generation {
+                model: "google/gempix2".into(),
+                images: 3
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_each_invalid_field_with_a_clear_detail() {
+        assert!(detail("{").starts_with("request body is not valid JSON"));
+        assert_eq!(detail("[1]"), "request body must be a JSON object");
+        assert_eq!(detail(r#"{"prompt":"x"}"#), "model is required");
+        assert_eq!(
+            detail(r#"{"model":7,"prompt":"x"}"#),
+            "model must be a string"
+        );
+        assert_eq!(
+            detail(r#"{"model":"acme/x","prompt":"x"}"#),
+            r#"model "acme/x" is not offered; choose one of: google/gempix2"#
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2"}"#),
+            "prompt is required"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":"  "}"#),
+            "prompt is required"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":1}"#),
+            "prompt must be a string"
+        );
+        let five = r#"{"model":"google/gempix2","prompt":"x","images":["http://a/1","http://a/2","http://a/3","http://a/4","http://a/5"]}"#;
+        assert_eq!(
+            detail(five),
+            "at most 4 reference images are allowed, got 5"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":"x","images":["ftp://a/1"]}"#),
+            "images[0] must be an http(s) URL"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":"x","images":"http://a/1"}"#),
+            "images must be an array of http(s) URLs"
+        );
+        assert_eq!(
+            detail(
+                r#"{"model":"google/gempix2","prompt":"x","callback_url":"javascript:alert(1)"}"#
+            ),
+            "callback_url must be an http(s) URL"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":"x","n":0}"#),
+            "n must be a positive whole number"
+        );
+        assert_eq!(
+            detail(r#"{"model":"google/gempix2","prompt":"x","n":1.5}"#),
+            "n must be a positive whole number"
+        );
+    }
+
+    #[test]
+    fn finds_the_task_id_only_in_an_accepting_answer() {
+        let ok = br#"{"code":0,"message":"ok","data":{"task_id":"ta1"}}"#;
+        assert_eq!(accepted_task_id(ok).as_deref(), Some("ta1"));
+        assert_eq!(
+            accepted_task_id(br#"{"code":1,"data":{"task_id":"ta1"}}"#),
+            None
+        );
+        assert_eq!(accepted_task_id(br#"{"code":0,"data":{}}"#), None);
+        assert_eq!(accepted_task_id(b"not json"), None);
+    }
+}

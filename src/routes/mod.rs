@@ -1,0 +1,64 @@
+//! Request handlers, one file per endpoint family, and what they share.
+
+use axum::{
+    body::Body,
+    extract::Request,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::{error::GatewayError, upstream::UpstreamResponse};
+
+pub mod generate;
+pub mod health;
+pub mod task_query;
+
+/// Reads a request body, refusing it as soon as it passes `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::PayloadTooLarge { limit }
+        } else {
+            GatewayError::InvalidRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// The upstream's answer, as it came: status, content type and body, unknown fields included.
+pub fn pass_through(upstream: UpstreamResponse) -> Response {
+    let content_type = upstream
+        .content_type
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let mut response = (upstream.status, upstream.body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response
+}
+
+/// A JSON body the gateway writes itself.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut response = (status, value.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub async fn no_such_route(request: Request) -> GatewayError {
+    GatewayError::NoSuchRoute {
+        method: request.method().to_string(),
+        path: request.uri().path().chars().take(200).collect(),
+    }
+}
+
+pub async fn no_such_method(request: Request) -> GatewayError {
+    GatewayError::MethodNotAllowed {
+        method: request.method().to_string(),
+        path: request.uri().path().chars().take(200).collect(),
+    }
+}

@@ -1,0 +1,144 @@
+//! Starting, reloading and stopping the gateway.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    app::{self, AppState},
+    clock::SharedClock,
+    config::{Config, Secret, StoreConfig},
+    ledger::{LedgerStore, sqlite::SqliteStore},
+    upstream::UpstreamClient,
+};
+
+/// A gateway bound to its address, ready to serve.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    /// Opens the ledger, builds the upstream client and binds the listener. Every failure here is
+    /// reported before anything is served.
+    pub async fn bind(
+        config: Config,
+        upstream_token: &Secret,
+        clock: SharedClock,
+    ) -> Result<Server, String> {
+        let ledger: Arc<dyn LedgerStore> = match &config.store {
+            StoreConfig::Sqlite { path } => {
+                Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
+            }
+        };
+        let upstream = UpstreamClient::new(&config.upstream, upstream_token)?;
+        let listener = TcpListener::bind(&config.server.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let state = Arc::new(AppState {
+            config: ArcSwap::from_pointee(config),
+            ledger,
+            upstream,
+            clock,
+            background: TaskTracker::new(),
+        });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight requests and
+    /// background ledger work finish (up to `server.shutdown_timeout`), and returns. With
+    /// `reload_from`, SIGHUP re-reads that file and swaps in the new teams, keys, models and limits.
+    pub async fn run(self, reload_from: Option<PathBuf>) -> Result<(), String> {
+        let Server { listener, state } = self;
+        tracing::info!(
+            address = %listener.local_addr().map_err(|e| e.to_string())?,
+            upstream = %state.config.load().upstream.base_url,
+            "ketchup-gateway listening"
+        );
+        if let Some(path) = reload_from {
+            tokio::spawn(reload_on_sighup(state.clone(), path));
+        }
+        let shutdown_timeout = state.config.load().server.shutdown_timeout;
+        let app = app::router(state.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future();
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => return result.map_err(|e| e.to_string()),
+            () = shutdown_signal() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop_tx.send(());
+        state.background.close();
+        let drained = async {
+            let _ = (&mut serving).await;
+            state.background.wait().await;
+        };
+        if tokio::time::timeout(shutdown_timeout, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?shutdown_timeout,
+                "shutdown timeout passed with requests still in flight"
+            );
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("can listen for SIGTERM");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn reload_on_sighup(state: Arc<AppState>, path: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(new) => {
+                let old = state.config.load();
+                if new.server.listen != old.server.listen
+                    || new.store != old.store
+                    || new.upstream.base_url != old.upstream.base_url
+                    || new.upstream.token != old.upstream.token
+                {
+                    tracing::warn!(
+                        "listen address, store and upstream settings change only on restart; \
+                         reloading the rest"
+                    );
+                }
+                let teams = new.teams.len();
+                let models = new.models.len();
+                state.config.store(Arc::new(new));
+                tracing::info!(teams, models, "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; keeping the running one")
+            }
+        }
+    }
+}

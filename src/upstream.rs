@@ -1,0 +1,218 @@
+//! The client for the real upstream (or the fake one).
+//!
+//! hyper with rustls: HTTPS to api.defapi.org, plain HTTP to the fake; pooled keep-alive
+//! connections; a connect timeout and an overall timeout per exchange. Status reads are retried
+//! on connect errors and 5xx with exponential backoff and jitter. A generation is retried only
+//! when the connection could not be made, because once its bytes may have reached the upstream a
+//! retry could start (and charge) a second render.
+
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Secret, UpstreamConfig};
+
+/// Largest upstream answer read; results may carry base64 images.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    /// Time spent waiting on the upstream, retries included.
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: the request was certainly not received.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(String),
+    /// No complete answer in time: the upstream may have received the request.
+    #[error("no answer from the upstream within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke after the request was sent: the upstream may have received it.
+    #[error("the upstream connection failed: {0}")]
+    Broken(String),
+}
+
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base_url: String,
+    authorization: HeaderValue,
+    timeout: Duration,
+    retries: usize,
+}
+
+impl UpstreamClient {
+    pub fn new(config: &UpstreamConfig, token: &Secret) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+            .map_err(|_| {
+                "the upstream token contains characters not allowed in a header".to_owned()
+            })?;
+        // Marks the value so hyper's HPACK never indexes it and debug output hides it.
+        authorization.set_sensitive(true);
+        Ok(UpstreamClient {
+            client,
+            base_url: config.base_url.as_str().trim_end_matches('/').to_owned(),
+            authorization,
+            timeout: config.timeout,
+            retries: config.query_retries,
+        })
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.retries)
+            .with_jitter()
+    }
+
+    /// `POST /api/image/gen` with the client's body, byte for byte.
+    pub async fn generate(
+        &self,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let started = Instant::now();
+        let url = format!("{}/api/image/gen", self.base_url);
+        let mut response = (|| self.send(Method::POST, &url, body.clone(), request_id))
+            .retry(self.backoff())
+            .when(|e| matches!(e, UpstreamError::Connect(_)))
+            .await?;
+        response.elapsed = started.elapsed();
+        Ok(response)
+    }
+
+    /// `GET /api/task/query?task_id=…`.
+    pub async fn query_task(
+        &self,
+        task_id: &str,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let started = Instant::now();
+        let url = url::Url::parse_with_params(
+            &format!("{}/api/task/query", self.base_url),
+            [("task_id", task_id)],
+        )
+        .map_err(|e| UpstreamError::Connect(format!("bad upstream URL: {e}")))?;
+        let attempt = || async {
+            let response = self
+                .send(Method::GET, url.as_str(), Bytes::new(), request_id)
+                .await?;
+            if response.status.is_server_error() {
+                return Err(Attempt::ServerError(response));
+            }
+            Ok(response)
+        };
+        let outcome = attempt
+            .retry(self.backoff())
+            .when(|e: &Attempt| match e {
+                Attempt::ServerError(_) => true,
+                Attempt::Failed(e) => matches!(e, UpstreamError::Connect(_)),
+            })
+            .await;
+        let mut response = match outcome {
+            Ok(response) | Err(Attempt::ServerError(response)) => response,
+            Err(Attempt::Failed(e)) => return Err(e),
+        };
+        response.elapsed = started.elapsed();
+        Ok(response)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::AUTHORIZATION, self.authorization.clone())
+            .header(header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            request = request.header(REQUEST_ID_HEADER, value);
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| UpstreamError::Connect(format!("cannot build the request: {e}")))?;
+
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Connect(error_chain(&e))
+                } else {
+                    UpstreamError::Broken(error_chain(&e))
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Broken(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok(UpstreamResponse {
+                status: parts.status,
+                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                body,
+                elapsed: Duration::ZERO,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+    }
+}
+
+enum Attempt {
+    ServerError(UpstreamResponse),
+    Failed(UpstreamError),
+}
+
+impl From<UpstreamError> for Attempt {
+    fn from(e: UpstreamError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// hyper's top-level errors say little ("client error (Connect)"); the causes say what happened.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
