@@ -20,7 +20,7 @@ use tower_http::{
 
 use crate::{
     clock::SharedClock,
-    config::Config,
+    config::{Config, KeyDigest},
     error::GatewayError,
     ledger::LedgerStore,
     middleware::{auth, request_id, trace},
@@ -35,6 +35,8 @@ pub struct AppState {
     pub ledger: Arc<dyn LedgerStore>,
     pub upstream: UpstreamClient,
     pub clock: SharedClock,
+    /// SHA-256 of the admin token; `None` turns the admin API off.
+    pub admin_token_digest: Option<KeyDigest>,
     /// Work that must finish even if its client has gone (recording a task the upstream
     /// accepted); shutdown waits for it.
     pub background: TaskTracker,
@@ -49,6 +51,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/api/image/gen", post(routes::generate::generate))
         .route("/api/task/query", get(routes::task_query::query))
+        .route("/api/user", get(routes::budget::user_balance))
+        .route("/gateway/v1/budget", get(routes::budget::budget))
+        .route("/admin/teams", get(routes::admin::teams))
+        .route("/admin/usage", get(routes::admin::usage))
+        .route("/admin/reservations", get(routes::admin::reservations))
+        .route(
+            "/admin/reservations/{id}/release",
+            post(routes::admin::release_reservation),
+        )
         .route("/healthz", get(routes::health::live))
         .route("/readyz", get(routes::health::ready))
         .fallback(routes::no_such_route)

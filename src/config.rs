@@ -46,6 +46,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
+    pub reconciler: ReconcilerConfig,
     pub admin_token: Option<SecretSource>,
     pub models: BTreeMap<String, Model>,
     pub teams: Vec<Arc<Team>>,
@@ -91,6 +92,22 @@ pub enum StoreConfig {
 pub struct CacheConfig {
     pub status_ttl: Duration,
     pub max_entries: u64,
+}
+
+/// The background job that settles tasks no client polls to the end.
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// How often it looks for work.
+    pub interval: Duration,
+    /// An open task whose status nobody has read for this long is read by the reconciler.
+    pub settle_after: Duration,
+    /// Cap on the reconciler's upstream reads, all tasks together.
+    pub max_reads_per_second: NonZeroU32,
+    /// An unsettled task older than this settles at its reservation, marked `expired`.
+    pub max_task_age: Duration,
+    /// A reservation still waiting for the upstream's answer after this long (the gateway
+    /// stopped mid-request) becomes `unknown_outcome`.
+    pub abandon_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +315,8 @@ mod raw {
         #[serde(default)]
         pub cache: Cache,
         #[serde(default)]
+        pub reconciler: Option<Spanned<Reconciler>>,
+        #[serde(default)]
         pub admin: Option<Spanned<SecretRef>>,
         #[serde(default)]
         pub models: BTreeMap<String, Model>,
@@ -420,6 +439,49 @@ mod raw {
                 max_entries: default_max_entries(),
             }
         }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Reconciler {
+        #[serde(default = "default_reconcile_interval")]
+        pub interval: HumanDuration,
+        #[serde(default = "default_settle_after")]
+        pub settle_after: HumanDuration,
+        #[serde(default = "default_reconcile_reads")]
+        pub max_reads_per_second: NonZeroU32,
+        #[serde(default = "default_max_task_age")]
+        pub max_task_age: HumanDuration,
+        #[serde(default = "default_abandon_after")]
+        pub abandon_after: HumanDuration,
+    }
+
+    impl Default for Reconciler {
+        fn default() -> Self {
+            Reconciler {
+                interval: default_reconcile_interval(),
+                settle_after: default_settle_after(),
+                max_reads_per_second: default_reconcile_reads(),
+                max_task_age: default_max_task_age(),
+                abandon_after: default_abandon_after(),
+            }
+        }
+    }
+
+    fn default_reconcile_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    fn default_settle_after() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_reconcile_reads() -> NonZeroU32 {
+        NonZeroU32::new(10).expect("non-zero")
+    }
+    fn default_max_task_age() -> HumanDuration {
+        HumanDuration(Duration::from_secs(24 * 3600))
+    }
+    fn default_abandon_after() -> HumanDuration {
+        HumanDuration(Duration::from_secs(300))
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -584,6 +646,30 @@ impl Config {
             max_entries: file.cache.max_entries,
         };
 
+        let reconciler = match file.reconciler {
+            None => reconciler_config(raw::Reconciler::default()),
+            Some(spanned) => {
+                let span = spanned.span();
+                let reconciler = reconciler_config(spanned.into_inner());
+                if reconciler.settle_after < Duration::from_secs(1) || reconciler.interval.is_zero()
+                {
+                    return Err(fail(
+                        span,
+                        "[reconciler] interval must be above zero and settle_after at least 1s \
+                         (the upstream asks for at most one status read per task per second)",
+                    ));
+                }
+                if reconciler.abandon_after <= upstream.timeout {
+                    return Err(fail(
+                        span,
+                        "[reconciler] abandon_after must be longer than [upstream] timeout, or \
+                         requests still waiting for the upstream would be given up",
+                    ));
+                }
+                reconciler
+            }
+        };
+
         let admin_token = match file.admin {
             None => None,
             Some(spanned) => {
@@ -704,6 +790,7 @@ impl Config {
             upstream,
             store,
             cache,
+            reconciler,
             admin_token,
             models,
             teams,
@@ -718,6 +805,16 @@ impl Config {
 
     pub fn team(&self, name: &str) -> Option<&Arc<Team>> {
         self.teams.iter().find(|t| t.name == name)
+    }
+}
+
+fn reconciler_config(raw: raw::Reconciler) -> ReconcilerConfig {
+    ReconcilerConfig {
+        interval: raw.interval.0,
+        settle_after: raw.settle_after.0,
+        max_reads_per_second: raw.max_reads_per_second,
+        max_task_age: raw.max_task_age.0,
+        abandon_after: raw.abandon_after.0,
     }
 }
 

@@ -24,6 +24,8 @@ pub enum GatewayError {
     BudgetExhausted(String),
     #[error("{0}")]
     TooManyInFlight(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("upstream unreachable: {0}")]
@@ -58,6 +60,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBadResponse(_) => {
                 StatusCode::BAD_GATEWAY
@@ -82,6 +85,7 @@ impl GatewayError {
             GatewayError::TooManyInFlight(detail) => {
                 ("too many tasks in flight", Some(detail.clone()))
             }
+            GatewayError::Conflict(detail) => ("conflict", Some(detail.clone())),
             GatewayError::PayloadTooLarge { .. } => ("payload too large", Some(self.to_string())),
             GatewayError::UpstreamUnreachable(_) => {
                 ("upstream unavailable", Some(self.to_string()))
@@ -134,6 +138,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::BudgetExhausted(_) => "budget_exhausted",
             GatewayError::TooManyInFlight(_) => "too_many_in_flight",
+            GatewayError::Conflict(_) => "conflict",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",

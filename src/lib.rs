@@ -12,6 +12,8 @@ pub mod fake_upstream;
 pub mod keygen;
 pub mod ledger;
 pub mod middleware;
+pub mod reconciler;
 pub mod routes;
 pub mod server;
+pub mod settlement;
 pub mod upstream;

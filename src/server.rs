@@ -11,8 +11,9 @@ use tokio_util::task::TaskTracker;
 use crate::{
     app::{self, AppState},
     clock::SharedClock,
-    config::{Config, Secret, StoreConfig},
+    config::{Config, KeyDigest, Secret, StoreConfig},
     ledger::{LedgerStore, sqlite::SqliteStore},
+    reconciler,
     upstream::UpstreamClient,
 };
 
@@ -36,6 +37,13 @@ impl Server {
             }
         };
         let upstream = UpstreamClient::new(&config.upstream, upstream_token)?;
+        let admin_token_digest = match &config.admin_token {
+            Some(source) => {
+                let token = source.resolve("admin token").map_err(|e| e.to_string())?;
+                Some(KeyDigest::of(token.expose()))
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
@@ -44,6 +52,7 @@ impl Server {
             ledger,
             upstream,
             clock,
+            admin_token_digest,
             background: TaskTracker::new(),
         });
         Ok(Server { listener, state })
@@ -68,6 +77,7 @@ impl Server {
         if let Some(path) = reload_from {
             tokio::spawn(reload_on_sighup(state.clone(), path));
         }
+        let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let shutdown_timeout = state.config.load().server.shutdown_timeout;
         let app = app::router(state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -97,6 +107,7 @@ impl Server {
                 "shutdown timeout passed with requests still in flight"
             );
         }
+        reconciler.abort();
         tracing::info!("stopped");
         Ok(())
     }

@@ -212,11 +212,20 @@ async fn keys_are_required_except_for_probes() {
     // Unknown paths are not revealed to callers without a key either.
     let response = env
         .http
-        .get(env.gateway.url("/admin/teams"))
+        .get(env.gateway.url("/api/internal"))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+    // Without an admin token in the config, the admin API does not exist for anyone.
+    let response = env
+        .http
+        .get(env.gateway.url("/admin/teams"))
+        .bearer_auth(DESIGN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
 
     for probe in ["/healthz", "/readyz"] {
         let response = env.http.get(env.gateway.url(probe)).send().await.unwrap();

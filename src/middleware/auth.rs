@@ -1,6 +1,7 @@
 //! Authentication, deny by default: every route needs a team key except the few listed in
 //! [`access_for`]. A key is looked up by its SHA-256 digest; the team it belongs to is put in the
-//! request's extensions for the handlers, and the key itself goes no further.
+//! request's extensions for the handlers, and the key itself goes no further. `/admin/*` takes
+//! the admin token instead, and no team key opens it.
 
 use std::sync::Arc;
 
@@ -11,13 +12,19 @@ use axum::{
 };
 use http::header;
 
-use crate::{app::AppState, config::Team, error::GatewayError};
+use crate::{
+    app::AppState,
+    config::{KeyDigest, Team},
+    error::GatewayError,
+};
 
 /// Who may call a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// No key: liveness and readiness probes.
     Public,
+    /// The admin token.
+    Admin,
     /// A team key.
     Team,
 }
@@ -26,6 +33,7 @@ pub enum Access {
 pub fn access_for(path: &str) -> Access {
     match path {
         "/healthz" | "/readyz" => Access::Public,
+        _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,
         _ => Access::Team,
     }
 }
@@ -49,8 +57,26 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if access_for(request.uri().path()) == Access::Public {
-        return next.run(request).await;
+    match access_for(request.uri().path()) {
+        Access::Public => return next.run(request).await,
+        Access::Admin => {
+            let presented = bearer(&request).map(KeyDigest::of);
+            return match state.admin_token_digest {
+                // Without an admin token the admin API does not exist.
+                None => GatewayError::NoSuchRoute {
+                    method: request.method().to_string(),
+                    path: request.uri().path().chars().take(200).collect(),
+                }
+                .into_response(),
+                // Digests of equal length are compared, so the time taken says nothing useful.
+                Some(expected) if presented == Some(expected) => {
+                    tracing::Span::current().record("team", "admin");
+                    next.run(request).await
+                }
+                Some(_) => GatewayError::InvalidApiKey.into_response(),
+            };
+        }
+        Access::Team => {}
     }
     let entry = bearer(&request).and_then(|key| state.config.load().key(key).cloned());
     match entry {

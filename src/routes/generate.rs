@@ -9,10 +9,11 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
+use http::HeaderValue;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{pass_through, read_body};
+use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
     app::AppState,
     budget,
@@ -146,8 +147,8 @@ pub async fn generate(
         .reserve(reservation)
         .await
         .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?;
-    match outcome {
-        ReserveOutcome::Reserved(_) => {}
+    let standing = match outcome {
+        ReserveOutcome::Reserved(standing) => standing,
         ReserveOutcome::BudgetExhausted { spent, reserved } => {
             let budget = team
                 .budget
@@ -158,7 +159,7 @@ pub async fn generate(
                 .saturating_sub(reserved)
                 .max(Credits::ZERO);
             let resets = budget::period_end(budget.period, now)
-                .map(|end| format!(" (resets {})", end.format("%Y-%m-%dT%H:%M:%SZ")))
+                .map(|end| format!(" (resets {})", rfc3339(end)))
                 .unwrap_or_default();
             return Err(GatewayError::BudgetExhausted(format!(
                 "team '{}' has {left} of {} credits left {}{resets}; this request needs {amount}",
@@ -174,16 +175,39 @@ pub async fn generate(
                 team.name
             )));
         }
-    }
+    };
 
     // Once the request may reach the upstream, its outcome must be recorded even if the client
     // disconnects and this handler is dropped: the work runs as a task of its own.
     let work = forward(state.clone(), id, body, request_id);
-    state
+    let mut response = state
         .background
         .spawn(work.instrument(tracing::Span::current()))
         .await
-        .map_err(|e| GatewayError::Internal(format!("generation task failed: {e}")))?
+        .map_err(|e| GatewayError::Internal(format!("generation task failed: {e}")))??;
+
+    // Teams see their standing on every accepted generation, without another call.
+    if let Some(budget) = team.budget
+        && response.status().is_success()
+    {
+        let remaining = budget
+            .credits
+            .saturating_sub(standing.spent)
+            .saturating_sub(standing.reserved)
+            .max(Credits::ZERO);
+        let headers = response.headers_mut();
+        headers.insert(
+            "x-budget-remaining",
+            HeaderValue::from_str(&remaining.format_places(8)).expect("digits are header-safe"),
+        );
+        if let Some(end) = budget::period_end(budget.period, now) {
+            headers.insert(
+                "x-budget-reset",
+                HeaderValue::from_str(&rfc3339(end)).expect("a timestamp is header-safe"),
+            );
+        }
+    }
+    Ok(response)
 }
 
 async fn forward(

@@ -10,6 +10,8 @@ use http::{HeaderValue, StatusCode, header};
 
 use crate::{error::GatewayError, upstream::UpstreamResponse};
 
+pub mod admin;
+pub mod budget;
 pub mod generate;
 pub mod health;
 pub mod task_query;

@@ -14,6 +14,7 @@ use crate::{
     app::AppState,
     error::GatewayError,
     middleware::{auth::Caller, request_id::RequestId, trace::record_upstream_wait},
+    settlement,
     upstream::UpstreamError,
 };
 
@@ -88,6 +89,15 @@ pub async fn query(
                 },
             }),
         ));
+    }
+    if upstream.status.is_success()
+        && !task.state.is_closed()
+        && let Some((status, consumed)) = settlement::final_state_of_query(&upstream.body)
+    {
+        // The client gets its status even if the ledger is down; the reconciler settles later.
+        if let Err(e) = settlement::settle(&state, &task, status, consumed).await {
+            tracing::warn!(error = %e, "could not settle a finished task");
+        }
     }
     Ok(pass_through(upstream))
 }

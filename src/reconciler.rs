@@ -1,0 +1,111 @@
+//! Settles tasks that no client polls to the end.
+//!
+//! Every `interval` it asks the ledger for open tasks nobody has read for `settle_after` and reads
+//! their status from the upstream itself (under a global cap of `max_reads_per_second`, and at
+//! most once per `settle_after` per task, which is at least a second). Tasks past `max_task_age`
+//! settle at their reservation as `expired`; reservations that never got the upstream's answer
+//! (the gateway stopped mid-request) become `unknown_outcome`. All its state is in the ledger, so
+//! after a restart it simply carries on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::{
+    app::AppState,
+    ledger::{SettleOutcome, TaskRecord},
+    settlement,
+};
+
+pub async fn run(state: Arc<AppState>) {
+    let config = state.config.load().reconciler.clone();
+    let reads: DefaultDirectRateLimiter =
+        RateLimiter::direct(Quota::per_second(config.max_reads_per_second));
+    let mut ticks = tokio::time::interval(config.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(e) = pass(&state, &reads).await {
+            tracing::warn!(error = %e, "reconciler pass failed; retrying at the next interval");
+        }
+    }
+}
+
+/// One look at the ledger; returns how many tasks it read or closed.
+async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usize, String> {
+    let config = state.config.load().reconciler.clone();
+    let now = state.clock.now();
+    let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+
+    let abandoned = state
+        .ledger
+        .abandon_stale_reservations(ago(config.abandon_after))
+        .await
+        .map_err(|e| e.to_string())?;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "reservations without an upstream answer marked unknown_outcome"
+        );
+    }
+
+    // A pass reads what the cap allows in one interval, so the backlog drains at the cap.
+    let batch = (f64::from(config.max_reads_per_second.get()) * config.interval.as_secs_f64())
+        .ceil()
+        .max(1.0) as usize;
+    let due = state
+        .ledger
+        .unobserved_open_tasks(ago(config.settle_after), batch)
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = due.len();
+    for task in due {
+        if task.created_at < ago(config.max_task_age) {
+            expire(state, &task).await;
+        } else {
+            reads.until_ready().await;
+            observe(state, &task).await;
+        }
+    }
+    Ok(count)
+}
+
+async fn expire(state: &AppState, task: &TaskRecord) {
+    match state.ledger.expire(&task.task_id, state.clock.now()).await {
+        Ok(SettleOutcome::Settled(settled)) => tracing::warn!(
+            task_id = %task.task_id,
+            team = %settled.team,
+            charged = %settled.consumed,
+            "task expired without a final state: charged its reservation"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(task_id = %task.task_id, error = %e, "could not expire task"),
+    }
+}
+
+async fn observe(state: &AppState, task: &TaskRecord) {
+    let request_id = format!("reconciler-{}", uuid::Uuid::now_v7());
+    let answer = match state.upstream.query_task(&task.task_id, &request_id).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::debug!(task_id = %task.task_id, error = %e, "reconciler read failed");
+            return;
+        }
+    };
+    if answer.status.is_success()
+        && let Some((status, consumed)) = settlement::final_state_of_query(&answer.body)
+    {
+        if let Err(e) = settlement::settle(state, task, status, consumed).await {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
+        }
+        return;
+    }
+    if let Err(e) = state
+        .ledger
+        .mark_observed(&task.task_id, state.clock.now())
+        .await
+    {
+        tracing::warn!(task_id = %task.task_id, error = %e, "could not note the reconciler's read");
+    }
+}

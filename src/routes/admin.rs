@@ -1,0 +1,153 @@
+//! The admin API, behind the admin token: every team's standing, usage reports, and the
+//! reservations whose outcome is unknown.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    response::{IntoResponse, Response},
+};
+use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::json;
+
+use super::{budget::standing, json};
+use crate::{
+    app::AppState,
+    error::GatewayError,
+    ledger::{ReservationId, StoreError, TaskState},
+};
+
+/// Most reservations one listing returns.
+const LISTING_LIMIT: usize = 1000;
+
+fn ledger_error(e: StoreError) -> GatewayError {
+    match e {
+        StoreError::Conflict(detail) => GatewayError::Conflict(detail),
+        StoreError::Unavailable(detail) => GatewayError::LedgerUnavailable(detail),
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+        .filter(|value| !value.is_empty())
+}
+
+pub async fn teams(State(state): State<Arc<AppState>>) -> Result<Response, GatewayError> {
+    let config = state.config.load_full();
+    let mut teams = Vec::with_capacity(config.teams.len());
+    for team in &config.teams {
+        teams.push(standing(&state, team).await?);
+    }
+    Ok(json(StatusCode::OK, &json!({ "teams": teams })))
+}
+
+/// `GET /admin/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD`: `from` inclusive (default: the first
+/// of this month), `to` exclusive (default: tomorrow). JSON, or CSV for `Accept: text/csv`.
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let today = state.clock.now().date_naive();
+    let date = |name: &str, default: NaiveDate| match query_param(query.as_deref(), name) {
+        None => Ok(default),
+        Some(text) => NaiveDate::parse_from_str(&text, "%Y-%m-%d").map_err(|_| {
+            GatewayError::InvalidRequest(format!("{name} must be a date such as 2026-11-01"))
+        }),
+    };
+    let from = date("from", today.with_day(1).unwrap_or(today))?;
+    let to = date("to", today.succ_opt().unwrap_or(today))?;
+    if from >= to {
+        return Err(GatewayError::InvalidRequest(
+            "from must be before to".into(),
+        ));
+    }
+    let team = query_param(query.as_deref(), "team");
+    if let Some(name) = &team
+        && state.config.load().team(name).is_none()
+    {
+        return Err(GatewayError::InvalidRequest(format!("no team {name:?}")));
+    }
+    let midnight = |day: NaiveDate| Utc.from_utc_datetime(&day.and_time(chrono::NaiveTime::MIN));
+    let rows = state
+        .ledger
+        .usage(team.as_deref(), midnight(from), midnight(to))
+        .await
+        .map_err(ledger_error)?;
+
+    let wants_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/csv"));
+    if !wants_csv {
+        return Ok(json(
+            StatusCode::OK,
+            &json!({"from": from.to_string(), "to": to.to_string(), "rows": rows}),
+        ));
+    }
+    // Team and model names come from the config and cannot hold commas or quotes, so no field
+    // needs CSV quoting.
+    let mut csv = String::from("day,team,model,tasks,succeeded,failed,unsettled,credits\n");
+    for row in &rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{}\n",
+            row.day,
+            row.team,
+            row.model.replace([',', '"', '\n'], "_"),
+            row.tasks,
+            row.succeeded,
+            row.failed,
+            row.unsettled,
+            row.credits.format_places(8)
+        ));
+    }
+    let mut response = (StatusCode::OK, csv).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+/// `GET /admin/reservations?state=unknown_outcome` (the default state).
+pub async fn reservations(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let wanted = query_param(query.as_deref(), "state").unwrap_or_else(|| "unknown_outcome".into());
+    let task_state = TaskState::parse(&wanted).ok_or_else(|| {
+        GatewayError::InvalidRequest(
+            "state must be one of reserved, open, unknown_outcome, settled, released, expired"
+                .into(),
+        )
+    })?;
+    let reservations = state
+        .ledger
+        .reservations(task_state, LISTING_LIMIT)
+        .await
+        .map_err(ledger_error)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "reservations": reservations }),
+    ))
+}
+
+/// `POST /admin/reservations/{id}/release`: the admin has checked that the upstream did not
+/// charge a reservation whose outcome was unknown; its credits go back to the team.
+pub async fn release_reservation(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    let uuid = uuid::Uuid::parse_str(&id)
+        .map_err(|_| GatewayError::InvalidRequest("the reservation id must be a UUID".into()))?;
+    state
+        .ledger
+        .release_unknown_outcome(ReservationId(uuid))
+        .await
+        .map_err(ledger_error)?;
+    tracing::info!(reservation = %uuid, "unknown-outcome reservation released by an admin");
+    Ok(json(StatusCode::OK, &json!({ "released": id })))
+}

@@ -1,0 +1,112 @@
+//! A team's own standing: `GET /gateway/v1/budget`, and `GET /api/user` answered in the
+//! upstream's shape with the team's remaining budget (never the shared account's balance).
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Extension, State},
+    response::Response,
+};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::json;
+
+use super::json;
+use crate::{
+    app::AppState,
+    budget,
+    config::{BudgetPeriod, Team},
+    credits::Credits,
+    error::GatewayError,
+    middleware::auth::Caller,
+};
+
+/// Where a team stands in its current budget period.
+#[derive(Debug, Serialize)]
+pub struct BudgetView {
+    pub team: String,
+    pub period: &'static str,
+    pub period_key: String,
+    /// The budget; `None` for a team without one (metered, not limited).
+    pub credits: Option<Credits>,
+    pub spent: Credits,
+    pub reserved: Credits,
+    pub remaining: Option<Credits>,
+    pub in_flight: u64,
+    pub max_in_flight: Option<u32>,
+    pub resets_at: Option<String>,
+}
+
+/// The period a team's costs go to, and when it ends.
+pub fn current_period(
+    team: &Team,
+    now: DateTime<Utc>,
+) -> (BudgetPeriod, String, Option<DateTime<Utc>>) {
+    let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
+    (
+        period,
+        budget::period_key(period, now),
+        budget::period_end(period, now),
+    )
+}
+
+pub fn rfc3339(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub async fn standing(state: &AppState, team: &Team) -> Result<BudgetView, GatewayError> {
+    let (period, period_key, resets_at) = current_period(team, state.clock.now());
+    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+    let totals = state
+        .ledger
+        .standing(&team.name, &period_key)
+        .await
+        .map_err(ledger_down)?;
+    let in_flight = state
+        .ledger
+        .in_flight(&team.name)
+        .await
+        .map_err(ledger_down)?;
+    let credits = team.budget.map(|b| b.credits);
+    Ok(BudgetView {
+        team: team.name.clone(),
+        period: match period {
+            BudgetPeriod::Daily => "daily",
+            BudgetPeriod::Weekly => "weekly",
+            BudgetPeriod::Monthly => "monthly",
+            BudgetPeriod::Lifetime => "lifetime",
+        },
+        period_key,
+        credits,
+        spent: totals.spent,
+        reserved: totals.reserved,
+        remaining: credits.map(|c| {
+            c.saturating_sub(totals.spent)
+                .saturating_sub(totals.reserved)
+                .max(Credits::ZERO)
+        }),
+        in_flight,
+        max_in_flight: team.budget.and_then(|b| b.max_in_flight),
+        resets_at: team.budget.and(resets_at).map(rfc3339),
+    })
+}
+
+pub async fn budget(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(team)): Extension<Caller>,
+) -> Result<Response, GatewayError> {
+    let view = standing(&state, &team).await?;
+    Ok(json(StatusCode::OK, &json!(view)))
+}
+
+pub async fn user_balance(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(team)): Extension<Caller>,
+) -> Result<Response, GatewayError> {
+    let view = standing(&state, &team).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"code": 0, "message": "ok", "data": {"credit": view.remaining}}),
+    ))
+}

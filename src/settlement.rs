@@ -1,0 +1,140 @@
+//! Settling a task's cost from its final state, wherever that state is first seen: a status read
+//! passing through, or the reconciler's own read.
+//!
+//! The ledger makes settlement atomic and idempotent per task, so any number of readers may call
+//! this at once; exactly one of them settles, and reading a finished task again never charges it.
+
+use serde_json::Value;
+
+use crate::{
+    app::AppState,
+    credits::Credits,
+    ledger::{FinalStatus, SettleOutcome, Settlement, StoreError, TaskRecord},
+};
+
+/// `consumed` as the upstream reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumed {
+    Exact(Credits),
+    Missing,
+    /// Present but not an amount we can trust (negative, too precise, not a number).
+    Malformed(String),
+}
+
+impl Consumed {
+    pub fn from_json(value: Option<&Value>) -> Consumed {
+        match value {
+            None | Some(Value::Null) => Consumed::Missing,
+            Some(Value::String(text)) => match text.parse::<Credits>() {
+                Ok(credits) => Consumed::Exact(credits),
+                Err(_) => Consumed::Malformed(text.chars().take(64).collect()),
+            },
+            Some(other) => Consumed::Malformed(other.to_string().chars().take(64).collect()),
+        }
+    }
+}
+
+/// The final status and `consumed` in a task's fields (the `data` of a task query, or a callback
+/// payload); `None` while the task is still running.
+pub fn final_state(fields: &Value) -> Option<(FinalStatus, Consumed)> {
+    let status = match fields.get("status")?.as_str()? {
+        "success" => FinalStatus::Success,
+        "failed" => FinalStatus::Failed,
+        _ => return None,
+    };
+    Some((status, Consumed::from_json(fields.get("consumed"))))
+}
+
+/// The final state in a task-query answer body (`{"code":0,"data":{…}}`).
+pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    if value.get("code")?.as_i64()? != 0 {
+        return None;
+    }
+    final_state(value.get("data")?)
+}
+
+/// Replaces the task's reservation by what it consumed. A missing or untrustworthy `consumed`
+/// settles at the reservation (never silently at zero) and is logged.
+pub async fn settle(
+    state: &AppState,
+    task: &TaskRecord,
+    status: FinalStatus,
+    consumed: Consumed,
+) -> Result<SettleOutcome, StoreError> {
+    let charged = match &consumed {
+        Consumed::Exact(credits) => *credits,
+        Consumed::Missing => {
+            tracing::warn!(task_id = %task.task_id, "final state without `consumed`: settling at the reservation");
+            task.reserved
+        }
+        Consumed::Malformed(text) => {
+            tracing::warn!(task_id = %task.task_id, consumed = %text, "unusable `consumed`: settling at the reservation");
+            task.reserved
+        }
+    };
+    let settlement = Settlement {
+        status,
+        consumed: charged,
+        at: state.clock.now(),
+    };
+    let outcome = state.ledger.settle(&task.task_id, settlement).await?;
+    if let SettleOutcome::Settled(settled) = &outcome {
+        tracing::info!(
+            task_id = %task.task_id,
+            team = %settled.team,
+            model = %settled.model,
+            status = status.as_str(),
+            reserved = %settled.reserved,
+            consumed = %settled.consumed,
+            "task settled"
+        );
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_final_states_and_their_cost_exactly() {
+        let body =
+            br#"{"code":0,"message":"ok","data":{"status":"success","consumed":"0.00100000"}}"#;
+        assert_eq!(
+            final_state_of_query(body),
+            Some((
+                FinalStatus::Success,
+                Consumed::Exact("0.001".parse().unwrap())
+            ))
+        );
+        let failed = json!({"status": "failed", "consumed": "0.000000"});
+        assert_eq!(
+            final_state(&failed),
+            Some((FinalStatus::Failed, Consumed::Exact(Credits::ZERO)))
+        );
+        assert_eq!(final_state(&json!({"status": "in_progress"})), None);
+        assert_eq!(
+            final_state_of_query(br#"{"code":1,"data":{"status":"success"}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn untrustworthy_amounts_are_told_apart_from_missing_ones() {
+        let of = |consumed: Value| {
+            final_state(&json!({"status": "success", "consumed": consumed}))
+                .unwrap()
+                .1
+        };
+        assert_eq!(of(json!(null)), Consumed::Missing);
+        assert_eq!(of(json!("-1")), Consumed::Malformed("-1".into()));
+        assert_eq!(
+            of(json!("0.123456789")),
+            Consumed::Malformed("0.123456789".into())
+        );
+        assert_eq!(of(json!(0.5)), Consumed::Malformed("0.5".into()));
+        assert_eq!(of(json!("abc")), Consumed::Malformed("abc".into()));
+    }
+}
