@@ -444,6 +444,135 @@ pub async fn usage_is_reported_per_day_team_and_model(store: &dyn LedgerStore) {
     );
 }
 
+/// One step of a random ledger history; task numbers refer to reservations made so far.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Reserve { team: usize, cents: i64 },
+    Attach(usize),
+    Release(usize),
+    Unknown(usize),
+    Settle { task: usize, cents: i64 },
+    Expire(usize),
+}
+
+pub fn operations() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        3 => (0..2usize, 1..300i64).prop_map(|(team, cents)| Op::Reserve { team, cents }),
+        2 => (0..40usize).prop_map(Op::Attach),
+        1 => (0..40usize).prop_map(Op::Release),
+        1 => (0..40usize).prop_map(Op::Unknown),
+        2 => (0..40usize, 0..400i64).prop_map(|(task, cents)| Op::Settle { task, cents }),
+        1 => (0..40usize).prop_map(Op::Expire),
+    ];
+    proptest::collection::vec(op, 1..40)
+}
+
+/// Plays a random history against the store and checks, after every step, that: nothing held
+/// goes negative; each task settles at most once; `spent + reserved` never passes the budget
+/// except by what settled tasks consumed beyond their reservation; and the store's totals equal
+/// a plain model of the same history.
+pub async fn invariants_hold(store: &dyn LedgerStore, ops: Vec<Op>) {
+    const TEAMS: [&str; 2] = ["design", "ads"];
+    let limit = credits("10.00");
+    let cents = |c: i64| Credits::from_units(c * 1_000_000);
+    // Per reservation: team index, amount, model state.
+    let mut made: Vec<(usize, Credits, ReservationId, TaskState)> = Vec::new();
+    let mut excess = [0i64; 2];
+    let mut settled_once = std::collections::HashSet::new();
+    for op in ops {
+        match op {
+            Op::Reserve { team, cents: c } => {
+                let r = NewReservation {
+                    amount: cents(c),
+                    ..reservation(TEAMS[team], "0", Some("10.00"))
+                };
+                let id = r.id;
+                if let ReserveOutcome::Reserved(_) = store.reserve(r).await.unwrap() {
+                    made.push((team, cents(c), id, TaskState::Reserved));
+                }
+            }
+            Op::Attach(k) | Op::Release(k) | Op::Unknown(k) if k < made.len() => {
+                let (_, _, id, state) = made[k];
+                let result = match op {
+                    Op::Attach(_) => store
+                        .attach_task(id, &format!("ta-{k}"))
+                        .await
+                        .map(|_| TaskState::Open),
+                    Op::Release(_) => store.release(id).await.map(|_| TaskState::Released),
+                    _ => store
+                        .mark_unknown_outcome(id)
+                        .await
+                        .map(|_| TaskState::UnknownOutcome),
+                };
+                match (state, result) {
+                    (TaskState::Reserved, Ok(next)) => made[k].3 = next,
+                    (TaskState::Reserved, Err(e)) => {
+                        panic!("a held reservation refused {op:?}: {e}")
+                    }
+                    (_, Ok(_)) => panic!("{op:?} accepted on a reservation in state {state:?}"),
+                    (_, Err(_)) => {}
+                }
+            }
+            Op::Settle { task: k, .. } | Op::Expire(k) if k < made.len() => {
+                let task_id = format!("ta-{k}");
+                let outcome = match op {
+                    Op::Settle { cents: c, .. } => store
+                        .settle(
+                            &task_id,
+                            Settlement {
+                                status: FinalStatus::Success,
+                                consumed: cents(c),
+                                at: at("2026-11-23T11:00:00Z"),
+                            },
+                        )
+                        .await
+                        .unwrap(),
+                    _ => store
+                        .expire(&task_id, at("2026-11-24T11:00:00Z"))
+                        .await
+                        .unwrap(),
+                };
+                let (team, amount, _, state) = made[k];
+                match outcome {
+                    SettleOutcome::Settled(settled) => {
+                        assert_eq!(state, TaskState::Open, "only an open task settles");
+                        assert!(settled_once.insert(k), "task {k} settled twice");
+                        assert_eq!(settled.reserved, amount);
+                        excess[team] += (settled.consumed.units() - amount.units()).max(0);
+                        made[k].3 = TaskState::Settled;
+                        made[k].1 = settled.consumed;
+                    }
+                    SettleOutcome::AlreadyClosed => assert_eq!(state, TaskState::Settled),
+                    SettleOutcome::NotOpen => assert_ne!(state, TaskState::Open),
+                }
+            }
+            _ => {}
+        }
+        for (team_index, team) in TEAMS.iter().enumerate() {
+            let standing = store.standing(team, "2026-11").await.unwrap();
+            let mine = made.iter().filter(|m| m.0 == team_index);
+            let model_reserved: i64 = mine
+                .clone()
+                .filter(|m| matches!(m.3, TaskState::Reserved | TaskState::Open))
+                .map(|m| m.1.units())
+                .sum();
+            let model_spent: i64 = mine
+                .filter(|m| matches!(m.3, TaskState::Settled | TaskState::UnknownOutcome))
+                .map(|m| m.1.units())
+                .sum();
+            assert!(standing.reserved >= Credits::ZERO && standing.spent >= Credits::ZERO);
+            assert_eq!(standing.reserved.units(), model_reserved, "{team} reserved");
+            assert_eq!(standing.spent.units(), model_spent, "{team} spent");
+            assert!(
+                standing.spent.units() + standing.reserved.units()
+                    <= limit.units() + excess[team_index],
+                "{team} went over budget by more than consumed-over-reserve"
+            );
+        }
+    }
+}
+
 /// Runs the whole suite against one engine; `$make` is an async expression giving a fresh,
 /// empty store each time it is evaluated.
 macro_rules! conformance_suite {
@@ -498,6 +627,18 @@ macro_rules! conformance_suite {
             async fn usage_is_reported_per_day_team_and_model() {
                 let store = $make;
                 super::usage_is_reported_per_day_team_and_model(&*store).await;
+            }
+
+            proptest::proptest! {
+                #![proptest_config(proptest::test_runner::Config::with_cases(24))]
+                #[test]
+                fn invariants_hold_across_random_histories(ops in super::operations()) {
+                    let runtime = tokio::runtime::Runtime::new().unwrap();
+                    runtime.block_on(async {
+                        let store: Arc<dyn LedgerStore> = $make;
+                        super::invariants_hold(&*store, ops).await;
+                    });
+                }
             }
 
             #[tokio::test]
