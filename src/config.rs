@@ -646,29 +646,25 @@ impl Config {
             max_entries: file.cache.max_entries,
         };
 
-        let reconciler = match file.reconciler {
-            None => reconciler_config(raw::Reconciler::default()),
-            Some(spanned) => {
-                let span = spanned.span();
-                let reconciler = reconciler_config(spanned.into_inner());
-                if reconciler.settle_after < Duration::from_secs(1) || reconciler.interval.is_zero()
-                {
-                    return Err(fail(
-                        span,
-                        "[reconciler] interval must be above zero and settle_after at least 1s \
-                         (the upstream asks for at most one status read per task per second)",
-                    ));
-                }
-                if reconciler.abandon_after <= upstream.timeout {
-                    return Err(fail(
-                        span,
-                        "[reconciler] abandon_after must be longer than [upstream] timeout, or \
-                         requests still waiting for the upstream would be given up",
-                    ));
-                }
-                reconciler
-            }
+        let (reconciler_span, raw_reconciler) = match file.reconciler {
+            Some(spanned) => (Some(spanned.span()), spanned.into_inner()),
+            None => (None, raw::Reconciler::default()),
         };
+        let reconciler = reconciler_config(raw_reconciler);
+        let reconciler_error =
+            |what: &str| ConfigError::at(path, source, reconciler_span.clone(), what);
+        if reconciler.settle_after < Duration::from_secs(1) || reconciler.interval.is_zero() {
+            return Err(reconciler_error(
+                "[reconciler] interval must be above zero and settle_after at least 1s \
+                 (the upstream asks for at most one status read per task per second)",
+            ));
+        }
+        if reconciler.abandon_after <= upstream.timeout {
+            return Err(reconciler_error(
+                "[reconciler] abandon_after must be longer than [upstream] timeout, or \
+                 requests still waiting for the upstream would be given up",
+            ));
+        }
 
         let admin_token = match file.admin {
             None => None,
@@ -999,6 +995,12 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             "keys = []",
         );
         assert!(error_of(&no_keys).contains("has no keys"));
+
+        let slow_upstream = MINIMAL.replace(
+            "token_env = \"KETCHUP_UPSTREAM_TOKEN\"",
+            "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\ntimeout = \"10m\"",
+        );
+        assert!(error_of(&slow_upstream).contains("abandon_after must be longer"));
 
         let token_in_file = MINIMAL.replace("token_env", "token");
         assert!(error_of(&token_in_file).contains("unknown field `token`"));
