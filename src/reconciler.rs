@@ -86,21 +86,22 @@ async fn expire(state: &AppState, task: &TaskRecord) {
 
 async fn observe(state: &AppState, task: &TaskRecord) {
     let request_id = format!("reconciler-{}", uuid::Uuid::now_v7());
-    let answer = match state.upstream.query_task(&task.task_id, &request_id).await {
-        Ok(answer) => answer,
-        Err(e) => {
-            tracing::debug!(task_id = %task.task_id, error = %e, "reconciler read failed");
-            return;
+    match state.upstream.query_task(&task.task_id, &request_id).await {
+        Ok(answer) if answer.status.is_success() => {
+            if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
+                if let Err(e) = settlement::settle(state, task, status, consumed).await {
+                    tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
+                }
+                return;
+            }
         }
-    };
-    if answer.status.is_success()
-        && let Some((status, consumed)) = settlement::final_state_of_query(&answer.body)
-    {
-        if let Err(e) = settlement::settle(state, task, status, consumed).await {
-            tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
+        Ok(answer) => {
+            tracing::debug!(task_id = %task.task_id, status = %answer.status, "reconciler read not answered");
         }
-        return;
+        Err(e) => tracing::debug!(task_id = %task.task_id, error = %e, "reconciler read failed"),
     }
+    // A failed read counts as a read too: the task waits `settle_after` before the next one, so
+    // a struggling upstream is not read harder.
     if let Err(e) = state
         .ledger
         .mark_observed(&task.task_id, state.clock.now())

@@ -90,13 +90,25 @@ pub async fn query(
             }),
         ));
     }
-    if upstream.status.is_success()
-        && !task.state.is_closed()
-        && let Some((status, consumed)) = settlement::final_state_of_query(&upstream.body)
-    {
-        // The client gets its status even if the ledger is down; the reconciler settles later.
-        if let Err(e) = settlement::settle(&state, &task, status, consumed).await {
-            tracing::warn!(error = %e, "could not settle a finished task");
+    if upstream.status.is_success() && !task.state.is_closed() {
+        match settlement::final_state_of_query(&upstream.body) {
+            Some((status, consumed)) => {
+                // The client gets its status even if the ledger is down; the reconciler settles
+                // later.
+                if let Err(e) = settlement::settle(&state, &task, status, consumed).await {
+                    tracing::warn!(error = %e, "could not settle a finished task");
+                }
+            }
+            // A client is watching this task: the reconciler need not read it too. Bookkeeping
+            // only, so it does not hold up the answer.
+            None => {
+                let (ledger, at) = (state.ledger.clone(), state.clock.now());
+                state.background.spawn(async move {
+                    if let Err(e) = ledger.mark_observed(&task.task_id, at).await {
+                        tracing::debug!(error = %e, "could not note a status read");
+                    }
+                });
+            }
         }
     }
     Ok(pass_through(upstream))
