@@ -68,19 +68,26 @@ impl Server {
     /// background ledger work finish (up to `server.shutdown_timeout`), and returns. With
     /// `reload_from`, SIGHUP re-reads that file and swaps in the new teams, keys, models and limits.
     pub async fn run(self, reload_from: Option<PathBuf>) -> Result<(), String> {
+        use tokio::signal::unix::{SignalKind, signal};
         let Server { listener, state } = self;
-        tracing::info!(
-            address = %listener.local_addr().map_err(|e| e.to_string())?,
-            upstream = %state.config.load().upstream.base_url,
-            "ketchup-gateway listening"
-        );
+        // Handlers are installed before the gateway says it is listening: a signal that came
+        // earlier would otherwise get the default action and kill the process.
+        let listen_for = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        let mut terminate = listen_for(SignalKind::terminate())?;
+        let mut interrupt = listen_for(SignalKind::interrupt())?;
+        let hangup = listen_for(SignalKind::hangup())?;
         if let Some(path) = reload_from {
-            tokio::spawn(reload_on_sighup(state.clone(), path));
+            tokio::spawn(reload_on_sighup(state.clone(), path, hangup));
         }
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let shutdown_timeout = state.config.load().server.shutdown_timeout;
         let app = app::router(state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tracing::info!(
+            address = %listener.local_addr().map_err(|e| e.to_string())?,
+            upstream = %state.config.load().upstream.base_url,
+            "ketchup-gateway listening"
+        );
         let serving = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = stop_rx.await;
@@ -89,7 +96,8 @@ impl Server {
         tokio::pin!(serving);
         tokio::select! {
             result = &mut serving => return result.map_err(|e| e.to_string()),
-            () = shutdown_signal() => {}
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop_tx.send(());
@@ -113,33 +121,30 @@ impl Server {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("can listen for SIGTERM");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-async fn reload_on_sighup(state: Arc<AppState>, path: PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
-        return;
-    };
+async fn reload_on_sighup(
+    state: Arc<AppState>,
+    path: PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+) {
     while hangup.recv().await.is_some() {
         match Config::load(&path) {
             Ok(new) => {
                 let old = state.config.load();
-                if new.server.listen != old.server.listen
+                let (s, o) = (&new.server, &old.server);
+                let (u, p) = (&new.upstream, &old.upstream);
+                if s.listen != o.listen
+                    || s.request_timeout != o.request_timeout
+                    || s.shutdown_timeout != o.shutdown_timeout
                     || new.store != old.store
-                    || new.upstream.base_url != old.upstream.base_url
-                    || new.upstream.token != old.upstream.token
+                    || u.base_url != p.base_url
+                    || u.token != p.token
+                    || u.timeout != p.timeout
+                    || u.connect_timeout != p.connect_timeout
+                    || u.query_retries != p.query_retries
                 {
                     tracing::warn!(
-                        "listen address, store and upstream settings change only on restart; \
-                         reloading the rest"
+                        "[server] listen and timeouts, [store] and the [upstream] connection \
+                         settings change only on restart; reloading the rest"
                     );
                 }
                 let teams = new.teams.len();
