@@ -22,9 +22,11 @@ use crate::{
     clock::SharedClock,
     config::{Config, KeyDigest},
     error::GatewayError,
-    ledger::LedgerStore,
-    middleware::{auth, request_id, trace},
+    ledger::{LedgerStore, TaskRecord},
+    middleware::{auth, rate_limit, request_id, trace},
+    rate_limit::RateLimits,
     routes,
+    status_cache::StatusCache,
     upstream::UpstreamClient,
 };
 
@@ -34,6 +36,11 @@ pub struct AppState {
     pub config: ArcSwap<Config>,
     pub ledger: Arc<dyn LedgerStore>,
     pub upstream: UpstreamClient,
+    pub rate_limits: RateLimits,
+    pub status_cache: StatusCache,
+    /// Who owns which task, remembered after the first lookup: ownership never changes, so the
+    /// hot status-read path need not ask the ledger again.
+    pub owners: moka::sync::Cache<String, Arc<TaskRecord>>,
     pub clock: SharedClock,
     /// SHA-256 of the admin token; `None` turns the admin API off.
     pub admin_token_digest: Option<KeyDigest>,
@@ -91,10 +98,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             move |_: tower::BoxError| async move { GatewayError::RequestTimeout(request_timeout) },
         ))
         .timeout(request_timeout)
-        // Last before the handlers: everything above also protects unauthenticated requests.
+        // Everything above also protects unauthenticated requests.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
+        ))
+        // Needs the team, and must refuse before the handler spends anything on the request.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::limit,
         ));
 
     routes.layer(stack).with_state(state)

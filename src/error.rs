@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("Invalid API key")]
     InvalidApiKey,
@@ -26,6 +26,8 @@ pub enum GatewayError {
     TooManyInFlight(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{}", .0.detail)]
+    RateLimited(crate::rate_limit::Refusal),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("upstream unreachable: {0}")]
@@ -61,6 +63,7 @@ impl GatewayError {
             GatewayError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBadResponse(_) => {
                 StatusCode::BAD_GATEWAY
@@ -86,6 +89,7 @@ impl GatewayError {
                 ("too many tasks in flight", Some(detail.clone()))
             }
             GatewayError::Conflict(detail) => ("conflict", Some(detail.clone())),
+            GatewayError::RateLimited(refusal) => ("rate limited", Some(refusal.detail.clone())),
             GatewayError::PayloadTooLarge { .. } => ("payload too large", Some(self.to_string())),
             GatewayError::UpstreamUnreachable(_) => {
                 ("upstream unavailable", Some(self.to_string()))
@@ -115,6 +119,9 @@ impl IntoResponse for GatewayError {
         }
         let body = serde_json::to_vec(&self.envelope()).expect("envelope serialises");
         let mut response = (status, body).into_response();
+        if let GatewayError::RateLimited(refusal) = &self {
+            refusal.verdict.write_headers(response.headers_mut());
+        }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -139,6 +146,7 @@ impl GatewayError {
             GatewayError::BudgetExhausted(_) => "budget_exhausted",
             GatewayError::TooManyInFlight(_) => "too_many_in_flight",
             GatewayError::Conflict(_) => "conflict",
+            GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",

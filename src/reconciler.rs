@@ -65,6 +65,8 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
             expire(state, &task).await;
         } else {
             reads.until_ready().await;
+            // Reconciler reads count against the upstream account like any other.
+            state.rate_limits.wait_global().await;
             observe(state, &task).await;
         }
     }

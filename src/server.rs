@@ -13,7 +13,9 @@ use crate::{
     clock::SharedClock,
     config::{Config, KeyDigest, Secret, StoreConfig},
     ledger::{LedgerStore, sqlite::SqliteStore},
+    rate_limit::RateLimits,
     reconciler,
+    status_cache::StatusCache,
     upstream::UpstreamClient,
 };
 
@@ -48,6 +50,9 @@ impl Server {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
         let state = Arc::new(AppState {
+            rate_limits: RateLimits::new(&config),
+            status_cache: StatusCache::new(&config.cache),
+            owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
             config: ArcSwap::from_pointee(config),
             ledger,
             upstream,
@@ -149,6 +154,7 @@ async fn reload_on_sighup(
                 }
                 let teams = new.teams.len();
                 let models = new.models.len();
+                state.rate_limits.reload(&new);
                 state.config.store(Arc::new(new));
                 tracing::info!(teams, models, "configuration reloaded");
             }

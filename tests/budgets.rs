@@ -50,6 +50,8 @@ struct Setup {
     upstream_extra: &'static str,
     /// Adds `[admin]` with a `token_file` holding [`ADMIN_TOKEN`].
     admin: bool,
+    /// Turns the status cache off, for tests that count every read reaching the upstream.
+    cache_off: bool,
 }
 
 fn config_text(setup: &Setup, upstream: &str, dir: &Path) -> String {
@@ -68,6 +70,11 @@ fn config_text(setup: &Setup, upstream: &str, dir: &Path) -> String {
     } else {
         String::new()
     };
+    let cache = if setup.cache_off {
+        "[cache]\nmax_entries = 0\n"
+    } else {
+        ""
+    };
     format!(
         r#"
 [server]
@@ -77,7 +84,10 @@ listen = "127.0.0.1:0"
 base_url = "{upstream}"
 token_env = "KETCHUP_UPSTREAM_TOKEN"
 query_retries = 1
+max_requests_per_second = 10000
 {upstream_extra}
+
+{cache}
 
 [store]
 path = "{ledger}"
@@ -1675,6 +1685,7 @@ async fn a_task_its_client_keeps_reading_is_left_to_the_client() {
         &Setup {
             design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
             reconciler: Some(FAST_RECONCILER),
+            cache_off: true,
             ..Setup::default()
         },
         clock.clone(),
@@ -1835,6 +1846,7 @@ abandon_after = "4s""#,
             ),
             upstream_extra: r#"timeout = "3s""#,
             admin: true,
+            cache_off: false,
         },
     );
     // The upstream takes its time; the gateway dies while it waits.

@@ -19,15 +19,6 @@ use serde_json::{Value, json};
 const GENERATION: &str = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;
 const NOT_FOUND: &str = r#"{"code":1,"message":"task not found"}"#;
 
-/// Generous limits, so that a burst of test requests is never answered 429.
-const HIGH_LIMITS: &str = r#"
-[defaults.limits]
-generate = "1000/s"
-generate_burst = 1000
-query = "1000/s"
-query_burst = 1000
-"#;
-
 /// Sends a generation to the gateway at `addr` and returns the status and body.
 async fn generate_at(http: &reqwest::Client, addr: SocketAddr, key: &str) -> (u16, Value) {
     let response = http
@@ -103,7 +94,7 @@ fn log_events(gateway: &Gateway, needle: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_answered_right_before_a_sigkill_stay_owned() {
-    let mut env = Env::start_with(fake_config(), HIGH_LIMITS, "").await;
+    let mut env = Env::start().await;
     let addr = env.gateway.addr;
     let mut requests = tokio::task::JoinSet::new();
     for _ in 0..20 {

@@ -354,7 +354,7 @@ async fn hostile_bytes_get_an_answer_not_a_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_errors_pass_through_unchanged() {
     // The upstream refuses more than five images; the gateway is configured to allow six.
-    let env = Env::start_with(fake_config(), "", "max_reference_images = 6").await;
+    let env = Env::start_with(fake_config(), CACHE_OFF, "max_reference_images = 6").await;
     let six: Vec<String> = (0..6)
         .map(|i| format!("https://cdn.example.com/{i}.png"))
         .collect();
@@ -548,7 +548,7 @@ async fn request_ids_round_trip_and_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_and_tokens_never_reach_logs_or_answers() {
-    let env = Env::start_with(fake_config(), "", "timeout = \"300ms\"").await;
+    let env = Env::start_with(fake_config(), CACHE_OFF, "timeout = \"300ms\"").await;
     let task_id = env.start_task(DESIGN_KEY).await;
     let mut answers = Vec::new();
     answers.push(env.query(DESIGN_KEY, &task_id).await.1);

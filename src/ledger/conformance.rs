@@ -54,14 +54,16 @@ pub async fn ownership_is_recorded_and_read_back(store: &dyn LedgerStore) {
 
 pub async fn the_last_credits_go_to_one_reservation_only(store: std::sync::Arc<dyn LedgerStore>) {
     // A budget of 5.00 holds exactly ten reservations of 0.50, however many race for it.
-    let attempts = (0..50).map(|_| {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .reserve(reservation("design", "0.50", Some("5.00")))
-                .await
+    let attempts: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .reserve(reservation("design", "0.50", Some("5.00")))
+                    .await
+            })
         })
-    });
+        .collect();
     let mut reserved = 0;
     let mut refused = 0;
     for attempt in attempts {
@@ -216,14 +218,16 @@ pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn 
         }
     );
     // Fifty readers see the final state at once: one of them settles it.
-    let racers = (0..50).map(|_| {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .settle("ta-s", settlement(FinalStatus::Success, "0.00100000"))
-                .await
+    let racers: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .settle("ta-s", settlement(FinalStatus::Success, "0.00100000"))
+                    .await
+            })
         })
-    });
+        .collect();
     let mut settled = 0;
     for racer in racers {
         match racer.await.unwrap().unwrap() {

@@ -124,6 +124,13 @@ pub async fn generate(
     let body = read_body(body, config.server.max_body_bytes).await?;
     let generation = validate(&body, &config)?;
 
+    // The upstream account's limit is checked before anything is reserved: a refused request
+    // must not hold credits.
+    state
+        .rate_limits
+        .check_global()
+        .map_err(GatewayError::RateLimited)?;
+
     let per_image = config.models[&generation.model].reserve;
     let amount = per_image
         .checked_mul(generation.images)

@@ -1,20 +1,22 @@
-//! `GET /api/task/query?task_id=…`: answered only for the caller's own tasks.
+//! `GET /api/task/query?task_id=…`: answered only for the caller's own tasks, from the status
+//! cache where it can be.
 
 use std::sync::Arc;
 
 use axum::{
     extract::{Extension, RawQuery, State},
-    response::Response,
+    response::{IntoResponse, Response},
 };
-use http::StatusCode;
+use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
-use super::{json, pass_through};
 use crate::{
     app::AppState,
     error::GatewayError,
+    ledger::TaskRecord,
     middleware::{auth::Caller, request_id::RequestId, trace::record_upstream_wait},
     settlement,
+    status_cache::{Answer, Fetched, NotCached},
     upstream::UpstreamError,
 };
 
@@ -34,6 +36,37 @@ fn task_id_of(query: Option<&str>) -> Result<String, GatewayError> {
     Ok(task_id)
 }
 
+/// The task, if the caller owns it. Another team's task and a task that does not exist get the
+/// same answer: nothing tells a team that an id it guessed belongs to someone.
+async fn owned_task(
+    state: &AppState,
+    team: &str,
+    task_id: &str,
+) -> Result<Arc<TaskRecord>, GatewayError> {
+    if task_id.len() > MAX_TASK_ID_LEN {
+        return Err(GatewayError::TaskNotFound);
+    }
+    let task = match state.owners.get(task_id) {
+        Some(task) => task,
+        None => {
+            let task = state
+                .ledger
+                .task(task_id)
+                .await
+                .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?
+                .ok_or(GatewayError::TaskNotFound)?;
+            let task = Arc::new(task);
+            state.owners.insert(task_id.to_owned(), task.clone());
+            task
+        }
+    };
+    if task.team == team {
+        Ok(task)
+    } else {
+        Err(GatewayError::TaskNotFound)
+    }
+}
+
 pub async fn query(
     State(state): State<Arc<AppState>>,
     Extension(Caller(team)): Extension<Caller>,
@@ -41,75 +74,124 @@ pub async fn query(
     RawQuery(query): RawQuery,
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(query.as_deref())?;
-    if task_id.len() > MAX_TASK_ID_LEN {
-        return Err(GatewayError::TaskNotFound);
-    }
     tracing::Span::current().record("task_id", task_id.as_str());
+    let task = owned_task(&state, &team.name, &task_id).await?;
 
-    // Another team's task and a task that does not exist get the same answer: nothing tells a
-    // team that an id it guessed belongs to someone.
-    let task = state
-        .ledger
-        .task(&task_id)
-        .await
-        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?
-        .filter(|task| task.team == team.name)
-        .ok_or(GatewayError::TaskNotFound)?;
+    let read = state
+        .status_cache
+        .get_or_fetch(&task_id, read_upstream(&state, &task, &request_id))
+        .await;
+    let (answer, served) = match read {
+        Ok((answer, served)) => (answer, served.as_str()),
+        Err(not_cached) => match &*not_cached {
+            NotCached::Answer(answer) => (Arc::new(answer.clone()), "miss"),
+            NotCached::Error(error) => return Err(error.clone()),
+        },
+    };
+    let content_type = answer
+        .content_type
+        .clone()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let mut response = (answer.status, answer.body.clone()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert("x-cache", HeaderValue::from_static(served));
+    Ok(response)
+}
 
-    let upstream = state
+/// One upstream read of a task's status: the miss path of the cache. Settles the task when the
+/// status is final (once per read, and the ledger makes it once per task).
+async fn read_upstream(
+    state: &AppState,
+    task: &TaskRecord,
+    request_id: &RequestId,
+) -> Fetched<GatewayError> {
+    if let Err(refusal) = state.rate_limits.check_global() {
+        return Fetched::Failed(GatewayError::RateLimited(refusal));
+    }
+    let upstream = match state
         .upstream
-        .query_task(&task_id, request_id.as_str())
+        .query_task(&task.task_id, request_id.as_str())
         .await
-        .map_err(|e| match e {
-            UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout(e.to_string()),
-            UpstreamError::Connect(_) | UpstreamError::Broken(_) => {
-                GatewayError::UpstreamUnreachable(e.to_string())
-            }
-        })?;
+    {
+        Ok(upstream) => upstream,
+        Err(e @ UpstreamError::Timeout(_)) => {
+            return Fetched::Failed(GatewayError::UpstreamTimeout(e.to_string()));
+        }
+        Err(e) => return Fetched::Failed(GatewayError::UpstreamUnreachable(e.to_string())),
+    };
     record_upstream_wait(upstream.elapsed);
 
-    // A task the upstream accepted moments ago can briefly be unknown to its query endpoint.
-    // The gateway knows it created the task, so it answers "pending" instead of a 404 that
-    // clients would have to retry around.
-    let grace = state.config.load().upstream.new_task_grace;
-    let age = state.clock.now() - task.created_at;
-    let young = age.to_std().map_or(true, |age| age < grace);
-    if upstream.status == StatusCode::NOT_FOUND && young {
-        return Ok(json(
-            StatusCode::OK,
-            &json!({
-                "code": 0,
-                "message": "ok",
-                "data": {
-                    "result": null,
-                    "status": "pending",
-                    "task_id": task_id,
-                    "created_at": task.created_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-                    "status_reason": {"message": null},
-                },
-            }),
-        ));
+    if upstream.status == StatusCode::NOT_FOUND && young(state, task) {
+        return Fetched::Status(pending(task));
     }
-    if upstream.status.is_success() && !task.state.is_closed() {
-        match settlement::final_state_of_query(&upstream.body) {
-            Some((status, consumed)) => {
-                // The client gets its status even if the ledger is down; the reconciler settles
-                // later.
-                if let Err(e) = settlement::settle(&state, &task, status, consumed).await {
-                    tracing::warn!(error = %e, "could not settle a finished task");
-                }
-            }
-            // A client is watching this task: the reconciler need not read it too. Bookkeeping
-            // only, so it does not hold up the answer.
-            None => {
-                let (ledger, at) = (state.ledger.clone(), state.clock.now());
-                state.background.spawn(async move {
-                    if let Err(e) = ledger.mark_observed(&task.task_id, at).await {
-                        tracing::debug!(error = %e, "could not note a status read");
-                    }
-                });
+    if !upstream.status.is_success() {
+        return Fetched::Uncacheable(Answer {
+            status: upstream.status,
+            content_type: upstream.content_type,
+            body: upstream.body,
+            is_final: false,
+        });
+    }
+    let final_state = settlement::final_state_of_query(&upstream.body);
+    let is_final = final_state.is_some();
+    match final_state {
+        Some((status, consumed)) => {
+            // The client gets its status even if the ledger is down; the reconciler settles
+            // later.
+            if let Err(e) = settlement::settle(state, task, status, consumed).await {
+                tracing::warn!(error = %e, "could not settle a finished task");
             }
         }
+        // A client is watching this task, so the reconciler need not read it too. Bookkeeping
+        // only: it does not hold up the answer.
+        None => {
+            let (ledger, at, task_id) = (
+                state.ledger.clone(),
+                state.clock.now(),
+                task.task_id.clone(),
+            );
+            state.background.spawn(async move {
+                if let Err(e) = ledger.mark_observed(&task_id, at).await {
+                    tracing::debug!(error = %e, "could not note a status read");
+                }
+            });
+        }
     }
-    Ok(pass_through(upstream))
+    Fetched::Status(Answer {
+        status: upstream.status,
+        content_type: upstream.content_type,
+        body: upstream.body,
+        is_final,
+    })
+}
+
+/// A task the upstream accepted moments ago can briefly be unknown to its query endpoint. The
+/// gateway knows it created the task, so it answers "pending" instead of a 404 that clients
+/// would have to retry around.
+fn young(state: &AppState, task: &TaskRecord) -> bool {
+    let grace = state.config.load().upstream.new_task_grace;
+    (state.clock.now() - task.created_at)
+        .to_std()
+        .map_or(true, |age| age < grace)
+}
+
+fn pending(task: &TaskRecord) -> Answer {
+    let body = json!({
+        "code": 0,
+        "message": "ok",
+        "data": {
+            "result": null,
+            "status": "pending",
+            "task_id": task.task_id,
+            "created_at": task.created_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            "status_reason": {"message": null},
+        },
+    });
+    Answer {
+        status: StatusCode::OK,
+        content_type: Some(HeaderValue::from_static("application/json")),
+        body: body.to_string().into(),
+        is_final: false,
+    }
 }

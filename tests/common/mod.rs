@@ -16,6 +16,9 @@ pub const UPSTREAM_TOKEN: &str = "dk-upstream-secret-0123456789abcdef";
 pub const DESIGN_KEY: &str = "kgw_design_test_key_0123456789";
 pub const ADS_KEY: &str = "kgw_ads_test_key_9876543210";
 
+/// A `[cache]` table that turns the status cache off, for tests that count every upstream read.
+pub const CACHE_OFF: &str = "\n[cache]\nmax_entries = 0\n";
+
 pub fn digest(key: &str) -> String {
     ketchup_gateway::config::KeyDigest::of(key).to_hex()
 }
@@ -38,6 +41,7 @@ listen = "127.0.0.1:0"
 base_url = "{upstream}"
 token_env = "KETCHUP_UPSTREAM_TOKEN"
 query_retries = 1
+max_requests_per_second = 10000
 {upstream_extra}
 
 [store]
@@ -48,6 +52,12 @@ reserve = "0.50"
 
 [models."google/gemini-2.5-flash-image"]
 reserve = "0.25"
+
+[defaults.limits]
+generate = "1000/s"
+generate_burst = 1000
+query = "1000/s"
+query_burst = 1000
 
 [[teams]]
 name = "design"
@@ -190,7 +200,7 @@ impl Env {
     }
 
     /// `server_extra` and `upstream_extra` are lines added to the `[server]` and `[upstream]`
-    /// tables.
+    /// tables; `server_extra` may also open tables of its own, such as [`CACHE_OFF`].
     pub async fn start_with(fake: FakeConfig, server_extra: &str, upstream_extra: &str) -> Env {
         let fake = fake_upstream::start(fake)
             .await

@@ -1,0 +1,44 @@
+//! Per-team rate limits on generation and status reads, checked right after authentication so a
+//! refused request costs nothing further: no validation, no reservation, no upstream call.
+//! Every limited response carries the `RateLimit-*` headers of the limit that applied.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use http::Method;
+
+use super::auth::Caller;
+use crate::{app::AppState, error::GatewayError, rate_limit::LimitKind};
+
+/// The limit a route counts against, if any.
+fn limit_for(method: &Method, path: &str) -> Option<LimitKind> {
+    match (method, path) {
+        (&Method::POST, "/api/image/gen") => Some(LimitKind::Generate),
+        (&Method::GET, "/api/task/query") => Some(LimitKind::Query),
+        _ => None,
+    }
+}
+
+pub async fn limit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let (Some(kind), Some(Caller(team))) = (
+        limit_for(request.method(), request.uri().path()),
+        request.extensions().get::<Caller>(),
+    ) else {
+        return next.run(request).await;
+    };
+    match state.rate_limits.check_team(&team.name, kind) {
+        Err(refusal) => GatewayError::RateLimited(refusal).into_response(),
+        Ok(verdict) => {
+            let mut response = next.run(request).await;
+            // A refusal further in (the upstream account's limit) keeps its own headers.
+            if !response.headers().contains_key("ratelimit-limit") {
+                verdict.write_headers(response.headers_mut());
+            }
+            response
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Rate limits: per team for generation and for status reads, and one for the whole upstream
+//! account. Each is a governor GCRA limiter: a rate with a burst, no hand-made counting.
+//!
+//! Team limiters live in a map keyed by team name; a configuration reload replaces only the
+//! limiters whose settings changed, so a reload does not hand every team a fresh burst.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::{StateInformationMiddleware, StateSnapshot},
+    state::{InMemoryState, NotKeyed},
+};
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{Config, Limits, Rate};
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// Which limit a request counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Generate,
+    Query,
+    /// The upstream account, all teams together.
+    Global,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Generate => "generate",
+            LimitKind::Query => "query",
+            LimitKind::Global => "global",
+        }
+    }
+}
+
+/// What a limiter said, ready to become `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: LimitKind,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the limit is whole again (allowed), or until the next request may pass (refused).
+    pub reset: Duration,
+    pub allowed: bool,
+}
+
+/// A refusal, with everything the 429 answer needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+struct TeamLimiters {
+    limits: Limits,
+    generate: Limiter,
+    query: Limiter,
+}
+
+pub struct RateLimits {
+    teams: DashMap<String, Arc<TeamLimiters>>,
+    global: Limiter,
+    global_rate: u32,
+}
+
+fn limiter(rate: Rate, burst: std::num::NonZeroU32) -> Limiter {
+    let per_request = rate.per / rate.count.get();
+    let quota = Quota::with_period(per_request)
+        .expect("a rate's period is above zero")
+        .allow_burst(burst);
+    RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>()
+}
+
+fn seconds_up(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+impl RateLimits {
+    pub fn new(config: &Config) -> Self {
+        let rate = config.upstream.max_requests_per_second;
+        let limits = RateLimits {
+            teams: DashMap::new(),
+            global: limiter(
+                Rate {
+                    count: rate,
+                    per: Duration::from_secs(1),
+                },
+                rate,
+            ),
+            global_rate: rate.get(),
+        };
+        limits.reload(config);
+        limits
+    }
+
+    /// Takes the teams' limits from a (re)loaded configuration.
+    pub fn reload(&self, config: &Config) {
+        self.teams
+            .retain(|name, _| config.teams.iter().any(|t| &t.name == name));
+        for team in &config.teams {
+            let unchanged = self
+                .teams
+                .get(&team.name)
+                .is_some_and(|current| current.limits == team.limits);
+            if !unchanged {
+                self.teams.insert(
+                    team.name.clone(),
+                    Arc::new(TeamLimiters {
+                        limits: team.limits,
+                        generate: limiter(team.limits.generate, team.limits.generate_burst),
+                        query: limiter(team.limits.query, team.limits.query_burst),
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Counts one request of `team` against its limit of `kind` (generate or query).
+    pub fn check_team(&self, team: &str, kind: LimitKind) -> Result<Verdict, Refusal> {
+        let Some(limiters) = self.teams.get(team).map(|l| l.clone()) else {
+            // Only teams from the config get here; one removed by a reload a moment ago is
+            // simply not limited for this request.
+            return Ok(Verdict {
+                kind,
+                limit: 0,
+                remaining: 0,
+                reset: Duration::ZERO,
+                allowed: true,
+            });
+        };
+        let (limiter, rate, action) = match kind {
+            LimitKind::Generate => (&limiters.generate, limiters.limits.generate, "start"),
+            _ => (&limiters.query, limiters.limits.query, "read the status of"),
+        };
+        check(limiter, kind).map_err(|verdict| Refusal {
+            verdict,
+            detail: format!(
+                "team '{team}' may {action} {} tasks per {}; retry in {} s",
+                rate.count,
+                unit(rate.per),
+                seconds_up(verdict.reset).max(1)
+            ),
+        })
+    }
+
+    /// Counts one request against the upstream account's limit.
+    pub fn check_global(&self) -> Result<Verdict, Refusal> {
+        check(&self.global, LimitKind::Global).map_err(|verdict| Refusal {
+            verdict,
+            detail: format!(
+                "the upstream account takes at most {} requests per second from all teams together; retry in {} s",
+                self.global_rate,
+                seconds_up(verdict.reset).max(1)
+            ),
+        })
+    }
+
+    /// Waits until the upstream account's limit lets one more request through (for background
+    /// work, which may wait where a client should not).
+    pub async fn wait_global(&self) {
+        self.global.until_ready().await;
+    }
+}
+
+fn unit(per: Duration) -> &'static str {
+    match per.as_secs() {
+        1 => "second",
+        60 => "minute",
+        _ => "hour",
+    }
+}
+
+fn check(limiter: &Limiter, kind: LimitKind) -> Result<Verdict, Verdict> {
+    match limiter.check() {
+        Ok(snapshot) => Ok(allowed(kind, &snapshot)),
+        Err(not_until) => {
+            let quota = not_until.quota();
+            Err(Verdict {
+                kind,
+                limit: quota.burst_size().get(),
+                remaining: 0,
+                reset: not_until.wait_time_from(DefaultClock::default().now()),
+                allowed: false,
+            })
+        }
+    }
+}
+
+fn allowed(kind: LimitKind, snapshot: &StateSnapshot) -> Verdict {
+    let quota = snapshot.quota();
+    let limit = quota.burst_size().get();
+    let remaining = snapshot.remaining_burst_capacity();
+    Verdict {
+        kind,
+        limit,
+        remaining,
+        reset: quota.replenish_interval() * (limit - remaining.min(limit)),
+        allowed: true,
+    }
+}
+
+impl Verdict {
+    /// The `RateLimit-*` headers (and `Retry-After` on a refusal).
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        if self.limit == 0 {
+            return;
+        }
+        let number = |n: u64| HeaderValue::from(n);
+        headers.insert("ratelimit-limit", number(u64::from(self.limit)));
+        headers.insert("ratelimit-remaining", number(u64::from(self.remaining)));
+        headers.insert("ratelimit-reset", number(seconds_up(self.reset)));
+        if !self.allowed {
+            headers.insert("retry-after", number(seconds_up(self.reset).max(1)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn limits(extra: &str) -> RateLimits {
+        let text = format!(
+            r#"
+            [upstream]
+            token_env = "T"
+            max_requests_per_second = 5
+            [models."m"]
+            reserve = "1"
+            [[teams]]
+            name = "design"
+            keys = [{{ sha256 = "{}" }}]
+            {extra}
+            "#,
+            crate::config::KeyDigest::of("k").to_hex()
+        );
+        RateLimits::new(&Config::parse(Path::new("t.toml"), &text).unwrap())
+    }
+
+    #[test]
+    fn a_burst_passes_then_the_limit_says_when_to_come_back() {
+        let limits = limits(r#"limits = { generate = "60/min", generate_burst = 3 }"#);
+        let first = limits.check_team("design", LimitKind::Generate).unwrap();
+        assert_eq!((first.limit, first.remaining), (3, 2));
+        assert_eq!(first.reset, Duration::from_secs(1));
+        limits.check_team("design", LimitKind::Generate).unwrap();
+        limits.check_team("design", LimitKind::Generate).unwrap();
+        let refusal = limits
+            .check_team("design", LimitKind::Generate)
+            .unwrap_err();
+        assert_eq!(refusal.verdict.remaining, 0);
+        assert!(refusal.verdict.reset <= Duration::from_secs(1));
+        assert!(
+            refusal
+                .detail
+                .starts_with("team 'design' may start 60 tasks per minute; retry in ")
+        );
+        // Status reads have their own allowance.
+        assert!(limits.check_team("design", LimitKind::Query).is_ok());
+    }
+
+    #[test]
+    fn headers_follow_the_draft_standard() {
+        let mut headers = HeaderMap::new();
+        Verdict {
+            kind: LimitKind::Query,
+            limit: 20,
+            remaining: 0,
+            reset: Duration::from_millis(1200),
+            allowed: false,
+        }
+        .write_headers(&mut headers);
+        assert_eq!(headers["ratelimit-limit"], "20");
+        assert_eq!(headers["ratelimit-remaining"], "0");
+        assert_eq!(headers["ratelimit-reset"], "2");
+        assert_eq!(headers["retry-after"], "2");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_limits() {
+        let limits = limits(r#"limits = { generate = "1/h", generate_burst = 1 }"#);
+        limits.check_team("design", LimitKind::Generate).unwrap();
+        let same = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "[upstream]\ntoken_env = \"T\"\n[models.\"m\"]\nreserve = \"1\"\n[[teams]]\nname = \"design\"\nkeys = [{{ sha256 = \"{}\" }}]\nlimits = {{ generate = \"1/h\", generate_burst = 1 }}\n",
+                crate::config::KeyDigest::of("k").to_hex()
+            ),
+        )
+        .unwrap();
+        limits.reload(&same);
+        assert!(limits.check_team("design", LimitKind::Generate).is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! A coalescing cache of task statuses, so many pollers cost the upstream at most one read per
+//! task per `status_ttl`.
+//!
+//! moka does the hard parts: a size bound with TinyLFU eviction, a per-entry lifetime (a final
+//! status stays until evicted, a running one for `status_ttl`), and single flight: concurrent
+//! misses for one task wait on one upstream read. Only statuses are cached; an upstream error or
+//! a refusal reaches every waiter of that read and is then forgotten.
+//!
+//! The cache sits behind the ownership check: it is never asked about a task the caller does
+//! not own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use moka::{Expiry, future::Cache};
+
+use crate::config::CacheConfig;
+
+/// An upstream answer to a status read, as served to clients.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    /// `success` or `failed`: the status will not change any more.
+    pub is_final: bool,
+}
+
+/// How a read was served, for the `X-Cache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Hit,
+    Miss,
+    /// Waited for another request's upstream read of the same task.
+    Coalesced,
+}
+
+impl Served {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Miss => "miss",
+            Served::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// What a read that missed produced.
+pub enum Fetched<E> {
+    /// A task status: cached.
+    Status(Answer),
+    /// An answer to pass on but not to cache (an upstream 404 or 5xx).
+    Uncacheable(Answer),
+    /// No answer at all.
+    Failed(E),
+}
+
+/// Why a read produced nothing cacheable, shared by every request that waited on it.
+#[derive(Debug)]
+pub enum NotCached<E> {
+    Answer(Answer),
+    Error(E),
+}
+
+struct Lifetime {
+    running: Duration,
+}
+
+impl Expiry<String, Arc<Answer>> for Lifetime {
+    fn expire_after_create(
+        &self,
+        _task_id: &String,
+        answer: &Arc<Answer>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        (!answer.is_final).then_some(self.running)
+    }
+}
+
+pub struct StatusCache {
+    /// `None` when `cache.max_entries = 0`: every read goes upstream.
+    entries: Option<Cache<String, Arc<Answer>>>,
+}
+
+impl StatusCache {
+    pub fn new(config: &CacheConfig) -> Self {
+        let entries = (config.max_entries > 0).then(|| {
+            Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(Lifetime {
+                    running: config.status_ttl,
+                })
+                .build()
+        });
+        StatusCache { entries }
+    }
+
+    /// The task's status from the cache, or from `fetch` (once, however many ask at once).
+    pub async fn get_or_fetch<E, F>(
+        &self,
+        task_id: &str,
+        fetch: F,
+    ) -> Result<(Arc<Answer>, Served), Arc<NotCached<E>>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Fetched<E>>,
+    {
+        let Some(entries) = &self.entries else {
+            return match fetch.await {
+                Fetched::Status(answer) => Ok((Arc::new(answer), Served::Miss)),
+                Fetched::Uncacheable(answer) => Err(Arc::new(NotCached::Answer(answer))),
+                Fetched::Failed(e) => Err(Arc::new(NotCached::Error(e))),
+            };
+        };
+        if let Some(answer) = entries.get(task_id).await {
+            return Ok((answer, Served::Hit));
+        }
+        let fetched_here = AtomicBool::new(false);
+        let answer = entries
+            .try_get_with(task_id.to_owned(), async {
+                fetched_here.store(true, Ordering::Relaxed);
+                match fetch.await {
+                    Fetched::Status(answer) => Ok(Arc::new(answer)),
+                    Fetched::Uncacheable(answer) => Err(NotCached::Answer(answer)),
+                    Fetched::Failed(e) => Err(NotCached::Error(e)),
+                }
+            })
+            .await?;
+        let served = if fetched_here.load(Ordering::Relaxed) {
+            Served::Miss
+        } else {
+            Served::Coalesced
+        };
+        Ok((answer, served))
+    }
+
+    /// Records a status learnt elsewhere (a webhook, the reconciler).
+    pub async fn insert(&self, task_id: &str, answer: Answer) {
+        if let Some(entries) = &self.entries {
+            entries.insert(task_id.to_owned(), Arc::new(answer)).await;
+        }
+    }
+
+    /// Entries held now (after pending evictions are applied).
+    pub async fn len(&self) -> u64 {
+        match &self.entries {
+            Some(entries) => {
+                entries.run_pending_tasks().await;
+                entries.entry_count()
+            }
+            None => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn answer(is_final: bool) -> Answer {
+        Answer {
+            status: StatusCode::OK,
+            content_type: None,
+            body: Bytes::from_static(b"{}"),
+            is_final,
+        }
+    }
+
+    fn cache(ttl_ms: u64, max_entries: u64) -> StatusCache {
+        StatusCache::new(&CacheConfig {
+            status_ttl: Duration::from_millis(ttl_ms),
+            max_entries,
+        })
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_read() {
+        let cache = Arc::new(cache(60_000, 100));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let readers: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, reads) = (cache.clone(), reads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch::<(), _>("ta-1", async {
+                            reads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Fetched::Status(answer(false))
+                        })
+                        .await
+                        .unwrap()
+                        .1
+                })
+            })
+            .collect();
+        let mut served = Vec::new();
+        for reader in readers {
+            served.push(reader.await.unwrap());
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(served.iter().filter(|s| **s == Served::Miss).count(), 1);
+        assert_eq!(
+            served.iter().filter(|s| **s == Served::Coalesced).count(),
+            49
+        );
+        let (_, again) = cache
+            .get_or_fetch::<(), _>("ta-1", async { unreachable!("cached") })
+            .await
+            .unwrap();
+        assert_eq!(again, Served::Hit);
+    }
+
+    #[tokio::test]
+    async fn errors_and_uncacheable_answers_are_not_kept() {
+        let cache = cache(60_000, 100);
+        let failed = cache
+            .get_or_fetch("ta-1", async { Fetched::Failed("upstream down") })
+            .await
+            .unwrap_err();
+        assert!(matches!(*failed, NotCached::Error("upstream down")));
+        let passed_on = cache
+            .get_or_fetch::<(), _>("ta-1", async { Fetched::Uncacheable(answer(false)) })
+            .await
+            .unwrap_err();
+        assert!(matches!(*passed_on, NotCached::Answer(_)));
+        let (_, served) = cache
+            .get_or_fetch::<(), _>("ta-1", async { Fetched::Status(answer(false)) })
+            .await
+            .unwrap();
+        assert_eq!(served, Served::Miss, "nothing was cached before");
+    }
+
+    #[tokio::test]
+    async fn running_statuses_expire_and_final_ones_stay() {
+        let cache = cache(20, 100);
+        cache.insert("running", answer(false)).await;
+        cache.insert("done", answer(true)).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let refetched = cache
+            .get_or_fetch::<(), _>("running", async { Fetched::Status(answer(false)) })
+            .await
+            .unwrap()
+            .1;
+        assert_eq!(refetched, Served::Miss);
+        let kept = cache
+            .get_or_fetch::<(), _>("done", async { unreachable!("final statuses stay") })
+            .await
+            .unwrap()
+            .1;
+        assert_eq!(kept, Served::Hit);
+    }
+
+    #[tokio::test]
+    async fn the_size_bound_holds() {
+        let cache = cache(60_000, 50);
+        for i in 0..500 {
+            cache.insert(&format!("ta-{i}"), answer(true)).await;
+        }
+        assert!(cache.len().await <= 50, "{}", cache.len().await);
+    }
+}
