@@ -145,7 +145,7 @@ impl StatusCache {
     }
 
     /// Entries held now (after pending evictions are applied).
-    pub async fn len(&self) -> u64 {
+    pub async fn entry_count(&self) -> u64 {
         match &self.entries {
             Some(entries) => {
                 entries.run_pending_tasks().await;
@@ -260,6 +260,10 @@ mod tests {
         for i in 0..500 {
             cache.insert(&format!("ta-{i}"), answer(true)).await;
         }
-        assert!(cache.len().await <= 50, "{}", cache.len().await);
+        assert!(
+            cache.entry_count().await <= 50,
+            "{}",
+            cache.entry_count().await
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ADS_KEY, DESIGN_KEY, Env, Gateway, UPSTREAM_TOKEN, fake_config};
+use common::{ADS_KEY, DESIGN_KEY, Env, Gateway, UPSTREAM_TOKEN};
 use ketchup_gateway::config::KeyDigest;
 use ketchup_gateway::fake_upstream::Fault;
 use serde_json::{Value, json};
