@@ -23,7 +23,8 @@ use crate::{
     config::{Config, KeyDigest},
     error::GatewayError,
     ledger::{LedgerStore, TaskRecord},
-    middleware::{auth, rate_limit, request_id, trace},
+    metrics::Metrics,
+    middleware::{auth, metrics, rate_limit, request_id, trace},
     rate_limit::RateLimits,
     routes,
     status_cache::StatusCache,
@@ -36,6 +37,7 @@ pub struct AppState {
     pub config: ArcSwap<Config>,
     pub ledger: Arc<dyn LedgerStore>,
     pub upstream: UpstreamClient,
+    pub metrics: Arc<Metrics>,
     pub rate_limits: RateLimits,
     pub status_cache: StatusCache,
     /// Who owns which task, remembered after the first lookup: ownership never changes, so the
@@ -55,7 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let config = state.config.load();
     let request_timeout = config.server.request_timeout;
 
-    let routes = Router::new()
+    let mut routes = Router::new()
         .route("/api/image/gen", post(routes::generate::generate))
         .route("/api/task/query", get(routes::task_query::query))
         .route("/api/user", get(routes::budget::user_balance))
@@ -71,6 +73,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(routes::health::ready))
         .fallback(routes::no_such_route)
         .method_not_allowed_fallback(routes::no_such_method);
+    // With `server.metrics_listen`, metrics are served only there, never beside the API.
+    if config.server.metrics_listen.is_none() {
+        routes = routes.route("/metrics", get(routes::metrics::scrape));
+    }
 
     let stack = ServiceBuilder::new()
         // First, so that no later layer (or log line) ever sees a key or token in clear.
@@ -87,6 +93,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_response(trace::LogResponse)
                 .on_failure(()),
         )
+        // Inside tracing, outside everything that can refuse a request: every answer is counted.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::record,
+        ))
         // A bug in a handler answers 500 in the envelope instead of dropping the connection;
         // inside tracing so the 500 is logged with its request id.
         .layer(CatchPanicLayer::custom(|_| {
@@ -110,4 +121,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
 
     routes.layer(stack).with_state(state)
+}
+
+/// The separate metrics listener's router (`server.metrics_listen`): `/metrics` only.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics::scrape))
+        .with_state(state)
 }

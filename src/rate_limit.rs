@@ -17,6 +17,7 @@ use governor::{
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::{Config, Limits, Rate};
+use crate::metrics::Metrics;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
@@ -64,6 +65,7 @@ struct TeamLimiters {
 }
 
 pub struct RateLimits {
+    metrics: Arc<Metrics>,
     teams: DashMap<String, Arc<TeamLimiters>>,
     global: Limiter,
     global_rate: u32,
@@ -82,9 +84,10 @@ fn seconds_up(duration: Duration) -> u64 {
 }
 
 impl RateLimits {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
         let rate = config.upstream.max_requests_per_second;
         let limits = RateLimits {
+            metrics,
             teams: DashMap::new(),
             global: limiter(
                 Rate {
@@ -138,26 +141,39 @@ impl RateLimits {
             LimitKind::Generate => (&limiters.generate, limiters.limits.generate, "start"),
             _ => (&limiters.query, limiters.limits.query, "read the status of"),
         };
-        check(limiter, kind).map_err(|verdict| Refusal {
-            verdict,
-            detail: format!(
-                "team '{team}' may {action} {} tasks per {}; retry in {} s",
-                rate.count,
-                unit(rate.per),
-                seconds_up(verdict.reset).max(1)
-            ),
+        check(limiter, kind).map_err(|verdict| {
+            self.count_refusal(team, kind);
+            Refusal {
+                verdict,
+                detail: format!(
+                    "team '{team}' may {action} {} tasks per {}; retry in {} s",
+                    rate.count,
+                    unit(rate.per),
+                    seconds_up(verdict.reset).max(1)
+                ),
+            }
         })
     }
 
-    /// Counts one request against the upstream account's limit.
-    pub fn check_global(&self) -> Result<Verdict, Refusal> {
-        check(&self.global, LimitKind::Global).map_err(|verdict| Refusal {
-            verdict,
-            detail: format!(
-                "the upstream account takes at most {} requests per second from all teams together; retry in {} s",
-                self.global_rate,
-                seconds_up(verdict.reset).max(1)
-            ),
+    fn count_refusal(&self, team: &str, kind: LimitKind) {
+        self.metrics
+            .rate_limited
+            .with_label_values(&[team, kind.as_str()])
+            .inc();
+    }
+
+    /// Counts one request of `team` against the upstream account's limit.
+    pub fn check_global(&self, team: &str) -> Result<Verdict, Refusal> {
+        check(&self.global, LimitKind::Global).map_err(|verdict| {
+            self.count_refusal(team, LimitKind::Global);
+            Refusal {
+                verdict,
+                detail: format!(
+                    "the upstream account takes at most {} requests per second from all teams together; retry in {} s",
+                    self.global_rate,
+                    seconds_up(verdict.reset).max(1)
+                ),
+            }
         })
     }
 
@@ -241,7 +257,10 @@ mod tests {
             "#,
             crate::config::KeyDigest::of("k").to_hex()
         );
-        RateLimits::new(&Config::parse(Path::new("t.toml"), &text).unwrap())
+        RateLimits::new(
+            &Config::parse(Path::new("t.toml"), &text).unwrap(),
+            Arc::new(Metrics::new()),
+        )
     }
 
     #[test]

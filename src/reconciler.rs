@@ -16,6 +16,7 @@ use crate::{
     app::AppState,
     ledger::{SettleOutcome, TaskRecord},
     settlement,
+    status_cache::Answer,
 };
 
 pub async fn run(state: Arc<AppState>) {
@@ -43,6 +44,7 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
         .abandon_stale_reservations(ago(config.abandon_after))
         .await
         .map_err(|e| e.to_string())?;
+    state.metrics.reconciler_abandoned.inc_by(abandoned);
     if abandoned > 0 {
         tracing::warn!(
             abandoned,
@@ -60,6 +62,10 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
         .await
         .map_err(|e| e.to_string())?;
     let count = due.len();
+    state
+        .metrics
+        .reconciler_backlog
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
     for task in due {
         if task.created_at < ago(config.max_task_age) {
             expire(state, &task).await;
@@ -75,12 +81,16 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
 
 async fn expire(state: &AppState, task: &TaskRecord) {
     match state.ledger.expire(&task.task_id, state.clock.now()).await {
-        Ok(SettleOutcome::Settled(settled)) => tracing::warn!(
-            task_id = %task.task_id,
-            team = %settled.team,
-            charged = %settled.consumed,
-            "task expired without a final state: charged its reservation"
-        ),
+        Ok(SettleOutcome::Settled(settled)) => {
+            state.metrics.reconciler_expirations.inc();
+            settlement::count_settled(state, &settled, "expired");
+            tracing::warn!(
+                task_id = %task.task_id,
+                team = %settled.team,
+                charged = %settled.consumed,
+                "task expired without a final state: charged its reservation"
+            );
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!(task_id = %task.task_id, error = %e, "could not expire task"),
     }
@@ -91,9 +101,21 @@ async fn observe(state: &AppState, task: &TaskRecord) {
     match state.upstream.query_task(&task.task_id, &request_id).await {
         Ok(answer) if answer.status.is_success() => {
             if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
-                if let Err(e) = settlement::settle(state, task, status, consumed).await {
-                    tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
+                match settlement::settle(state, task, status, consumed).await {
+                    Ok(SettleOutcome::Settled(_)) => state.metrics.reconciler_settlements.inc(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
+                    }
                 }
+                // The next client to ask gets the final status without an upstream read.
+                let final_answer = Answer {
+                    status: answer.status,
+                    content_type: answer.content_type,
+                    body: answer.body,
+                    is_final: true,
+                };
+                state.status_cache.insert(&task.task_id, final_answer).await;
                 return;
             }
         }

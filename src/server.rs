@@ -13,6 +13,7 @@ use crate::{
     clock::SharedClock,
     config::{Config, KeyDigest, Secret, StoreConfig},
     ledger::{LedgerStore, sqlite::SqliteStore},
+    metrics::Metrics,
     rate_limit::RateLimits,
     reconciler,
     status_cache::StatusCache,
@@ -22,6 +23,7 @@ use crate::{
 /// A gateway bound to its address, ready to serve.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
 }
 
@@ -38,7 +40,9 @@ impl Server {
                 Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
             }
         };
-        let upstream = UpstreamClient::new(&config.upstream, upstream_token)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.start_at_zero(&config);
+        let upstream = UpstreamClient::new(&config.upstream, upstream_token, metrics.clone())?;
         let admin_token_digest = match &config.admin_token {
             Some(source) => {
                 let token = source.resolve("admin token").map_err(|e| e.to_string())?;
@@ -49,9 +53,18 @@ impl Server {
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let metrics_listener = match &config.server.metrics_listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|e| format!("cannot listen on {address} for metrics: {e}"))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(AppState {
-            rate_limits: RateLimits::new(&config),
-            status_cache: StatusCache::new(&config.cache),
+            rate_limits: RateLimits::new(&config, metrics.clone()),
+            status_cache: StatusCache::new(&config.cache, metrics.clone()),
+            metrics,
             owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
             config: ArcSwap::from_pointee(config),
             ledger,
@@ -60,7 +73,11 @@ impl Server {
             admin_token_digest,
             background: TaskTracker::new(),
         });
-        Ok(Server { listener, state })
+        Ok(Server {
+            listener,
+            metrics_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -74,7 +91,11 @@ impl Server {
     /// `reload_from`, SIGHUP re-reads that file and swaps in the new teams, keys, models and limits.
     pub async fn run(self, reload_from: Option<PathBuf>) -> Result<(), String> {
         use tokio::signal::unix::{SignalKind, signal};
-        let Server { listener, state } = self;
+        let Server {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
         // Handlers are installed before the gateway says it is listening: a signal that came
         // earlier would otherwise get the default action and kill the process.
         let listen_for = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
@@ -85,6 +106,13 @@ impl Server {
             tokio::spawn(reload_on_sighup(state.clone(), path, hangup));
         }
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
+        let metrics_server = metrics_listener.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "metrics listening");
+            }
+            let app = app::metrics_router(state.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        });
         let shutdown_timeout = state.config.load().server.shutdown_timeout;
         let app = app::router(state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -121,6 +149,9 @@ impl Server {
             );
         }
         reconciler.abort();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -155,6 +186,7 @@ async fn reload_on_sighup(
                 let teams = new.teams.len();
                 let models = new.models.len();
                 state.rate_limits.reload(&new);
+                state.metrics.start_at_zero(&new);
                 state.config.store(Arc::new(new));
                 tracing::info!(teams, models, "configuration reloaded");
             }

@@ -9,7 +9,8 @@ use serde_json::Value;
 use crate::{
     app::AppState,
     credits::Credits,
-    ledger::{FinalStatus, SettleOutcome, Settlement, StoreError, TaskRecord},
+    ledger::{FinalStatus, SettleOutcome, SettledTask, Settlement, StoreError, TaskRecord},
+    metrics::{credits, model_label, team_label},
 };
 
 /// `consumed` as the upstream reported it.
@@ -62,13 +63,22 @@ pub async fn settle(
     status: FinalStatus,
     consumed: Consumed,
 ) -> Result<SettleOutcome, StoreError> {
+    let untrustworthy = |reason: &str| {
+        state
+            .metrics
+            .settlements_without_consumed
+            .with_label_values(&[&task.team, reason])
+            .inc();
+    };
     let charged = match &consumed {
         Consumed::Exact(credits) => *credits,
         Consumed::Missing => {
+            untrustworthy("missing");
             tracing::warn!(task_id = %task.task_id, "final state without `consumed`: settling at the reservation");
             task.reserved
         }
         Consumed::Malformed(text) => {
+            untrustworthy("malformed");
             tracing::warn!(task_id = %task.task_id, consumed = %text, "unusable `consumed`: settling at the reservation");
             task.reserved
         }
@@ -80,6 +90,12 @@ pub async fn settle(
     };
     let outcome = state.ledger.settle(&task.task_id, settlement).await?;
     if let SettleOutcome::Settled(settled) = &outcome {
+        count_settled(state, settled, status.as_str());
+        state
+            .metrics
+            .reservation_error
+            .with_label_values(&[&model_label(&state.config.load(), &settled.model)])
+            .observe(credits(settled.consumed) - credits(settled.reserved));
         tracing::info!(
             task_id = %task.task_id,
             team = %settled.team,
@@ -91,6 +107,24 @@ pub async fn settle(
         );
     }
     Ok(outcome)
+}
+
+/// Counts a task that reached the end of its life: `success`, `failed` or `expired`.
+pub fn count_settled(state: &AppState, settled: &SettledTask, status: &str) {
+    let config = state.config.load();
+    let (team, model) = (
+        team_label(&config, &settled.team),
+        model_label(&config, &settled.model),
+    );
+    let metrics = &state.metrics;
+    metrics
+        .tasks_finished
+        .with_label_values(&[team, model, status])
+        .inc();
+    metrics
+        .credits_consumed
+        .with_label_values(&[team, model])
+        .inc_by(credits(settled.consumed));
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use moka::{Expiry, future::Cache};
+use moka::{Expiry, future::Cache, notification::RemovalCause};
 
 use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 
 /// An upstream answer to a status read, as served to clients.
 #[derive(Debug, Clone)]
@@ -86,12 +87,17 @@ pub struct StatusCache {
 }
 
 impl StatusCache {
-    pub fn new(config: &CacheConfig) -> Self {
+    pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> Self {
         let entries = (config.max_entries > 0).then(|| {
             Cache::builder()
                 .max_capacity(config.max_entries)
                 .expire_after(Lifetime {
                     running: config.status_ttl,
+                })
+                .eviction_listener(move |_task_id, _answer, cause| {
+                    if cause == RemovalCause::Size {
+                        metrics.cache_evictions.inc();
+                    }
                 })
                 .build()
         });
@@ -137,6 +143,10 @@ impl StatusCache {
         Ok((answer, served))
     }
 
+    pub fn is_enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
     /// Records a status learnt elsewhere (a webhook, the reconciler).
     pub async fn insert(&self, task_id: &str, answer: Answer) {
         if let Some(entries) = &self.entries {
@@ -171,10 +181,13 @@ mod tests {
     }
 
     fn cache(ttl_ms: u64, max_entries: u64) -> StatusCache {
-        StatusCache::new(&CacheConfig {
-            status_ttl: Duration::from_millis(ttl_ms),
-            max_entries,
-        })
+        StatusCache::new(
+            &CacheConfig {
+                status_ttl: Duration::from_millis(ttl_ms),
+                max_entries,
+            },
+            Arc::new(Metrics::new()),
+        )
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! when the connection could not be made, because once its bytes may have reached the upstream a
 //! retry could start (and charge) a second render.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -18,6 +19,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Secret, UpstreamConfig};
+use crate::metrics::Metrics;
+
+/// Route labels of upstream metrics.
+pub const GENERATE: &str = "generate";
+pub const QUERY: &str = "query";
+/// Every kind of failed attempt, for metrics created at zero.
+pub const ERROR_KINDS: [&str; 4] = ["connect", "timeout", "broken", "5xx"];
 
 /// Largest upstream answer read; results may carry base64 images.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -48,6 +56,7 @@ pub enum UpstreamError {
 
 pub struct UpstreamClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    metrics: Arc<Metrics>,
     base_url: String,
     authorization: HeaderValue,
     timeout: Duration,
@@ -55,7 +64,11 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    pub fn new(config: &UpstreamConfig, token: &Secret) -> Result<Self, String> {
+    pub fn new(
+        config: &UpstreamConfig,
+        token: &Secret,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -78,6 +91,7 @@ impl UpstreamClient {
         authorization.set_sensitive(true);
         Ok(UpstreamClient {
             client,
+            metrics,
             base_url: config.base_url.as_str().trim_end_matches('/').to_owned(),
             authorization,
             timeout: config.timeout,
@@ -101,9 +115,10 @@ impl UpstreamClient {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
         let url = format!("{}/api/image/gen", self.base_url);
-        let mut response = (|| self.send(Method::POST, &url, body.clone(), request_id))
+        let mut response = (|| self.send(GENERATE, Method::POST, &url, body.clone(), request_id))
             .retry(self.backoff())
             .when(|e| matches!(e, UpstreamError::Connect(_)))
+            .notify(|_, _| self.count_retry(GENERATE))
             .await?;
         response.elapsed = started.elapsed();
         Ok(response)
@@ -123,7 +138,7 @@ impl UpstreamClient {
         .map_err(|e| UpstreamError::Connect(format!("bad upstream URL: {e}")))?;
         let attempt = || async {
             let response = self
-                .send(Method::GET, url.as_str(), Bytes::new(), request_id)
+                .send(QUERY, Method::GET, url.as_str(), Bytes::new(), request_id)
                 .await?;
             if response.status.is_server_error() {
                 return Err(Attempt::ServerError(response));
@@ -136,6 +151,7 @@ impl UpstreamClient {
                 Attempt::ServerError(_) => true,
                 Attempt::Failed(e) => matches!(e, UpstreamError::Connect(_)),
             })
+            .notify(|_, _| self.count_retry(QUERY))
             .await;
         let mut response = match outcome {
             Ok(response) | Err(Attempt::ServerError(response)) => response,
@@ -145,7 +161,52 @@ impl UpstreamClient {
         Ok(response)
     }
 
+    fn count_retry(&self, route: &str) {
+        self.metrics
+            .upstream_retries
+            .with_label_values(&[route])
+            .inc();
+    }
+
+    /// One attempt, counted and timed by route (`generate` or `query`).
     async fn send(
+        &self,
+        route: &'static str,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let started = Instant::now();
+        let result = self.attempt(method, url, body, request_id).await;
+        let metrics = &self.metrics;
+        metrics
+            .upstream_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+        let (status, error_kind) = match &result {
+            Ok(response) if response.status.is_server_error() => {
+                (response.status.as_str().to_owned(), Some("5xx"))
+            }
+            Ok(response) => (response.status.as_str().to_owned(), None),
+            Err(UpstreamError::Connect(_)) => ("error".to_owned(), Some("connect")),
+            Err(UpstreamError::Timeout(_)) => ("error".to_owned(), Some("timeout")),
+            Err(UpstreamError::Broken(_)) => ("error".to_owned(), Some("broken")),
+        };
+        metrics
+            .upstream_requests
+            .with_label_values(&[route, &status])
+            .inc();
+        if let Some(kind) = error_kind {
+            metrics
+                .upstream_errors
+                .with_label_values(&[route, kind])
+                .inc();
+        }
+        result
+    }
+
+    async fn attempt(
         &self,
         method: Method,
         url: &str,

@@ -12,6 +12,7 @@ use axum::{
 };
 use http::header;
 
+use super::metrics::RequestFacts;
 use crate::{
     app::AppState,
     config::{KeyDigest, Team},
@@ -32,7 +33,7 @@ pub enum Access {
 /// The one list of routes that need no key.
 pub fn access_for(path: &str) -> Access {
     match path {
-        "/healthz" | "/readyz" => Access::Public,
+        "/healthz" | "/readyz" | "/metrics" => Access::Public,
         _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,
         _ => Access::Team,
     }
@@ -71,6 +72,9 @@ pub async fn authenticate(
                 // Digests of equal length are compared, so the time taken says nothing useful.
                 Some(expected) if presented == Some(expected) => {
                     tracing::Span::current().record("team", "admin");
+                    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+                        facts.set_team("admin");
+                    }
                     next.run(request).await
                 }
                 Some(_) => GatewayError::InvalidApiKey.into_response(),
@@ -84,6 +88,9 @@ pub async fn authenticate(
             let span = tracing::Span::current();
             span.record("team", entry.team.name.as_str());
             span.record("key", &*entry.label);
+            if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+                facts.set_team(&entry.team.name);
+            }
             request.extensions_mut().insert(Caller(entry.team));
             next.run(request).await
         }

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use tower_http::trace::{MakeSpan, OnResponse};
 use tracing::{Span, field::Empty};
 
-use super::request_id::RequestId;
+use super::{metrics::RequestFacts, request_id::RequestId};
 use crate::error::ErrorKind;
 
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +53,9 @@ impl<B> OnResponse<B> for LogResponse {
     }
 }
 
-/// Records in the current request's span how long the upstream took.
-pub fn record_upstream_wait(elapsed: Duration) {
+/// Records how long the request waited on the upstream: in its span for the log line, and in
+/// its facts for the overhead metric.
+pub fn record_upstream_wait(facts: &RequestFacts, elapsed: Duration) {
     Span::current().record("upstream_ms", elapsed.as_secs_f64() * 1000.0);
+    facts.add_upstream_wait(elapsed);
 }

@@ -21,7 +21,9 @@ use crate::{
     credits::Credits,
     error::GatewayError,
     ledger::{NewReservation, ReservationId, ReserveOutcome},
-    middleware::{auth::Caller, request_id::RequestId, trace::record_upstream_wait},
+    middleware::{
+        auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
+    },
     upstream::UpstreamError,
 };
 
@@ -118,6 +120,7 @@ pub async fn generate(
     State(state): State<Arc<AppState>>,
     Extension(Caller(team)): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
+    Extension(facts): Extension<Arc<RequestFacts>>,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = state.config.load_full();
@@ -128,7 +131,7 @@ pub async fn generate(
     // must not hold credits.
     state
         .rate_limits
-        .check_global()
+        .check_global(&team.name)
         .map_err(GatewayError::RateLimited)?;
 
     let per_image = config.models[&generation.model].reserve;
@@ -149,6 +152,7 @@ pub async fn generate(
         created_at: now,
     };
     let id = reservation.id;
+    let reservation_model = reservation.model.clone();
     let outcome = state
         .ledger
         .reserve(reservation)
@@ -157,6 +161,7 @@ pub async fn generate(
     let standing = match outcome {
         ReserveOutcome::Reserved(standing) => standing,
         ReserveOutcome::BudgetExhausted { spent, reserved } => {
+            count_rejection(&state, &team.name, "budget");
             let budget = team
                 .budget
                 .expect("only a team with a budget can exhaust it");
@@ -176,6 +181,7 @@ pub async fn generate(
             )));
         }
         ReserveOutcome::TooManyInFlight { in_flight } => {
+            count_rejection(&state, &team.name, "in_flight");
             return Err(GatewayError::TooManyInFlight(format!(
                 "team '{}' has {in_flight} unfinished tasks, the most it may have at once; \
                  retry when one finishes",
@@ -186,7 +192,12 @@ pub async fn generate(
 
     // Once the request may reach the upstream, its outcome must be recorded even if the client
     // disconnects and this handler is dropped: the work runs as a task of its own.
-    let work = forward(state.clone(), id, body, request_id);
+    let started = StartedTask {
+        reservation: id,
+        team: team.name.clone(),
+        model: reservation_model,
+    };
+    let work = forward(state.clone(), started, body, request_id, facts);
     let mut response = state
         .background
         .spawn(work.instrument(tracing::Span::current()))
@@ -217,12 +228,29 @@ pub async fn generate(
     Ok(response)
 }
 
+fn count_rejection(state: &AppState, team: &str, reason: &str) {
+    state
+        .metrics
+        .budget_rejections
+        .with_label_values(&[team, reason])
+        .inc();
+}
+
+/// A generation whose credits are reserved.
+struct StartedTask {
+    reservation: ReservationId,
+    team: String,
+    model: String,
+}
+
 async fn forward(
     state: Arc<AppState>,
-    id: ReservationId,
+    task: StartedTask,
     body: Bytes,
     request_id: RequestId,
+    facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
+    let id = task.reservation;
     let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
     let upstream = match state.upstream.generate(body, request_id.as_str()).await {
         Ok(upstream) => upstream,
@@ -251,7 +279,7 @@ async fn forward(
             });
         }
     };
-    record_upstream_wait(upstream.elapsed);
+    record_upstream_wait(&facts, upstream.elapsed);
 
     if !upstream.status.is_success() {
         state.ledger.release(id).await.map_err(ledger_down)?;
@@ -274,6 +302,11 @@ async fn forward(
         .attach_task(id, &task_id)
         .await
         .map_err(ledger_down)?;
+    state
+        .metrics
+        .tasks_started
+        .with_label_values(&[&task.team, &task.model])
+        .inc();
     Ok(pass_through(upstream))
 }
 

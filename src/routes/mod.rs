@@ -14,6 +14,7 @@ pub mod admin;
 pub mod budget;
 pub mod generate;
 pub mod health;
+pub mod metrics;
 pub mod task_query;
 
 /// Reads a request body, refusing it as soon as it passes `limit` bytes.

@@ -14,9 +14,11 @@ use crate::{
     app::AppState,
     error::GatewayError,
     ledger::TaskRecord,
-    middleware::{auth::Caller, request_id::RequestId, trace::record_upstream_wait},
+    middleware::{
+        auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
+    },
     settlement,
-    status_cache::{Answer, Fetched, NotCached},
+    status_cache::{Answer, Fetched, NotCached, Served},
     upstream::UpstreamError,
 };
 
@@ -71,23 +73,38 @@ pub async fn query(
     State(state): State<Arc<AppState>>,
     Extension(Caller(team)): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
+    Extension(facts): Extension<Arc<RequestFacts>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(query.as_deref())?;
     tracing::Span::current().record("task_id", task_id.as_str());
     let task = owned_task(&state, &team.name, &task_id).await?;
 
+    let asked = std::time::Instant::now();
     let read = state
         .status_cache
-        .get_or_fetch(&task_id, read_upstream(&state, &task, &request_id))
+        .get_or_fetch(&task_id, read_upstream(&state, &task, &request_id, &facts))
         .await;
     let (answer, served) = match read {
-        Ok((answer, served)) => (answer, served.as_str()),
+        Ok((answer, served)) => {
+            if served == Served::Coalesced {
+                // Waiting on another request's upstream read is waiting on the upstream.
+                facts.add_upstream_wait(asked.elapsed());
+            }
+            (answer, served.as_str())
+        }
         Err(not_cached) => match &*not_cached {
             NotCached::Answer(answer) => (Arc::new(answer.clone()), "miss"),
             NotCached::Error(error) => return Err(error.clone()),
         },
     };
+    if state.status_cache.is_enabled() {
+        state
+            .metrics
+            .cache_requests
+            .with_label_values(&[served])
+            .inc();
+    }
     let content_type = answer
         .content_type
         .clone()
@@ -105,8 +122,9 @@ async fn read_upstream(
     state: &AppState,
     task: &TaskRecord,
     request_id: &RequestId,
+    facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    if let Err(refusal) = state.rate_limits.check_global() {
+    if let Err(refusal) = state.rate_limits.check_global(&task.team) {
         return Fetched::Failed(GatewayError::RateLimited(refusal));
     }
     let upstream = match state
@@ -120,7 +138,7 @@ async fn read_upstream(
         }
         Err(e) => return Fetched::Failed(GatewayError::UpstreamUnreachable(e.to_string())),
     };
-    record_upstream_wait(upstream.elapsed);
+    record_upstream_wait(facts, upstream.elapsed);
 
     if upstream.status == StatusCode::NOT_FOUND && young(state, task) {
         return Fetched::Status(pending(task));

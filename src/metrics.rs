@@ -1,0 +1,360 @@
+//! Prometheus metrics, all in one registry, all named `ketchup_gateway_*`.
+//!
+//! Labels are bounded by construction: teams and models come from the configuration (anything
+//! else is `unknown` / `other`), routes from the router's fixed set, statuses are HTTP codes.
+//! Never a task id, key, URL or prompt. Budget and cache gauges are read at scrape time from
+//! their sources, so they can never drift from what the ledger says.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{config::Config, credits::Credits};
+
+const PREFIX: &str = "ketchup_gateway";
+
+/// Request latencies, from 100 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// `consumed − reserved` in credits: negative when the reservation was too high.
+const RESERVATION_ERROR_BUCKETS: &[f64] = &[
+    -5.0, -1.0, -0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub overhead: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_retries: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub budget_rejections: IntCounterVec,
+    pub budget_limit: GaugeVec,
+    pub budget_spent: GaugeVec,
+    pub budget_reserved: GaugeVec,
+    pub budget_remaining: GaugeVec,
+    pub tasks_in_flight: IntGaugeVec,
+    pub tasks_started: IntCounterVec,
+    pub tasks_finished: IntCounterVec,
+    pub credits_consumed: prometheus::CounterVec,
+    pub reservation_error: HistogramVec,
+    pub settlements_without_consumed: IntCounterVec,
+    pub reconciler_settlements: IntCounter,
+    pub reconciler_expirations: IntCounter,
+    pub reconciler_abandoned: IntCounter,
+    pub reconciler_backlog: IntGauge,
+    pub cache_requests: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(PREFIX)
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace(PREFIX)
+        .buckets(buckets.to_vec())
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($metric:expr) => {{
+                let metric = $metric.expect("metric definition is valid");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric names are unique");
+                metric
+            }};
+        }
+        let metrics = Metrics {
+            requests: register!(IntCounterVec::new(
+                opts(
+                    "requests_total",
+                    "Requests answered, by team, route and HTTP status."
+                ),
+                &["team", "route", "status"]
+            )),
+            request_duration: register!(HistogramVec::new(
+                histogram(
+                    "request_duration_seconds",
+                    "Time to answer a request, by route.",
+                    LATENCY_BUCKETS
+                ),
+                &["route"]
+            )),
+            overhead: register!(HistogramVec::new(
+                histogram(
+                    "overhead_seconds",
+                    "The gateway's own share of a request: its duration minus the time spent waiting on the upstream.",
+                    LATENCY_BUCKETS
+                ),
+                &["route"]
+            )),
+            upstream_requests: register!(IntCounterVec::new(
+                opts(
+                    "upstream_requests_total",
+                    "Requests sent to the upstream (each attempt), by route and answer status (`error` when none came)."
+                ),
+                &["route", "status"]
+            )),
+            upstream_duration: register!(HistogramVec::new(
+                histogram(
+                    "upstream_request_duration_seconds",
+                    "Time one upstream attempt took.",
+                    LATENCY_BUCKETS
+                ),
+                &["route"]
+            )),
+            upstream_retries: register!(IntCounterVec::new(
+                opts(
+                    "upstream_retries_total",
+                    "Upstream attempts that were retries."
+                ),
+                &["route"]
+            )),
+            upstream_errors: register!(IntCounterVec::new(
+                opts(
+                    "upstream_errors_total",
+                    "Failed upstream attempts, by kind: connect, timeout, broken, 5xx."
+                ),
+                &["route", "kind"]
+            )),
+            rate_limited: register!(IntCounterVec::new(
+                opts(
+                    "rate_limited_total",
+                    "Requests refused by a rate limit: generate, query or global."
+                ),
+                &["team", "limit"]
+            )),
+            budget_rejections: register!(IntCounterVec::new(
+                opts(
+                    "budget_rejections_total",
+                    "Generations refused for the budget (402) or the in-flight cap (429)."
+                ),
+                &["team", "reason"]
+            )),
+            budget_limit: register!(GaugeVec::new(
+                opts(
+                    "budget_limit_credits",
+                    "The team's budget for the current period."
+                ),
+                &["team"]
+            )),
+            budget_spent: register!(GaugeVec::new(
+                opts(
+                    "budget_spent_credits",
+                    "Credits spent in the current period."
+                ),
+                &["team"]
+            )),
+            budget_reserved: register!(GaugeVec::new(
+                opts(
+                    "budget_reserved_credits",
+                    "Credits held by open reservations in the current period."
+                ),
+                &["team"]
+            )),
+            budget_remaining: register!(GaugeVec::new(
+                opts(
+                    "budget_remaining_credits",
+                    "Credits left in the current period."
+                ),
+                &["team"]
+            )),
+            tasks_in_flight: register!(IntGaugeVec::new(
+                opts("tasks_in_flight", "Unsettled tasks (reserved or open)."),
+                &["team"]
+            )),
+            tasks_started: register!(IntCounterVec::new(
+                opts("tasks_started_total", "Tasks the upstream accepted."),
+                &["team", "model"]
+            )),
+            tasks_finished: register!(IntCounterVec::new(
+                opts(
+                    "tasks_finished_total",
+                    "Tasks settled, by final status: success, failed or expired."
+                ),
+                &["team", "model", "status"]
+            )),
+            credits_consumed: register!(prometheus::CounterVec::new(
+                opts(
+                    "credits_consumed_total",
+                    "Credits charged by settled tasks."
+                ),
+                &["team", "model"]
+            )),
+            reservation_error: register!(HistogramVec::new(
+                histogram(
+                    "reservation_error_credits",
+                    "What a settled task consumed minus what it reserved, in credits (tune `reserve` from it).",
+                    RESERVATION_ERROR_BUCKETS
+                ),
+                &["model"]
+            )),
+            settlements_without_consumed: register!(IntCounterVec::new(
+                opts(
+                    "settlements_without_consumed_total",
+                    "Final states whose `consumed` was missing or unusable, settled at the reservation."
+                ),
+                &["team", "reason"]
+            )),
+            reconciler_settlements: register!(IntCounter::with_opts(opts(
+                "reconciler_settlements_total",
+                "Tasks the reconciler settled."
+            ))),
+            reconciler_expirations: register!(IntCounter::with_opts(opts(
+                "reconciler_expirations_total",
+                "Tasks that passed the maximum age unsettled and were charged their reservation."
+            ))),
+            reconciler_abandoned: register!(IntCounter::with_opts(opts(
+                "reconciler_abandoned_total",
+                "Reservations without an upstream answer turned into unknown outcomes."
+            ))),
+            reconciler_backlog: register!(IntGauge::with_opts(opts(
+                "reconciler_backlog",
+                "Open tasks due for a reconciler read at its last pass."
+            ))),
+            cache_requests: register!(IntCounterVec::new(
+                opts(
+                    "cache_requests_total",
+                    "Status reads by how the cache served them: hit, miss, coalesced."
+                ),
+                &["result"]
+            )),
+            cache_entries: register!(IntGauge::with_opts(opts(
+                "cache_entries",
+                "Task statuses in the cache."
+            ))),
+            cache_evictions: register!(IntCounter::with_opts(opts(
+                "cache_evictions_total",
+                "Statuses evicted from the cache to keep it within max_entries."
+            ))),
+            registry,
+        };
+        let build = GaugeVec::new(
+            opts(
+                "build_info",
+                "Version and git commit of the running gateway.",
+            ),
+            &["version", "git_commit"],
+        )
+        .expect("metric definition is valid");
+        metrics
+            .registry
+            .register(Box::new(build.clone()))
+            .expect("metric names are unique");
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("KETCHUP_GIT_COMMIT")])
+            .set(1.0);
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        metrics
+            .registry
+            .register(Box::new(process))
+            .expect("process metrics register once");
+        metrics
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .expect("the text encoder writes to memory");
+        String::from_utf8(text).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the labelled counters that alerts compute rates of, at zero, for every configured
+    /// team: a counter that first appears at 1 would hide its first event from `increase()`.
+    pub fn start_at_zero(&self, config: &Config) {
+        for team in &config.teams {
+            let team = team.name.as_str();
+            for reason in ["missing", "malformed"] {
+                self.settlements_without_consumed
+                    .with_label_values(&[team, reason]);
+            }
+            for reason in ["budget", "in_flight"] {
+                self.budget_rejections.with_label_values(&[team, reason]);
+            }
+            for limit in ["generate", "query", "global"] {
+                self.rate_limited.with_label_values(&[team, limit]);
+            }
+        }
+        for route in [crate::upstream::GENERATE, crate::upstream::QUERY] {
+            for kind in crate::upstream::ERROR_KINDS {
+                self.upstream_errors.with_label_values(&[route, kind]);
+            }
+        }
+    }
+}
+
+/// A team label: the configured name, or `unknown`.
+pub fn team_label<'a>(config: &Config, team: &'a str) -> &'a str {
+    if config.team(team).is_some() || team == "admin" {
+        team
+    } else {
+        "unknown"
+    }
+}
+
+/// A model label: the configured id, or `other`.
+pub fn model_label<'a>(config: &Config, model: &'a str) -> &'a str {
+    if config.models.contains_key(model) {
+        model
+    } else {
+        "other"
+    }
+}
+
+/// Credits as a float, for gauges and counters only.
+pub fn credits(amount: Credits) -> f64 {
+    amount.as_f64_for_metrics()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .with_label_values(&["design", "/healthz", "200"])
+            .inc();
+        let text = metrics.render();
+        assert!(text.contains(
+            "ketchup_gateway_requests_total{route=\"/healthz\",status=\"200\",team=\"design\"} 1"
+        ));
+        assert!(text.contains("ketchup_gateway_build_info{"));
+        assert!(text.contains("process_resident_memory_bytes"));
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE ketchup_gateway_"))
+        {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+}
