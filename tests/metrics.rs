@@ -1,0 +1,1097 @@
+//! Prometheus metrics (issue 5), end to end: exact values after a scripted workload through the
+//! real binary, promtool on a real scrape and on the shipped Prometheus configuration, the
+//! separate metrics listener, and the one log line per request.
+//!
+//! Every number asserted here is computed from what the test itself sent and saw (status codes,
+//! `X-Cache` headers), never from timing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ADS_KEY, DESIGN_KEY, Gateway, UPSTREAM_TOKEN, digest, fake_config};
+use ketchup_gateway::fake_upstream::{self, FakeHandle};
+use serde_json::{Value, json};
+
+const GEN: &str = "/api/image/gen";
+const QUERY: &str = "/api/task/query";
+const MODEL: &str = "google/gempix2";
+/// A prompt distinctive enough to be found if it ever leaked into a label.
+const PROMPT: &str = "a ketchup bottle prompt-7f3a9c";
+const DEADLINE: Duration = Duration::from_secs(20);
+const EPSILON: f64 = 1e-9;
+
+fn gempix_body() -> String {
+    json!({"model": MODEL, "prompt": PROMPT}).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and processes
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway's config: `design` with a lifetime budget of 2.00 and a generate burst of 5 (at
+/// one per hour afterwards), `ads` without budget and with generous limits, `google/gempix2`
+/// reserving 0.50. The reconciler waits 10 minutes before reading a task, so within a test only
+/// the test's own reads settle tasks and fill the cache.
+fn config_text(upstream: &str, dir: &Path, server_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server_extra}
+
+[upstream]
+base_url = "{upstream}"
+token_env = "KETCHUP_UPSTREAM_TOKEN"
+query_retries = 1
+max_requests_per_second = 10000
+
+[cache]
+status_ttl = "50ms"
+
+[store]
+path = "{ledger}"
+
+[reconciler]
+settle_after = "10m"
+
+[models."google/gempix2"]
+reserve = "0.50"
+
+[defaults.limits]
+generate = "1000/s"
+generate_burst = 1000
+query = "1000/s"
+query_burst = 1000
+
+[[teams]]
+name = "design"
+keys = [{{ sha256 = "{design}", label = "design-test" }}]
+budget = {{ credits = "2.00", period = "lifetime" }}
+limits = {{ generate = "1/h", generate_burst = 5, query = "1000/s", query_burst = 1000 }}
+
+[[teams]]
+name = "ads"
+keys = [{{ sha256 = "{ads}", label = "ads-test" }}]
+"#,
+        ledger = dir.join("ledger.db").display(),
+        design = digest(DESIGN_KEY),
+        ads = digest(ADS_KEY),
+    )
+}
+
+/// A fake upstream whose phases last 50 ms each and whose `google/gempix2` images consume 0.37.
+async fn start_fake() -> FakeHandle {
+    let mut fake = fake_config();
+    fake.pending_for = Duration::from_millis(50);
+    fake.submitted_for = Duration::from_millis(50);
+    fake.in_progress_for = Duration::from_millis(50);
+    fake.consumed
+        .insert(MODEL.into(), "0.37".parse().expect("amount"));
+    fake_upstream::start(fake)
+        .await
+        .expect("fake upstream starts")
+}
+
+struct Env {
+    fake: FakeHandle,
+    gateway: Gateway,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start(server_extra: &str) -> Env {
+        let fake = start_fake().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config_path,
+            config_text(&fake.base_url(), dir.path(), server_extra),
+        )
+        .expect("config written");
+        let gateway = Gateway::start(config_path);
+        Env {
+            fake,
+            gateway,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("gateway answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        Reply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    async fn generate(&self, key: Option<&str>, request_id: Option<&str>) -> Reply {
+        let mut request = self
+            .http
+            .post(self.gateway.url(GEN))
+            .header("content-type", "application/json")
+            .body(gempix_body());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(id) = request_id {
+            request = request.header("x-request-id", id);
+        }
+        self.send(request).await
+    }
+
+    async fn query(&self, key: &str, task_id: &str) -> Reply {
+        self.send(
+            self.http
+                .get(self.gateway.url(QUERY))
+                .query(&[("task_id", task_id)])
+                .bearer_auth(key),
+        )
+        .await
+    }
+
+    /// `GET /metrics` on the main listener, without a key.
+    async fn scrape(&self) -> Scrape {
+        scrape_at(&self.http, &self.gateway.url("/metrics")).await
+    }
+}
+
+/// A response, read in full.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header").to_owned())
+    }
+
+    fn task_id(&self) -> String {
+        assert_eq!(self.status, 200, "{}", self.text);
+        self.json()["data"]["task_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no task id in {}", self.text))
+            .to_owned()
+    }
+
+    fn task_status(&self) -> String {
+        assert_eq!(self.status, 200, "{}", self.text);
+        self.json()["data"]["status"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no status in {}", self.text))
+            .to_owned()
+    }
+}
+
+async fn scrape_at(http: &reqwest::Client, url: &str) -> Scrape {
+    let response = http.get(url).send().await.expect("metrics answer");
+    assert_eq!(response.status().as_u16(), 200, "GET {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        content_type.as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    Scrape::parse(response.text().await.expect("metrics body"))
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Prometheus text format, minimally
+// ---------------------------------------------------------------------------------------------
+
+type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: Labels,
+    value: f64,
+}
+
+struct Scrape {
+    text: String,
+    samples: Vec<Sample>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn parse_value(text: &str) -> f64 {
+    match text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        _ => text
+            .parse()
+            .unwrap_or_else(|e| panic!("bad sample value {text:?}: {e}")),
+    }
+}
+
+/// `name{a="x",b="y"} value` (label values with `\\`, `\"` and `\n` escapes).
+fn parse_line(line: &str) -> Sample {
+    let name_end = line
+        .find(['{', ' '])
+        .unwrap_or_else(|| panic!("no value in {line:?}"));
+    let name = line[..name_end].to_owned();
+    let mut labels = Labels::new();
+    let mut rest = &line[name_end..];
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices().peekable();
+        let end;
+        loop {
+            // Skip separators, find `key="`.
+            while let Some((_, c)) = chars.peek() {
+                if *c == ',' || *c == ' ' {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            match chars.peek() {
+                Some((i, '}')) => {
+                    end = *i;
+                    break;
+                }
+                None => panic!("unterminated labels in {line:?}"),
+                _ => {}
+            }
+            let mut key = String::new();
+            for (_, c) in chars.by_ref() {
+                if c == '=' {
+                    break;
+                }
+                key.push(c);
+            }
+            assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line:?}");
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => panic!("bad escape in {line:?}"),
+                    },
+                    Some((_, '"')) => break,
+                    Some((_, c)) => value.push(c),
+                    None => panic!("unterminated label value in {line:?}"),
+                }
+            }
+            assert!(
+                labels.insert(key.clone(), value).is_none(),
+                "label {key} twice in {line:?}"
+            );
+        }
+        rest = &inner[end + 1..];
+    }
+    let mut fields = rest.split_whitespace();
+    let value = parse_value(
+        fields
+            .next()
+            .unwrap_or_else(|| panic!("no value: {line:?}")),
+    );
+    Sample {
+        name,
+        labels,
+        value,
+    }
+}
+
+impl Scrape {
+    fn parse(text: String) -> Scrape {
+        let samples = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(parse_line)
+            .collect();
+        Scrape { text, samples }
+    }
+
+    /// Every sample of `name`.
+    fn series(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+
+    /// The value of the series with exactly these labels, if it exists.
+    fn find(&self, name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
+        let wanted = labels(pairs);
+        let mut found = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name && s.labels == wanted);
+        let value = found.next().map(|s| s.value);
+        assert!(found.next().is_none(), "{name}{wanted:?} appears twice");
+        value
+    }
+
+    /// The value of the series with exactly these labels; it must exist.
+    fn get(&self, name: &str, pairs: &[(&str, &str)]) -> f64 {
+        self.find(name, pairs).unwrap_or_else(|| {
+            panic!(
+                "no series {name}{pairs:?}; the series of that name are:\n{:#?}",
+                self.series(name)
+            )
+        })
+    }
+
+    /// Asserts an exact value (counters, integer gauges).
+    fn assert_eq(&self, name: &str, pairs: &[(&str, &str)], expected: f64) {
+        let value = self.get(name, pairs);
+        assert!(
+            value == expected,
+            "{name}{pairs:?} is {value}, expected {expected}"
+        );
+    }
+
+    /// Asserts a float value within [`EPSILON`] (credit sums).
+    fn assert_close(&self, name: &str, pairs: &[(&str, &str)], expected: f64) {
+        let value = self.get(name, pairs);
+        assert!(
+            (value - expected).abs() < EPSILON,
+            "{name}{pairs:?} is {value}, expected {expected} (± {EPSILON})"
+        );
+    }
+
+    /// Asserts that the series of `name` are exactly `expected` (labels → value), no more.
+    fn assert_series(&self, name: &str, expected: &BTreeMap<Labels, f64>) {
+        let actual: BTreeMap<Labels, f64> = self
+            .series(name)
+            .into_iter()
+            .map(|s| (s.labels.clone(), s.value))
+            .collect();
+        assert_eq!(&actual, expected, "series of {name}");
+    }
+}
+
+/// Requests the test sent, by (team, route, status), as requests_total should count them.
+#[derive(Default)]
+struct Tally(BTreeMap<(String, String, String), u64>);
+
+impl Tally {
+    fn count(&mut self, team: &str, route: &str, status: u16) {
+        *self
+            .0
+            .entry((team.to_owned(), route.to_owned(), status.to_string()))
+            .or_default() += 1;
+    }
+
+    fn expected_series(&self) -> BTreeMap<Labels, f64> {
+        self.0
+            .iter()
+            .map(|((team, route, status), n)| {
+                (
+                    labels(&[("team", team), ("route", route), ("status", status)]),
+                    *n as f64,
+                )
+            })
+            .collect()
+    }
+
+    fn per_route(&self, route: &str) -> u64 {
+        self.0
+            .iter()
+            .filter(|((_, r, _), _)| r == route)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Exact values after a scripted workload
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scripted_workload_gives_exact_metric_values() {
+    let env = Env::start("").await;
+    let mut requests = Tally::default();
+    let mut cache: BTreeMap<String, u64> = BTreeMap::new();
+
+    // design: a budget of 2.00 holds four reservations of 0.50; the fifth is refused for the
+    // budget, the sixth by the generate limit (burst of 5, all five counted).
+    let mut design_tasks = Vec::new();
+    for i in 0..5 {
+        let reply = env.generate(Some(DESIGN_KEY), None).await;
+        requests.count("design", GEN, reply.status);
+        if i < 4 {
+            design_tasks.push(reply.task_id());
+        } else {
+            assert_eq!(reply.status, 402, "{}", reply.text);
+            assert_eq!(reply.json()["message"], "budget exhausted");
+        }
+    }
+    let limited = env.generate(Some(DESIGN_KEY), None).await;
+    requests.count("design", GEN, limited.status);
+    assert_eq!(limited.status, 429, "{}", limited.text);
+    assert_eq!(limited.json()["message"], "rate limited");
+
+    // ads: no budget, two renders.
+    let mut ads_tasks = Vec::new();
+    for _ in 0..2 {
+        let reply = env.generate(Some(ADS_KEY), None).await;
+        requests.count("ads", GEN, reply.status);
+        ads_tasks.push(reply.task_id());
+    }
+
+    // No key.
+    let anonymous = env.generate(None, None).await;
+    requests.count("unknown", GEN, anonymous.status);
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text);
+
+    // Poll every design task to the end: the first read of the final state settles it.
+    for task_id in &design_tasks {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let reply = env.query(DESIGN_KEY, task_id).await;
+            requests.count("design", QUERY, reply.status);
+            let served = reply
+                .header("x-cache")
+                .unwrap_or_else(|| panic!("no X-Cache: {} {}", reply.status, reply.text));
+            *cache.entry(served.clone()).or_default() += 1;
+            match reply.task_status().as_str() {
+                "success" => {
+                    assert_eq!(served, "miss", "the first final state comes from upstream");
+                    assert_eq!(reply.json()["data"]["consumed"], "0.37000000");
+                    break;
+                }
+                "failed" => panic!("task failed: {}", reply.text),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "task {task_id} never finished");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A finished task stays in the cache: three more reads are hits.
+    for _ in 0..3 {
+        let reply = env.query(DESIGN_KEY, &design_tasks[0]).await;
+        requests.count("design", QUERY, reply.status);
+        assert_eq!(reply.task_status(), "success");
+        assert_eq!(reply.header("x-cache").as_deref(), Some("hit"));
+        *cache.entry("hit".into()).or_default() += 1;
+    }
+    let misses = cache.get("miss").copied().unwrap_or(0);
+    assert!(misses >= 4, "{cache:?}");
+
+    let m = env.scrape().await;
+
+    // --- Requests, by team, route and status: exactly what was sent, nothing else (this scrape
+    // is counted once it has been answered).
+    m.assert_series(
+        "ketchup_gateway_requests_total",
+        &requests.expected_series(),
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "200"), ("team", "design")],
+        4.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "402"), ("team", "design")],
+        1.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "429"), ("team", "design")],
+        1.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "200"), ("team", "ads")],
+        2.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "401"), ("team", "unknown")],
+        1.0,
+    );
+    for route in [GEN, QUERY] {
+        let n = requests.per_route(route) as f64;
+        m.assert_eq(
+            "ketchup_gateway_request_duration_seconds_count",
+            &[("route", route)],
+            n,
+        );
+        m.assert_eq(
+            "ketchup_gateway_overhead_seconds_count",
+            &[("route", route)],
+            n,
+        );
+        m.assert_eq(
+            "ketchup_gateway_request_duration_seconds_bucket",
+            &[("route", route), ("le", "+Inf")],
+            n,
+        );
+    }
+
+    // --- Upstream: six accepted generations, one read per cache miss, no errors or retries.
+    m.assert_series(
+        "ketchup_gateway_upstream_requests_total",
+        &BTreeMap::from([
+            (labels(&[("route", "generate"), ("status", "200")]), 6.0),
+            (
+                labels(&[("route", "query"), ("status", "200")]),
+                misses as f64,
+            ),
+        ]),
+    );
+    m.assert_eq(
+        "ketchup_gateway_upstream_request_duration_seconds_count",
+        &[("route", "generate")],
+        6.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_upstream_request_duration_seconds_count",
+        &[("route", "query")],
+        misses as f64,
+    );
+    let mut no_errors = BTreeMap::new();
+    for route in ["generate", "query"] {
+        for kind in ["connect", "timeout", "broken", "5xx"] {
+            no_errors.insert(labels(&[("route", route), ("kind", kind)]), 0.0);
+        }
+    }
+    m.assert_series("ketchup_gateway_upstream_errors_total", &no_errors);
+    m.assert_series("ketchup_gateway_upstream_retries_total", &BTreeMap::new());
+
+    // --- Refusals: one for the budget, one for the generate limit; every other one at zero.
+    let mut rejections = BTreeMap::new();
+    let mut rate_limited = BTreeMap::new();
+    for team in ["design", "ads"] {
+        for reason in ["budget", "in_flight"] {
+            let n = if (team, reason) == ("design", "budget") {
+                1.0
+            } else {
+                0.0
+            };
+            rejections.insert(labels(&[("team", team), ("reason", reason)]), n);
+        }
+        for limit in ["generate", "query", "global"] {
+            let n = if (team, limit) == ("design", "generate") {
+                1.0
+            } else {
+                0.0
+            };
+            rate_limited.insert(labels(&[("team", team), ("limit", limit)]), n);
+        }
+    }
+    m.assert_series("ketchup_gateway_budget_rejections_total", &rejections);
+    m.assert_series("ketchup_gateway_rate_limited_total", &rate_limited);
+    m.assert_eq(
+        "ketchup_gateway_budget_rejections_total",
+        &[("reason", "budget"), ("team", "design")],
+        1.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_rate_limited_total",
+        &[("limit", "generate"), ("team", "design")],
+        1.0,
+    );
+
+    // --- Tasks: started, finished, what they cost.
+    m.assert_series(
+        "ketchup_gateway_tasks_started_total",
+        &BTreeMap::from([
+            (labels(&[("team", "design"), ("model", MODEL)]), 4.0),
+            (labels(&[("team", "ads"), ("model", MODEL)]), 2.0),
+        ]),
+    );
+    m.assert_series(
+        "ketchup_gateway_tasks_finished_total",
+        &BTreeMap::from([(
+            labels(&[("team", "design"), ("model", MODEL), ("status", "success")]),
+            4.0,
+        )]),
+    );
+    m.assert_close(
+        "ketchup_gateway_credits_consumed_total",
+        &[("model", MODEL), ("team", "design")],
+        1.48,
+    );
+    assert_eq!(
+        m.series("ketchup_gateway_credits_consumed_total").len(),
+        1,
+        "only design's tasks settled"
+    );
+    let no_consumed_problems: BTreeMap<Labels, f64> = ["design", "ads"]
+        .iter()
+        .flat_map(|team| {
+            ["missing", "malformed"]
+                .map(|reason| (labels(&[("team", team), ("reason", reason)]), 0.0))
+        })
+        .collect();
+    m.assert_series(
+        "ketchup_gateway_settlements_without_consumed_total",
+        &no_consumed_problems,
+    );
+
+    // consumed − reserved = 0.37 − 0.50 = −0.13 for each of the four settled tasks.
+    let model = [("model", MODEL)];
+    m.assert_eq(
+        "ketchup_gateway_reservation_error_credits_count",
+        &model,
+        4.0,
+    );
+    m.assert_close(
+        "ketchup_gateway_reservation_error_credits_sum",
+        &model,
+        -0.52,
+    );
+    for (le, n) in [("-0.25", 0.0), ("-0.1", 4.0), ("0", 4.0), ("+Inf", 4.0)] {
+        m.assert_eq(
+            "ketchup_gateway_reservation_error_credits_bucket",
+            &[("model", MODEL), ("le", le)],
+            n,
+        );
+    }
+
+    // --- Budget gauges, read from the ledger at scrape time.
+    let design = [("team", "design")];
+    let ads = [("team", "ads")];
+    m.assert_close("ketchup_gateway_budget_spent_credits", &design, 1.48);
+    m.assert_close("ketchup_gateway_budget_reserved_credits", &design, 0.0);
+    m.assert_close("ketchup_gateway_budget_limit_credits", &design, 2.0);
+    m.assert_close("ketchup_gateway_budget_remaining_credits", &design, 0.52);
+    m.assert_eq("ketchup_gateway_tasks_in_flight", &design, 0.0);
+    // ads has no budget: spent and reserved, but no limit and no remaining.
+    m.assert_close("ketchup_gateway_budget_spent_credits", &ads, 0.0);
+    m.assert_close("ketchup_gateway_budget_reserved_credits", &ads, 1.0);
+    m.assert_eq("ketchup_gateway_tasks_in_flight", &ads, 2.0);
+    assert_eq!(m.find("ketchup_gateway_budget_limit_credits", &ads), None);
+    assert_eq!(
+        m.find("ketchup_gateway_budget_remaining_credits", &ads),
+        None
+    );
+
+    // --- Cache: the metric agrees with the X-Cache headers, result by result.
+    for result in ["hit", "miss", "coalesced"] {
+        let seen = cache.get(result).copied().unwrap_or(0) as f64;
+        let counted = m
+            .find(
+                "ketchup_gateway_cache_requests_total",
+                &[("result", result)],
+            )
+            .unwrap_or(0.0);
+        assert_eq!(
+            counted, seen,
+            "cache_requests_total{{result={result:?}}} vs X-Cache headers seen {cache:?}"
+        );
+    }
+    assert!(cache.get("hit").copied().unwrap_or(0) >= 3, "{cache:?}");
+    // The four finished design tasks; ads was never read.
+    m.assert_eq("ketchup_gateway_cache_entries", &[], 4.0);
+    m.assert_eq("ketchup_gateway_cache_evictions_total", &[], 0.0);
+
+    // --- Reconciler: had nothing to do.
+    for name in [
+        "ketchup_gateway_reconciler_settlements_total",
+        "ketchup_gateway_reconciler_expirations_total",
+        "ketchup_gateway_reconciler_abandoned_total",
+        "ketchup_gateway_reconciler_backlog",
+    ] {
+        m.assert_eq(name, &[], 0.0);
+    }
+
+    // --- Build info and process metrics.
+    let build = m.series("ketchup_gateway_build_info");
+    assert_eq!(build.len(), 1, "{build:?}");
+    assert_eq!(build[0].value, 1.0);
+    assert_eq!(build[0].labels["version"], "0.1.0");
+    assert!(!build[0].labels["git_commit"].is_empty(), "{build:?}");
+    assert_eq!(
+        build[0].labels.keys().collect::<Vec<_>>(),
+        ["git_commit", "version"]
+    );
+    assert!(m.get("process_resident_memory_bytes", &[]) > 0.0);
+
+    // --- Bounded labels: nothing secret or per-request anywhere in the text.
+    let mut secrets: Vec<String> = vec![
+        DESIGN_KEY.into(),
+        ADS_KEY.into(),
+        UPSTREAM_TOKEN.into(),
+        digest(DESIGN_KEY),
+        digest(ADS_KEY),
+        PROMPT.into(),
+        env.fake.base_url(),
+        env.fake.addr().to_string(),
+    ];
+    secrets.extend(design_tasks.iter().cloned());
+    secrets.extend(ads_tasks.iter().cloned());
+    for secret in &secrets {
+        assert!(
+            !m.text.contains(secret.as_str()),
+            "the scrape contains {secret:?}:\n{}",
+            m.text
+        );
+    }
+    // And the label names are the bounded ones only.
+    let label_names: BTreeSet<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.name.starts_with("ketchup_gateway_"))
+        .flat_map(|s| s.labels.keys().map(String::as_str))
+        .collect();
+    let allowed: BTreeSet<&str> = [
+        "team",
+        "route",
+        "status",
+        "model",
+        "reason",
+        "limit",
+        "kind",
+        "result",
+        "le",
+        "version",
+        "git_commit",
+    ]
+    .into();
+    assert!(
+        label_names.is_subset(&allowed),
+        "unexpected label names: {:?}",
+        label_names.difference(&allowed).collect::<Vec<_>>()
+    );
+
+    // The first scrape is counted after it was answered: the second one sees it, unauthenticated.
+    let again = env.scrape().await;
+    again.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[
+            ("route", "/metrics"),
+            ("status", "200"),
+            ("team", "unknown"),
+        ],
+        1.0,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. promtool
+// ---------------------------------------------------------------------------------------------
+
+/// promtool's path, or `None` when it is missing and not required (`KETCHUP_REQUIRE_PROMTOOL=1`
+/// makes a missing promtool a failure).
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("promtool"))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        assert_ne!(
+            std::env::var("KETCHUP_REQUIRE_PROMTOOL").as_deref(),
+            Ok("1"),
+            "promtool is not installed but KETCHUP_REQUIRE_PROMTOOL=1 (Debian: apt-get install prometheus)"
+        );
+        eprintln!(
+            "\n==========\nSKIPPED: promtool not installed (Debian package `prometheus`); \
+             set KETCHUP_REQUIRE_PROMTOOL=1 to make this a failure\n==========\n"
+        );
+    }
+    found
+}
+
+fn prometheus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prometheus")
+}
+
+/// Runs promtool with `args` in `dir`, `stdin` piped in; asserts exit 0, showing its output.
+fn run_promtool(promtool: &Path, args: &[&str], dir: &Path, stdin: Option<&str>) {
+    let mut child = Command::new(promtool)
+        .args(args)
+        .current_dir(dir)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        pipe.write_all(text.as_bytes()).expect("promtool reads");
+    }
+    let output = child.wait_with_output().expect("promtool finishes");
+    assert!(
+        output.status.success(),
+        "promtool {args:?} exited with {}\nstdout:\n{}\nstderr:\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        stdin.map(|t| format!("input:\n{t}")).unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_accepts_a_real_scrape() {
+    let Some(promtool) = promtool() else { return };
+    let env = Env::start("").await;
+    // Some of everything: an accepted render read to the end, a budget refusal, a rate-limit
+    // refusal, a 401, so that every kind of series is present.
+    let task = env.generate(Some(DESIGN_KEY), None).await.task_id();
+    let deadline = Instant::now() + DEADLINE;
+    while env.query(DESIGN_KEY, &task).await.task_status() != "success" {
+        assert!(Instant::now() < deadline, "task never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.query(DESIGN_KEY, &task).await;
+    env.generate(Some(ADS_KEY), None).await.task_id();
+    assert_eq!(env.generate(None, None).await.status, 401);
+    let scrape = env.scrape().await;
+    assert!(scrape.text.contains("ketchup_gateway_tasks_finished_total"));
+    run_promtool(
+        &promtool,
+        &["check", "metrics"],
+        &prometheus_dir(),
+        Some(&scrape.text),
+    );
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_config() {
+    let Some(promtool) = promtool() else { return };
+    run_promtool(
+        &promtool,
+        &["check", "config", "prometheus.yml"],
+        &prometheus_dir(),
+        None,
+    );
+}
+
+#[test]
+fn promtool_accepts_the_alert_rules() {
+    let Some(promtool) = promtool() else { return };
+    run_promtool(
+        &promtool,
+        &["check", "rules", "alerts.yml"],
+        &prometheus_dir(),
+        None,
+    );
+}
+
+#[test]
+fn the_alert_rules_pass_their_unit_tests() {
+    let Some(promtool) = promtool() else { return };
+    run_promtool(
+        &promtool,
+        &["test", "rules", "alerts_test.yml"],
+        &prometheus_dir(),
+        None,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The separate metrics listener
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_metrics_listen_metrics_are_served_only_there() {
+    let port = free_port();
+    let env = Env::start(&format!("metrics_listen = \"127.0.0.1:{port}\"")).await;
+    env.gateway.wait_for_log("metrics listening").await;
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+
+    // The main listener has no /metrics: it is a public path, so no key is asked for, and the
+    // router answers "no such endpoint" in the envelope.
+    let main = env.send(env.http.get(env.gateway.url("/metrics"))).await;
+    assert_eq!(main.status, 404, "{}", main.text);
+    assert_eq!(
+        main.json(),
+        json!({"code": 1, "message": "not found", "detail": "no such endpoint: GET /metrics"})
+    );
+    assert!(!main.text.contains("ketchup_gateway_"), "{}", main.text);
+    // With a key it is no different.
+    let keyed = env
+        .send(
+            env.http
+                .get(env.gateway.url("/metrics"))
+                .bearer_auth(DESIGN_KEY),
+        )
+        .await;
+    assert_eq!(keyed.status, 404, "{}", keyed.text);
+    assert!(!keyed.text.contains("ketchup_gateway_"), "{}", keyed.text);
+
+    // Traffic on the main listener shows up on the metrics listener.
+    let task = env.generate(Some(DESIGN_KEY), None).await.task_id();
+    let m = scrape_at(&env.http, &metrics_url).await;
+    m.assert_eq(
+        "ketchup_gateway_build_info",
+        &[
+            ("version", "0.1.0"),
+            (
+                "git_commit",
+                m.series("ketchup_gateway_build_info")[0].labels["git_commit"].as_str(),
+            ),
+        ],
+        1.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_tasks_started_total",
+        &[("model", MODEL), ("team", "design")],
+        1.0,
+    );
+    m.assert_eq(
+        "ketchup_gateway_requests_total",
+        &[("route", GEN), ("status", "200"), ("team", "design")],
+        1.0,
+    );
+    let not_found: f64 = m
+        .series("ketchup_gateway_requests_total")
+        .iter()
+        .filter(|s| s.labels["status"] == "404")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(not_found, 2.0, "the two GET /metrics on the main listener");
+    assert!(!m.text.contains(&task));
+
+    // The metrics listener serves nothing else: not the API, not the probes.
+    for path in ["/healthz", GEN, QUERY] {
+        let reply = env
+            .send(
+                env.http
+                    .get(format!("http://127.0.0.1:{port}{path}"))
+                    .bearer_auth(DESIGN_KEY),
+            )
+            .await;
+        assert_eq!(reply.status, 404, "{path} on the metrics listener");
+    }
+    let post = env
+        .send(
+            env.http
+                .post(format!("http://127.0.0.1:{port}{GEN}"))
+                .bearer_auth(DESIGN_KEY)
+                .body(gempix_body()),
+        )
+        .await;
+    assert_eq!(post.status, 404, "{}", post.text);
+    // Nothing reached the upstream through the metrics listener.
+    let m = scrape_at(&env.http, &metrics_url).await;
+    m.assert_eq(
+        "ketchup_gateway_upstream_requests_total",
+        &[("route", "generate"), ("status", "200")],
+        1.0,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. One log line per request
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_ends_with_one_log_line_with_its_facts() {
+    let env = Env::start("").await;
+    let reply = env.generate(Some(DESIGN_KEY), Some("metrics-test-1")).await;
+    let task_id = reply.task_id();
+    assert_eq!(
+        reply.header("x-request-id").as_deref(),
+        Some("metrics-test-1")
+    );
+
+    let finished = |logs: &str| -> Vec<Value> {
+        logs.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|event| {
+                event["message"] == "request finished"
+                    && event["span"]["request_id"] == "metrics-test-1"
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let lines = loop {
+        let lines = finished(&env.gateway.logs());
+        if !lines.is_empty() || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one closing line for the request; log:\n{}",
+        env.gateway.logs()
+    );
+    let line = &lines[0];
+    let span = &line["span"];
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert!(
+        line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{line}"
+    );
+    assert_eq!(span["name"], "request", "{line}");
+    assert_eq!(span["request_id"], "metrics-test-1", "{line}");
+    assert_eq!(span["method"], "POST", "{line}");
+    assert_eq!(span["route"], GEN, "{line}");
+    assert_eq!(span["team"], "design", "{line}");
+    assert_eq!(span["key"], "design-test", "{line}");
+    assert_eq!(span["task_id"], task_id.as_str(), "{line}");
+    let upstream_ms = span["upstream_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no upstream_ms: {line}"));
+    assert!(upstream_ms >= 0.0, "{line}");
+    assert_eq!(line.get("error"), None, "a success has no error: {line}");
+
+    // A refused request has its line too, with the error kind and without a team.
+    let anonymous = env.generate(None, Some("metrics-test-2")).await;
+    assert_eq!(anonymous.status, 401);
+    let deadline = Instant::now() + DEADLINE;
+    let refused = loop {
+        let found = env
+            .gateway
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|e| {
+                e["message"] == "request finished" && e["span"]["request_id"] == "metrics-test-2"
+            });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no line for metrics-test-2");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(refused["error"], "invalid_api_key", "{refused}");
+    assert_eq!(refused["span"].get("team"), None, "{refused}");
+
+    // Keys and the upstream token never reach the log.
+    let logs = env.gateway.logs();
+    for secret in [DESIGN_KEY, ADS_KEY, UPSTREAM_TOKEN] {
+        assert!(
+            !logs.contains(secret),
+            "the log contains {secret:?}:\n{logs}"
+        );
+    }
+}
