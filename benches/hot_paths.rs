@@ -101,6 +101,7 @@ fn cache_hit(c: &mut Criterion) {
                     unreachable!("the entry is cached")
                 })
                 .await
+                .1
                 .is_ok()
         })
     });

@@ -38,7 +38,7 @@ pub struct AppState {
     pub ledger: Arc<dyn LedgerStore>,
     pub upstream: UpstreamClient,
     pub metrics: Arc<Metrics>,
-    pub rate_limits: RateLimits,
+    pub rate_limits: Arc<RateLimits>,
     pub status_cache: StatusCache,
     /// Who owns which task, remembered after the first lookup: ownership never changes, so the
     /// hot status-read path need not ask the ledger again.

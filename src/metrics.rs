@@ -306,6 +306,27 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Drops the budget gauges a reload made meaningless: those of teams that are gone, and the
+    /// limit and remaining credits of teams that no longer have a budget. Left alone they would
+    /// freeze at their last values and keep budget alerts firing.
+    pub fn forget_budgets(&self, old: &Config, new: &Config) {
+        for team in &old.teams {
+            let name = [team.name.as_str()];
+            let kept = new.team(&team.name);
+            if kept.is_none() {
+                let _ = self.budget_spent.remove_label_values(&name);
+                let _ = self.budget_reserved.remove_label_values(&name);
+                let _ = self.tasks_in_flight.remove_label_values(&name);
+            }
+            if kept.is_none_or(|t| t.budget.is_none()) {
+                let _ = self.budget_limit.remove_label_values(&name);
+                let _ = self.budget_remaining.remove_label_values(&name);
+            }
+        }
+    }
+}
+
 /// A team label: the configured name, or `unknown`.
 pub fn team_label<'a>(config: &Config, team: &'a str) -> &'a str {
     if config.team(team).is_some() || team == "admin" {

@@ -4,9 +4,11 @@
 //! Team limiters live in a map keyed by team name; a configuration reload replaces only the
 //! limiters whose settings changed, so a reload does not hand every team a fresh burst.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use governor::{
     Quota, RateLimiter,
@@ -67,8 +69,26 @@ struct TeamLimiters {
 pub struct RateLimits {
     metrics: Arc<Metrics>,
     teams: DashMap<String, Arc<TeamLimiters>>,
-    global: Limiter,
-    global_rate: u32,
+    /// Swapped whole when a reload changes `upstream.max_requests_per_second`.
+    global: ArcSwap<GlobalLimit>,
+}
+
+struct GlobalLimit {
+    limiter: Limiter,
+    rate: NonZeroU32,
+}
+
+impl GlobalLimit {
+    fn new(rate: NonZeroU32) -> Self {
+        let per_second = Rate {
+            count: rate,
+            per: Duration::from_secs(1),
+        };
+        GlobalLimit {
+            limiter: limiter(per_second, rate),
+            rate,
+        }
+    }
 }
 
 fn limiter(rate: Rate, burst: std::num::NonZeroU32) -> Limiter {
@@ -85,25 +105,24 @@ fn seconds_up(duration: Duration) -> u64 {
 
 impl RateLimits {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
-        let rate = config.upstream.max_requests_per_second;
         let limits = RateLimits {
             metrics,
             teams: DashMap::new(),
-            global: limiter(
-                Rate {
-                    count: rate,
-                    per: Duration::from_secs(1),
-                },
-                rate,
-            ),
-            global_rate: rate.get(),
+            global: ArcSwap::from_pointee(GlobalLimit::new(
+                config.upstream.max_requests_per_second,
+            )),
         };
         limits.reload(config);
         limits
     }
 
-    /// Takes the teams' limits from a (re)loaded configuration.
+    /// Takes the limits from a (re)loaded configuration; a limit whose setting did not change
+    /// keeps its state.
     pub fn reload(&self, config: &Config) {
+        let rate = config.upstream.max_requests_per_second;
+        if self.global.load().rate != rate {
+            self.global.store(Arc::new(GlobalLimit::new(rate)));
+        }
         self.teams
             .retain(|name, _| config.teams.iter().any(|t| &t.name == name));
         for team in &config.teams {
@@ -146,8 +165,9 @@ impl RateLimits {
             Refusal {
                 verdict,
                 detail: format!(
-                    "team '{team}' may {action} {} tasks per {}; retry in {} s",
+                    "team '{team}' may {action} {} task{} per {}; retry in {} s",
                     rate.count,
+                    if rate.count.get() == 1 { "" } else { "s" },
                     unit(rate.per),
                     seconds_up(verdict.reset).max(1)
                 ),
@@ -164,13 +184,14 @@ impl RateLimits {
 
     /// Counts one request of `team` against the upstream account's limit.
     pub fn check_global(&self, team: &str) -> Result<Verdict, Refusal> {
-        check(&self.global, LimitKind::Global).map_err(|verdict| {
+        let global = self.global.load();
+        check(&global.limiter, LimitKind::Global).map_err(|verdict| {
             self.count_refusal(team, LimitKind::Global);
             Refusal {
                 verdict,
                 detail: format!(
                     "the upstream account takes at most {} requests per second from all teams together; retry in {} s",
-                    self.global_rate,
+                    global.rate,
                     seconds_up(verdict.reset).max(1)
                 ),
             }
@@ -180,7 +201,8 @@ impl RateLimits {
     /// Waits until the upstream account's limit lets one more request through (for background
     /// work, which may wait where a client should not).
     pub async fn wait_global(&self) {
-        self.global.until_ready().await;
+        let global = self.global.load_full();
+        global.limiter.until_ready().await;
     }
 }
 

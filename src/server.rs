@@ -42,7 +42,13 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         metrics.start_at_zero(&config);
-        let upstream = UpstreamClient::new(&config.upstream, upstream_token, metrics.clone())?;
+        let rate_limits = Arc::new(RateLimits::new(&config, metrics.clone()));
+        let upstream = UpstreamClient::new(
+            &config.upstream,
+            upstream_token,
+            metrics.clone(),
+            rate_limits.clone(),
+        )?;
         let admin_token_digest = match &config.admin_token {
             Some(source) => {
                 let token = source.resolve("admin token").map_err(|e| e.to_string())?;
@@ -62,7 +68,7 @@ impl Server {
             None => None,
         };
         let state = Arc::new(AppState {
-            rate_limits: RateLimits::new(&config, metrics.clone()),
+            rate_limits,
             status_cache: StatusCache::new(&config.cache, metrics.clone()),
             metrics,
             owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
@@ -177,16 +183,19 @@ async fn reload_on_sighup(
                     || u.timeout != p.timeout
                     || u.connect_timeout != p.connect_timeout
                     || u.query_retries != p.query_retries
+                    || new.cache.status_ttl != old.cache.status_ttl
+                    || new.cache.max_entries != old.cache.max_entries
                 {
                     tracing::warn!(
-                        "[server] listen and timeouts, [store] and the [upstream] connection \
-                         settings change only on restart; reloading the rest"
+                        "[server] listen and timeouts, [store], [cache] and the [upstream] \
+                         connection settings change only on restart; reloading the rest"
                     );
                 }
                 let teams = new.teams.len();
                 let models = new.models.len();
                 state.rate_limits.reload(&new);
                 state.metrics.start_at_zero(&new);
+                state.metrics.forget_budgets(&old, &new);
                 state.config.store(Arc::new(new));
                 tracing::info!(teams, models, "configuration reloaded");
             }

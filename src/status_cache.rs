@@ -104,28 +104,31 @@ impl StatusCache {
         StatusCache { entries }
     }
 
-    /// The task's status from the cache, or from `fetch` (once, however many ask at once).
+    /// The task's status from the cache, or from `fetch` (once, however many ask at once), and
+    /// how it was served: a request that waited on another's read is `Coalesced`, whether that
+    /// read gave a status or not.
     pub async fn get_or_fetch<E, F>(
         &self,
         task_id: &str,
         fetch: F,
-    ) -> Result<(Arc<Answer>, Served), Arc<NotCached<E>>>
+    ) -> (Served, Result<Arc<Answer>, Arc<NotCached<E>>>)
     where
         E: Send + Sync + 'static,
         F: Future<Output = Fetched<E>>,
     {
         let Some(entries) = &self.entries else {
-            return match fetch.await {
-                Fetched::Status(answer) => Ok((Arc::new(answer), Served::Miss)),
+            let result = match fetch.await {
+                Fetched::Status(answer) => Ok(Arc::new(answer)),
                 Fetched::Uncacheable(answer) => Err(Arc::new(NotCached::Answer(answer))),
                 Fetched::Failed(e) => Err(Arc::new(NotCached::Error(e))),
             };
+            return (Served::Miss, result);
         };
         if let Some(answer) = entries.get(task_id).await {
-            return Ok((answer, Served::Hit));
+            return (Served::Hit, Ok(answer));
         }
         let fetched_here = AtomicBool::new(false);
-        let answer = entries
+        let result = entries
             .try_get_with(task_id.to_owned(), async {
                 fetched_here.store(true, Ordering::Relaxed);
                 match fetch.await {
@@ -134,13 +137,13 @@ impl StatusCache {
                     Fetched::Failed(e) => Err(NotCached::Error(e)),
                 }
             })
-            .await?;
+            .await;
         let served = if fetched_here.load(Ordering::Relaxed) {
             Served::Miss
         } else {
             Served::Coalesced
         };
-        Ok((answer, served))
+        (served, result)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -205,8 +208,7 @@ mod tests {
                             Fetched::Status(answer(false))
                         })
                         .await
-                        .unwrap()
-                        .1
+                        .0
                 })
             })
             .collect();
@@ -220,10 +222,9 @@ mod tests {
             served.iter().filter(|s| **s == Served::Coalesced).count(),
             49
         );
-        let (_, again) = cache
+        let (again, _) = cache
             .get_or_fetch::<(), _>("ta-1", async { unreachable!("cached") })
-            .await
-            .unwrap();
+            .await;
         assert_eq!(again, Served::Hit);
     }
 
@@ -233,17 +234,18 @@ mod tests {
         let failed = cache
             .get_or_fetch("ta-1", async { Fetched::Failed("upstream down") })
             .await
+            .1
             .unwrap_err();
         assert!(matches!(*failed, NotCached::Error("upstream down")));
         let passed_on = cache
             .get_or_fetch::<(), _>("ta-1", async { Fetched::Uncacheable(answer(false)) })
             .await
+            .1
             .unwrap_err();
         assert!(matches!(*passed_on, NotCached::Answer(_)));
-        let (_, served) = cache
+        let (served, _) = cache
             .get_or_fetch::<(), _>("ta-1", async { Fetched::Status(answer(false)) })
-            .await
-            .unwrap();
+            .await;
         assert_eq!(served, Served::Miss, "nothing was cached before");
     }
 
@@ -256,14 +258,12 @@ mod tests {
         let refetched = cache
             .get_or_fetch::<(), _>("running", async { Fetched::Status(answer(false)) })
             .await
-            .unwrap()
-            .1;
+            .0;
         assert_eq!(refetched, Served::Miss);
         let kept = cache
             .get_or_fetch::<(), _>("done", async { unreachable!("final statuses stay") })
             .await
-            .unwrap()
-            .1;
+            .0;
         assert_eq!(kept, Served::Hit);
     }
 

@@ -7,6 +7,7 @@
 //! retry could start (and charge) a second render.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -20,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::rate_limit::RateLimits;
 
 /// Route labels of upstream metrics.
 pub const GENERATE: &str = "generate";
@@ -57,6 +59,9 @@ pub enum UpstreamError {
 pub struct UpstreamClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     metrics: Arc<Metrics>,
+    /// The upstream account's limit. Callers check it for a request's first attempt (and refuse
+    /// the client when it is exhausted); retries wait for it here.
+    limits: Arc<RateLimits>,
     base_url: String,
     authorization: HeaderValue,
     timeout: Duration,
@@ -68,6 +73,7 @@ impl UpstreamClient {
         config: &UpstreamConfig,
         token: &Secret,
         metrics: Arc<Metrics>,
+        limits: Arc<RateLimits>,
     ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -92,6 +98,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             client,
             metrics,
+            limits,
             base_url: config.base_url.as_str().trim_end_matches('/').to_owned(),
             authorization,
             timeout: config.timeout,
@@ -115,7 +122,13 @@ impl UpstreamClient {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
         let url = format!("{}/api/image/gen", self.base_url);
-        let mut response = (|| self.send(GENERATE, Method::POST, &url, body.clone(), request_id))
+        let attempts = AtomicU32::new(0);
+        let attempt = || async {
+            self.pace_retry(&attempts).await;
+            self.send(GENERATE, Method::POST, &url, body.clone(), request_id)
+                .await
+        };
+        let mut response = attempt
             .retry(self.backoff())
             .when(|e| matches!(e, UpstreamError::Connect(_)))
             .notify(|_, _| self.count_retry(GENERATE))
@@ -136,7 +149,9 @@ impl UpstreamClient {
             [("task_id", task_id)],
         )
         .map_err(|e| UpstreamError::Connect(format!("bad upstream URL: {e}")))?;
+        let attempts = AtomicU32::new(0);
         let attempt = || async {
+            self.pace_retry(&attempts).await;
             let response = self
                 .send(QUERY, Method::GET, url.as_str(), Bytes::new(), request_id)
                 .await?;
@@ -159,6 +174,13 @@ impl UpstreamClient {
         };
         response.elapsed = started.elapsed();
         Ok(response)
+    }
+
+    /// A retry is one more request to the upstream account: it waits for the account's limit.
+    async fn pace_retry(&self, attempts: &AtomicU32) {
+        if attempts.fetch_add(1, Ordering::Relaxed) > 0 {
+            self.limits.wait_global().await;
+        }
     }
 
     fn count_retry(&self, route: &str) {

@@ -81,30 +81,28 @@ pub async fn query(
     let task = owned_task(&state, &team.name, &task_id).await?;
 
     let asked = std::time::Instant::now();
-    let read = state
+    let (served, read) = state
         .status_cache
         .get_or_fetch(&task_id, read_upstream(&state, &task, &request_id, &facts))
         .await;
-    let (answer, served) = match read {
-        Ok((answer, served)) => {
-            if served == Served::Coalesced {
-                // Waiting on another request's upstream read is waiting on the upstream.
-                facts.add_upstream_wait(asked.elapsed());
-            }
-            (answer, served.as_str())
-        }
-        Err(not_cached) => match &*not_cached {
-            NotCached::Answer(answer) => (Arc::new(answer.clone()), "miss"),
-            NotCached::Error(error) => return Err(error.clone()),
-        },
-    };
+    if served == Served::Coalesced {
+        // Waiting on another request's upstream read is waiting on the upstream.
+        record_upstream_wait(&facts, asked.elapsed());
+    }
     if state.status_cache.is_enabled() {
         state
             .metrics
             .cache_requests
-            .with_label_values(&[served])
+            .with_label_values(&[served.as_str()])
             .inc();
     }
+    let answer = match read {
+        Ok(answer) => answer,
+        Err(not_cached) => match &*not_cached {
+            NotCached::Answer(answer) => Arc::new(answer.clone()),
+            NotCached::Error(error) => return Err(error.clone()),
+        },
+    };
     let content_type = answer
         .content_type
         .clone()
@@ -112,7 +110,7 @@ pub async fn query(
     let mut response = (answer.status, answer.body.clone()).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert("x-cache", HeaderValue::from_static(served));
+    headers.insert("x-cache", HeaderValue::from_static(served.as_str()));
     Ok(response)
 }
 
