@@ -1095,3 +1095,63 @@ async fn each_request_ends_with_one_log_line_with_its_facts() {
         );
     }
 }
+
+/// Budget gauges of a team that a reload removed, or whose budget it removed, disappear instead
+/// of freezing at their last values (which would keep budget alerts firing).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_drops_the_budget_gauges_it_made_meaningless() {
+    let env = Env::start("").await;
+    let has = |scrape: &Scrape, name: &str, team: &str| {
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.name == name && s.labels.get("team").map(String::as_str) == Some(team))
+    };
+    let before = env.scrape().await;
+    assert!(has(
+        &before,
+        "ketchup_gateway_budget_limit_credits",
+        "design"
+    ));
+    assert!(has(
+        &before,
+        "ketchup_gateway_budget_remaining_credits",
+        "design"
+    ));
+    assert!(has(&before, "ketchup_gateway_budget_spent_credits", "ads"));
+
+    // design loses its budget; ads is removed.
+    let text = std::fs::read_to_string(&env.gateway.config_path).expect("config");
+    let start = text.find("[[teams]]\nname = \"ads\"").expect("ads table");
+    let text = text[..start].replace(
+        "budget = { credits = \"2.00\", period = \"lifetime\" }\n",
+        "",
+    );
+    std::fs::write(&env.gateway.config_path, text).expect("config rewritten");
+    env.gateway.hangup();
+    env.gateway.wait_for_log("configuration reloaded").await;
+
+    let after = env.scrape().await;
+    assert!(!has(
+        &after,
+        "ketchup_gateway_budget_limit_credits",
+        "design"
+    ));
+    assert!(!has(
+        &after,
+        "ketchup_gateway_budget_remaining_credits",
+        "design"
+    ));
+    assert!(has(
+        &after,
+        "ketchup_gateway_budget_spent_credits",
+        "design"
+    ));
+    for gauge in [
+        "ketchup_gateway_budget_spent_credits",
+        "ketchup_gateway_budget_reserved_credits",
+        "ketchup_gateway_tasks_in_flight",
+    ] {
+        assert!(!has(&after, gauge, "ads"), "{gauge} of a removed team");
+    }
+}
