@@ -43,6 +43,9 @@ pub struct AppState {
     /// Who owns which task, remembered after the first lookup: ownership never changes, so the
     /// hot status-read path need not ask the ledger again.
     pub owners: moka::sync::Cache<String, Arc<TaskRecord>>,
+    /// Tasks whose status a client read lately (for half of `reconciler.settle_after`): their
+    /// ledger row is not touched again until then, which is often enough for the reconciler.
+    pub recently_observed: moka::sync::Cache<String, ()>,
     pub clock: SharedClock,
     /// SHA-256 of the admin token; `None` turns the admin API off.
     pub admin_token_digest: Option<KeyDigest>,

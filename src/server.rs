@@ -72,6 +72,10 @@ impl Server {
             status_cache: StatusCache::new(&config.cache, metrics.clone()),
             metrics,
             owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
+            recently_observed: moka::sync::Cache::builder()
+                .max_capacity(config.cache.max_entries.max(10_000))
+                .time_to_live(config.reconciler.settle_after / 2)
+                .build(),
             config: ArcSwap::from_pointee(config),
             ledger,
             upstream,

@@ -94,6 +94,7 @@ impl SqliteStore {
         )
         .map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
         let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
         std::thread::Builder::new()
@@ -158,6 +159,7 @@ impl ReaderPool {
         .map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
 
@@ -205,6 +207,23 @@ fn write_batches(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
+/// Statements are parsed once per connection and reused: parsing cost more than running them.
+fn execute(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+fn query_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, row)
+}
+
+/// Enough for every statement of the store, so none is ever parsed twice on a connection.
+const STATEMENT_CACHE: usize = 64;
+
 fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
@@ -224,7 +243,8 @@ fn adjust_period(
     reserved: i64,
     spent: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    execute(
+        conn,
         "INSERT INTO budget_periods (team, period, reserved, spent) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (team, period) DO UPDATE
          SET reserved = reserved + excluded.reserved, spent = spent + excluded.spent",
@@ -243,15 +263,15 @@ fn move_reservation(
     to: TaskState,
     charge: bool,
 ) -> Result<(), StoreError> {
-    let row: Option<(String, String, i64)> = conn
-        .query_row(
-            "UPDATE reservations SET state = ?3 WHERE id = ?1 AND state = ?2
+    let row: Option<(String, String, i64)> = query_row(
+        conn,
+        "UPDATE reservations SET state = ?3 WHERE id = ?1 AND state = ?2
              RETURNING team, period, reserved",
-            params![id.0.to_string(), from.as_str(), to.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
-        .map_err(unavailable)?;
+        params![id.0.to_string(), from.as_str(), to.as_str()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(unavailable)?;
     let (team, period, amount) = row.ok_or_else(|| {
         StoreError::Conflict(format!("reservation {} is not {}", id.0, from.as_str()))
     })?;
@@ -272,33 +292,33 @@ fn close_open_task(
     consumed: Option<Credits>,
     at: DateTime<Utc>,
 ) -> Result<SettleOutcome, StoreError> {
-    let row: Option<(String, String, String, i64, i64)> = conn
-        .query_row(
-            "UPDATE reservations
+    let row: Option<(String, String, String, i64, i64)> = query_row(
+        conn,
+        "UPDATE reservations
              SET state = ?2, consumed = coalesce(?3, reserved), final_status = ?4,
                  settled_at = ?5, observed_at = ?5
              WHERE task_id = ?1 AND state = 'open'
              RETURNING team, model, period, reserved, consumed",
-            params![
-                task_id,
-                to.as_str(),
-                consumed.map(Credits::units),
-                status.map(FinalStatus::as_str),
-                millis(at)
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        params![
+            task_id,
+            to.as_str(),
+            consumed.map(Credits::units),
+            status.map(FinalStatus::as_str),
+            millis(at)
+        ],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )
+    .optional()
+    .map_err(unavailable)?;
+    let Some((team, model, period, reserved, consumed)) = row else {
+        let closed: Option<String> = query_row(
+            conn,
+            "SELECT state FROM reservations WHERE task_id = ?1",
+            params![task_id],
+            |r| r.get(0),
         )
         .optional()
         .map_err(unavailable)?;
-    let Some((team, model, period, reserved, consumed)) = row else {
-        let closed: Option<String> = conn
-            .query_row(
-                "SELECT state FROM reservations WHERE task_id = ?1",
-                params![task_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(unavailable)?;
         return Ok(match closed.as_deref().and_then(TaskState::parse) {
             Some(state) if state.is_closed() => SettleOutcome::AlreadyClosed,
             _ => SettleOutcome::NotOpen,
@@ -331,7 +351,7 @@ const TASK_COLUMNS: &str = "task_id, team, model, reserved, state, created_at";
 impl LedgerStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.query_row("SELECT count(*) FROM budget_periods", [], |_| Ok(()))
+            query_row(conn, "SELECT count(*) FROM budget_periods", [], |_| Ok(()))
                 .map_err(unavailable)
         })
         .await
@@ -339,8 +359,8 @@ impl LedgerStore for SqliteStore {
 
     async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
         self.write(move |conn| {
-            let (spent, reserved): (i64, i64) = conn
-                .query_row(
+            let (spent, reserved): (i64, i64) = query_row(
+                conn,
                     "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
                     params![r.team, r.period],
                     |row| Ok((row.get(0)?, row.get(1)?)),
@@ -360,8 +380,8 @@ impl LedgerStore for SqliteStore {
                 }
             }
             if let Some(max) = r.max_in_flight {
-                let in_flight: i64 = conn
-                    .query_row(
+                let in_flight: i64 = query_row(
+                conn,
                         "SELECT count(*) FROM reservations
                          WHERE team = ?1 AND state IN ('reserved', 'open')",
                         params![r.team],
@@ -373,7 +393,8 @@ impl LedgerStore for SqliteStore {
                     return Ok(ReserveOutcome::TooManyInFlight { in_flight });
                 }
             }
-            conn.execute(
+            execute(
+                conn,
                 "INSERT INTO reservations (id, team, model, period, reserved, state, request_id, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7)",
                 params![
@@ -399,20 +420,20 @@ impl LedgerStore for SqliteStore {
     async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
         let task_id = task_id.to_owned();
         self.write(move |conn| {
-            let changed = conn
-                .execute(
-                    "UPDATE reservations SET task_id = ?2, state = 'open'
+            let changed = execute(
+                conn,
+                "UPDATE reservations SET task_id = ?2, state = 'open'
                      WHERE id = ?1 AND state = 'reserved'",
-                    params![id.0.to_string(), task_id],
-                )
-                .map_err(|e| match e {
-                    rusqlite::Error::SqliteFailure(f, _)
-                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                    {
-                        StoreError::Conflict(format!("task {task_id} is already recorded"))
-                    }
-                    other => unavailable(other),
-                })?;
+                params![id.0.to_string(), task_id],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::Conflict(format!("task {task_id} is already recorded"))
+                }
+                other => unavailable(other),
+            })?;
             if changed == 0 {
                 return Err(StoreError::Conflict(format!(
                     "reservation {} is not held",
@@ -447,7 +468,8 @@ impl LedgerStore for SqliteStore {
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let task_id = task_id.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            query_row(
+                conn,
                 &format!("SELECT {TASK_COLUMNS} FROM reservations WHERE task_id = ?1"),
                 params![task_id],
                 task_record,
@@ -486,7 +508,8 @@ impl LedgerStore for SqliteStore {
     async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         let task_id = task_id.to_owned();
         self.write(move |conn| {
-            conn.execute(
+            execute(
+                conn,
                 "UPDATE reservations SET observed_at = ?2 WHERE task_id = ?1",
                 params![task_id, millis(at)],
             )
@@ -503,7 +526,7 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Vec<TaskRecord>, StoreError> {
         self.read(move |conn| {
             let mut statement = conn
-                .prepare(&format!(
+                .prepare_cached(&format!(
                     "SELECT {TASK_COLUMNS} FROM reservations
                      WHERE state = 'open' AND coalesce(observed_at, created_at) < ?1
                      ORDER BY coalesce(observed_at, created_at) LIMIT ?2"
@@ -520,7 +543,7 @@ impl LedgerStore for SqliteStore {
     async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         self.write(move |conn| {
             let mut statement = conn
-                .prepare(
+                .prepare_cached(
                     "UPDATE reservations SET state = 'unknown_outcome'
                      WHERE state = 'reserved' AND created_at < ?1
                      RETURNING team, period, reserved",
@@ -544,14 +567,14 @@ impl LedgerStore for SqliteStore {
     async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
         let (team, period) = (team.to_owned(), period.to_owned());
         self.read(move |conn| {
-            let totals: Option<(i64, i64)> = conn
-                .query_row(
-                    "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
-                    params![team, period],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
+            let totals: Option<(i64, i64)> = query_row(
+                conn,
+                "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
+                params![team, period],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
             let (spent, reserved) = totals.unwrap_or((0, 0));
             Ok(Standing {
                 spent: Credits::from_units(spent),
@@ -564,14 +587,14 @@ impl LedgerStore for SqliteStore {
     async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
         let team = team.to_owned();
         self.read(move |conn| {
-            let count: i64 = conn
-                .query_row(
-                    "SELECT count(*) FROM reservations
+            let count: i64 = query_row(
+                conn,
+                "SELECT count(*) FROM reservations
                      WHERE team = ?1 AND state IN ('reserved', 'open')",
-                    params![team],
-                    |r| r.get(0),
-                )
-                .map_err(unavailable)?;
+                params![team],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
             Ok(count.unsigned_abs())
         })
         .await
@@ -584,7 +607,7 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Vec<ReservationRecord>, StoreError> {
         self.read(move |conn| {
             let mut statement = conn
-                .prepare(
+                .prepare_cached(
                     "SELECT id, task_id, team, model, period, reserved, request_id, created_at
                      FROM reservations WHERE state = ?1 ORDER BY created_at DESC LIMIT ?2",
                 )
@@ -630,8 +653,7 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Vec<UsageRow>, StoreError> {
         let team = team.map(str::to_owned);
         self.read(move |conn| {
-            let mut statement = conn
-                .prepare(
+            let mut statement = conn.prepare_cached(
                     "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team, model,
                             count(*),
                             coalesce(sum(final_status = 'success'), 0),

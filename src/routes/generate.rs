@@ -153,6 +153,13 @@ pub async fn generate(
     };
     let id = reservation.id;
     let reservation_model = reservation.model.clone();
+    // Armed before the reservation is even sent: a client that hangs up from here until the
+    // upstream call starts must not leave credits held for a render that never began.
+    let mut hold = ReleaseOnDrop {
+        state: state.clone(),
+        id,
+        armed: true,
+    };
     let outcome = state
         .ledger
         .reserve(reservation)
@@ -161,6 +168,7 @@ pub async fn generate(
     let standing = match outcome {
         ReserveOutcome::Reserved(standing) => standing,
         ReserveOutcome::BudgetExhausted { spent, reserved } => {
+            hold.armed = false;
             count_rejection(&state, &team.name, "budget");
             let budget = team
                 .budget
@@ -181,6 +189,7 @@ pub async fn generate(
             )));
         }
         ReserveOutcome::TooManyInFlight { in_flight } => {
+            hold.armed = false;
             count_rejection(&state, &team.name, "in_flight");
             return Err(GatewayError::TooManyInFlight(format!(
                 "team '{}' has {in_flight} unfinished tasks, the most it may have at once; \
@@ -198,9 +207,12 @@ pub async fn generate(
         model: reservation_model,
     };
     let work = forward(state.clone(), started, body, request_id, facts);
-    let mut response = state
+    let forwarding = state
         .background
-        .spawn(work.instrument(tracing::Span::current()))
+        .spawn(work.instrument(tracing::Span::current()));
+    // The spawned work owns the reservation now, whatever happens to this handler.
+    hold.armed = false;
+    let mut response = forwarding
         .await
         .map_err(|e| GatewayError::Internal(format!("generation task failed: {e}")))??;
 
@@ -226,6 +238,28 @@ pub async fn generate(
         }
     }
     Ok(response)
+}
+
+/// Gives a reservation back when dropped armed. The release goes through the same ordered
+/// ledger queue as the reservation, so it can never overtake it; releasing a reservation that was
+/// never recorded is refused by the ledger and changes nothing.
+struct ReleaseOnDrop {
+    state: Arc<AppState>,
+    id: ReservationId,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let (ledger, id) = (self.state.ledger.clone(), self.id);
+            self.state.background.spawn(async move {
+                if ledger.release(id).await.is_ok() {
+                    tracing::info!(reservation = %id.0, "client left before the upstream call: reservation released");
+                }
+            });
+        }
+    }
 }
 
 fn count_rejection(state: &AppState, team: &str, reason: &str) {

@@ -161,7 +161,9 @@ async fn read_upstream(
         }
         // A client is watching this task, so the reconciler need not read it too. Bookkeeping
         // only: it does not hold up the answer.
+        None if state.recently_observed.contains_key(&task.task_id) => {}
         None => {
+            state.recently_observed.insert(task.task_id.clone(), ());
             let (ledger, at, task_id) = (
                 state.ledger.clone(),
                 state.clock.now(),
