@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use axum::extract::{RawQuery, State};
 use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDate, Utc};
-use common::{ADS_KEY, DESIGN_KEY, Gateway, UPSTREAM_TOKEN, closed_port, digest, fake_config};
+use common::{
+    ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, closed_port, digest, fake_config,
+};
 use ketchup_gateway::clock::{ManualClock, SharedClock};
 use ketchup_gateway::config::{Config, Secret};
 use ketchup_gateway::credits::Credits;
@@ -179,35 +181,6 @@ impl Env {
 struct Api {
     http: reqwest::Client,
     base: String,
-}
-
-/// A response, read in full.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().expect("ASCII header").to_owned())
-    }
-
-    fn task_id(&self) -> String {
-        assert_eq!(self.status, 200, "{}", self.text);
-        self.json()["data"]["task_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no task id in {}", self.text))
-            .to_owned()
-    }
 }
 
 impl Api {

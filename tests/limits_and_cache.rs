@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{ADS_KEY, DESIGN_KEY, Gateway, UPSTREAM_TOKEN, digest, fake_config};
+use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
 use ketchup_gateway::clock::{ManualClock, SharedClock};
 use ketchup_gateway::config::{Config, Secret};
 use ketchup_gateway::credits::Credits;
@@ -192,26 +192,7 @@ struct Api {
     base: String,
 }
 
-/// A response, read in full.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
 impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().expect("ASCII header").to_owned())
-    }
-
     fn x_cache(&self) -> String {
         self.header("x-cache")
             .unwrap_or_else(|| panic!("no X-Cache on {} {}", self.status, self.text))
@@ -224,14 +205,6 @@ impl Reply {
             self.header("ratelimit-remaining"),
             self.header("ratelimit-reset"),
         )
-    }
-
-    fn task_id(&self) -> String {
-        assert_eq!(self.status, 200, "{}", self.text);
-        self.json()["data"]["task_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no task id in {}", self.text))
-            .to_owned()
     }
 
     fn task_status(&self) -> String {

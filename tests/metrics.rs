@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADS_KEY, DESIGN_KEY, Gateway, UPSTREAM_TOKEN, digest, fake_config};
+use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
 use ketchup_gateway::fake_upstream::{self, FakeHandle};
 use serde_json::{Value, json};
 
@@ -166,34 +166,7 @@ impl Env {
     }
 }
 
-/// A response, read in full.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
 impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().expect("ASCII header").to_owned())
-    }
-
-    fn task_id(&self) -> String {
-        assert_eq!(self.status, 200, "{}", self.text);
-        self.json()["data"]["task_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no task id in {}", self.text))
-            .to_owned()
-    }
-
     fn task_status(&self) -> String {
         assert_eq!(self.status, 200, "{}", self.text);
         self.json()["data"]["status"]

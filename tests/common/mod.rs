@@ -274,3 +274,33 @@ pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// A response, read in full.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header").to_owned())
+    }
+
+    /// The task id of an accepted generation.
+    pub fn task_id(&self) -> String {
+        assert_eq!(self.status, 200, "{}", self.text);
+        self.json()["data"]["task_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no task id in {}", self.text))
+            .to_owned()
+    }
+}
