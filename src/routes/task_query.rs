@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::{
     app::AppState,
     error::GatewayError,
-    ledger::TaskRecord,
+    ledger::{TaskRecord, TaskState},
     middleware::{
         auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
     },
@@ -152,11 +152,22 @@ async fn read_upstream(
     let final_state = settlement::final_state_of_query(&upstream.body);
     let is_final = final_state.is_some();
     match final_state {
+        // Known to be closed already: nothing to write.
+        Some(_) if task.state.is_closed() => {}
         Some((status, consumed)) => {
             // The client gets its status even if the ledger is down; the reconciler settles
             // later.
-            if let Err(e) = settlement::settle(state, task, status, consumed).await {
-                tracing::warn!(error = %e, "could not settle a finished task");
+            match settlement::settle(state, task, status, consumed).await {
+                Ok(_) => {
+                    // Remember the task as closed, so later reads (with the cache off, or after
+                    // eviction) do not ask the ledger to settle it again.
+                    let closed = TaskRecord {
+                        state: TaskState::Settled,
+                        ..task.clone()
+                    };
+                    state.owners.insert(task.task_id.clone(), Arc::new(closed));
+                }
+                Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
             }
         }
         // A client is watching this task, so the reconciler need not read it too. Bookkeeping
