@@ -132,6 +132,7 @@ fn ledger(c: &mut Criterion) {
                 max_in_flight: None,
                 request_id: "bench".into(),
                 created_at: chrono::Utc::now(),
+                callback: None,
             };
             store.reserve(reservation).await.expect("reserve");
             store.attach_task(id, &task_id).await.expect("attach");

@@ -52,6 +52,9 @@ pub struct AppState {
     /// Work that must finish even if its client has gone (recording a task the upstream
     /// accepted); shutdown waits for it.
     pub background: TaskTracker,
+    /// Wakes the webhook worker when a delivery is queued, so it goes out at once rather than at
+    /// the worker's next look.
+    pub webhook_wake: tokio::sync::Notify,
 }
 
 /// The routes and the middleware around them. Layers listed first wrap the ones below: a request
@@ -68,6 +71,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/teams", get(routes::admin::teams))
         .route("/admin/usage", get(routes::admin::usage))
         .route("/admin/reservations", get(routes::admin::reservations))
+        .route("/admin/webhooks", get(routes::admin::webhooks))
+        .route("/callbacks/{token}", post(routes::callbacks::receive))
         .route(
             "/admin/reservations/{id}/release",
             post(routes::admin::release_reservation),

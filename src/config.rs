@@ -47,6 +47,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub reconciler: ReconcilerConfig,
+    pub webhooks: WebhooksConfig,
     pub admin_token: Option<SecretSource>,
     pub models: BTreeMap<String, Model>,
     pub teams: Vec<Arc<Team>>,
@@ -108,6 +109,23 @@ pub struct ReconcilerConfig {
     /// A reservation still waiting for the upstream's answer after this long (the gateway
     /// stopped mid-request) becomes `unknown_outcome`.
     pub abandon_after: Duration,
+}
+
+/// Callbacks from the upstream and deliveries to teams (used when `server.public_url` is set).
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    /// Register the gateway's callback even for generations that gave no `callback_url`, so
+    /// every task settles by push rather than by polling.
+    pub always_intercept: bool,
+    /// A delivery still failing this long after the callback arrived is dead-lettered.
+    pub delivery_deadline: Duration,
+    /// One delivery attempt's limit, connecting included.
+    pub attempt_timeout: Duration,
+    /// Wait before the first retry; each further retry waits about twice as long.
+    pub first_retry: Duration,
+    pub max_retry_delay: Duration,
+    /// Deliveries attempted at once; a slow receiver holds one of these, never the others.
+    pub max_concurrent_deliveries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +335,8 @@ mod raw {
         #[serde(default)]
         pub reconciler: Option<Spanned<Reconciler>>,
         #[serde(default)]
+        pub webhooks: Option<Spanned<Webhooks>>,
+        #[serde(default)]
         pub admin: Option<Spanned<SecretRef>>,
         #[serde(default)]
         pub models: BTreeMap<String, Model>,
@@ -482,6 +502,52 @@ mod raw {
     }
     fn default_abandon_after() -> HumanDuration {
         HumanDuration(Duration::from_secs(300))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Webhooks {
+        #[serde(default)]
+        pub always_intercept: bool,
+        #[serde(default = "default_delivery_deadline")]
+        pub delivery_deadline: HumanDuration,
+        #[serde(default = "default_attempt_timeout")]
+        pub attempt_timeout: HumanDuration,
+        #[serde(default = "default_first_retry")]
+        pub first_retry: HumanDuration,
+        #[serde(default = "default_max_retry_delay")]
+        pub max_retry_delay: HumanDuration,
+        #[serde(default = "default_max_concurrent_deliveries")]
+        pub max_concurrent_deliveries: usize,
+    }
+
+    impl Default for Webhooks {
+        fn default() -> Self {
+            Webhooks {
+                always_intercept: false,
+                delivery_deadline: default_delivery_deadline(),
+                attempt_timeout: default_attempt_timeout(),
+                first_retry: default_first_retry(),
+                max_retry_delay: default_max_retry_delay(),
+                max_concurrent_deliveries: default_max_concurrent_deliveries(),
+            }
+        }
+    }
+
+    fn default_delivery_deadline() -> HumanDuration {
+        HumanDuration(Duration::from_secs(24 * 3600))
+    }
+    fn default_attempt_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+    fn default_first_retry() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    fn default_max_retry_delay() -> HumanDuration {
+        HumanDuration(Duration::from_secs(3600))
+    }
+    fn default_max_concurrent_deliveries() -> usize {
+        32
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -666,6 +732,48 @@ impl Config {
             ));
         }
 
+        let (webhooks_span, raw_webhooks) = match file.webhooks {
+            Some(spanned) => (Some(spanned.span()), spanned.into_inner()),
+            None => (None, raw::Webhooks::default()),
+        };
+        let webhooks = WebhooksConfig {
+            always_intercept: raw_webhooks.always_intercept,
+            delivery_deadline: raw_webhooks.delivery_deadline.0,
+            attempt_timeout: raw_webhooks.attempt_timeout.0,
+            first_retry: raw_webhooks.first_retry.0,
+            max_retry_delay: raw_webhooks.max_retry_delay.0,
+            max_concurrent_deliveries: raw_webhooks.max_concurrent_deliveries,
+        };
+        let webhooks_error =
+            |what: &str| ConfigError::at(path, source, webhooks_span.clone(), what);
+        if webhooks.always_intercept && server.public_url.is_none() {
+            return Err(webhooks_error(
+                "[webhooks] always_intercept needs [server] public_url: the address at which \
+                 the upstream can reach this gateway",
+            ));
+        }
+        if webhooks.attempt_timeout.is_zero()
+            || webhooks.first_retry.is_zero()
+            || webhooks.max_retry_delay < webhooks.first_retry
+            || webhooks.max_concurrent_deliveries == 0
+        {
+            return Err(webhooks_error(
+                "[webhooks] attempt_timeout, first_retry and max_concurrent_deliveries must be \
+                 above zero, and max_retry_delay at least first_retry",
+            ));
+        }
+        if let Some(url) = &server.public_url
+            && (url.query().is_some() || url.fragment().is_some())
+        {
+            return Err(ConfigError::at(
+                path,
+                source,
+                None,
+                "[server] public_url must not have a query or fragment: callback paths are \
+                 appended to it",
+            ));
+        }
+
         let admin_token = match file.admin {
             None => None,
             Some(spanned) => {
@@ -787,6 +895,7 @@ impl Config {
             store,
             cache,
             reconciler,
+            webhooks,
             admin_token,
             models,
             teams,

@@ -16,6 +16,13 @@ pub enum GatewayError {
     InvalidRequest(String),
     #[error("task not found")]
     TaskNotFound,
+    /// A callback URL whose token the gateway never issued.
+    #[error("callback not found")]
+    UnknownCallback,
+    /// A callback for a task whose creation the gateway has not finished recording; the upstream
+    /// should retry it shortly.
+    #[error("the task of this callback is not recorded yet")]
+    CallbackTooEarly,
     #[error("no such endpoint: {method} {path}")]
     NoSuchRoute { method: String, path: String },
     #[error("{method} is not allowed on {path}")]
@@ -58,7 +65,9 @@ impl GatewayError {
         match self {
             GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::TaskNotFound | GatewayError::NoSuchRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::TaskNotFound
+            | GatewayError::UnknownCallback
+            | GatewayError::NoSuchRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -71,7 +80,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            GatewayError::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::LedgerUnavailable(_) | GatewayError::CallbackTooEarly => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +92,8 @@ impl GatewayError {
             // The upstream's own bodies, word for word: clients already handle them.
             GatewayError::InvalidApiKey => ("Invalid API key", None),
             GatewayError::TaskNotFound => ("task not found", None),
+            GatewayError::UnknownCallback => ("callback not found", None),
+            GatewayError::CallbackTooEarly => ("retry later", Some(self.to_string())),
             GatewayError::InvalidRequest(detail) => ("failed", Some(detail.clone())),
             GatewayError::NoSuchRoute { .. } => ("not found", Some(self.to_string())),
             GatewayError::MethodNotAllowed { .. } => ("method not allowed", Some(self.to_string())),
@@ -119,8 +132,16 @@ impl IntoResponse for GatewayError {
         }
         let body = serde_json::to_vec(&self.envelope()).expect("envelope serialises");
         let mut response = (status, body).into_response();
-        if let GatewayError::RateLimited(refusal) = &self {
-            refusal.verdict.write_headers(response.headers_mut());
+        match &self {
+            GatewayError::RateLimited(refusal) => {
+                refusal.verdict.write_headers(response.headers_mut());
+            }
+            GatewayError::CallbackTooEarly => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -141,6 +162,8 @@ impl GatewayError {
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::TaskNotFound => "task_not_found",
+            GatewayError::UnknownCallback => "unknown_callback",
+            GatewayError::CallbackTooEarly => "callback_too_early",
             GatewayError::NoSuchRoute { .. } => "no_such_route",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::BudgetExhausted(_) => "budget_exhausted",

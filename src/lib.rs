@@ -20,3 +20,4 @@ pub mod server;
 pub mod settlement;
 pub mod status_cache;
 pub mod upstream;
+pub mod webhooks;

@@ -42,6 +42,9 @@ enum Command {
         /// A label for the key (defaults to the team name and today's date).
         #[arg(long)]
         label: Option<String>,
+        /// Print a new webhook signing secret for the team instead of a key.
+        #[arg(long, conflicts_with = "label")]
+        webhook_secret: bool,
     },
     /// Run the gateway with a demo team in front of the built-in fake upstream.
     Demo {
@@ -103,7 +106,20 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(|e| e.to_string()),
-        Command::Keygen { team, label } => {
+        Command::Keygen {
+            team,
+            webhook_secret: true,
+            ..
+        } => {
+            println!(
+                "# New webhook signing secret for team '{team}'. Store it where the gateway reads \
+                 webhook_secret_env or webhook_secret_file, and give it to the team to verify \
+                 deliveries (Standard Webhooks)."
+            );
+            println!("{}", ketchup_gateway::webhooks::signing::new_secret());
+            Ok(())
+        }
+        Command::Keygen { team, label, .. } => {
             let label = label
                 .unwrap_or_else(|| format!("{team}-{}", chrono::Utc::now().format("%Y-%m-%d")));
             let key = keygen::new_key();

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_evictions: IntCounter,
+    pub callbacks: IntCounterVec,
+    pub webhook_deliveries: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -240,6 +242,20 @@ impl Metrics {
                 "cache_evictions_total",
                 "Statuses evicted from the cache to keep it within max_entries."
             ))),
+            callbacks: register!(IntCounterVec::new(
+                opts(
+                    "callbacks_total",
+                    "Upstream callbacks received, by outcome: settled, repeated, unknown_token, malformed, too_early."
+                ),
+                &["outcome"]
+            )),
+            webhook_deliveries: register!(IntCounterVec::new(
+                opts(
+                    "webhook_deliveries_total",
+                    "Attempts to deliver a webhook to a team, by outcome: delivered, failed (retried later), dead (dead-lettered)."
+                ),
+                &["team", "outcome"]
+            )),
             registry,
         };
         let build = GaugeVec::new(
@@ -296,6 +312,9 @@ impl Metrics {
             }
             for limit in ["generate", "query", "global"] {
                 self.rate_limited.with_label_values(&[team, limit]);
+            }
+            for outcome in ["delivered", "failed", "dead"] {
+                self.webhook_deliveries.with_label_values(&[team, outcome]);
             }
         }
         for route in [crate::upstream::GENERATE, crate::upstream::QUERY] {

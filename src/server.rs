@@ -18,6 +18,7 @@ use crate::{
     reconciler,
     status_cache::StatusCache,
     upstream::UpstreamClient,
+    webhooks,
 };
 
 /// A gateway bound to its address, ready to serve.
@@ -40,6 +41,7 @@ impl Server {
                 Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
             }
         };
+        webhooks::signing::check_team_secrets(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.start_at_zero(&config);
         let rate_limits = Arc::new(RateLimits::new(&config, metrics.clone()));
@@ -82,6 +84,7 @@ impl Server {
             clock,
             admin_token_digest,
             background: TaskTracker::new(),
+            webhook_wake: tokio::sync::Notify::new(),
         });
         Ok(Server {
             listener,
@@ -116,6 +119,7 @@ impl Server {
             tokio::spawn(reload_on_sighup(state.clone(), path, hangup));
         }
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
+        let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
         let metrics_server = metrics_listener.map(|listener| {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%address, "metrics listening");
@@ -159,6 +163,7 @@ impl Server {
             );
         }
         reconciler.abort();
+        webhooks.abort();
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
@@ -173,7 +178,12 @@ async fn reload_on_sighup(
     mut hangup: tokio::signal::unix::Signal,
 ) {
     while hangup.recv().await.is_some() {
-        match Config::load(&path) {
+        match Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                webhooks::signing::check_team_secrets(&new)?;
+                Ok(new)
+            }) {
             Ok(new) => {
                 let old = state.config.load();
                 let (s, o) = (&new.server, &old.server);

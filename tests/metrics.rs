@@ -707,6 +707,18 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         ["git_commit", "version"]
     );
     assert!(m.get("process_resident_memory_bytes", &[]) > 0.0);
+    // Webhook deliveries start at zero for every team, so alerts see the first dead letter.
+    for team in ["design", "ads"] {
+        for outcome in ["delivered", "failed", "dead"] {
+            assert_eq!(
+                m.get(
+                    "ketchup_gateway_webhook_deliveries_total",
+                    &[("team", team), ("outcome", outcome)]
+                ),
+                0.0
+            );
+        }
+    }
 
     // --- Bounded labels: nothing secret or per-request anywhere in the text.
     let mut secrets: Vec<String> = vec![
@@ -744,6 +756,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "limit",
         "kind",
         "result",
+        "outcome",
         "le",
         "version",
         "git_commit",

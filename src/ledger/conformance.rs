@@ -23,6 +23,7 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
         max_in_flight: None,
         request_id: "req-1".into(),
         created_at: at("2026-11-23T10:00:00Z"),
+        callback: None,
     }
 }
 
@@ -577,6 +578,205 @@ pub async fn invariants_hold(store: &dyn LedgerStore, ops: Vec<Op>) {
     }
 }
 
+pub async fn callback_tokens_lead_to_their_reservation(store: &dyn LedgerStore) {
+    let mut pushed = reservation("design", "0.50", None);
+    pushed.callback = Some(CallbackRoute {
+        token_digest: "d1".into(),
+        forward_to: Some("https://hooks.design.example/ketchup".into()),
+    });
+    let pushed_id = pushed.id;
+    let mut silent = reservation("ads", "0.50", None);
+    silent.callback = Some(CallbackRoute {
+        token_digest: "d2".into(),
+        forward_to: None,
+    });
+    store.reserve(pushed).await.unwrap();
+    store.reserve(silent).await.unwrap();
+    store
+        .reserve(reservation("ads", "0.50", None))
+        .await
+        .unwrap();
+
+    // Before the upstream answered, the token already names the team, not yet a task.
+    let target = store.callback_target("d1").await.unwrap().expect("known");
+    assert_eq!(
+        target,
+        CallbackTarget {
+            reservation: pushed_id,
+            task_id: None,
+            team: "design".into(),
+            forward_to: Some("https://hooks.design.example/ketchup".into()),
+        }
+    );
+    store.attach_task(pushed_id, "ta-1").await.unwrap();
+    let target = store.callback_target("d1").await.unwrap().unwrap();
+    assert_eq!(target.task_id.as_deref(), Some("ta-1"));
+
+    let silent = store.callback_target("d2").await.unwrap().unwrap();
+    assert_eq!((silent.team.as_str(), silent.forward_to), ("ads", None));
+    assert_eq!(store.callback_target("nope").await.unwrap(), None);
+    assert_eq!(store.callback_target("").await.unwrap(), None);
+}
+
+pub fn delivery(id: &str, task_id: &str) -> NewDelivery {
+    NewDelivery {
+        id: id.into(),
+        task_id: task_id.into(),
+        team: "design".into(),
+        url: "https://hooks.design.example/ketchup".into(),
+        body: br#"{"task_id":"ta-1","consumed":"0.500000"}"#.to_vec(),
+        created_at: at("2026-11-23T10:00:00Z"),
+        deadline: at("2026-11-24T10:00:00Z"),
+    }
+}
+
+pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
+    let now = at("2026-11-23T10:00:00Z");
+    assert!(
+        store
+            .enqueue_delivery(delivery("msg_1", "ta-1"))
+            .await
+            .unwrap()
+    );
+    // The same task's callback arriving again queues nothing more.
+    assert!(
+        !store
+            .enqueue_delivery(delivery("msg_1b", "ta-1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .enqueue_delivery(delivery("msg_2", "ta-2"))
+            .await
+            .unwrap()
+    );
+
+    let lease = at("2026-11-23T10:00:30Z");
+    let claimed = store.claim_deliveries(now, lease, 10).await.unwrap();
+    let mut ids: Vec<_> = claimed.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["msg_1", "msg_2"]);
+    let first = claimed.iter().find(|d| d.id == "msg_1").unwrap();
+    assert_eq!(first.body, delivery("msg_1", "ta-1").body, "byte for byte");
+    assert_eq!(first.attempts, 1);
+    assert_eq!(first.task_id, "ta-1");
+    assert_eq!(first.deadline, at("2026-11-24T10:00:00Z"));
+
+    // Leased: nobody else gets them until the lease ends.
+    assert!(
+        store
+            .claim_deliveries(now, lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .finish_attempt(
+            "msg_1",
+            AttemptOutcome::Delivered,
+            at("2026-11-23T10:00:01Z"),
+        )
+        .await
+        .unwrap();
+    // msg_2's replica died mid-attempt: after the lease it is claimed again, as a second attempt.
+    let again = store
+        .claim_deliveries(at("2026-11-23T10:00:31Z"), at("2026-11-23T10:01:00Z"), 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id.as_str(), again[0].attempts), ("msg_2", 2));
+
+    let delivered = store
+        .deliveries(DeliveryState::Delivered, 10)
+        .await
+        .unwrap();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].id, "msg_1");
+    assert_eq!(delivered[0].state, "delivered");
+    assert_eq!(delivered[0].attempts, 1);
+    assert_eq!(delivered[0].updated_at, at("2026-11-23T10:00:01Z"));
+    // A late report about a finished delivery changes nothing.
+    store
+        .finish_attempt("msg_1", AttemptOutcome::Dead("late".into()), now)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .deliveries(DeliveryState::Dead, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, "msg_2");
+}
+
+pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
+    let now = at("2026-11-23T10:00:00Z");
+    store
+        .enqueue_delivery(delivery("msg_1", "ta-1"))
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_deliveries(now, at("2026-11-23T10:00:30Z"), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    store
+        .finish_attempt(
+            "msg_1",
+            AttemptOutcome::RetryAt(at("2026-11-23T10:05:00Z"), "answered 500".into()),
+            at("2026-11-23T10:00:01Z"),
+        )
+        .await
+        .unwrap();
+    // Not due before its retry time, even though the lease has ended.
+    assert!(
+        store
+            .claim_deliveries(at("2026-11-23T10:04:59Z"), at("2026-11-23T10:06:00Z"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
+    assert_eq!(pending[0].last_error.as_deref(), Some("answered 500"));
+    let retried = store
+        .claim_deliveries(at("2026-11-23T10:05:00Z"), at("2026-11-23T10:06:00Z"), 10)
+        .await
+        .unwrap();
+    assert_eq!(retried[0].attempts, 2);
+    store
+        .finish_attempt(
+            "msg_1",
+            AttemptOutcome::Dead("deadline passed".into()),
+            at("2026-11-23T10:05:02Z"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_deliveries(at("2026-11-25T00:00:00Z"), at("2026-11-25T00:01:00Z"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dead = store.deliveries(DeliveryState::Dead, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].attempts, dead[0].last_error.as_deref()),
+        (2, Some("deadline passed"))
+    );
+    assert!(
+        store
+            .deliveries(DeliveryState::Pending, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// Runs the whole suite against one engine; `$make` is an async expression giving a fresh,
 /// empty store each time it is evaluated.
 macro_rules! conformance_suite {
@@ -649,6 +849,24 @@ macro_rules! conformance_suite {
             async fn periods_are_separate() {
                 let store = $make;
                 super::periods_are_separate(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn callback_tokens_lead_to_their_reservation() {
+                let store = $make;
+                super::callback_tokens_lead_to_their_reservation(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn deliveries_are_queued_once_and_leased() {
+                let store = $make;
+                super::deliveries_are_queued_once_and_leased(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn failed_attempts_wait_then_die() {
+                let store = $make;
+                super::failed_attempts_wait_then_die(&*store).await;
             }
         }
     };

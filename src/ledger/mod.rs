@@ -53,6 +53,111 @@ pub struct NewReservation {
     pub max_in_flight: Option<u32>,
     pub request_id: String,
     pub created_at: DateTime<Utc>,
+    /// Set when the gateway put its own callback URL into the upstream request.
+    pub callback: Option<CallbackRoute>,
+}
+
+/// How the upstream's callback for a task finds its way back, decided before the upstream call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackRoute {
+    /// SHA-256 (hex) of the per-task token in `{public_url}/callbacks/{token}`; the token itself
+    /// is never stored, so a copy of the ledger cannot forge callbacks.
+    pub token_digest: String,
+    /// The team's own `callback_url`, to which the payload is delivered; `None` when the gateway
+    /// registered its callback only to settle by push.
+    pub forward_to: Option<String>,
+}
+
+/// What a callback token leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackTarget {
+    pub reservation: ReservationId,
+    /// `None` while the upstream's answer to the generation is not recorded yet.
+    pub task_id: Option<String>,
+    pub team: String,
+    pub forward_to: Option<String>,
+}
+
+/// A webhook to deliver to a team: queued durably, then attempted until it succeeds or its
+/// deadline passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    /// Sent as `webhook-id`, the same on every attempt, so receivers can drop repeats.
+    pub id: String,
+    pub task_id: String,
+    pub team: String,
+    pub url: String,
+    /// The upstream's payload, byte for byte.
+    pub body: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    /// No attempt starts after this; the delivery is then dead-lettered.
+    pub deadline: DateTime<Utc>,
+}
+
+/// A delivery claimed for one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: String,
+    pub task_id: String,
+    pub team: String,
+    pub url: String,
+    pub body: Vec<u8>,
+    /// Attempts started so far, this one included.
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt (or in one).
+    Pending,
+    Delivered,
+    /// Gave up: the deadline passed or the target may never be called.
+    Dead,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => DeliveryState::Pending,
+            "delivered" => DeliveryState::Delivered,
+            "dead" => DeliveryState::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Delivered,
+    /// Failed; try again at the given time.
+    RetryAt(DateTime<Utc>, String),
+    /// Failed for good.
+    Dead(String),
+}
+
+/// A delivery as admins see it (without its body).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeliveryRecord {
+    pub id: String,
+    pub task_id: String,
+    pub team: String,
+    pub url: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// What a team has spent and holds in one budget period.
@@ -283,4 +388,39 @@ pub trait LedgerStore: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// The reservation whose callback token has this digest.
+    async fn callback_target(
+        &self,
+        token_digest: &str,
+    ) -> Result<Option<CallbackTarget>, StoreError>;
+
+    /// Queues a delivery; durable when it returns. A task has at most one delivery: queueing
+    /// another for the same task changes nothing and returns `false`.
+    async fn enqueue_delivery(&self, delivery: NewDelivery) -> Result<bool, StoreError>;
+
+    /// Pending deliveries due at `now`, oldest due first, each leased until `lease_until`: no
+    /// other claim returns it before then, so one replica attempts it at a time, and a replica
+    /// that dies mid-attempt only delays it. Counts the attempt.
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Records how a claimed attempt ended. Ignored for a delivery that is no longer pending.
+    async fn finish_attempt(
+        &self,
+        id: &str,
+        outcome: AttemptOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Deliveries in `state`, most recently changed first.
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
 }

@@ -16,7 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    FinalStatus, LedgerStore, NewReservation, ReservationId, ReservationRecord, ReserveOutcome,
+    AttemptOutcome, CallbackTarget, Delivery, DeliveryRecord, DeliveryState, FinalStatus,
+    LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord, ReserveOutcome,
     SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord, TaskState, UsageRow,
 };
 use crate::credits::Credits;
@@ -59,6 +60,49 @@ CREATE TABLE IF NOT EXISTS budget_periods (
 ) WITHOUT ROWID;
 "#;
 
+/// Changes to a ledger made by an earlier version, applied in order; `PRAGMA user_version`
+/// records how many have run, so each runs once and an old ledger file keeps its history.
+const MIGRATIONS: &[&str] = &[
+    // Webhooks: the callback token (as a digest) and the team's own URL of each reservation,
+    // and the outbox of deliveries to teams.
+    r#"
+    ALTER TABLE reservations ADD COLUMN callback_digest TEXT;
+    ALTER TABLE reservations ADD COLUMN forward_to TEXT;
+    CREATE UNIQUE INDEX reservations_callback ON reservations (callback_digest)
+        WHERE callback_digest IS NOT NULL;
+    CREATE TABLE deliveries (
+        id              TEXT PRIMARY KEY,   -- sent as webhook-id
+        task_id         TEXT NOT NULL UNIQUE,
+        team            TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        body            BLOB NOT NULL,      -- the upstream's payload, byte for byte
+        state           TEXT NOT NULL,      -- pending | delivered | dead
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,   -- unix ms: due time, or the end of a claim's lease
+        last_error      TEXT,
+        created_at      INTEGER NOT NULL,
+        deadline        INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_by_state ON deliveries (state, updated_at);
+    "#,
+];
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    for (version, migration) in (1..).zip(MIGRATIONS).skip(applied.max(0) as usize) {
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(migration)
+            .and_then(|()| tx.pragma_update(None, "user_version", version))
+            .and_then(|()| tx.commit())
+            .map_err(|e| unavailable(format!("migration {version} failed: {e}")))?;
+    }
+    Ok(())
+}
+
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A write: run against the open transaction (or told why there is none), it returns what to do
 /// once the transaction's fate is known.
@@ -85,7 +129,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -94,6 +138,7 @@ impl SqliteStore {
         )
         .map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        migrate(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
         let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
@@ -361,13 +406,13 @@ impl LedgerStore for SqliteStore {
         self.write(move |conn| {
             let (spent, reserved): (i64, i64) = query_row(
                 conn,
-                    "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
-                    params![r.team, r.period],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?
-                .unwrap_or((0, 0));
+                "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
+                params![r.team, r.period],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(unavailable)?
+            .unwrap_or((0, 0));
             if let Some(limit) = r.limit {
                 let needed = spent
                     .checked_add(reserved)
@@ -381,13 +426,13 @@ impl LedgerStore for SqliteStore {
             }
             if let Some(max) = r.max_in_flight {
                 let in_flight: i64 = query_row(
-                conn,
-                        "SELECT count(*) FROM reservations
+                    conn,
+                    "SELECT count(*) FROM reservations
                          WHERE team = ?1 AND state IN ('reserved', 'open')",
-                        params![r.team],
-                        |row| row.get(0),
-                    )
-                    .map_err(unavailable)?;
+                    params![r.team],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
                 let in_flight = in_flight.unsigned_abs();
                 if in_flight >= u64::from(max) {
                     return Ok(ReserveOutcome::TooManyInFlight { in_flight });
@@ -395,8 +440,9 @@ impl LedgerStore for SqliteStore {
             }
             execute(
                 conn,
-                "INSERT INTO reservations (id, team, model, period, reserved, state, request_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7)",
+                "INSERT INTO reservations (id, team, model, period, reserved, state, request_id,
+                                           created_at, callback_digest, forward_to)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7, ?8, ?9)",
                 params![
                     r.id.0.to_string(),
                     r.team,
@@ -404,7 +450,9 @@ impl LedgerStore for SqliteStore {
                     r.period,
                     r.amount.units(),
                     r.request_id,
-                    millis(r.created_at)
+                    millis(r.created_at),
+                    r.callback.as_ref().map(|c| &c.token_digest),
+                    r.callback.as_ref().and_then(|c| c.forward_to.as_ref()),
                 ],
             )
             .map_err(unavailable)?;
@@ -686,5 +734,206 @@ impl LedgerStore for SqliteStore {
             rows.collect::<Result<_, _>>().map_err(unavailable)
         })
         .await
+    }
+
+    async fn callback_target(
+        &self,
+        token_digest: &str,
+    ) -> Result<Option<CallbackTarget>, StoreError> {
+        let token_digest = token_digest.to_owned();
+        self.read(move |conn| {
+            let row: Option<(String, Option<String>, String, Option<String>)> = query_row(
+                conn,
+                "SELECT id, task_id, team, forward_to FROM reservations
+                 WHERE callback_digest = ?1",
+                params![token_digest],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            row.map(|(id, task_id, team, forward_to)| {
+                let id = uuid::Uuid::parse_str(&id).map_err(unavailable)?;
+                Ok(CallbackTarget {
+                    reservation: ReservationId(id),
+                    task_id,
+                    team,
+                    forward_to,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn enqueue_delivery(&self, d: NewDelivery) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            let inserted = execute(
+                conn,
+                "INSERT INTO deliveries (id, task_id, team, url, body, state, next_attempt_at,
+                                         created_at, deadline, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7, ?6)
+                 ON CONFLICT DO NOTHING",
+                params![
+                    d.id,
+                    d.task_id,
+                    d.team,
+                    d.url,
+                    d.body,
+                    millis(d.created_at),
+                    millis(d.deadline)
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.write(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET next_attempt_at = ?2, attempts = attempts + 1
+                     WHERE id IN (SELECT id FROM deliveries
+                                  WHERE state = 'pending' AND next_attempt_at <= ?1
+                                  ORDER BY next_attempt_at LIMIT ?3)
+                     RETURNING id, task_id, team, url, body, attempts, created_at, deadline",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(
+                    params![millis(now), millis(lease_until), limit as i64],
+                    |r| {
+                        Ok(Delivery {
+                            id: r.get(0)?,
+                            task_id: r.get(1)?,
+                            team: r.get(2)?,
+                            url: r.get(3)?,
+                            body: r.get(4)?,
+                            attempts: r.get(5)?,
+                            created_at: from_millis(r.get(6)?),
+                            deadline: from_millis(r.get(7)?),
+                        })
+                    },
+                )
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: &str,
+        outcome: AttemptOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let (state, next_attempt_at, error) = match outcome {
+                AttemptOutcome::Delivered => (DeliveryState::Delivered, None, None),
+                AttemptOutcome::RetryAt(next, error) => {
+                    (DeliveryState::Pending, Some(millis(next)), Some(error))
+                }
+                AttemptOutcome::Dead(error) => (DeliveryState::Dead, None, Some(error)),
+            };
+            execute(
+                conn,
+                "UPDATE deliveries
+                 SET state = ?2, next_attempt_at = coalesce(?3, next_attempt_at),
+                     last_error = coalesce(?4, last_error), updated_at = ?5
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, state.as_str(), next_attempt_at, error, millis(at)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, task_id, team, url, attempts, last_error, created_at, updated_at
+                     FROM deliveries WHERE state = ?1
+                     ORDER BY updated_at DESC, id DESC LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![state.as_str(), limit as i64], |r| {
+                    Ok(DeliveryRecord {
+                        id: r.get(0)?,
+                        task_id: r.get(1)?,
+                        team: r.get(2)?,
+                        url: r.get(3)?,
+                        state: state.as_str(),
+                        attempts: r.get(4)?,
+                        last_error: r.get(5)?,
+                        created_at: from_millis(r.get(6)?),
+                        updated_at: from_millis(r.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::conformance::delivery;
+
+    #[tokio::test]
+    async fn a_ledger_from_before_webhooks_keeps_its_history_and_gains_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            // The schema as the first version left it, with one open task.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO reservations (id, task_id, team, model, period, reserved, state,
+                                           request_id, created_at)
+                 VALUES (?1, 'ta-old', 'design', 'google/gempix2', '2026-11', 50000000, 'open',
+                         'req-old', 0)",
+                params![ReservationId::new().0.to_string()],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.task("ta-old").await.unwrap().unwrap().team, "design");
+        assert!(
+            store
+                .enqueue_delivery(delivery("msg_1", "ta-old"))
+                .await
+                .unwrap()
+        );
+        drop(store);
+
+        // Opening again runs no migration twice and loses nothing.
+        let store = SqliteStore::open(&path).unwrap();
+        let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            store.task("ta-old").await.unwrap().unwrap().state,
+            TaskState::Open
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 }

@@ -15,7 +15,7 @@ use super::{budget::standing, json};
 use crate::{
     app::AppState,
     error::GatewayError,
-    ledger::{ReservationId, StoreError, TaskState},
+    ledger::{DeliveryState, ReservationId, StoreError, TaskState},
 };
 
 /// Most reservations one listing returns.
@@ -133,6 +133,32 @@ pub async fn reservations(
         StatusCode::OK,
         &json!({ "reservations": reservations }),
     ))
+}
+
+/// `GET /admin/webhooks?state=dead`: deliveries to teams in one state (default: dead-lettered),
+/// with their attempts and last error. URLs are shown without their query, which may hold a
+/// team's own token.
+pub async fn webhooks(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let wanted = query_param(query.as_deref(), "state").unwrap_or_else(|| "dead".into());
+    let delivery_state = DeliveryState::parse(&wanted).ok_or_else(|| {
+        GatewayError::InvalidRequest("state must be one of pending, delivered, dead".into())
+    })?;
+    let mut deliveries = state
+        .ledger
+        .deliveries(delivery_state, LISTING_LIMIT)
+        .await
+        .map_err(ledger_error)?;
+    for delivery in &mut deliveries {
+        if let Ok(mut url) = url::Url::parse(&delivery.url) {
+            url.set_query(None);
+            let _ = url.set_password(None);
+            delivery.url = url.into();
+        }
+    }
+    Ok(json(StatusCode::OK, &json!({ "webhooks": deliveries })))
 }
 
 /// `POST /admin/reservations/{id}/release`: the admin has checked that the upstream did not

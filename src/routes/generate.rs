@@ -17,14 +17,15 @@ use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
     app::AppState,
     budget,
-    config::{BudgetPeriod, Config},
+    config::{BudgetPeriod, Config, Team},
     credits::Credits,
     error::GatewayError,
-    ledger::{NewReservation, ReservationId, ReserveOutcome},
+    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome},
     middleware::{
         auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
     },
     upstream::UpstreamError,
+    webhooks::{self, target},
 };
 
 /// What the gateway itself needs from a generation request; everything else in the body is
@@ -34,6 +35,7 @@ pub struct Generation {
     pub model: String,
     /// `n`: how many images the request asks for (1 when absent).
     pub images: i64,
+    pub callback_url: Option<String>,
 }
 
 fn invalid(detail: impl Into<String>) -> GatewayError {
@@ -96,11 +98,11 @@ pub fn validate(body: &[u8], config: &Config) -> Result<Generation, GatewayError
         Some(_) => return Err(invalid("images must be an array of http(s) URLs")),
     }
 
-    match fields.get("callback_url") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(url)) if is_http_url(url) => {}
+    let callback_url = match fields.get("callback_url") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(url)) if is_http_url(url) => Some(url.clone()),
         Some(_) => return Err(invalid("callback_url must be an http(s) URL")),
-    }
+    };
 
     let images = match fields.get("n") {
         None | Some(Value::Null) => 1,
@@ -113,7 +115,47 @@ pub fn validate(body: &[u8], config: &Config) -> Result<Generation, GatewayError
     Ok(Generation {
         model: model.clone(),
         images,
+        callback_url,
     })
+}
+
+/// With `server.public_url` set, points the upstream's callback at the gateway instead of the
+/// team: `{public_url}/callbacks/{token}`, the token known only to the upstream (the ledger keeps
+/// its digest). The team's own URL, checked against where webhooks may go, is remembered for
+/// delivery. Without `public_url`, or without a callback to take over, the body goes unchanged.
+fn intercept_callback(
+    body: Bytes,
+    callback_url: Option<String>,
+    config: &Config,
+    team: &Team,
+) -> Result<(Bytes, Option<CallbackRoute>), GatewayError> {
+    let Some(public_url) = &config.server.public_url else {
+        return Ok((body, None));
+    };
+    if callback_url.is_none() && !config.webhooks.always_intercept {
+        return Ok((body, None));
+    }
+    if let Some(url) = &callback_url {
+        target::check_url(url, &target::Allowed::new(&team.callback_hosts)).map_err(invalid)?;
+    }
+    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(&body) else {
+        return Err(invalid("request body must be a JSON object"));
+    };
+    let (token, token_digest) = webhooks::new_callback_token();
+    let ours = format!(
+        "{}/callbacks/{token}",
+        public_url.as_str().trim_end_matches('/')
+    );
+    fields.insert("callback_url".into(), Value::String(ours));
+    let body = serde_json::to_vec(&fields)
+        .map_err(|e| GatewayError::Internal(format!("cannot re-encode the request: {e}")))?;
+    Ok((
+        body.into(),
+        Some(CallbackRoute {
+            token_digest,
+            forward_to: callback_url,
+        }),
+    ))
 }
 
 pub async fn generate(
@@ -126,6 +168,8 @@ pub async fn generate(
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
     let generation = validate(&body, &config)?;
+    let (body, callback) =
+        intercept_callback(body, generation.callback_url.clone(), &config, &team)?;
 
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
@@ -150,6 +194,7 @@ pub async fn generate(
         max_in_flight: team.budget.and_then(|b| b.max_in_flight),
         request_id: request_id.as_str().to_owned(),
         created_at: now,
+        callback,
     };
     let id = reservation.id;
     let reservation_model = reservation.model.clone();
@@ -387,7 +432,8 @@ mod tests {
             validate(body.as_bytes(), &config()).unwrap(),
             Generation {
                 model: "google/gempix2".into(),
-                images: 3
+                images: 3,
+                callback_url: Some("http://hooks.example/cb".into()),
             }
         );
     }

@@ -1,0 +1,149 @@
+//! `POST /callbacks/{token}`: the upstream's callback for a task whose `callback_url` the gateway
+//! replaced. It settles the task (exactly once, shared with the polling path), puts the final
+//! status in the cache, and queues the payload for the team's own URL.
+//!
+//! The token is the only credential, so it is never logged (spans carry the route pattern, not
+//! the path) and only its digest is stored. Every refusal changes nothing.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    response::Response,
+};
+use http::{HeaderValue, StatusCode};
+use serde_json::{Value, json};
+
+use super::{json, read_body};
+use crate::{
+    app::AppState,
+    error::GatewayError,
+    ledger::{NewDelivery, SettleOutcome, TaskRecord, TaskState},
+    settlement::{self, Consumed},
+    status_cache::Answer,
+    webhooks,
+};
+
+/// Longer than any token the gateway issues: not worth a ledger lookup.
+const MAX_TOKEN_LEN: usize = 128;
+
+fn malformed(detail: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidRequest(detail.into())
+}
+
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    Path(token): Path<String>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let count = |outcome: &str| state.metrics.callbacks.with_label_values(&[outcome]).inc();
+    let config = state.config.load_full();
+    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+
+    let target = if token.len() <= MAX_TOKEN_LEN {
+        state
+            .ledger
+            .callback_target(&webhooks::token_digest(&token))
+            .await
+            .map_err(ledger_down)?
+    } else {
+        None
+    };
+    let Some(target) = target else {
+        count("unknown_token");
+        return Err(GatewayError::UnknownCallback);
+    };
+    let body = read_body(body, config.server.max_body_bytes).await?;
+    let Some((payload_task_id, status, consumed)) = parse(&body) else {
+        count("malformed");
+        return Err(malformed(
+            "a callback must be a JSON object with a task_id and a final status (success or failed)",
+        ));
+    };
+    let Some(task_id) = target.task_id else {
+        count("too_early");
+        return Err(GatewayError::CallbackTooEarly);
+    };
+    if payload_task_id != task_id {
+        count("malformed");
+        return Err(malformed(
+            "task_id does not match the task this callback URL was issued for",
+        ));
+    }
+    tracing::Span::current().record("task_id", task_id.as_str());
+    tracing::Span::current().record("team", target.team.as_str());
+    let task = state
+        .ledger
+        .task(&task_id)
+        .await
+        .map_err(ledger_down)?
+        .ok_or(GatewayError::UnknownCallback)?;
+
+    let outcome = settlement::settle(&state, &task, status, consumed.clone())
+        .await
+        .map_err(ledger_down)?;
+    count(match outcome {
+        SettleOutcome::Settled(_) => "settled",
+        _ => "repeated",
+    });
+    remember_final(&state, &task, &body, &consumed).await;
+
+    if let Some(url) = target.forward_to {
+        let now = state.clock.now();
+        let deadline = chrono::Duration::from_std(config.webhooks.delivery_deadline)
+            .unwrap_or(chrono::Duration::MAX);
+        let queued = state
+            .ledger
+            .enqueue_delivery(NewDelivery {
+                id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+                task_id: task_id.clone(),
+                team: target.team.clone(),
+                url,
+                body: body.to_vec(),
+                created_at: now,
+                deadline: now.checked_add_signed(deadline).unwrap_or(now),
+            })
+            .await
+            .map_err(ledger_down)?;
+        if queued {
+            state.webhook_wake.notify_one();
+        }
+    }
+    Ok(json(StatusCode::OK, &json!({"code": 0, "message": "ok"})))
+}
+
+/// The task id and final state of a callback payload.
+fn parse(body: &[u8]) -> Option<(String, crate::ledger::FinalStatus, Consumed)> {
+    let payload: Value = serde_json::from_slice(body).ok()?;
+    let task_id = payload.get("task_id")?.as_str()?.to_owned();
+    let (status, consumed) = settlement::final_state(&payload)?;
+    Some((task_id, status, consumed))
+}
+
+/// The next status read of the task is answered from the cache, in the task query's shape: the
+/// payload's fields plus `created_at`, `consumed` in the query's eight places.
+async fn remember_final(state: &AppState, task: &TaskRecord, body: &[u8], consumed: &Consumed) {
+    let Ok(Value::Object(mut data)) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    data.entry("created_at")
+        .or_insert_with(|| json!(task.created_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()));
+    if let Consumed::Exact(credits) = consumed {
+        data.insert("consumed".into(), json!(credits.format_places(8)));
+    }
+    let answer = Answer {
+        status: StatusCode::OK,
+        content_type: Some(HeaderValue::from_static("application/json")),
+        body: json!({"code": 0, "message": "ok", "data": data})
+            .to_string()
+            .into(),
+        is_final: true,
+    };
+    state.status_cache.insert(&task.task_id, answer).await;
+    let closed = TaskRecord {
+        state: TaskState::Settled,
+        ..task.clone()
+    };
+    state.owners.insert(task.task_id.clone(), Arc::new(closed));
+}

@@ -1,0 +1,273 @@
+//! Delivers queued webhooks to teams.
+//!
+//! The outbox lives in the ledger, so a delivery survives restarts and SIGKILL. The worker claims
+//! due deliveries with a lease (a replica that dies mid-attempt only delays its claims), attempts
+//! each on its own task under a cap on concurrent attempts (a slow receiver holds one slot, never
+//! the worker), and records the outcome: delivered, retry later with exponential backoff and
+//! jitter, or dead once the deadline has passed or the target may never be called.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Semaphore;
+
+use super::signing::SigningKey;
+use super::target::{self, Allowed, GuardedResolver};
+use crate::app::AppState;
+use crate::ledger::{AttemptOutcome, Delivery};
+
+/// How often the worker looks for retries that came due, when nothing wakes it sooner.
+const POLL: Duration = Duration::from_secs(1);
+/// Most of a receiver's answer that is read; the rest is not wanted and not waited for.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// A claim outlives its attempt by this much, so a slow attempt is never claimed twice.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+pub async fn run(state: Arc<AppState>) {
+    let slots = Arc::new(Semaphore::new(
+        state.config.load().webhooks.max_concurrent_deliveries,
+    ));
+    loop {
+        let free = slots.available_permits();
+        if free > 0 {
+            match claim(&state, free).await {
+                Ok(claimed) => {
+                    for delivery in claimed {
+                        let Ok(slot) = slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let state_for_attempt = state.clone();
+                        state.background.spawn(async move {
+                            attempt_and_record(&state_for_attempt, delivery).await;
+                            drop(slot);
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not claim webhook deliveries"),
+            }
+        }
+        tokio::select! {
+            _ = state.webhook_wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+async fn claim(state: &AppState, limit: usize) -> Result<Vec<Delivery>, String> {
+    let timeout = state.config.load().webhooks.attempt_timeout;
+    let now = state.clock.now();
+    let lease_until = now + chrono::Duration::from_std(timeout + LEASE_MARGIN).unwrap_or_default();
+    state
+        .ledger
+        .claim_deliveries(now, lease_until, limit)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn attempt_and_record(state: &AppState, delivery: Delivery) {
+    let outcome = attempt(state, &delivery).await;
+    let label = match &outcome {
+        AttemptOutcome::Delivered => "delivered",
+        AttemptOutcome::RetryAt(..) => "failed",
+        AttemptOutcome::Dead(_) => "dead",
+    };
+    let config = state.config.load();
+    state
+        .metrics
+        .webhook_deliveries
+        .with_label_values(&[crate::metrics::team_label(&config, &delivery.team), label])
+        .inc();
+    match &outcome {
+        AttemptOutcome::Delivered => {
+            tracing::info!(webhook_id = %delivery.id, task_id = %delivery.task_id, team = %delivery.team, attempts = delivery.attempts, "webhook delivered");
+        }
+        AttemptOutcome::RetryAt(at, error) => {
+            tracing::info!(webhook_id = %delivery.id, task_id = %delivery.task_id, team = %delivery.team, attempts = delivery.attempts, %error, retry_at = %at, "webhook attempt failed");
+        }
+        AttemptOutcome::Dead(error) => {
+            tracing::warn!(webhook_id = %delivery.id, task_id = %delivery.task_id, team = %delivery.team, attempts = delivery.attempts, %error, "webhook dead-lettered");
+        }
+    }
+    if let Err(e) = state
+        .ledger
+        .finish_attempt(&delivery.id, outcome, state.clock.now())
+        .await
+    {
+        // The lease runs out and the delivery is attempted again: at least once, never lost.
+        tracing::warn!(webhook_id = %delivery.id, error = %e, "could not record a webhook attempt");
+    }
+}
+
+/// Why an attempt failed, and whether trying again could help.
+enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
+    let config = state.config.load_full();
+    let now = state.clock.now();
+    if now > delivery.deadline {
+        return AttemptOutcome::Dead("the delivery deadline passed before this attempt".into());
+    }
+    let team = config.team(&delivery.team);
+    let allowed = team.map_or_else(Allowed::default, |t| Allowed::new(&t.callback_hosts));
+    let result = match team.map(|t| &t.webhook_secret) {
+        None => Err(Failure::Permanent(format!(
+            "team {:?} is no longer configured",
+            delivery.team
+        ))),
+        Some(secret) => {
+            let key = secret
+                .as_ref()
+                .map(|source| {
+                    source
+                        .resolve("webhook secret")
+                        .map_err(|e| e.to_string())
+                        .and_then(|secret| SigningKey::from_secret(&secret))
+                })
+                .transpose();
+            match key {
+                // A secret that cannot be read now may be fixed by an admin: retry.
+                Err(e) => Err(Failure::Transient(format!("webhook secret unusable: {e}"))),
+                Ok(key) => {
+                    let timeout = config.webhooks.attempt_timeout;
+                    post(delivery, key.as_ref(), &allowed, now, timeout).await
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => AttemptOutcome::Delivered,
+        Err(Failure::Permanent(error)) => AttemptOutcome::Dead(error),
+        Err(Failure::Transient(error)) => {
+            let next = now + backoff(&config.webhooks, delivery.attempts);
+            // A retry the worker might only claim after the deadline is not scheduled: the
+            // delivery dies now, with the error that killed it rather than a bare "too late".
+            let claimed_by = next + chrono::Duration::from_std(POLL).unwrap_or_default();
+            if claimed_by > delivery.deadline {
+                AttemptOutcome::Dead(format!("{error}; the delivery deadline passed"))
+            } else {
+                AttemptOutcome::RetryAt(next, error)
+            }
+        }
+    }
+}
+
+/// Wait before the attempt after `attempts` failed ones: doubling from `first_retry` up to
+/// `max_retry_delay`, with jitter so that receivers coming back up are not hit all at once.
+fn backoff(config: &crate::config::WebhooksConfig, attempts: u32) -> chrono::Duration {
+    let delay = ExponentialBuilder::default()
+        .with_min_delay(config.first_retry)
+        .with_max_delay(config.max_retry_delay)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempts.saturating_sub(1) as usize)
+        .unwrap_or(config.max_retry_delay);
+    chrono::Duration::from_std(delay.min(config.max_retry_delay)).unwrap_or(chrono::Duration::MAX)
+}
+
+async fn post(
+    delivery: &Delivery,
+    key: Option<&SigningKey>,
+    allowed: &Allowed,
+    now: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    // Checked again at each attempt: the team's allow-list may have changed since.
+    let url = target::check_url(&delivery.url, allowed).map_err(Failure::Permanent)?;
+    let timestamp = now.timestamp();
+    let mut request = Request::post(url.as_str())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("ketchup-gateway/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("webhook-id", &delivery.id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(key) = key {
+        request = request.header(
+            "webhook-signature",
+            key.sign(&delivery.id, timestamp, &delivery.body),
+        );
+    }
+    let request = request
+        .body(Full::new(Bytes::from(delivery.body.clone())))
+        .map_err(|e| Failure::Permanent(format!("cannot build the request: {e}")))?;
+
+    let client = client_for(allowed.clone(), timeout);
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| {
+            if let Some(refused) = permission_denied(&e) {
+                Failure::Permanent(refused)
+            } else {
+                Failure::Transient(format!("could not reach the receiver: {}", describe(&e)))
+            }
+        })?;
+        let status = response.status();
+        // Read (a bounded part of) the answer so the exchange completes; its content is unused.
+        let _ = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Failure::Transient(format!(
+                "the receiver answered {status}"
+            )))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(Failure::Transient(format!("no answer within {timeout:?}"))))
+}
+
+/// A client whose connections go only where the team may send webhooks.
+fn client_for(
+    allowed: Allowed,
+    timeout: Duration,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>> {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(allowed));
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(https)
+}
+
+/// The resolver's refusal, if that is why the request failed.
+fn permission_denied(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return Some(io.to_string());
+        }
+        cause = error.source();
+    }
+    None
+}
+
+/// The innermost cause, which says what actually happened (refused, reset, DNS…).
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    innermost.to_string()
+}

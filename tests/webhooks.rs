@@ -1,0 +1,577 @@
+//! Webhooks through the real binary: the upstream's callbacks reach the gateway at its
+//! `public_url`, settle credits without any status poll, and are delivered, signed, to the teams'
+//! receivers (real HTTP servers on loopback) from the durable outbox.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
+use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, closed_port, fake_config};
+use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
+use serde_json::{Value, json};
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A team's webhook receiver: records every request and answers from a script (then 200).
+#[derive(Clone, Default)]
+struct Receiver {
+    seen: Arc<Mutex<Vec<(HeaderMap, Bytes, u16)>>>,
+    script: Arc<Mutex<VecDeque<u16>>>,
+}
+
+struct Listening {
+    port: u16,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    /// Stops accepting: the port refuses connections until a receiver listens on it again.
+    fn stop(self) -> u16 {
+        self.server.abort();
+        self.port
+    }
+}
+
+impl Receiver {
+    fn answering(script: &[u16]) -> Receiver {
+        let receiver = Receiver::default();
+        receiver.script.lock().unwrap().extend(script);
+        receiver
+    }
+
+    async fn listen(&self, port: u16) -> Listening {
+        async fn record(
+            State(receiver): State<Receiver>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> axum::http::StatusCode {
+            let status = receiver.script.lock().unwrap().pop_front().unwrap_or(200);
+            receiver.seen.lock().unwrap().push((headers, body, status));
+            axum::http::StatusCode::from_u16(status).unwrap()
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("receiver port free");
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new()
+            .route("/hook", post(record))
+            .with_state(self.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Listening { port, server }
+    }
+
+    fn seen(&self) -> Vec<(HeaderMap, Bytes, u16)> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn delivered(&self) -> Vec<(HeaderMap, Bytes)> {
+        self.seen()
+            .into_iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(headers, body, _)| (headers, body))
+            .collect()
+    }
+
+    async fn wait_for(&self, what: &str, done: impl Fn(&Receiver) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+struct Env {
+    fake: FakeHandle,
+    gateway: Gateway,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+/// A gateway with `public_url` pointing at itself, `design` allowed to receive webhooks on
+/// loopback and signing them with [`WEBHOOK_SECRET`], `ads` with neither. `webhooks` holds lines
+/// of the `[webhooks]` table.
+async fn start(webhooks: &str) -> Env {
+    start_with(fake_config(), webhooks).await
+}
+
+async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
+    let fake = fake_upstream::start(fake).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("design_webhook_secret");
+    std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
+    let admin = dir.path().join("admin_token");
+    std::fs::write(&admin, ADMIN_TOKEN).unwrap();
+    let port = closed_port();
+    let server_extra = format!(
+        "public_url = \"http://127.0.0.1:{port}\"\n\n[webhooks]\nfirst_retry = \"200ms\"\n\
+         max_retry_delay = \"400ms\"\n{webhooks}\n\n[admin]\ntoken_file = \"{}\"\n",
+        admin.display()
+    );
+    let text = common::config_text(
+        &fake.base_url(),
+        &dir.path().join("ledger.db"),
+        &server_extra,
+        "",
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    )
+    .replace(
+        "label = \"design-test\" }]",
+        &format!(
+            "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
+            secret.display()
+        ),
+    );
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, text).unwrap();
+    Env {
+        fake,
+        gateway: Gateway::start(config_path),
+        _dir: dir,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Env {
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("gateway answers");
+        Reply {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            text: response.text().await.unwrap(),
+        }
+    }
+
+    async fn generate(&self, key: &str, body: Value) -> Reply {
+        self.send(
+            self.http
+                .post(self.gateway.url("/api/image/gen"))
+                .bearer_auth(key)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Starts a render whose callback goes to `receiver_port`; returns its task id.
+    async fn start_task(&self, receiver_port: u16) -> String {
+        self.generate(
+            DESIGN_KEY,
+            json!({"model": "google/gempix2", "prompt": "a tomato",
+                   "callback_url": format!("http://127.0.0.1:{receiver_port}/hook")}),
+        )
+        .await
+        .task_id()
+    }
+
+    /// The callback URL the upstream was given for the most recent generation.
+    fn callback_url_given_upstream(&self) -> String {
+        let bodies = self.fake.stats().generate_bodies;
+        bodies.last().expect("a generation reached the upstream")["callback_url"]
+            .as_str()
+            .expect("a callback_url")
+            .to_owned()
+    }
+
+    async fn budget(&self, key: &str) -> Value {
+        let reply = self
+            .send(
+                self.http
+                    .get(self.gateway.url("/gateway/v1/budget"))
+                    .bearer_auth(key),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.json()
+    }
+
+    async fn admin(&self, path: &str) -> Value {
+        let reply = self
+            .send(
+                self.http
+                    .get(self.gateway.url(path))
+                    .bearer_auth(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.json()
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let page = self
+            .http
+            .get(self.gateway.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        page.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn post_callback(&self, url: &str, body: impl Into<reqwest::Body>) -> Reply {
+        self.send(
+            self.http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    async fn wait_for_spent(&self, spent: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let budget = self.budget(DESIGN_KEY).await;
+            if budget["spent"] == spent && budget["reserved"] == "0.00000000" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "budget never settled: {budget}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn verify(headers: &HeaderMap, body: &[u8]) {
+    standardwebhooks::Webhook::new(WEBHOOK_SECRET)
+        .unwrap()
+        .verify(body, headers)
+        .expect("the delivery's signature verifies with the team's secret");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
+    let env = start("").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let task_id = env.start_task(listening.port).await;
+
+    // The upstream was given the gateway's callback, never the team's URL.
+    let given = env.callback_url_given_upstream();
+    assert!(
+        given.starts_with(&format!("{}/callbacks/", env.gateway.url(""))),
+        "{given}"
+    );
+    assert!(!given.contains("/hook"), "{given}");
+
+    receiver
+        .wait_for("one delivery", |r| r.delivered().len() == 1)
+        .await;
+    let (headers, body) = receiver.delivered().remove(0);
+    verify(&headers, &body);
+    let payload: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(payload["task_id"], task_id);
+    assert_eq!(payload["status"], "success");
+    // The upstream's callback form (six places), not the gateway's task-query form.
+    assert_eq!(payload["consumed"], "0.500000");
+    assert!(headers["webhook-id"].to_str().unwrap().starts_with("msg_"));
+
+    env.wait_for_spent("0.50000000").await;
+    assert_eq!(env.fake.stats().query_requests, 0, "settled by push alone");
+
+    // The final status is in the cache: a read costs the upstream nothing.
+    let reply = env
+        .send(
+            env.http
+                .get(env.gateway.url("/api/task/query"))
+                .query(&[("task_id", &task_id)])
+                .bearer_auth(DESIGN_KEY),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache").as_deref(), Some("hit"));
+    assert_eq!(reply.json()["data"]["status"], "success");
+    assert_eq!(reply.json()["data"]["consumed"], "0.50000000");
+    assert_eq!(env.fake.stats().query_requests, 0);
+
+    // Nothing more arrives later.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(receiver.seen().len(), 1);
+    assert_eq!(
+        env.metric(
+            "ketchup_gateway_webhook_deliveries_total{outcome=\"delivered\",team=\"design\"}"
+        )
+        .await,
+        1.0
+    );
+    let delivered = env.admin("/admin/webhooks?state=delivered").await;
+    assert_eq!(delivered["webhooks"][0]["task_id"], task_id);
+    assert_eq!(delivered["webhooks"][0]["attempts"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() {
+    let env = start("").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    // The fake's own callback comes after a few hundred milliseconds; ours first, twice, in a
+    // form no serializer would produce, so byte-for-byte forwarding shows.
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+    let odd = format!(
+        "{{ \"task_id\" : \"{task_id}\",\n  \"status\":\"success\", \"consumed\":\"0.400000\", \"result\":[{{\"image\":\"https://x/1.png\"}}] ,\"status_reason\":{{\"message\":null}} }}"
+    );
+    let (first, second) = tokio::join!(
+        env.post_callback(&url, odd.clone()),
+        env.post_callback(&url, odd.clone())
+    );
+    assert_eq!((first.status, second.status), (200, 200), "{}", first.text);
+
+    receiver
+        .wait_for("the delivery", |r| !r.delivered().is_empty())
+        .await;
+    // Let the fake's own callback arrive too.
+    let deadline = Instant::now() + DEADLINE;
+    while env.fake.stats().callbacks_sent == 0 {
+        assert!(Instant::now() < deadline, "the fake never called back");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let delivered = receiver.delivered();
+    assert_eq!(delivered.len(), 1, "one delivery for one task");
+    assert_eq!(delivered[0].1, odd.as_bytes(), "the payload, byte for byte");
+    verify(&delivered[0].0, &delivered[0].1);
+    // Settled once, at the first callback's amount.
+    env.wait_for_spent("0.40000000").await;
+    assert_eq!(
+        env.metric("ketchup_gateway_callbacks_total{outcome=\"settled\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        env.metric("ketchup_gateway_callbacks_total{outcome=\"repeated\"}")
+            .await,
+        2.0
+    );
+    let usage = env.admin("/admin/usage").await;
+    assert_eq!(usage["rows"][0]["tasks"], 1, "{usage}");
+    assert_eq!(usage["rows"][0]["credits"], "0.40000000", "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sigkill() {
+    let mut env = start("").await;
+    // First a 500, then nobody listening, then the gateway is killed and restarted, then the
+    // receiver is back.
+    let receiver = Receiver::answering(&[500]);
+    let listening = receiver.listen(0).await;
+    env.start_task(listening.port).await;
+    receiver
+        .wait_for("the first attempt", |r| r.seen().len() == 1)
+        .await;
+    let port = listening.stop();
+    env.gateway
+        .wait_for_log("could not reach the receiver")
+        .await;
+
+    env.gateway.kill();
+    env.gateway = Gateway::start(env.gateway.config_path.clone());
+    let listening = receiver.listen(port).await;
+    receiver
+        .wait_for("the delivery", |r| r.delivered().len() == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.delivered().len(), 1, "delivered once");
+    let seen = receiver.seen();
+    assert_eq!(seen[0].2, 500);
+    // Every attempt carried the same id, so a receiver can tell repeats apart.
+    let ids: Vec<_> = seen
+        .iter()
+        .map(|(h, _, _)| h["webhook-id"].clone())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]));
+    verify(&seen.last().unwrap().0, &seen.last().unwrap().1);
+    let delivered = env.admin("/admin/webhooks?state=delivered").await;
+    assert!(
+        delivered["webhooks"][0]["attempts"].as_u64().unwrap() >= 3,
+        "{delivered}"
+    );
+    drop(listening);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_recovers_is_dead_lettered_at_the_deadline() {
+    let env = start("delivery_deadline = \"3s\"").await;
+    let receiver = Receiver::answering(&[500; 100]);
+    let listening = receiver.listen(0).await;
+    let task_id = env.start_task(listening.port).await;
+    let deadline = Instant::now() + DEADLINE;
+    let dead = loop {
+        let dead = env.admin("/admin/webhooks?state=dead").await;
+        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let entry = &dead["webhooks"][0];
+    assert_eq!(entry["task_id"], task_id);
+    assert_eq!(entry["team"], "design");
+    assert_eq!(
+        entry["url"],
+        format!("http://127.0.0.1:{}/hook", listening.port)
+    );
+    assert!(entry["attempts"].as_u64().unwrap() >= 2, "{entry}");
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("answered 500 Internal Server Error; the delivery deadline passed"),
+        "{entry}"
+    );
+    assert_eq!(
+        env.metric("ketchup_gateway_webhook_deliveries_total{outcome=\"dead\",team=\"design\"}")
+            .await,
+        1.0
+    );
+    // The credits settled regardless.
+    env.wait_for_spent("0.50000000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_callbacks_change_nothing() {
+    // A long render, so the fake's own callback stays out of the way.
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    let env = start_with(fake, "").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+    let token_less = format!("{}/callbacks/", env.gateway.url(""));
+    let payload =
+        json!({"task_id": task_id, "status": "success", "consumed": "0.100000"}).to_string();
+
+    let unknown = env
+        .post_callback(&format!("{token_less}{}", "0".repeat(64)), payload.clone())
+        .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        unknown.json(),
+        json!({"code": 1, "message": "callback not found"})
+    );
+    let huge_token = env
+        .post_callback(
+            &format!("{token_less}{}", "x".repeat(5000)),
+            payload.clone(),
+        )
+        .await;
+    assert_eq!(huge_token.status, 404);
+
+    let malformed = env.post_callback(&url, "{\"task_id\": ").await;
+    assert_eq!(malformed.status, 400, "{}", malformed.text);
+    assert_eq!(malformed.json()["code"], 1);
+    let not_final = env
+        .post_callback(
+            &url,
+            json!({"task_id": task_id, "status": "in_progress"}).to_string(),
+        )
+        .await;
+    assert_eq!(not_final.status, 400);
+    let other_task = env
+        .post_callback(
+            &url,
+            json!({"task_id": "ta-someone-else", "status": "success", "consumed": "0.1"})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(other_task.status, 400);
+    assert!(
+        other_task.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not match")
+    );
+    let oversized = env.post_callback(&url, vec![b' '; 2 * 1024 * 1024]).await;
+    assert_eq!(oversized.status, 413);
+    assert_eq!(oversized.json()["message"], "payload too large");
+
+    // Nothing was settled or sent.
+    let budget = env.budget(DESIGN_KEY).await;
+    assert_eq!(budget["spent"], "0.00000000", "{budget}");
+    assert_eq!(budget["reserved"], "0.50000000", "{budget}");
+    assert!(receiver.seen().is_empty());
+    assert!(
+        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // No token ever reaches the log.
+    let token = url.rsplit('/').next().unwrap();
+    assert!(!env.gateway.logs().contains(token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_to_internal_addresses_are_refused_before_anything_is_spent() {
+    let env = start("").await;
+    for url in [
+        // `ads` has no callback_hosts: loopback is off limits.
+        format!("http://127.0.0.1:{}/hook", closed_port()),
+        "http://localhost/hook".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://[::1]:8080/hook".to_owned(),
+    ] {
+        let reply = env
+            .generate(
+                ADS_KEY,
+                json!({"model": "google/gempix2", "prompt": "x", "callback_url": url}),
+            )
+            .await;
+        assert_eq!(reply.status, 400, "{url}: {}", reply.text);
+        assert!(
+            reply.json()["detail"]
+                .as_str()
+                .unwrap()
+                .contains("callback_hosts"),
+            "{}",
+            reply.text
+        );
+    }
+    // Even design's allow-list opens only the hosts it names.
+    let metadata = env
+        .generate(
+            DESIGN_KEY,
+            json!({"model": "google/gempix2", "prompt": "x",
+                   "callback_url": "http://169.254.169.254/"}),
+        )
+        .await;
+    assert_eq!(metadata.status, 400);
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    assert_eq!(env.budget(DESIGN_KEY).await["reserved"], "0.00000000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_intercept_settles_tasks_that_gave_no_callback() {
+    let env = start("always_intercept = true").await;
+    let reply = env
+        .generate(
+            DESIGN_KEY,
+            json!({"model": "google/gempix2", "prompt": "a tomato"}),
+        )
+        .await;
+    reply.task_id();
+    assert!(env.callback_url_given_upstream().contains("/callbacks/"));
+    env.wait_for_spent("0.50000000").await;
+    assert_eq!(env.fake.stats().query_requests, 0);
+    // Nothing to deliver: the team asked for no webhook.
+    assert!(
+        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
