@@ -77,6 +77,7 @@ fn cache_hit(c: &mut Criterion) {
             max_entries: 100_000,
         },
         Arc::new(Metrics::new()),
+        None,
     );
     let answer = Answer {
         status: StatusCode::OK,

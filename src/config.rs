@@ -86,7 +86,23 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// Shared by every replica that points at it.
+    Redis {
+        /// Without a password: that comes from `password`, never from this file.
+        url: url::Url,
+        password: Option<SecretSource>,
+        /// Starts every key, so several gateways (or tests) can share one Redis.
+        key_prefix: String,
+        /// Bound on every Redis call; past it the call counts as an outage.
+        command_timeout: Duration,
+        /// With Redis unreachable, rate limits fall back to each replica's own limiters
+        /// (`true`) or refuse the requests they would count (`false`, the default): a
+        /// cluster-wide limit may not silently become one per replica.
+        rate_limits_fail_open: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +453,11 @@ mod raw {
         pub kind: String,
         pub path: Option<PathBuf>,
         pub url: Option<String>,
+        pub password_env: Option<String>,
+        pub password_file: Option<PathBuf>,
+        pub key_prefix: Option<String>,
+        pub command_timeout: Option<HumanDuration>,
+        pub rate_limits_when_unavailable: Option<String>,
     }
 
     fn default_store_kind() -> String {
@@ -677,10 +698,18 @@ impl Config {
                 let store = spanned.into_inner();
                 match store.kind.as_str() {
                     "sqlite" => {
-                        if store.url.is_some() {
+                        if store.url.is_some()
+                            || store.password_env.is_some()
+                            || store.password_file.is_some()
+                            || store.key_prefix.is_some()
+                            || store.command_timeout.is_some()
+                            || store.rate_limits_when_unavailable.is_some()
+                        {
                             return Err(fail(
                                 span,
-                                "[store] url is for kind = \"redis\"; sqlite uses path",
+                                "[store] url, password_env, password_file, key_prefix, command_timeout \
+                                 and rate_limits_when_unavailable are for kind = \"redis\"; \
+                                 sqlite uses path",
                             ));
                         }
                         StoreConfig::Sqlite {
@@ -689,12 +718,7 @@ impl Config {
                                 .unwrap_or_else(|| PathBuf::from("data/ledger.db")),
                         }
                     }
-                    "redis" => {
-                        return Err(fail(
-                            span,
-                            "[store] kind = \"redis\" is not available in this version; use \"sqlite\"",
-                        ));
-                    }
+                    "redis" => redis_store(store).map_err(|what| fail(span, &what))?,
                     other => {
                         return Err(fail(
                             span,
@@ -913,6 +937,51 @@ impl Config {
     }
 }
 
+fn redis_store(store: raw::Store) -> Result<StoreConfig, String> {
+    if store.path.is_some() {
+        return Err("[store] path is for kind = \"sqlite\"; redis uses url".into());
+    }
+    let text = store
+        .url
+        .ok_or("[store] kind = \"redis\" needs url, e.g. \"redis://127.0.0.1:6379/0\"")?;
+    let url = url::Url::parse(&text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "redis" | "rediss") && u.host().is_some())
+        .ok_or("[store] url must be a redis:// or rediss:// (TLS) URL with a host")?;
+    if url.password().is_some() {
+        return Err(
+            "[store] url must not hold a password: secrets are never written in this file; \
+             use password_env or password_file"
+                .into(),
+        );
+    }
+    let password = secret_source(store.password_env, store.password_file)
+        .map_err(|what| format!("[store] {}", what.replace("token", "password")))?;
+    let command_timeout = store
+        .command_timeout
+        .map_or(Duration::from_millis(250), |t| t.0);
+    if command_timeout.is_zero() {
+        return Err("[store] command_timeout must be above zero".into());
+    }
+    let rate_limits_fail_open = match store.rate_limits_when_unavailable.as_deref() {
+        None | Some("refuse") => false,
+        Some("allow") => true,
+        Some(other) => {
+            return Err(format!(
+                "[store] rate_limits_when_unavailable {other:?} is unknown: use \"refuse\" \
+                 (the default) or \"allow\" (each replica's own limits apply)"
+            ));
+        }
+    };
+    Ok(StoreConfig::Redis {
+        url,
+        password,
+        key_prefix: store.key_prefix.unwrap_or_else(|| "ketchup:".into()),
+        command_timeout,
+        rate_limits_fail_open,
+    })
+}
+
 fn reconciler_config(raw: raw::Reconciler) -> ReconcilerConfig {
     ReconcilerConfig {
         interval: raw.interval.0,
@@ -1074,6 +1143,44 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
                 "{at} {what}: got {error}"
             );
         }
+    }
+
+    #[test]
+    fn a_redis_store_takes_its_password_from_outside_the_file() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[store]\nkind = \"redis\"\nurl = \"rediss://redis.internal:6380/2\"\n\
+             password_file = \"/run/secrets/redis\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.store,
+            StoreConfig::Redis {
+                url: url::Url::parse("rediss://redis.internal:6380/2").unwrap(),
+                password: Some(SecretSource::File("/run/secrets/redis".into())),
+                key_prefix: "ketchup:".into(),
+                command_timeout: Duration::from_millis(250),
+                rate_limits_fail_open: false,
+            }
+        );
+        let redis =
+            |lines: &str| error_of(&format!("{MINIMAL}\n[store]\nkind = \"redis\"\n{lines}\n"));
+        assert!(redis("").contains("needs url"));
+        assert!(redis("url = \"redis://:hunter2@r:6379\"").contains("must not hold a password"));
+        assert!(!redis("url = \"redis://:hunter2@r:6379\"").contains("hunter2"));
+        assert!(redis("url = \"http://r:6379\"").contains("redis:// or rediss://"));
+        assert!(redis("url = \"redis://r\"\npath = \"x.db\"").contains("path is for kind"));
+        assert!(redis("url = \"redis://r\"\ncommand_timeout = \"0s\"").contains("above zero"));
+        assert!(
+            redis("url = \"redis://r\"\nrate_limits_when_unavailable = \"maybe\"")
+                .contains("use \"refuse\"")
+        );
+        let sqlite_with_url = error_of(&format!(
+            "{MINIMAL}\n[store]\npath = \"x.db\"\nkey_prefix = \"k:\"\n"
+        ));
+        assert!(
+            sqlite_with_url.contains("are for kind = \"redis\""),
+            "{sqlite_with_url}"
+        );
     }
 
     #[test]

@@ -19,5 +19,7 @@ pub mod routes;
 pub mod server;
 pub mod settlement;
 pub mod status_cache;
+#[cfg(test)]
+mod test_redis;
 pub mod upstream;
 pub mod webhooks;

@@ -12,11 +12,11 @@ use crate::{
     app::{self, AppState},
     clock::SharedClock,
     config::{Config, KeyDigest, Secret, StoreConfig},
-    ledger::{LedgerStore, sqlite::SqliteStore},
+    ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     metrics::Metrics,
     rate_limit::RateLimits,
     reconciler,
-    status_cache::StatusCache,
+    status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
 };
@@ -36,11 +36,7 @@ impl Server {
         upstream_token: &Secret,
         clock: SharedClock,
     ) -> Result<Server, String> {
-        let ledger: Arc<dyn LedgerStore> = match &config.store {
-            StoreConfig::Sqlite { path } => {
-                Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
-            }
-        };
+        let ledger = open_ledger(&config.store).await?;
         webhooks::signing::check_team_secrets(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.start_at_zero(&config);
@@ -71,7 +67,11 @@ impl Server {
         };
         let state = Arc::new(AppState {
             rate_limits,
-            status_cache: StatusCache::new(&config.cache, metrics.clone()),
+            status_cache: StatusCache::new(
+                &config.cache,
+                metrics.clone(),
+                shared_statuses(&config).await?,
+            ),
             metrics,
             owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
             recently_observed: moka::sync::Cache::builder()
@@ -170,6 +170,64 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The Redis URL with its password (from the environment or a file) put in. A `Secret`, so it is
+/// never printed.
+fn redis_url(store: &StoreConfig) -> Result<Secret, String> {
+    let StoreConfig::Redis { url, password, .. } = store else {
+        return Err("the store is not Redis".into());
+    };
+    let mut url = url.clone();
+    if let Some(source) = password {
+        let password = source
+            .resolve("Redis password")
+            .map_err(|e| e.to_string())?;
+        url.set_password(Some(password.expose()))
+            .map_err(|()| "[store] url cannot carry a password".to_owned())?;
+    }
+    Ok(Secret::new(String::from(url)))
+}
+
+/// The cluster-wide layer of the status cache, when replicas share a Redis.
+async fn shared_statuses(config: &Config) -> Result<Option<SharedStatuses>, String> {
+    let StoreConfig::Redis {
+        key_prefix,
+        command_timeout,
+        ..
+    } = &config.store
+    else {
+        return Ok(None);
+    };
+    let url = redis_url(&config.store)?;
+    let shared = SharedStatuses::connect(
+        url.expose(),
+        key_prefix,
+        *command_timeout,
+        config.cache.status_ttl,
+    )
+    .await?;
+    Ok(Some(shared))
+}
+
+async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String> {
+    Ok(match store {
+        StoreConfig::Sqlite { path } => {
+            Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
+        }
+        StoreConfig::Redis {
+            key_prefix,
+            command_timeout,
+            ..
+        } => {
+            let url = redis_url(store)?;
+            let redis = RedisStore::connect(url.expose(), key_prefix, *command_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Over the network, an outage must cost clients fast errors, not a timeout each.
+            Arc::new(Breaker::new(Arc::new(redis)))
+        }
+    })
 }
 
 async fn reload_on_sighup(

@@ -879,3 +879,11 @@ conformance_suite!(sqlite, {
     std::mem::forget(dir);
     std::sync::Arc::new(store) as std::sync::Arc<dyn LedgerStore>
 });
+
+conformance_suite!(redis, {
+    // Returns early, skipping the test, when no Redis can be found (see `crate::test_redis`).
+    let Some(store) = crate::ledger::redis::test_store().await else {
+        return;
+    };
+    std::sync::Arc::new(store) as std::sync::Arc<dyn LedgerStore>
+});

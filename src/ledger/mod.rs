@@ -16,6 +16,8 @@ use uuid::Uuid;
 
 use crate::credits::Credits;
 
+pub mod breaker;
+pub mod redis;
 pub mod sqlite;
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
+
+pub mod redis_server;
 use serde_json::Value;
 
 pub const UPSTREAM_TOKEN: &str = "dk-upstream-secret-0123456789abcdef";

@@ -17,8 +17,11 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use moka::{Expiry, future::Cache, notification::RemovalCause};
 
+pub mod shared;
+
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
+use shared::SharedStatuses;
 
 /// An upstream answer to a status read, as served to clients.
 #[derive(Debug, Clone)]
@@ -84,10 +87,16 @@ impl Expiry<String, Arc<Answer>> for Lifetime {
 pub struct StatusCache {
     /// `None` when `cache.max_entries = 0`: every read goes upstream.
     entries: Option<Cache<String, Arc<Answer>>>,
+    /// With several replicas: statuses any of them read, behind this replica's own cache.
+    shared: Option<SharedStatuses>,
 }
 
 impl StatusCache {
-    pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &CacheConfig,
+        metrics: Arc<Metrics>,
+        shared: Option<SharedStatuses>,
+    ) -> Self {
         let entries = (config.max_entries > 0).then(|| {
             Cache::builder()
                 .max_capacity(config.max_entries)
@@ -101,7 +110,8 @@ impl StatusCache {
                 })
                 .build()
         });
-        StatusCache { entries }
+        let shared = shared.filter(|_| entries.is_some());
+        StatusCache { entries, shared }
     }
 
     /// The task's status from the cache, or from `fetch` (once, however many ask at once), and
@@ -128,17 +138,31 @@ impl StatusCache {
             return (Served::Hit, Ok(answer));
         }
         let fetched_here = AtomicBool::new(false);
+        // Another replica's read, found in the shared layer: no upstream read, so a hit.
+        let from_shared = AtomicBool::new(false);
         let result = entries
             .try_get_with(task_id.to_owned(), async {
                 fetched_here.store(true, Ordering::Relaxed);
-                match fetch.await {
+                if let Some(shared) = &self.shared
+                    && let Some(answer) = shared.get(task_id).await
+                {
+                    from_shared.store(true, Ordering::Relaxed);
+                    return Ok(Arc::new(answer));
+                }
+                let fetched = fetch.await;
+                if let (Some(shared), Fetched::Status(answer)) = (&self.shared, &fetched) {
+                    shared.put(task_id, answer).await;
+                }
+                match fetched {
                     Fetched::Status(answer) => Ok(Arc::new(answer)),
                     Fetched::Uncacheable(answer) => Err(NotCached::Answer(answer)),
                     Fetched::Failed(e) => Err(NotCached::Error(e)),
                 }
             })
             .await;
-        let served = if fetched_here.load(Ordering::Relaxed) {
+        let served = if from_shared.load(Ordering::Relaxed) {
+            Served::Hit
+        } else if fetched_here.load(Ordering::Relaxed) {
             Served::Miss
         } else {
             Served::Coalesced
@@ -152,6 +176,9 @@ impl StatusCache {
 
     /// Records a status learnt elsewhere (a webhook, the reconciler).
     pub async fn insert(&self, task_id: &str, answer: Answer) {
+        if let Some(shared) = &self.shared {
+            shared.put(task_id, &answer).await;
+        }
         if let Some(entries) = &self.entries {
             entries.insert(task_id.to_owned(), Arc::new(answer)).await;
         }
@@ -190,6 +217,7 @@ mod tests {
                 max_entries,
             },
             Arc::new(Metrics::new()),
+            None,
         )
     }
 

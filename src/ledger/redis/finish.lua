@@ -1,0 +1,18 @@
+-- finish: records how an attempt ended and moves the delivery between the indexes in one step;
+-- a late report about a delivery that is no longer pending changes nothing.
+-- ARGV: prefix, id, new state, next attempt or '', has error ('1' or ''), error, at
+local id, state, next_attempt, has_error, last_error, at =
+  ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+local key = K.delivery(id)
+if redis.call('HGET', key, 'state') ~= 'pending' then return 0 end
+redis.call('HSET', key, 'state', state, 'updated_at', at)
+if has_error then redis.call('HSET', key, 'last_error', last_error) end
+redis.call('ZREM', K.deliveries('pending'), id)
+redis.call('ZADD', K.deliveries(state), at, id)
+if state == 'pending' then
+  redis.call('HSET', key, 'next_attempt_at', next_attempt)
+  redis.call('ZADD', K.due, next_attempt, id)
+else
+  redis.call('ZREM', K.due, id)
+end
+return 1

@@ -1,0 +1,68 @@
+-- The head of every ledger script: redis.rs puts it in front of each one.
+--
+-- ARGV[1] is the key prefix. Scripts build their keys here, the same way `Keys` does in redis.rs,
+-- because the period, in-flight and index keys of a reservation follow from fields of its hash,
+-- which the caller cannot know before the script has read them. That holds on one Redis server
+-- (a cluster would need every key in one slot).
+--
+-- Money travels as decimal strings of integer units (1e-8 credit) and changes only through
+-- HINCRBY, which is exact over the whole i64 range. Lua numbers are doubles, exact up to 2^53
+-- units (about 9e7 credits): only the budget comparison in reserve.lua computes with them.
+local P = ARGV[1]
+
+-- The team is the first of two free parts in a period key: escaping ':' keeps the key unambiguous.
+local function escape(part)
+  return (string.gsub(part, '[%%:]', { ['%'] = '%25', [':'] = '%3A' }))
+end
+
+local K = {
+  reservation = function(id) return P .. 'reservation:' .. id end,
+  task = function(task_id) return P .. 'task:' .. task_id end,
+  callback = function(digest) return P .. 'callback:' .. digest end,
+  period = function(team, period) return P .. 'period:' .. escape(team) .. ':' .. period end,
+  in_flight = function(team) return P .. 'in-flight:' .. team end,
+  created = P .. 'created',
+  created_by = function(team) return P .. 'created:' .. team end,
+  by_state = function(state) return P .. 'state:' .. state end,
+  unobserved = P .. 'open-by-last-seen',
+  delivery = function(id) return P .. 'delivery:' .. id end,
+  delivery_of_task = function(task_id) return P .. 'delivery-of-task:' .. task_id end,
+  due = P .. 'deliveries-due',
+  deliveries = function(state) return P .. 'deliveries:' .. state end,
+}
+
+-- Negates a unit string without going through a double.
+local function negate(units)
+  if units == '0' then return '0' end
+  if string.sub(units, 1, 1) == '-' then return string.sub(units, 2) end
+  return '-' .. units
+end
+
+-- Adds to a period's totals. Runs beside every change of a reservation's state, so the totals
+-- always equal the sum over the reservations.
+local function adjust(team, period, reserved, spent)
+  local key = K.period(team, period)
+  if reserved ~= '0' then redis.call('HINCRBY', key, 'reserved', reserved) end
+  if spent ~= '0' then redis.call('HINCRBY', key, 'spent', spent) end
+end
+
+-- Moves a reservation out of `from`; `charge` says whether its held amount becomes spent (unknown
+-- outcome) or is given back. Returns why not when the reservation is not in `from`.
+local function move_reservation(id, from, to, charge)
+  local key = K.reservation(id)
+  local r = redis.call('HMGET', key, 'state', 'team', 'period', 'reserved', 'created_at')
+  if r[1] ~= from then return 'reservation ' .. id .. ' is not ' .. from end
+  local team, period, amount, created = r[2], r[3], r[4], r[5]
+  redis.call('HSET', key, 'state', to)
+  redis.call('ZREM', K.by_state(from), id)
+  redis.call('ZADD', K.by_state(to), created, id)
+  if from == 'reserved' then
+    redis.call('SREM', K.in_flight(team), id)
+    adjust(team, period, negate(amount), charge and amount or '0')
+  else
+    -- Leaving a state that counted as spent.
+    adjust(team, period, '0', negate(amount))
+  end
+  return nil
+end
+

@@ -1,0 +1,98 @@
+//! Redis for the tests that need one: `REDIS_URL` if set, else a private `redis-server` on a free
+//! port. Where neither is possible the test is skipped, loudly, unless `KETCHUP_REQUIRE_REDIS=1`
+//! (set by `.ci/run`), which turns the skip into a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` this test started and may stop and start again.
+pub struct PrivateRedis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    /// Starts one with append-only persistence fsynced on every write (what production should
+    /// run), keeping its files in `dir`; `None` (after a loud warning) when `redis-server` is
+    /// not installed.
+    pub fn start(dir: &Path) -> Option<PrivateRedis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            skip("redis-server is not installed");
+            return None;
+        }
+        let mut redis = PrivateRedis {
+            child: None,
+            port: super::closed_port(),
+            dir: dir.to_owned(),
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)starts the server on the same port and files.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: what the append-only file holds is all that survives.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis URL to use, with a private server kept alive by the returned guard when needed.
+pub fn url(dir: &Path) -> Option<(String, Option<PrivateRedis>)> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Some((url, None));
+    }
+    let private = PrivateRedis::start(dir)?;
+    Some((private.url(), Some(private)))
+}
+
+fn skip(why: &str) {
+    if std::env::var("KETCHUP_REQUIRE_REDIS").as_deref() == Ok("1") {
+        panic!("{why}, and KETCHUP_REQUIRE_REDIS=1: Redis tests must not be skipped here");
+    }
+    eprintln!("\n!!! SKIPPING a Redis test: {why} and REDIS_URL is not set !!!\n");
+}
