@@ -176,6 +176,22 @@ impl SqliteStore {
             .map_err(|_| unavailable("ledger writer stopped"))?
     }
 
+    /// A point lookup by key (a task's owner, a callback token, a period's totals), run right
+    /// here on the async worker. In WAL mode a reader never waits for the writer, and such a
+    /// lookup takes microseconds; handing it to the blocking pool cost three times its own CPU
+    /// (29 µs against 9 µs per lookup at a million tasks), which made the ledger the bottleneck
+    /// of status reads whose owner is not in the memo.
+    fn read_point<T>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.readers.take()?;
+        let result = op(&conn);
+        self.readers.give_back(conn);
+        result
+    }
+
+    /// Reads that scan (listings, usage) run on the blocking pool, off the async workers.
     async fn read<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -514,8 +530,7 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let task_id = task_id.to_owned();
-        self.read(move |conn| {
+        self.read_point(|conn| {
             query_row(
                 conn,
                 &format!("SELECT {TASK_COLUMNS} FROM reservations WHERE task_id = ?1"),
@@ -525,7 +540,6 @@ impl LedgerStore for SqliteStore {
             .optional()
             .map_err(unavailable)
         })
-        .await
     }
 
     async fn settle(
@@ -740,8 +754,7 @@ impl LedgerStore for SqliteStore {
         &self,
         token_digest: &str,
     ) -> Result<Option<CallbackTarget>, StoreError> {
-        let token_digest = token_digest.to_owned();
-        self.read(move |conn| {
+        self.read_point(|conn| {
             let row: Option<(String, Option<String>, String, Option<String>)> = query_row(
                 conn,
                 "SELECT id, task_id, team, forward_to FROM reservations
@@ -762,7 +775,6 @@ impl LedgerStore for SqliteStore {
             })
             .transpose()
         })
-        .await
     }
 
     async fn enqueue_delivery(&self, d: NewDelivery) -> Result<bool, StoreError> {
