@@ -1062,6 +1062,17 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
     }
 
     #[test]
+    fn the_shipped_container_configs_are_valid() {
+        let single = parse(include_str!("../config/docker/gateway.toml")).unwrap();
+        assert!(matches!(single.store, StoreConfig::Sqlite { .. }));
+        let replicas = parse(include_str!("../config/docker/gateway-replicas.toml")).unwrap();
+        assert!(matches!(
+            &replicas.store,
+            StoreConfig::Redis { url, password: Some(_), .. } if url.as_str() == "redis://redis:6379/0"
+        ));
+    }
+
+    #[test]
     fn minimal_file_gets_defaults() {
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.server.listen, "127.0.0.1:8080");
