@@ -52,9 +52,13 @@ fn key_lookup(c: &mut Criterion) {
 }
 
 fn rate_limit(c: &mut Criterion) {
-    let limits = RateLimits::new(&config(), Arc::new(Metrics::new()));
+    let limits = RateLimits::new(&config(), Arc::new(Metrics::new()), None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     c.bench_function("rate_limit/check a team's query limit", |b| {
-        b.iter(|| limits.check_team(std::hint::black_box("team-57"), LimitKind::Query))
+        b.to_async(&runtime)
+            .iter(|| limits.check_team(std::hint::black_box("team-57"), LimitKind::Query))
     });
 }
 

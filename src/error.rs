@@ -45,10 +45,23 @@ pub enum GatewayError {
     UpstreamBadResponse(String),
     #[error("the ledger is unavailable: {0}")]
     LedgerUnavailable(String),
+    /// The replicas' shared rate limits cannot be consulted, and the configuration refuses
+    /// rather than let each replica count alone.
+    #[error("the shared rate limits are unavailable: {0}")]
+    LimiterUnavailable(String),
     #[error("the request took longer than {0:?}")]
     RequestTimeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::rate_limit::Refused> for GatewayError {
+    fn from(refused: crate::rate_limit::Refused) -> Self {
+        match refused {
+            crate::rate_limit::Refused::Limited(refusal) => GatewayError::RateLimited(refusal),
+            crate::rate_limit::Refused::Unavailable(why) => GatewayError::LimiterUnavailable(why),
+        }
+    }
 }
 
 /// The upstream's error envelope.
@@ -80,9 +93,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            GatewayError::LedgerUnavailable(_) | GatewayError::CallbackTooEarly => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::LedgerUnavailable(_)
+            | GatewayError::LimiterUnavailable(_)
+            | GatewayError::CallbackTooEarly => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +125,11 @@ impl GatewayError {
                 ("bad upstream response", Some(self.to_string()))
             }
             GatewayError::LedgerUnavailable(_) => ("ledger unavailable", None),
+            // The same Redis holds the replicas' ledger and limits: one outage, one message.
+            GatewayError::LimiterUnavailable(_) => (
+                "ledger unavailable",
+                Some("the rate limits shared by the gateway's replicas cannot be checked".into()),
+            ),
             GatewayError::RequestTimeout(_) => ("request timeout", Some(self.to_string())),
             // Internal details go to the log, not to the client.
             GatewayError::Internal(_) => ("internal error", None),
@@ -175,6 +193,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamBadResponse(_) => "upstream_bad_response",
             GatewayError::LedgerUnavailable(_) => "ledger_unavailable",
+            GatewayError::LimiterUnavailable(_) => "limiter_unavailable",
             GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Internal(_) => "internal",
         }

@@ -14,7 +14,7 @@ use crate::{
     config::{Config, KeyDigest, Secret, StoreConfig},
     ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     metrics::Metrics,
-    rate_limit::RateLimits,
+    rate_limit::{RateLimits, shared::SharedLimits},
     reconciler,
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
@@ -40,7 +40,11 @@ impl Server {
         webhooks::signing::check_team_secrets(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.start_at_zero(&config);
-        let rate_limits = Arc::new(RateLimits::new(&config, metrics.clone()));
+        let rate_limits = Arc::new(RateLimits::new(
+            &config,
+            metrics.clone(),
+            shared_limits(&config.store).await?,
+        ));
         let upstream = UpstreamClient::new(
             &config.upstream,
             upstream_token,
@@ -187,6 +191,28 @@ fn redis_url(store: &StoreConfig) -> Result<Secret, String> {
             .map_err(|()| "[store] url cannot carry a password".to_owned())?;
     }
     Ok(Secret::new(String::from(url)))
+}
+
+/// The rate limits shared by the replicas on one Redis.
+async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, String> {
+    let StoreConfig::Redis {
+        key_prefix,
+        command_timeout,
+        rate_limits_fail_open,
+        ..
+    } = store
+    else {
+        return Ok(None);
+    };
+    let url = redis_url(store)?;
+    let shared = SharedLimits::connect(
+        url.expose(),
+        key_prefix,
+        *command_timeout,
+        *rate_limits_fail_open,
+    )
+    .await?;
+    Ok(Some(shared))
 }
 
 /// The cluster-wide layer of the status cache, when replicas share a Redis.

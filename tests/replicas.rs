@@ -14,7 +14,8 @@ const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A config for a replica on the Redis at `url`, under a key prefix of its own test run.
-/// `design` may spend 5.00 credits in all: ten reservations of 0.50.
+/// `design` may spend 5.00 credits in all: ten reservations of 0.50. `ads` has no budget but may
+/// start 10 tasks a second, burst 10.
 fn write_config(
     dir: &std::path::Path,
     upstream: &str,
@@ -37,6 +38,10 @@ fn write_config(
     .replace(
         "label = \"design-test\" }]",
         "label = \"design-test\" }]\nbudget = { credits = \"5.00\", period = \"lifetime\" }",
+    )
+    .replace(
+        "label = \"ads-test\" }]",
+        "label = \"ads-test\" }]\nlimits = { generate = \"10/s\", generate_burst = 10 }",
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
@@ -247,7 +252,10 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     for _ in 0..10 {
         let (status, body) = generate(&http, &gateway).await;
         assert_eq!(status, 503, "{body}");
-        assert_eq!(body, json!({"code": 1, "message": "ledger unavailable"}));
+        assert_eq!(
+            (&body["code"], &body["message"]),
+            (&json!(1), &json!("ledger unavailable"))
+        );
     }
     // Ten refusals cost about the timeout a few times, then nothing: the breaker is open.
     assert!(
@@ -283,9 +291,19 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         assert!(Instant::now() < deadline, "never ready again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, body) = generate(&http, &gateway).await;
-    assert_eq!(status, 200, "{body}");
-    let after = body["data"]["task_id"].as_str().unwrap().to_owned();
+    // Each Redis client's breaker probes on its own schedule: generations resume within seconds.
+    let after = loop {
+        let (status, body) = generate(&http, &gateway).await;
+        if status == 200 {
+            break body["data"]["task_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "generations never resumed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     // Nothing was lost: every accepted task settles, the totals exact.
     let deadline = Instant::now() + DEADLINE;
     for task_id in [&running, &after] {
@@ -309,4 +327,60 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         !gateway.logs().contains("panicked"),
         "no panic during the outage"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((url, _server)) = redis_server::url(dir.path()) else {
+        return;
+    };
+    let env = two_replicas(&url).await;
+    let http = reqwest::Client::new();
+    // 40 generations at once, alternating replicas, against ads's 10 a second (burst 10): each
+    // replica alone would let 10 through, 20 in all.
+    let started = Instant::now();
+    let attempts: Vec<_> = (0..40)
+        .map(|i| {
+            let http = http.clone();
+            let url = if i % 2 == 0 {
+                env.a.url("")
+            } else {
+                env.b.url("")
+            };
+            tokio::spawn(async move {
+                let response = http
+                    .post(format!("{url}/api/image/gen"))
+                    .bearer_auth(common::ADS_KEY)
+                    .json(&json!({"model": "google/gempix2", "prompt": "a tomato"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let retry_after = response.headers().get("retry-after").cloned();
+                (status, retry_after, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut accepted = 0u64;
+    let mut limited = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            (200, _, _) => accepted += 1,
+            (429, retry_after, body) => {
+                assert_eq!(body["message"], "rate limited", "{body}");
+                assert!(retry_after.is_some());
+                limited += 1;
+            }
+            (status, _, body) => panic!("unexpected {status}: {body}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst, plus what refilled (10 a second) while the requests were arriving.
+    let most = 10 + (10.0 * elapsed).ceil() as u64;
+    assert!(
+        (10..=most).contains(&accepted),
+        "{accepted} accepted in {elapsed:.2} s (at most {most}), {limited} limited"
+    );
+    assert_eq!(env.fake.stats().generate_requests, accepted);
 }

@@ -4,89 +4,15 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
+use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
 use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, closed_port, fake_config};
 use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
 use serde_json::{Value, json};
 
-const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A team's webhook receiver: records every request and answers from a script (then 200).
-#[derive(Clone, Default)]
-struct Receiver {
-    seen: Arc<Mutex<Vec<(HeaderMap, Bytes, u16)>>>,
-    script: Arc<Mutex<VecDeque<u16>>>,
-}
-
-struct Listening {
-    port: u16,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Listening {
-    /// Stops accepting: the port refuses connections until a receiver listens on it again.
-    fn stop(self) -> u16 {
-        self.server.abort();
-        self.port
-    }
-}
-
-impl Receiver {
-    fn answering(script: &[u16]) -> Receiver {
-        let receiver = Receiver::default();
-        receiver.script.lock().unwrap().extend(script);
-        receiver
-    }
-
-    async fn listen(&self, port: u16) -> Listening {
-        async fn record(
-            State(receiver): State<Receiver>,
-            headers: HeaderMap,
-            body: Bytes,
-        ) -> axum::http::StatusCode {
-            let status = receiver.script.lock().unwrap().pop_front().unwrap_or(200);
-            receiver.seen.lock().unwrap().push((headers, body, status));
-            axum::http::StatusCode::from_u16(status).unwrap()
-        }
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("receiver port free");
-        let port = listener.local_addr().unwrap().port();
-        let app = Router::new()
-            .route("/hook", post(record))
-            .with_state(self.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Listening { port, server }
-    }
-
-    fn seen(&self) -> Vec<(HeaderMap, Bytes, u16)> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn delivered(&self) -> Vec<(HeaderMap, Bytes)> {
-        self.seen()
-            .into_iter()
-            .filter(|(_, _, status)| *status == 200)
-            .map(|(headers, body, _)| (headers, body))
-            .collect()
-    }
-
-    async fn wait_for(&self, what: &str, done: impl Fn(&Receiver) -> bool) {
-        let deadline = Instant::now() + DEADLINE;
-        while !done(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
 
 struct Env {
     fake: FakeHandle,
@@ -242,13 +168,6 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-}
-
-fn verify(headers: &HeaderMap, body: &[u8]) {
-    standardwebhooks::Webhook::new(WEBHOOK_SECRET)
-        .unwrap()
-        .verify(body, headers)
-        .expect("the delivery's signature verifies with the team's secret");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,8 +30,8 @@ pub async fn limit(State(state): State<Arc<AppState>>, request: Request, next: N
     ) else {
         return next.run(request).await;
     };
-    match state.rate_limits.check_team(&team.name, kind) {
-        Err(refusal) => GatewayError::RateLimited(refusal).into_response(),
+    match state.rate_limits.check_team(&team.name, kind).await {
+        Err(refused) => GatewayError::from(refused).into_response(),
         Ok(verdict) => {
             let mut response = next.run(request).await;
             // A refusal further in (the upstream account's limit) keeps its own headers.

@@ -173,10 +173,7 @@ pub async fn generate(
 
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
-    state
-        .rate_limits
-        .check_global(&team.name)
-        .map_err(GatewayError::RateLimited)?;
+    state.rate_limits.check_global(&team.name).await?;
 
     let per_image = config.models[&generation.model].reserve;
     let amount = per_image

@@ -122,8 +122,8 @@ async fn read_upstream(
     request_id: &RequestId,
     facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    if let Err(refusal) = state.rate_limits.check_global(&task.team) {
-        return Fetched::Failed(GatewayError::RateLimited(refusal));
+    if let Err(refused) = state.rate_limits.check_global(&task.team).await {
+        return Fetched::Failed(refused.into());
     }
     let upstream = match state
         .upstream

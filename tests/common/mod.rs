@@ -12,6 +12,7 @@ use std::time::Duration;
 use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
 
 pub mod redis_server;
+pub mod webhook_receiver;
 use serde_json::Value;
 
 pub const UPSTREAM_TOKEN: &str = "dk-upstream-secret-0123456789abcdef";

@@ -3,10 +3,18 @@
 //!
 //! Team limiters live in a map keyed by team name; a configuration reload replaces only the
 //! limiters whose settings changed, so a reload does not hand every team a fresh burst.
+//!
+//! With several replicas on one Redis, the same limits are kept in Redis instead (`shared`), so
+//! they hold across replicas. While Redis is down the in-process limiters stand in for the
+//! status-read limits, and for the others when `rate_limits_when_unavailable = "allow"`; by
+//! default generations and upstream reads are then refused.
+
+pub mod shared;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -60,6 +68,15 @@ pub struct Refusal {
     pub detail: String,
 }
 
+/// Why a request may not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Over the limit: 429.
+    Limited(Refusal),
+    /// The shared limits cannot be consulted and the configuration says to refuse meanwhile.
+    Unavailable(String),
+}
+
 struct TeamLimiters {
     limits: Limits,
     generate: Limiter,
@@ -71,6 +88,10 @@ pub struct RateLimits {
     teams: DashMap<String, Arc<TeamLimiters>>,
     /// Swapped whole when a reload changes `upstream.max_requests_per_second`.
     global: ArcSwap<GlobalLimit>,
+    /// The cluster-wide limits, with several replicas on Redis.
+    shared: Option<shared::SharedLimits>,
+    /// When (unix seconds) the fallback to local limits was last logged, to log it once a while.
+    fallback_logged: AtomicU64,
 }
 
 struct GlobalLimit {
@@ -89,6 +110,14 @@ impl GlobalLimit {
             rate,
         }
     }
+
+    /// The account's limit as a rate: `rate` requests per second, a burst of as many.
+    fn per_second(&self) -> Rate {
+        Rate {
+            count: self.rate,
+            per: Duration::from_secs(1),
+        }
+    }
 }
 
 fn limiter(rate: Rate, burst: std::num::NonZeroU32) -> Limiter {
@@ -104,13 +133,19 @@ fn seconds_up(duration: Duration) -> u64 {
 }
 
 impl RateLimits {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        shared: Option<shared::SharedLimits>,
+    ) -> Self {
         let limits = RateLimits {
             metrics,
             teams: DashMap::new(),
             global: ArcSwap::from_pointee(GlobalLimit::new(
                 config.upstream.max_requests_per_second,
             )),
+            shared,
+            fallback_logged: AtomicU64::new(0),
         };
         limits.reload(config);
         limits
@@ -143,8 +178,39 @@ impl RateLimits {
         }
     }
 
+    /// One step of a limit: in Redis when replicas share one, else (or, when so configured,
+    /// while Redis is down) in this process.
+    async fn step(
+        &self,
+        name: &str,
+        kind: LimitKind,
+        rate: Rate,
+        burst: NonZeroU32,
+        local: &Limiter,
+    ) -> Result<Result<Verdict, Verdict>, Refused> {
+        let Some(shared) = &self.shared else {
+            return Ok(check(local, kind));
+        };
+        match shared.check(name, kind, rate, burst).await {
+            Ok(decided) => Ok(decided),
+            // A status read costs the upstream nothing unless it misses the cache, and then the
+            // account's limit (which does refuse) is checked too: so cached statuses stay
+            // readable through an outage whatever the setting.
+            Err(error) if shared.fail_open || kind == LimitKind::Query => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if now.saturating_sub(self.fallback_logged.swap(now, Ordering::Relaxed)) >= 10 {
+                    tracing::warn!(%error, "shared rate limits unavailable: each replica applies its own");
+                }
+                Ok(check(local, kind))
+            }
+            Err(error) => Err(Refused::Unavailable(error)),
+        }
+    }
+
     /// Counts one request of `team` against its limit of `kind` (generate or query).
-    pub fn check_team(&self, team: &str, kind: LimitKind) -> Result<Verdict, Refusal> {
+    pub async fn check_team(&self, team: &str, kind: LimitKind) -> Result<Verdict, Refused> {
         let Some(limiters) = self.teams.get(team).map(|l| l.clone()) else {
             // Only teams from the config get here; one removed by a reload a moment ago is
             // simply not limited for this request.
@@ -156,13 +222,25 @@ impl RateLimits {
                 allowed: true,
             });
         };
-        let (limiter, rate, action) = match kind {
-            LimitKind::Generate => (&limiters.generate, limiters.limits.generate, "start"),
-            _ => (&limiters.query, limiters.limits.query, "read the status of"),
+        let (limiter, rate, burst, action) = match kind {
+            LimitKind::Generate => (
+                &limiters.generate,
+                limiters.limits.generate,
+                limiters.limits.generate_burst,
+                "start",
+            ),
+            _ => (
+                &limiters.query,
+                limiters.limits.query,
+                limiters.limits.query_burst,
+                "read the status of",
+            ),
         };
-        check(limiter, kind).map_err(|verdict| {
+        let name = format!("{team}:{}", kind.as_str());
+        let decided = self.step(&name, kind, rate, burst, limiter).await?;
+        decided.map_err(|verdict| {
             self.count_refusal(team, kind);
-            Refusal {
+            Refused::Limited(Refusal {
                 verdict,
                 detail: format!(
                     "team '{team}' may {action} {} task{} per {}; retry in {} s",
@@ -171,7 +249,7 @@ impl RateLimits {
                     unit(rate.per),
                     seconds_up(verdict.reset).max(1)
                 ),
-            }
+            })
         })
     }
 
@@ -183,18 +261,27 @@ impl RateLimits {
     }
 
     /// Counts one request of `team` against the upstream account's limit.
-    pub fn check_global(&self, team: &str) -> Result<Verdict, Refusal> {
-        let global = self.global.load();
-        check(&global.limiter, LimitKind::Global).map_err(|verdict| {
+    pub async fn check_global(&self, team: &str) -> Result<Verdict, Refused> {
+        let global = self.global.load_full();
+        let decided = self
+            .step(
+                "global",
+                LimitKind::Global,
+                global.per_second(),
+                global.rate,
+                &global.limiter,
+            )
+            .await?;
+        decided.map_err(|verdict| {
             self.count_refusal(team, LimitKind::Global);
-            Refusal {
+            Refused::Limited(Refusal {
                 verdict,
                 detail: format!(
                     "the upstream account takes at most {} requests per second from all teams together; retry in {} s",
                     global.rate,
                     seconds_up(verdict.reset).max(1)
                 ),
-            }
+            })
         })
     }
 
@@ -202,6 +289,25 @@ impl RateLimits {
     /// work, which may wait where a client should not).
     pub async fn wait_global(&self) {
         let global = self.global.load_full();
+        if let Some(shared) = &self.shared {
+            loop {
+                let step = shared
+                    .check(
+                        "global",
+                        LimitKind::Global,
+                        global.per_second(),
+                        global.rate,
+                    )
+                    .await;
+                match step {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(refused)) => tokio::time::sleep(refused.reset).await,
+                    // Pacing background work needs no cluster-wide answer: this replica's own
+                    // limiter paces it while Redis is away.
+                    Err(_) => break,
+                }
+            }
+        }
         global.limiter.until_ready().await;
     }
 }
@@ -282,20 +388,31 @@ mod tests {
         RateLimits::new(
             &Config::parse(Path::new("t.toml"), &text).unwrap(),
             Arc::new(Metrics::new()),
+            None,
         )
     }
 
-    #[test]
-    fn a_burst_passes_then_the_limit_says_when_to_come_back() {
+    #[tokio::test]
+    async fn a_burst_passes_then_the_limit_says_when_to_come_back() {
         let limits = limits(r#"limits = { generate = "60/min", generate_burst = 3 }"#);
-        let first = limits.check_team("design", LimitKind::Generate).unwrap();
+        let first = limits
+            .check_team("design", LimitKind::Generate)
+            .await
+            .unwrap();
         assert_eq!((first.limit, first.remaining), (3, 2));
         assert_eq!(first.reset, Duration::from_secs(1));
-        limits.check_team("design", LimitKind::Generate).unwrap();
-        limits.check_team("design", LimitKind::Generate).unwrap();
-        let refusal = limits
+        limits
             .check_team("design", LimitKind::Generate)
-            .unwrap_err();
+            .await
+            .unwrap();
+        limits
+            .check_team("design", LimitKind::Generate)
+            .await
+            .unwrap();
+        let Err(Refused::Limited(refusal)) = limits.check_team("design", LimitKind::Generate).await
+        else {
+            panic!("the fourth request of a burst of three is refused");
+        };
         assert_eq!(refusal.verdict.remaining, 0);
         assert!(refusal.verdict.reset <= Duration::from_secs(1));
         assert!(
@@ -304,7 +421,7 @@ mod tests {
                 .starts_with("team 'design' may start 60 tasks per minute; retry in ")
         );
         // Status reads have their own allowance.
-        assert!(limits.check_team("design", LimitKind::Query).is_ok());
+        assert!(limits.check_team("design", LimitKind::Query).await.is_ok());
     }
 
     #[test]
@@ -324,10 +441,13 @@ mod tests {
         assert_eq!(headers["retry-after"], "2");
     }
 
-    #[test]
-    fn a_reload_keeps_the_state_of_unchanged_limits() {
+    #[tokio::test]
+    async fn a_reload_keeps_the_state_of_unchanged_limits() {
         let limits = limits(r#"limits = { generate = "1/h", generate_burst = 1 }"#);
-        limits.check_team("design", LimitKind::Generate).unwrap();
+        limits
+            .check_team("design", LimitKind::Generate)
+            .await
+            .unwrap();
         let same = Config::parse(
             Path::new("t.toml"),
             &format!(
@@ -337,6 +457,11 @@ mod tests {
         )
         .unwrap();
         limits.reload(&same);
-        assert!(limits.check_team("design", LimitKind::Generate).is_err());
+        assert!(
+            limits
+                .check_team("design", LimitKind::Generate)
+                .await
+                .is_err()
+        );
     }
 }
