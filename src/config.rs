@@ -749,11 +749,15 @@ impl Config {
                  (the upstream asks for at most one status read per task per second)",
             ));
         }
-        if reconciler.abandon_after <= upstream.timeout {
-            return Err(reconciler_error(
-                "[reconciler] abandon_after must be longer than [upstream] timeout, or \
+        let longest = crate::upstream::longest_generation(&upstream);
+        if reconciler.abandon_after <= longest {
+            return Err(reconciler_error(&format!(
+                "[reconciler] abandon_after must be longer than a generation can wait on the \
+                 upstream ({}: [upstream] timeout, plus connect_timeout for each of the \
+                 query_retries + 1 connection attempts, plus the waits between them), or \
                  requests still waiting for the upstream would be given up",
-            ));
+                humantime::format_duration(longest)
+            )));
         }
 
         let (webhooks_span, raw_webhooks) = match file.webhooks {

@@ -23,6 +23,27 @@ use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimits;
 
+/// Waits between upstream attempts: doubling from the first, jittered up to twice as long.
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// The longest a generation can wait on the upstream: every connection attempt up to
+/// `connect_timeout`, the waits between them, then the answer up to `timeout`.
+pub fn longest_generation(config: &UpstreamConfig) -> Duration {
+    let retries = u32::try_from(config.query_retries).unwrap_or(u32::MAX);
+    let waits: Duration = (0..retries.min(16))
+        .map(|i| (FIRST_RETRY_DELAY * 2u32.pow(i)).min(MAX_RETRY_DELAY) * 2)
+        .sum();
+    let connecting = config
+        .connect_timeout
+        .checked_mul(retries.saturating_add(1))
+        .unwrap_or(Duration::MAX);
+    config
+        .timeout
+        .saturating_add(connecting)
+        .saturating_add(waits)
+}
+
 /// Route labels of upstream metrics.
 pub const GENERATE: &str = "generate";
 pub const QUERY: &str = "query";
@@ -108,8 +129,8 @@ impl UpstreamClient {
 
     fn backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
+            .with_min_delay(FIRST_RETRY_DELAY)
+            .with_max_delay(MAX_RETRY_DELAY)
             .with_max_times(self.retries)
             .with_jitter()
     }

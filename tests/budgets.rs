@@ -1817,7 +1817,7 @@ async fn a_reservation_left_by_a_killed_gateway_becomes_unknown_outcome() {
 settle_after = "1s"
 abandon_after = "4s""#,
             ),
-            upstream_extra: r#"timeout = "3s""#,
+            upstream_extra: "timeout = \"3s\"\nconnect_timeout = \"200ms\"",
             admin: true,
             cache_off: false,
         },

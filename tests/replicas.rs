@@ -1,43 +1,106 @@
 //! Several gateway processes on one Redis behave as one gateway: one budget, one view of task
-//! ownership, one settlement per task; and a Redis outage costs fast 503s, never credits.
+//! ownership, one settlement per task, one delivery per webhook; a replica killed under load
+//! loses and double counts no credit; and a Redis outage costs fast 503s, never credits.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis_server::{self, PrivateRedis};
-use common::{DESIGN_KEY, Gateway, fake_config};
-use ketchup_gateway::fake_upstream::{self, FakeHandle};
+use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
+use common::{DESIGN_KEY, Gateway, closed_port, fake_config};
+use ketchup_gateway::credits::Credits;
+use ketchup_gateway::fake_upstream::{self, FakeHandle, Fault, TaskStatus};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A config for a replica on the Redis at `url`, under a key prefix of its own test run.
-/// `design` may spend 5.00 credits in all: ten reservations of 0.50. `ads` has no budget but may
-/// start 10 tasks a second, burst 10.
+/// What a test changes in its replicas' configs; [`Setup::default`] for none of it.
+struct Setup {
+    /// `design`'s lifetime budget, in credits.
+    budget: &'static str,
+    /// Lines added to `[upstream]`.
+    upstream: &'static str,
+    /// `[store] command_timeout`: the bound on every Redis call.
+    command_timeout: &'static str,
+    /// Tables added to the config, such as `[reconciler]` or `[webhooks]`.
+    tables: &'static str,
+    /// Each replica listens on a port of its own and names it as its `public_url`, and `design`
+    /// takes webhooks on loopback, signed with [`WEBHOOK_SECRET`].
+    webhooks: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            budget: "5.00",
+            upstream: "",
+            // Generous: a loaded CI machine must not turn a slow Redis reply into an outage.
+            command_timeout: "2s",
+            tables: "",
+            webhooks: false,
+        }
+    }
+}
+
+/// A config for a replica on the Redis at `url`, under a key prefix of its own test run, changed
+/// by `setup`. By default `design` may spend 5.00 credits in all: ten reservations of 0.50.
+/// `ads` has no budget but may start 10 tasks a second, burst 10.
 fn write_config(
     dir: &std::path::Path,
     upstream: &str,
     url: &str,
     prefix: &str,
+    setup: &Setup,
 ) -> std::path::PathBuf {
     let ledger = dir.join("unused.db");
     let admin = dir.join("admin_token");
     std::fs::write(&admin, ADMIN_TOKEN).unwrap();
+    let mut listen = "127.0.0.1:0".to_owned();
+    let mut server = String::new();
+    let mut design = format!(
+        "budget = {{ credits = \"{}\", period = \"lifetime\" }}",
+        setup.budget
+    );
+    if setup.webhooks {
+        listen = format!("127.0.0.1:{}", closed_port());
+        server = format!("public_url = \"http://{listen}\"\n");
+        let secret = dir.join("design_webhook_secret");
+        std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
+        design.push_str(&format!(
+            "\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
+            secret.display()
+        ));
+    }
     let text = common::config_text(
         upstream,
         &ledger,
-        &format!("\n[admin]\ntoken_file = \"{}\"\n", admin.display()),
-        "",
+        &format!(
+            "{server}\n[admin]\ntoken_file = \"{}\"\n{}",
+            admin.display(),
+            setup.tables
+        ),
+        setup.upstream,
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{listen}\""),
     )
     .replace(
         &format!("path = \"{}\"", ledger.display()),
-        &format!("kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\ncommand_timeout = \"250ms\""),
+        &format!(
+            "kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
+             command_timeout = \"{}\"",
+            setup.command_timeout
+        ),
     )
     .replace(
         "label = \"design-test\" }]",
-        "label = \"design-test\" }]\nbudget = { credits = \"5.00\", period = \"lifetime\" }",
+        &format!("label = \"design-test\" }}]\n{design}"),
     )
     .replace(
         "label = \"ads-test\" }]",
@@ -52,16 +115,31 @@ fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::now_v7().simple())
 }
 
-async fn generate(http: &reqwest::Client, gateway: &Gateway) -> (u16, Value) {
+fn tomato() -> Value {
+    json!({"model": "google/gempix2", "prompt": "a tomato"})
+}
+
+/// A generation for `design` through the gateway at `base` (its URL without a path); an error
+/// when the gateway could not be reached or did not answer in full.
+async fn try_generate(
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> reqwest::Result<(u16, Value)> {
     let response = http
-        .post(gateway.url("/api/image/gen"))
+        .post(format!("{base}/api/image/gen"))
         .bearer_auth(DESIGN_KEY)
-        .json(&json!({"model": "google/gempix2", "prompt": "a tomato"}))
+        .json(body)
         .send()
-        .await
-        .expect("gateway answers");
+        .await?;
     let status = response.status().as_u16();
-    (status, response.json().await.expect("JSON body"))
+    Ok((status, response.json().await?))
+}
+
+async fn generate(http: &reqwest::Client, gateway: &Gateway) -> (u16, Value) {
+    try_generate(http, &gateway.url(""), &tomato())
+        .await
+        .expect("gateway answers")
 }
 
 async fn get(http: &reqwest::Client, gateway: &Gateway, path: &str, key: &str) -> (u16, Value) {
@@ -75,16 +153,50 @@ async fn get(http: &reqwest::Client, gateway: &Gateway, path: &str, key: &str) -
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn wait_until_settled(http: &reqwest::Client, gateway: &Gateway, spent: &str) {
+/// `design`'s budget once nothing is reserved any more: every task it started has settled.
+async fn settled_budget(http: &reqwest::Client, gateway: &Gateway) -> Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let (_, budget) = get(http, gateway, "/gateway/v1/budget", DESIGN_KEY).await;
-        if budget["spent"] == spent && budget["reserved"] == "0.00000000" {
-            return;
+        if budget["reserved"] == "0.00000000" {
+            return budget;
         }
         assert!(Instant::now() < deadline, "never settled: {budget}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_until_settled(http: &reqwest::Client, gateway: &Gateway, spent: &str) {
+    let budget = settled_budget(http, gateway).await;
+    assert_eq!(budget["spent"], spent, "{budget}");
+}
+
+/// An admin listing: `path`'s `field` array, which must not have been cut at its limit.
+async fn admin_list(
+    http: &reqwest::Client,
+    gateway: &Gateway,
+    path: &str,
+    field: &str,
+) -> Vec<Value> {
+    let (status, body) = get(http, gateway, path, ADMIN_TOKEN).await;
+    assert_eq!(status, 200, "{body}");
+    let list = body[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .clone();
+    assert!(
+        list.len() < 1000,
+        "{path} lists its limit: the test made too many"
+    );
+    list
+}
+
+/// Credits as exact units (1e-8 credit).
+fn units(credits: &Value) -> i64 {
+    let text = credits
+        .as_str()
+        .unwrap_or_else(|| panic!("credits: {credits}"));
+    text.parse::<Credits>().expect("credits").units()
 }
 
 struct Replicas {
@@ -94,12 +206,14 @@ struct Replicas {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-async fn two_replicas(url: &str) -> Replicas {
+async fn two_replicas(url: &str, setup: &Setup) -> Replicas {
     let fake = fake_upstream::start(fake_config()).await.unwrap();
     let prefix = unique_prefix();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(write_config(dir_a.path(), &fake.base_url(), url, &prefix));
-    let b = Gateway::start(write_config(dir_b.path(), &fake.base_url(), url, &prefix));
+    let config =
+        |dir: &tempfile::TempDir| write_config(dir.path(), &fake.base_url(), url, &prefix, setup);
+    let a = Gateway::start(config(&dir_a));
+    let b = Gateway::start(config(&dir_b));
     Replicas {
         fake,
         a,
@@ -114,7 +228,7 @@ async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
     let Some((url, _server)) = redis_server::url(dir.path()) else {
         return;
     };
-    let env = two_replicas(&url).await;
+    let env = two_replicas(&url, &Setup::default()).await;
     let http = reqwest::Client::new();
 
     // 200 requests at once, half through each replica, for a budget of exactly 10.
@@ -220,6 +334,11 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         &fake.base_url(),
         &redis.url(),
         &unique_prefix(),
+        &Setup {
+            // Short, as in production: an outage must cost fast errors.
+            command_timeout: "500ms",
+            ..Setup::default()
+        },
     ));
     let http = reqwest::Client::new();
 
@@ -335,7 +454,7 @@ async fn a_rate_limit_holds_across_replicas() {
     let Some((url, _server)) = redis_server::url(dir.path()) else {
         return;
     };
-    let env = two_replicas(&url).await;
+    let env = two_replicas(&url, &Setup::default()).await;
     let http = reqwest::Client::new();
     // 40 generations at once, alternating replicas, against ads's 10 a second (burst 10): each
     // replica alone would let 10 through, 20 in all.
@@ -383,4 +502,391 @@ async fn a_rate_limit_holds_across_replicas() {
         "{accepted} accepted in {elapsed:.2} s (at most {most}), {limited} limited"
     );
     assert_eq!(env.fake.stats().generate_requests, accepted);
+}
+
+/// Client loops in the kill test, each with at most one generation in flight: the first half
+/// send to A, the others to B.
+const LOOPS: usize = 8;
+/// What a loop's `busy_since` holds between requests.
+const IDLE: u64 = u64::MAX;
+
+/// What one client loop of the kill test saw.
+#[derive(Default)]
+struct LoopTally {
+    /// Task ids of the generations each replica accepted.
+    accepted_by_a: Vec<String>,
+    accepted_by_b: Vec<String>,
+    /// B's accepted generations sent after A's kill began.
+    accepted_by_b_after_kill: usize,
+    /// Generations sent to A that failed at the connection level once A was being killed.
+    lost_with_a: usize,
+    /// Anything else: an error or a non-200 answer, from either replica.
+    unexpected: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((url, _server)) = redis_server::url(dir.path()) else {
+        return;
+    };
+    // A budget no run reaches, and Redis calls that may be slow on a loaded machine: this test
+    // is not about outages. The reconciler settles what nobody polls a second after it
+    // starts, and turns a reservation left waiting for the upstream (its replica died
+    // mid-request) into unknown_outcome after six, longer than any upstream call may take.
+    let mut env = two_replicas(
+        &url,
+        &Setup {
+            budget: "100000.00",
+            upstream: "timeout = \"5s\"\nconnect_timeout = \"200ms\"",
+            command_timeout: "2s",
+            tables: "\n[reconciler]\ninterval = \"200ms\"\nsettle_after = \"1s\"\n\
+                     abandon_after = \"6s\"\nmax_reads_per_second = 1000\n",
+            ..Setup::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .timeout(DEADLINE)
+        .build()
+        .unwrap();
+
+    // A steady stream, each loop sending at most every 40 ms (so well under the listings' limit
+    // of 1000 in all) until told to stop, and showing since when its request is in flight.
+    let origin = Instant::now();
+    let killing = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy_since: Arc<Vec<AtomicU64>> =
+        Arc::new((0..LOOPS).map(|_| AtomicU64::new(IDLE)).collect());
+    let loops: Vec<_> = (0..LOOPS)
+        .map(|i| {
+            let (http, killing, stop) = (http.clone(), killing.clone(), stop.clone());
+            let busy_since = busy_since.clone();
+            let to_b = i >= LOOPS / 2;
+            let base = if to_b { env.b.url("") } else { env.a.url("") };
+            tokio::spawn(async move {
+                let mut tally = LoopTally::default();
+                while !stop.load(Ordering::SeqCst) {
+                    let sent_after_kill = killing.load(Ordering::SeqCst);
+                    busy_since[i].store(origin.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    let result = try_generate(&http, &base, &tomato()).await;
+                    busy_since[i].store(IDLE, Ordering::SeqCst);
+                    match (to_b, result) {
+                        (false, Ok((200, body))) => tally
+                            .accepted_by_a
+                            .push(body["data"]["task_id"].as_str().unwrap().to_owned()),
+                        (true, Ok((200, body))) => {
+                            tally
+                                .accepted_by_b
+                                .push(body["data"]["task_id"].as_str().unwrap().to_owned());
+                            tally.accepted_by_b_after_kill += usize::from(sent_after_kill);
+                        }
+                        (false, Err(_)) if killing.load(Ordering::SeqCst) => {
+                            tally.lost_with_a += 1;
+                        }
+                        (to_b, Ok((status, body))) => {
+                            tally.unexpected.push(format!("b={to_b}: {status} {body}"));
+                        }
+                        (to_b, Err(e)) => tally.unexpected.push(format!("b={to_b}: {e:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                tally
+            })
+        })
+        .collect();
+
+    // After a second and a fair share of the load, the upstream takes 2 s to answer the next
+    // generation of each loop (having created its task at once). A is killed while every one
+    // of its loops waits for such an answer, so the kill falls between reserving and recording.
+    let deadline = Instant::now() + DEADLINE;
+    while origin.elapsed() < Duration::from_secs(1) || env.fake.stats().generate_accepted < 40 {
+        assert!(Instant::now() < deadline, "the load never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.fake
+        .faults()
+        .inject_generate(Fault::Slow(Duration::from_secs(2)), LOOPS);
+    let a_loops_waiting = || {
+        let now = origin.elapsed().as_millis() as u64;
+        busy_since[..LOOPS / 2]
+            .iter()
+            .all(|since| now.saturating_sub(since.load(Ordering::SeqCst)) >= 250)
+    };
+    while !a_loops_waiting() {
+        assert!(Instant::now() < deadline, "A's requests were never slow");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    killing.store(true, Ordering::SeqCst);
+    env.a.kill();
+    // B goes on alone for a second and some fifty generations.
+    let killed = Instant::now();
+    let at_kill = env.fake.stats().generate_accepted;
+    while killed.elapsed() < Duration::from_secs(1)
+        || env.fake.stats().generate_accepted < at_kill + 50
+    {
+        assert!(Instant::now() < deadline, "B stopped taking generations");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut tally = LoopTally::default();
+    for one in loops {
+        let one = one.await.unwrap();
+        tally.accepted_by_a.extend(one.accepted_by_a);
+        tally.accepted_by_b.extend(one.accepted_by_b);
+        tally.accepted_by_b_after_kill += one.accepted_by_b_after_kill;
+        tally.lost_with_a += one.lost_with_a;
+        tally.unexpected.extend(one.unexpected);
+    }
+    assert!(
+        tally.unexpected.is_empty(),
+        "only A's requests once it was killed may fail: {:#?}",
+        tally.unexpected
+    );
+    assert!(!tally.accepted_by_a.is_empty(), "A served before the kill");
+    assert!(
+        tally.lost_with_a > LOOPS / 2,
+        "requests kept going to A after the kill"
+    );
+    assert!(
+        tally.accepted_by_b_after_kill > 0,
+        "B served after the kill"
+    );
+
+    // Every reservation closes, with nobody polling: open tasks are settled by B's reconciler,
+    // and those A left waiting for the upstream become unknown_outcome.
+    let budget = settled_budget(&http, &env.b).await;
+    let listing = |state: &str| format!("/admin/reservations?state={state}");
+    let settled = admin_list(&http, &env.b, &listing("settled"), "reservations").await;
+    let unknown = admin_list(&http, &env.b, &listing("unknown_outcome"), "reservations").await;
+    for state in ["reserved", "open", "released", "expired"] {
+        let left = admin_list(&http, &env.b, &listing(state), "reservations").await;
+        assert!(left.is_empty(), "{state}: {left:?}");
+    }
+    let stats = env.fake.stats();
+    assert_eq!(stats.generate_accepted as usize, stats.tasks.len());
+    assert_eq!(stats.request_ids_dropped, 0);
+
+    // Each settled reservation is a task the upstream created, settled once, at what it consumed.
+    let mut settled_tasks = BTreeSet::new();
+    let mut expected_spent = 0;
+    for reservation in &settled {
+        let task_id = reservation["task_id"].as_str().expect("a settled task id");
+        assert!(settled_tasks.insert(task_id), "{task_id} settled twice");
+        let task = stats
+            .tasks
+            .get(task_id)
+            .expect("a task the upstream created");
+        assert_eq!(task.status, TaskStatus::Success, "{task_id}");
+        expected_spent += units(&json!(task.consumed));
+    }
+    let answered: Vec<&String> = tally
+        .accepted_by_a
+        .iter()
+        .chain(&tally.accepted_by_b)
+        .collect();
+    for task_id in &answered {
+        assert!(
+            settled_tasks.contains(task_id.as_str()),
+            "{task_id} never settled"
+        );
+    }
+    // Every unknown outcome is a request A took and never answered, counted at its reservation.
+    let arrived: BTreeSet<&str> = stats.request_ids.iter().map(String::as_str).collect();
+    let mut unknown_that_arrived = 0;
+    for reservation in &unknown {
+        assert_eq!(reservation["task_id"], Value::Null, "{reservation}");
+        assert_eq!(reservation["team"], "design", "{reservation}");
+        expected_spent += units(&reservation["reserved"]);
+        unknown_that_arrived +=
+            usize::from(arrived.contains(reservation["request_id"].as_str().unwrap()));
+    }
+    // The upstream's tasks the ledger never learned of are exactly the unknown outcomes whose
+    // request reached it (up to a request cut off before it could create a task).
+    let unrecorded = stats
+        .tasks
+        .keys()
+        .filter(|task_id| !settled_tasks.contains(task_id.as_str()))
+        .count();
+    let cut_off = (stats.generate_requests - stats.generate_accepted) as usize;
+    assert!(
+        (unrecorded..=unrecorded + cut_off).contains(&unknown_that_arrived),
+        "{unrecorded} unrecorded tasks, {unknown_that_arrived} of {} unknown outcomes arrived",
+        unknown.len()
+    );
+    // Only the requests in flight to A at the kill, one per A loop, are in doubt; and the kill
+    // fell between the upstream's answer and A's record of it (usually for all of them).
+    let unanswered = settled.len() - answered.len();
+    assert!(
+        unanswered + unknown.len() <= LOOPS / 2 && unrecorded > 0,
+        "{unanswered} settled tasks never answered, {} unknown outcomes, {unrecorded} tasks \
+         the ledger never learned of",
+        unknown.len()
+    );
+
+    eprintln!(
+        "kill test: {} answered by A, {} by B ({} after the kill), {} lost with A; \
+         {} settled, {} unknown outcomes, {} upstream tasks",
+        tally.accepted_by_a.len(),
+        tally.accepted_by_b.len(),
+        tally.accepted_by_b_after_kill,
+        tally.lost_with_a,
+        settled.len(),
+        unknown.len(),
+        stats.tasks.len()
+    );
+    // No credit lost, none counted twice: spent is the upstream's charges plus the unknown
+    // outcomes' reservations, and the usage report agrees.
+    assert_eq!(units(&budget["spent"]), expected_spent, "{budget}");
+    let (_, usage) = get(&http, &env.b, "/admin/usage", ADMIN_TOKEN).await;
+    let row = &usage["rows"][0];
+    assert_eq!(usage["rows"].as_array().unwrap().len(), 1, "{usage}");
+    assert_eq!(row["tasks"], settled.len() + unknown.len(), "{usage}");
+    assert_eq!(row["succeeded"], settled.len(), "{usage}");
+    assert_eq!(row["unsettled"], 0, "{usage}");
+    assert_eq!(row["credits"], budget["spent"], "{usage}");
+    assert!(!env.b.logs().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_is_delivered_by_exactly_one_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((url, _server)) = redis_server::url(dir.path()) else {
+        return;
+    };
+    // Quick retries; and a worker attempts one delivery at a time, so each claim takes one
+    // delivery and the two replicas' workers keep claiming from the same due retries (with the
+    // default, the first worker to poll would claim all ten at once).
+    let env = two_replicas(
+        &url,
+        &Setup {
+            webhooks: true,
+            command_timeout: "2s",
+            tables: "\n[webhooks]\nfirst_retry = \"200ms\"\nmax_retry_delay = \"400ms\"\n\
+                     max_concurrent_deliveries = 1\n",
+            ..Setup::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    // Every delivery fails its first attempt, so each goes through the outbox's retries, which
+    // both replicas' workers race to claim.
+    let receiver = Receiver::failing_each_first_attempt();
+    let listening = receiver.listen(0).await;
+    let hook = format!("http://127.0.0.1:{}/hook", listening.port);
+
+    let mut tasks = BTreeSet::new();
+    for i in 0..10 {
+        let gateway = if i % 2 == 0 { &env.a } else { &env.b };
+        let mut body = tomato();
+        body["callback_url"] = json!(hook);
+        let (status, body) = try_generate(&http, &gateway.url(""), &body)
+            .await
+            .expect("gateway answers");
+        assert_eq!(status, 200, "{body}");
+        tasks.insert(body["data"]["task_id"].as_str().unwrap().to_owned());
+    }
+    // The upstream calls back whichever replica started the task.
+    let callbacks: Vec<String> = env
+        .fake
+        .stats()
+        .generate_bodies
+        .iter()
+        .map(|body| {
+            body["callback_url"]
+                .as_str()
+                .expect("the gateway's callback")
+                .to_owned()
+        })
+        .collect();
+    for (gateway, share) in [(&env.a, 0), (&env.b, 1)] {
+        let own = format!("{}/callbacks/", gateway.url(""));
+        let given = callbacks.iter().skip(share).step_by(2);
+        assert!(
+            given.clone().all(|url| url.starts_with(&own)),
+            "{callbacks:?}"
+        );
+    }
+
+    receiver
+        .wait_for("a delivery per task", |r| r.delivered().len() >= 10)
+        .await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let delivered =
+            admin_list(&http, &env.b, "/admin/webhooks?state=delivered", "webhooks").await;
+        if delivered.len() >= 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recorded: {delivered:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Long enough for a second claim of any retry to show: past the workers' one-second poll.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let seen = receiver.seen();
+    let mut attempts: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    let mut delivered_tasks = BTreeSet::new();
+    for (headers, body, status) in &seen {
+        verify(headers, body);
+        let id = headers["webhook-id"].to_str().unwrap().to_owned();
+        attempts.entry(id).or_default().push(*status);
+        if *status == 200 {
+            let payload: Value = serde_json::from_slice(body).unwrap();
+            let task_id = payload["task_id"].as_str().unwrap().to_owned();
+            assert!(
+                delivered_tasks.insert(task_id),
+                "delivered twice: {payload}"
+            );
+        }
+    }
+    assert_eq!(delivered_tasks, tasks, "one delivery per task");
+    assert_eq!(attempts.len(), 10, "{attempts:?}");
+    assert!(
+        attempts.values().all(|statuses| statuses == &[500, 200]),
+        "each delivery failed once, then was delivered once: {attempts:?}"
+    );
+    assert_eq!(receiver.delivered().len(), 10);
+    // The ledger agrees, and only one replica recorded each delivery.
+    let delivered = admin_list(&http, &env.a, "/admin/webhooks?state=delivered", "webhooks").await;
+    assert_eq!(delivered.len(), 10, "{delivered:?}");
+    for delivery in &delivered {
+        assert_eq!(delivery["attempts"], 2, "{delivery}");
+        assert!(
+            attempts.contains_key(delivery["id"].as_str().unwrap()),
+            "{delivery}"
+        );
+    }
+    for state in ["pending", "dead"] {
+        let path = format!("/admin/webhooks?state={state}");
+        assert!(
+            admin_list(&http, &env.a, &path, "webhooks")
+                .await
+                .is_empty()
+        );
+    }
+    let delivered_by = |gateway: &Gateway| -> Vec<String> {
+        gateway
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|event| event["message"] == "webhook delivered")
+            .map(|event| event["webhook_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (by_a, by_b) = (delivered_by(&env.a), delivered_by(&env.b));
+    eprintln!(
+        "webhook test: {} delivered by A, {} by B",
+        by_a.len(),
+        by_b.len()
+    );
+    let mut logged = [by_a, by_b].concat();
+    logged.sort();
+    assert_eq!(
+        logged,
+        attempts.keys().cloned().collect::<Vec<_>>(),
+        "each delivery was made by one replica"
+    );
+    // The callbacks settled each task once.
+    wait_until_settled(&http, &env.b, "5.00000000").await;
 }

@@ -292,9 +292,23 @@ async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sig
         .wait_for("the first attempt", |r| r.seen().len() == 1)
         .await;
     let port = listening.stop();
-    env.gateway
-        .wait_for_log("could not reach the receiver")
-        .await;
+    // Killed only once the ledger holds the failed attempt (the log line comes just before it):
+    // a kill in between would leave the attempt's lease standing past this test's deadline.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let pending = env.admin("/admin/webhooks?state=pending").await;
+        let recorded = pending["webhooks"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not reach the receiver"));
+        if recorded {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed attempt recorded: {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 
     env.gateway.kill();
     env.gateway = Gateway::start(env.gateway.config_path.clone());

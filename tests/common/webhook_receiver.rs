@@ -11,7 +11,7 @@ use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
 /// The secret the tests give `design` for signing its webhooks.
 pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-const DEADLINE: Duration = Duration::from_secs(20);
+const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Records every request and answers from a script (then 200); or, made with
 /// [`Receiver::failing_each_first_attempt`], answers 500 to the first attempt of every delivery
