@@ -508,3 +508,42 @@ async fn always_intercept_settles_tasks_that_gave_no_callback() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
+    let env = start("attempt_timeout = \"30s\"").await;
+    // Accepts connections and reads nothing, answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        loop {
+            let (socket, _) = silent.accept().await.unwrap();
+            connections.push(socket);
+        }
+    });
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+
+    let started = Instant::now();
+    env.start_task(silent_port).await;
+    let task_id = env.start_task(listening.port).await;
+    receiver
+        .wait_for("the other team's delivery", |r| r.delivered().len() == 1)
+        .await;
+    // Well within the silent receiver's 30 s attempt: it held one delivery slot, nothing more.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let payload: Value = serde_json::from_slice(&receiver.delivered()[0].1).unwrap();
+    assert_eq!(payload["task_id"], task_id);
+    let pending = env.admin("/admin/webhooks?state=pending").await;
+    assert_eq!(
+        pending["webhooks"].as_array().unwrap().len(),
+        1,
+        "{pending}"
+    );
+    held.abort();
+}
