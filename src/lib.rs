@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod rate_limit;
 pub mod reconciler;
+pub mod redis_client;
 pub mod routes;
 pub mod server;
 pub mod settlement;

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use failsafe::futures::CircuitBreaker;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{LimitKind, Verdict};
 use crate::config::Rate;
@@ -34,16 +34,7 @@ impl SharedLimits {
         command_timeout: Duration,
         fail_open: bool,
     ) -> Result<SharedLimits, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("Redis URL not usable: {:?}", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(command_timeout))
-            .set_connection_timeout(Some(command_timeout))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|e| format!("cannot connect to Redis for rate limits: {e}"))?;
+        let conn = crate::redis_client::connect(url, command_timeout, "rate limits").await?;
         Ok(SharedLimits {
             conn,
             prefix: key_prefix.to_owned(),

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use failsafe::futures::CircuitBreaker;
 use http::{HeaderValue, StatusCode};
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::Answer;
 use crate::ledger::breaker::{OutageBreaker, outage_breaker};
@@ -37,16 +37,7 @@ impl SharedStatuses {
         command_timeout: Duration,
         running_ttl: Duration,
     ) -> Result<SharedStatuses, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("Redis URL not usable: {:?}", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(command_timeout))
-            .set_connection_timeout(Some(command_timeout))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|e| format!("cannot connect to Redis for the status cache: {e}"))?;
+        let conn = crate::redis_client::connect(url, command_timeout, "the status cache").await?;
         Ok(SharedStatuses {
             conn,
             prefix: key_prefix.to_owned(),
