@@ -159,6 +159,13 @@ impl IntoResponse for GatewayError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            // The rest of the body is left unread on the socket, so the connection cannot carry
+            // another request; saying so keeps a client from reusing it and failing its next call.
+            GatewayError::PayloadTooLarge { .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response.headers_mut().insert(

@@ -292,6 +292,13 @@ async fn oversized_bodies_are_refused_with_413() {
         stream.write_all(b"0\r\n\r\n")
     });
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // The unread rest of the body makes the connection unusable, and the client is told so.
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
     assert!(
         answer.contains(r#"{"code":1,"message":"payload too large""#),
         "{answer}"

@@ -431,6 +431,7 @@ async fn bad_callbacks_change_nothing() {
     let oversized = env.post_callback(&url, vec![b' '; 2 * 1024 * 1024]).await;
     assert_eq!(oversized.status, 413);
     assert_eq!(oversized.json()["message"], "payload too large");
+    assert_eq!(oversized.headers["connection"], "close");
 
     // Nothing was settled or sent.
     let budget = env.budget(DESIGN_KEY).await;
