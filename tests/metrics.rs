@@ -1040,10 +1040,10 @@ async fn each_request_ends_with_one_log_line_with_its_facts() {
     assert_eq!(span["request_id"], "metrics-test-1", "{line}");
     assert_eq!(span["method"], "POST", "{line}");
     assert_eq!(span["route"], GEN, "{line}");
-    assert_eq!(span["team"], "design", "{line}");
-    assert_eq!(span["key"], "design-test", "{line}");
-    assert_eq!(span["task_id"], task_id.as_str(), "{line}");
-    let upstream_ms = span["upstream_ms"]
+    assert_eq!(line["team"], "design", "{line}");
+    assert_eq!(line["key"], "design-test", "{line}");
+    assert_eq!(line["task_id"], task_id.as_str(), "{line}");
+    let upstream_ms = line["upstream_ms"]
         .as_f64()
         .unwrap_or_else(|| panic!("no upstream_ms: {line}"));
     assert!(upstream_ms >= 0.0, "{line}");
@@ -1070,7 +1070,7 @@ async fn each_request_ends_with_one_log_line_with_its_facts() {
     };
     assert_eq!(refused["status"], 401, "{refused}");
     assert_eq!(refused["error"], "invalid_api_key", "{refused}");
-    assert_eq!(refused["span"].get("team"), None, "{refused}");
+    assert_eq!(refused.get("team"), None, "{refused}");
 
     // Keys and the upstream token never reach the log.
     let logs = env.gateway.logs();

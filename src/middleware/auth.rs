@@ -73,7 +73,6 @@ pub async fn authenticate(
                 .into_response(),
                 // Digests of equal length are compared, so the time taken says nothing useful.
                 Some(expected) if presented == Some(expected) => {
-                    tracing::Span::current().record("team", "admin");
                     if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
                         facts.set_team("admin");
                     }
@@ -87,11 +86,9 @@ pub async fn authenticate(
     let entry = bearer(&request).and_then(|key| state.config.load().key(key).cloned());
     match entry {
         Some(entry) => {
-            let span = tracing::Span::current();
-            span.record("team", entry.team.name.as_str());
-            span.record("key", &*entry.label);
             if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
                 facts.set_team(&entry.team.name);
+                facts.set_key(entry.label.clone());
             }
             request.extensions_mut().insert(Caller(entry.team));
             next.run(request).await

@@ -4,7 +4,7 @@
 //! It sits just inside tracing, so it sees every request, including those refused by
 //! authentication (`team="unknown"`). Later layers and handlers fill in [`RequestFacts`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,11 +16,16 @@ use axum::{
 
 use crate::{app::AppState, metrics::team_label};
 
-/// What handlers learn about a request that its metrics need.
+/// What layers and handlers learn about a request that its metrics and its closing log line
+/// need. Kept here rather than recorded on the request's span: a field recorded on a span after
+/// it was made costs the JSON log format a parse and a rewrite of all its fields each time.
 #[derive(Debug, Default)]
 pub struct RequestFacts {
     team: OnceLock<String>,
+    key: OnceLock<Arc<str>>,
+    task_id: OnceLock<String>,
     upstream_wait_micros: AtomicU64,
+    waited_on_upstream: AtomicBool,
 }
 
 impl RequestFacts {
@@ -28,15 +33,40 @@ impl RequestFacts {
         let _ = self.team.set(team.to_owned());
     }
 
+    /// The label of the key the caller used (never the key).
+    pub fn set_key(&self, label: Arc<str>) {
+        let _ = self.key.set(label);
+    }
+
+    pub fn set_task_id(&self, task_id: &str) {
+        let _ = self.task_id.set(task_id.to_owned());
+    }
+
     /// Adds time spent waiting on the upstream (or on another request's upstream read).
     pub fn add_upstream_wait(&self, wait: Duration) {
         let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
         self.upstream_wait_micros
             .fetch_add(micros, Ordering::Relaxed);
+        self.waited_on_upstream.store(true, Ordering::Relaxed);
     }
 
-    fn upstream_wait(&self) -> Duration {
-        Duration::from_micros(self.upstream_wait_micros.load(Ordering::Relaxed))
+    pub fn team(&self) -> Option<&str> {
+        self.team.get().map(String::as_str)
+    }
+
+    pub fn key(&self) -> Option<&str> {
+        self.key.get().map(|label| &**label)
+    }
+
+    pub fn task_id(&self) -> Option<&str> {
+        self.task_id.get().map(String::as_str)
+    }
+
+    /// How long the request waited on the upstream, if it did at all.
+    pub fn upstream_wait(&self) -> Option<Duration> {
+        self.waited_on_upstream
+            .load(Ordering::Relaxed)
+            .then(|| Duration::from_micros(self.upstream_wait_micros.load(Ordering::Relaxed)))
     }
 }
 
@@ -52,7 +82,7 @@ pub async fn record(
     let facts = Arc::new(RequestFacts::default());
     request.extensions_mut().insert(facts.clone());
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let elapsed = started.elapsed();
 
     let config = state.config.load();
@@ -69,9 +99,12 @@ pub async fn record(
         .request_duration
         .with_label_values(&[&route])
         .observe(elapsed.as_secs_f64());
-    metrics
-        .overhead
-        .with_label_values(&[&route])
-        .observe(elapsed.saturating_sub(facts.upstream_wait()).as_secs_f64());
+    metrics.overhead.with_label_values(&[&route]).observe(
+        elapsed
+            .saturating_sub(facts.upstream_wait().unwrap_or_default())
+            .as_secs_f64(),
+    );
+    // For the closing log line, written by the tracing layer outside this one.
+    response.extensions_mut().insert(facts);
     response
 }

@@ -1,16 +1,17 @@
 //! One span per request, and one log line when it ends.
 //!
-//! The span carries the request id and route from the start; handlers fill in the team, the task
-//! id and the time spent waiting on the upstream as they learn them, so the closing line has
-//! everything an operator needs to follow one request. Headers are never recorded, so keys and
-//! tokens cannot reach the log.
+//! The span carries the request id, method and route, so every line logged while serving the
+//! request can be traced to it. The closing line adds what layers and handlers learned on the
+//! way ([`RequestFacts`]: the team, the key's label, the task id, the time spent waiting on the
+//! upstream), so that one line has everything an operator needs to follow one request. Headers
+//! are never recorded, so keys and tokens cannot reach the log.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::extract::MatchedPath;
 use http::{Request, Response};
 use tower_http::trace::{MakeSpan, OnResponse};
-use tracing::{Span, field::Empty};
+use tracing::Span;
 
 use super::{metrics::RequestFacts, request_id::RequestId};
 use crate::error::ErrorKind;
@@ -33,10 +34,6 @@ impl<B> MakeSpan<B> for RequestSpan {
             request_id,
             method = %request.method(),
             route,
-            team = Empty,
-            key = Empty,
-            task_id = Empty,
-            upstream_ms = Empty,
         )
     }
 }
@@ -49,13 +46,20 @@ impl<B> OnResponse<B> for LogResponse {
         let status = response.status().as_u16();
         let error = response.extensions().get::<ErrorKind>().map(|k| k.0);
         let latency_ms = latency.as_secs_f64() * 1000.0;
-        tracing::info!(parent: span, status, latency_ms, error, "request finished");
+        let facts = response.extensions().get::<Arc<RequestFacts>>();
+        let facts = facts.map(|facts| &**facts);
+        tracing::info!(
+            parent: span,
+            status,
+            latency_ms,
+            error,
+            team = facts.and_then(RequestFacts::team),
+            key = facts.and_then(RequestFacts::key),
+            task_id = facts.and_then(RequestFacts::task_id),
+            upstream_ms = facts
+                .and_then(RequestFacts::upstream_wait)
+                .map(|wait| wait.as_secs_f64() * 1000.0),
+            "request finished"
+        );
     }
-}
-
-/// Records how long the request waited on the upstream: in its span for the log line, and in
-/// its facts for the overhead metric.
-pub fn record_upstream_wait(facts: &RequestFacts, elapsed: Duration) {
-    Span::current().record("upstream_ms", elapsed.as_secs_f64() * 1000.0);
-    facts.add_upstream_wait(elapsed);
 }

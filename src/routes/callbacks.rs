@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use axum::{
+    Extension,
     body::Body,
     extract::{Path, State},
     response::Response,
@@ -20,6 +21,7 @@ use crate::{
     app::AppState,
     error::GatewayError,
     ledger::{NewDelivery, SettleOutcome, TaskRecord, TaskState},
+    middleware::metrics::RequestFacts,
     settlement::{self, Consumed},
     status_cache::Answer,
     webhooks,
@@ -35,6 +37,7 @@ fn malformed(detail: impl Into<String>) -> GatewayError {
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     Path(token): Path<String>,
+    Extension(facts): Extension<Arc<RequestFacts>>,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let count = |outcome: &str| state.metrics.callbacks.with_label_values(&[outcome]).inc();
@@ -71,8 +74,10 @@ pub async fn receive(
             "task_id does not match the task this callback URL was issued for",
         ));
     }
-    tracing::Span::current().record("task_id", task_id.as_str());
-    tracing::Span::current().record("team", target.team.as_str());
+    // The upstream calls, but the request is about this team's task: its metrics and log line
+    // say so.
+    facts.set_task_id(&task_id);
+    facts.set_team(&target.team);
     let task = state
         .ledger
         .task(&task_id)

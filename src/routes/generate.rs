@@ -21,9 +21,7 @@ use crate::{
     credits::Credits,
     error::GatewayError,
     ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome},
-    middleware::{
-        auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
-    },
+    middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
     upstream::UpstreamError,
     webhooks::{self, target},
 };
@@ -355,7 +353,7 @@ async fn forward(
             });
         }
     };
-    record_upstream_wait(&facts, upstream.elapsed);
+    facts.add_upstream_wait(upstream.elapsed);
 
     if !upstream.status.is_success() {
         state.ledger.release(id).await.map_err(ledger_down)?;
@@ -372,7 +370,7 @@ async fn forward(
             "the upstream accepted the generation but returned no task id".into(),
         ));
     };
-    tracing::Span::current().record("task_id", task_id.as_str());
+    facts.set_task_id(&task_id);
     state
         .ledger
         .attach_task(id, &task_id)

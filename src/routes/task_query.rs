@@ -14,9 +14,7 @@ use crate::{
     app::AppState,
     error::GatewayError,
     ledger::{TaskRecord, TaskState},
-    middleware::{
-        auth::Caller, metrics::RequestFacts, request_id::RequestId, trace::record_upstream_wait,
-    },
+    middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
     settlement,
     status_cache::{Answer, Fetched, NotCached, Served},
     upstream::UpstreamError,
@@ -77,7 +75,7 @@ pub async fn query(
     RawQuery(query): RawQuery,
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(query.as_deref())?;
-    tracing::Span::current().record("task_id", task_id.as_str());
+    facts.set_task_id(&task_id);
     let task = owned_task(&state, &team.name, &task_id).await?;
 
     let asked = std::time::Instant::now();
@@ -87,7 +85,7 @@ pub async fn query(
         .await;
     if served == Served::Coalesced {
         // Waiting on another request's upstream read is waiting on the upstream.
-        record_upstream_wait(&facts, asked.elapsed());
+        facts.add_upstream_wait(asked.elapsed());
     }
     if state.status_cache.is_enabled() {
         state
@@ -136,7 +134,7 @@ async fn read_upstream(
         }
         Err(e) => return Fetched::Failed(GatewayError::UpstreamUnreachable(e.to_string())),
     };
-    record_upstream_wait(facts, upstream.elapsed);
+    facts.add_upstream_wait(upstream.elapsed);
 
     if upstream.status == StatusCode::NOT_FOUND && young(state, task) {
         return Fetched::Status(pending(task));
