@@ -69,13 +69,22 @@ enum Command {
     },
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a request's closing line is handed over in memory
+/// rather than written by the worker that served it, and the writer batches what piles up into
+/// one write. It never drops a line (it makes the logger wait instead), and the returned guard
+/// writes out what is left when it is dropped.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder
@@ -85,6 +94,7 @@ fn init_logs(format: LogFormat) {
             .with_span_list(false)
             .init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
@@ -134,11 +144,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { config } => {
-            init_logs(cli.log_format);
+            let _logs = init_logs(cli.log_format);
             runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
-            init_logs(cli.log_format);
+            let _logs = init_logs(cli.log_format);
             runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
@@ -146,7 +156,7 @@ fn main() -> ExitCode {
             token,
             phase,
         } => {
-            init_logs(cli.log_format);
+            let _logs = init_logs(cli.log_format);
             let mut fake = fake_upstream::FakeConfig::new(token);
             fake.pending_for = phase;
             fake.submitted_for = phase;
