@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{Request, header};
@@ -161,19 +160,21 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
     }
 }
 
-/// Wait before the attempt after `attempts` failed ones: doubling from `first_retry` up to
-/// `max_retry_delay`, with jitter so that receivers coming back up are not hit all at once.
+/// Most of a retry's delay that is added at random, so that receivers coming back up are not
+/// hit by every waiting delivery at once.
+const MAX_JITTER: f64 = 0.5;
+
+/// Wait before the attempt after `attempts` failed ones: doubling from `first_retry`, clamped to
+/// `max_retry_delay`, plus up to [`MAX_JITTER`] of that at random. The clamp comes before the
+/// jitter: clamped after, every delivery past the cap would retry in lockstep.
 fn backoff(config: &crate::config::WebhooksConfig, attempts: u32) -> chrono::Duration {
-    let delay = ExponentialBuilder::default()
-        .with_min_delay(config.first_retry)
-        .with_max_delay(config.max_retry_delay)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempts.saturating_sub(1) as usize)
-        .unwrap_or(config.max_retry_delay);
-    chrono::Duration::from_std(delay.min(config.max_retry_delay)).unwrap_or(chrono::Duration::MAX)
+    let doublings = attempts.saturating_sub(1).min(31);
+    let delay = config
+        .first_retry
+        .saturating_mul(1 << doublings)
+        .min(config.max_retry_delay);
+    let jitter = delay.mul_f64(MAX_JITTER * rand::random::<f64>());
+    chrono::Duration::from_std(delay.saturating_add(jitter)).unwrap_or(chrono::Duration::MAX)
 }
 
 async fn post(
@@ -270,4 +271,63 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         innermost = cause;
     }
     innermost.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WebhooksConfig;
+
+    fn config() -> WebhooksConfig {
+        WebhooksConfig {
+            always_intercept: false,
+            delivery_deadline: Duration::from_secs(24 * 3600),
+            attempt_timeout: Duration::from_secs(10),
+            first_retry: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(3600),
+            max_concurrent_deliveries: 32,
+        }
+    }
+
+    fn seconds(delay: chrono::Duration) -> f64 {
+        delay.to_std().unwrap().as_secs_f64()
+    }
+
+    #[test]
+    fn delays_double_from_the_first_retry_with_bounded_jitter() {
+        let config = config();
+        for (attempts, base) in [(1, 5.0), (2, 10.0), (3, 20.0), (6, 160.0)] {
+            for _ in 0..100 {
+                let delay = seconds(backoff(&config, attempts));
+                assert!(
+                    (base..=base * (1.0 + MAX_JITTER)).contains(&delay),
+                    "attempt {attempts}: {delay} s"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn delays_at_the_cap_keep_their_jitter() {
+        let config = config();
+        let cap = config.max_retry_delay.as_secs_f64();
+        // From the 11th attempt on, 5 s doubled is past the hour; far past it, too.
+        let delays: Vec<f64> = (11..200)
+            .chain([u32::MAX])
+            .map(|attempts| seconds(backoff(&config, attempts)))
+            .collect();
+        for delay in &delays {
+            assert!(
+                (cap..=cap * (1.0 + MAX_JITTER)).contains(delay),
+                "{delay} s"
+            );
+        }
+        let mut distinct = delays.clone();
+        distinct.sort_by(f64::total_cmp);
+        distinct.dedup();
+        assert!(
+            distinct.len() > delays.len() / 2,
+            "retries past the cap must not fall into lockstep: {delays:?}"
+        );
+    }
 }
