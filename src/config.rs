@@ -142,6 +142,9 @@ pub struct WebhooksConfig {
     pub max_retry_delay: Duration,
     /// Deliveries attempted at once; a slow receiver holds one of these, never the others.
     pub max_concurrent_deliveries: usize,
+    /// Deliveries to one team attempted at once, so that a team's receivers that never answer
+    /// hold only this share of the slots and other teams' deliveries still go out.
+    pub max_concurrent_deliveries_per_team: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -540,6 +543,8 @@ mod raw {
         pub max_retry_delay: HumanDuration,
         #[serde(default = "default_max_concurrent_deliveries")]
         pub max_concurrent_deliveries: usize,
+        #[serde(default = "default_max_concurrent_deliveries_per_team")]
+        pub max_concurrent_deliveries_per_team: usize,
     }
 
     impl Default for Webhooks {
@@ -551,6 +556,7 @@ mod raw {
                 first_retry: default_first_retry(),
                 max_retry_delay: default_max_retry_delay(),
                 max_concurrent_deliveries: default_max_concurrent_deliveries(),
+                max_concurrent_deliveries_per_team: default_max_concurrent_deliveries_per_team(),
             }
         }
     }
@@ -569,6 +575,9 @@ mod raw {
     }
     fn default_max_concurrent_deliveries() -> usize {
         32
+    }
+    fn default_max_concurrent_deliveries_per_team() -> usize {
+        8
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -771,6 +780,7 @@ impl Config {
             first_retry: raw_webhooks.first_retry.0,
             max_retry_delay: raw_webhooks.max_retry_delay.0,
             max_concurrent_deliveries: raw_webhooks.max_concurrent_deliveries,
+            max_concurrent_deliveries_per_team: raw_webhooks.max_concurrent_deliveries_per_team,
         };
         let webhooks_error =
             |what: &str| ConfigError::at(path, source, webhooks_span.clone(), what);
@@ -784,10 +794,12 @@ impl Config {
             || webhooks.first_retry.is_zero()
             || webhooks.max_retry_delay < webhooks.first_retry
             || webhooks.max_concurrent_deliveries == 0
+            || webhooks.max_concurrent_deliveries_per_team == 0
         {
             return Err(webhooks_error(
-                "[webhooks] attempt_timeout, first_retry and max_concurrent_deliveries must be \
-                 above zero, and max_retry_delay at least first_retry",
+                "[webhooks] attempt_timeout, first_retry, max_concurrent_deliveries and \
+                 max_concurrent_deliveries_per_team must be above zero, and max_retry_delay at \
+                 least first_retry",
             ));
         }
         if let Some(url) = &server.public_url
@@ -1103,6 +1115,25 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             ("design", "prod")
         );
         assert!(config.key("foobaz").is_none());
+    }
+
+    #[test]
+    fn deliveries_per_team_take_a_quarter_of_the_slots_unless_set_and_never_none() {
+        let webhooks = parse(MINIMAL).unwrap().webhooks;
+        assert_eq!(
+            (
+                webhooks.max_concurrent_deliveries,
+                webhooks.max_concurrent_deliveries_per_team
+            ),
+            (32, 8)
+        );
+        let error = error_of(&format!(
+            "{MINIMAL}\n[webhooks]\nmax_concurrent_deliveries_per_team = 0\n"
+        ));
+        assert!(
+            error.contains("max_concurrent_deliveries_per_team must be above zero"),
+            "{error}"
+        );
     }
 
     fn error_of(text: &str) -> String {

@@ -29,6 +29,11 @@ async fn start(webhooks: &str) -> Env {
 }
 
 async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
+    start_teams(fake, webhooks, "").await
+}
+
+/// [`start_with`], with `ads_team` lines added to the `ads` team.
+async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
     let fake = fake_upstream::start(fake).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("design_webhook_secret");
@@ -57,6 +62,10 @@ async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
             "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
             secret.display()
         ),
+    )
+    .replace(
+        "label = \"ads-test\" }]",
+        &format!("label = \"ads-test\" }}]\n{ads_team}"),
     );
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, text).unwrap();
@@ -546,5 +555,84 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
         1,
         "{pending}"
     );
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() {
+    let env = start_teams(
+        fake_config(),
+        "attempt_timeout = \"30s\"\nmax_concurrent_deliveries = 4\n\
+         max_concurrent_deliveries_per_team = 2",
+        "callback_hosts = [\"127.0.0.1\"]",
+    )
+    .await;
+    // Accepts connections, counts them, reads nothing and answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        loop {
+            let (socket, _) = silent.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            connections.push(socket);
+        }
+    });
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+
+    // More of design's deliveries to the silent receiver than there are slots in all, every one
+    // queued before ads has anything to deliver.
+    for _ in 0..6 {
+        env.start_task(silent_port).await;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while env.admin("/admin/webhooks?state=pending").await["webhooks"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 6
+    {
+        assert!(Instant::now() < deadline, "design's callbacks never came");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let started = Instant::now();
+    let task_id = env
+        .generate(
+            ADS_KEY,
+            json!({"model": "google/gempix2", "prompt": "a tomato",
+                   "callback_url": format!("http://127.0.0.1:{}/hook", listening.port)}),
+        )
+        .await
+        .task_id();
+    receiver
+        .wait_for("ads' delivery", |r| r.delivered().len() == 1)
+        .await;
+    // Well within the silent receiver's 30 s attempts, which would hold every slot uncapped.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let payload: Value = serde_json::from_slice(&receiver.delivered()[0].1).unwrap();
+    assert_eq!(payload["task_id"], task_id);
+
+    // design holds its two slots; its other deliveries wait unattempted.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let pending = env.admin("/admin/webhooks?state=pending").await;
+    let mut attempts: Vec<u64> = pending["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["team"], "design", "{pending}");
+            d["attempts"].as_u64().unwrap()
+        })
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [0, 0, 0, 0, 1, 1], "{pending}");
     held.abort();
 }

@@ -3,10 +3,12 @@
 //! The outbox lives in the ledger, so a delivery survives restarts and SIGKILL. The worker claims
 //! due deliveries with a lease (a replica that dies mid-attempt only delays its claims), attempts
 //! each on its own task under a cap on concurrent attempts (a slow receiver holds one slot, never
-//! the worker), and records the outcome: delivered, retry later with exponential backoff and
+//! the worker) and a smaller cap per team (receivers of one team that never answer hold only that
+//! team's share, never every slot), and records the outcome: delivered, retry later with exponential backoff and
 //! jitter, or dead once the deadline has passed or the target may never be called.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +22,7 @@ use tokio::sync::Semaphore;
 use super::signing::SigningKey;
 use super::target::{self, Allowed, GuardedResolver};
 use crate::app::AppState;
-use crate::ledger::{AttemptOutcome, Delivery};
+use crate::ledger::{AttemptOutcome, ClaimLimits, Delivery};
 
 /// How often the worker looks for retries that came due, when nothing wakes it sooner.
 const POLL: Duration = Duration::from_secs(1);
@@ -33,18 +35,21 @@ pub async fn run(state: Arc<AppState>) {
     let slots = Arc::new(Semaphore::new(
         state.config.load().webhooks.max_concurrent_deliveries,
     ));
+    let in_flight = Arc::new(InFlight::default());
     loop {
         let free = slots.available_permits();
         if free > 0 {
-            match claim(&state, free).await {
+            match claim(&state, free, in_flight.counts()).await {
                 Ok(claimed) => {
                     for delivery in claimed {
                         let Ok(slot) = slots.clone().acquire_owned().await else {
                             return;
                         };
+                        let counted = in_flight.start(&delivery.team);
                         let state_for_attempt = state.clone();
                         state.background.spawn(async move {
                             attempt_and_record(&state_for_attempt, delivery).await;
+                            drop(counted);
                             drop(slot);
                         });
                     }
@@ -59,13 +64,66 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
-async fn claim(state: &AppState, limit: usize) -> Result<Vec<Delivery>, String> {
-    let timeout = state.config.load().webhooks.attempt_timeout;
+/// This process's attempts in flight, by team: what the next claim leaves out.
+#[derive(Default)]
+struct InFlight(Mutex<BTreeMap<String, usize>>);
+
+/// One attempt counted in [`InFlight`] until it is dropped.
+struct Counted {
+    in_flight: Arc<InFlight>,
+    team: String,
+}
+
+impl InFlight {
+    fn start(self: &Arc<Self>, team: &str) -> Counted {
+        *self.lock().entry(team.to_owned()).or_default() += 1;
+        Counted {
+            in_flight: self.clone(),
+            team: team.to_owned(),
+        }
+    }
+
+    fn counts(&self) -> BTreeMap<String, usize> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        // Every change to the map is a single step: a poisoned lock still guards a sound map.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.lock();
+        if let Some(count) = counts.get_mut(&self.team) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.team);
+            }
+        }
+    }
+}
+
+async fn claim(
+    state: &AppState,
+    free: usize,
+    busy: BTreeMap<String, usize>,
+) -> Result<Vec<Delivery>, String> {
+    let config = state.config.load();
+    let timeout = config.webhooks.attempt_timeout;
     let now = state.clock.now();
     let lease_until = now + chrono::Duration::from_std(timeout + LEASE_MARGIN).unwrap_or_default();
+    let limits = ClaimLimits {
+        total: free,
+        per_team: config.webhooks.max_concurrent_deliveries_per_team,
+        busy,
+    };
     state
         .ledger
-        .claim_deliveries(now, lease_until, limit)
+        .claim_deliveries(now, lease_until, &limits)
         .await
         .map_err(|e| e.to_string())
 }
@@ -286,6 +344,7 @@ mod tests {
             first_retry: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(3600),
             max_concurrent_deliveries: 32,
+            max_concurrent_deliveries_per_team: 8,
         }
     }
 
