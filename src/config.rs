@@ -145,6 +145,9 @@ pub struct WebhooksConfig {
     /// Deliveries to one team attempted at once, so that a team's receivers that never answer
     /// hold only this share of the slots and other teams' deliveries still go out.
     pub max_concurrent_deliveries_per_team: usize,
+    /// Largest upstream callback accepted, in bytes. Apart from `server.max_body_bytes`: a
+    /// callback's images may be base64 data URIs, far larger than any request a team sends.
+    pub max_callback_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -545,6 +548,8 @@ mod raw {
         pub max_concurrent_deliveries: usize,
         #[serde(default = "default_max_concurrent_deliveries_per_team")]
         pub max_concurrent_deliveries_per_team: usize,
+        #[serde(default = "default_max_callback_bytes")]
+        pub max_callback_bytes: usize,
     }
 
     impl Default for Webhooks {
@@ -557,6 +562,7 @@ mod raw {
                 max_retry_delay: default_max_retry_delay(),
                 max_concurrent_deliveries: default_max_concurrent_deliveries(),
                 max_concurrent_deliveries_per_team: default_max_concurrent_deliveries_per_team(),
+                max_callback_bytes: default_max_callback_bytes(),
             }
         }
     }
@@ -578,6 +584,9 @@ mod raw {
     }
     fn default_max_concurrent_deliveries_per_team() -> usize {
         8
+    }
+    fn default_max_callback_bytes() -> usize {
+        32 << 20
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -781,6 +790,7 @@ impl Config {
             max_retry_delay: raw_webhooks.max_retry_delay.0,
             max_concurrent_deliveries: raw_webhooks.max_concurrent_deliveries,
             max_concurrent_deliveries_per_team: raw_webhooks.max_concurrent_deliveries_per_team,
+            max_callback_bytes: raw_webhooks.max_callback_bytes,
         };
         let webhooks_error =
             |what: &str| ConfigError::at(path, source, webhooks_span.clone(), what);
@@ -795,11 +805,12 @@ impl Config {
             || webhooks.max_retry_delay < webhooks.first_retry
             || webhooks.max_concurrent_deliveries == 0
             || webhooks.max_concurrent_deliveries_per_team == 0
+            || webhooks.max_callback_bytes == 0
         {
             return Err(webhooks_error(
-                "[webhooks] attempt_timeout, first_retry, max_concurrent_deliveries and \
-                 max_concurrent_deliveries_per_team must be above zero, and max_retry_delay at \
-                 least first_retry",
+                "[webhooks] attempt_timeout, first_retry, max_concurrent_deliveries, \
+                 max_concurrent_deliveries_per_team and max_callback_bytes must be above zero, \
+                 and max_retry_delay at least first_retry",
             ));
         }
         if let Some(url) = &server.public_url
@@ -1131,7 +1142,19 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             "{MINIMAL}\n[webhooks]\nmax_concurrent_deliveries_per_team = 0\n"
         ));
         assert!(
-            error.contains("max_concurrent_deliveries_per_team must be above zero"),
+            error.contains("max_concurrent_deliveries_per_team and max_callback_bytes must be"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn callbacks_may_be_larger_than_requests_but_not_empty() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.webhooks.max_callback_bytes, 32 << 20);
+        assert_eq!(config.server.max_body_bytes, 1 << 20);
+        let error = error_of(&format!("{MINIMAL}\n[webhooks]\nmax_callback_bytes = 0\n"));
+        assert!(
+            error.contains("max_callback_bytes must be above zero"),
             "{error}"
         );
     }

@@ -437,10 +437,6 @@ async fn bad_callbacks_change_nothing() {
             .unwrap()
             .contains("does not match")
     );
-    let oversized = env.post_callback(&url, vec![b' '; 2 * 1024 * 1024]).await;
-    assert_eq!(oversized.status, 413);
-    assert_eq!(oversized.json()["message"], "payload too large");
-    assert_eq!(oversized.headers["connection"], "close");
 
     // Nothing was settled or sent.
     let budget = env.budget(DESIGN_KEY).await;
@@ -622,17 +618,80 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
 
     // design holds its two slots; its other deliveries wait unattempted.
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // (ads' delivery may still be pending here: recorded just after its receiver answered.)
     let pending = env.admin("/admin/webhooks?state=pending").await;
     let mut attempts: Vec<u64> = pending["webhooks"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| {
-            assert_eq!(d["team"], "design", "{pending}");
-            d["attempts"].as_u64().unwrap()
-        })
+        .filter(|d| d["team"] == "design")
+        .map(|d| d["attempts"].as_u64().unwrap())
         .collect();
     attempts.sort();
     assert_eq!(attempts, [0, 0, 0, 0, 1, 1], "{pending}");
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
+    // A long render, so the fake's own callback stays out of the way.
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    let cap = 4 << 20;
+    let env = start_with(fake, &format!("max_callback_bytes = {cap}")).await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+    let callback = |image_len: usize| {
+        format!(
+            "{{\"task_id\":\"{task_id}\",\"status\":\"success\",\"consumed\":\"0.400000\",\
+             \"result\":[{{\"image\":\"data:image/png;base64,{}\"}}],\
+             \"status_reason\":{{\"message\":null}}}}",
+            "iVBORw0K".repeat(image_len / 8)
+        )
+    };
+
+    let over = env.post_callback(&url, callback(cap)).await;
+    assert_eq!(over.status, 413, "{}", over.text);
+    assert_eq!(
+        over.json(),
+        json!({"code": 1, "message": "payload too large",
+               "detail": format!("request body exceeds {cap} bytes")})
+    );
+    assert_eq!(over.headers["connection"], "close");
+    let budget = env.budget(DESIGN_KEY).await;
+    assert_eq!(budget["spent"], "0.00000000", "{budget}");
+    assert_eq!(budget["reserved"], "0.50000000", "{budget}");
+    assert!(
+        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // Three times server.max_body_bytes, which still bounds what teams send.
+    let body = callback(3 << 20);
+    assert!(body.len() > 3 << 20);
+    let too_big_a_request = env
+        .generate(
+            DESIGN_KEY,
+            json!({"model": "google/gempix2", "prompt": body}),
+        )
+        .await;
+    assert_eq!(too_big_a_request.status, 413, "{}", too_big_a_request.text);
+    let accepted = env.post_callback(&url, body.clone()).await;
+    assert_eq!(accepted.status, 200, "{}", accepted.text);
+    receiver
+        .wait_for("the delivery", |r| r.delivered().len() == 1)
+        .await;
+    let (headers, delivered) = receiver.delivered().remove(0);
+    assert!(delivered == body.as_bytes(), "the payload, byte for byte");
+    verify(&headers, &delivered);
+    env.wait_for_spent("0.40000000").await;
+    assert_eq!(
+        receiver.seen().len(),
+        1,
+        "the refused callback sent nothing"
+    );
 }

@@ -57,7 +57,7 @@ pub async fn receive(
         count("unknown_token");
         return Err(GatewayError::UnknownCallback);
     };
-    let body = read_body(body, config.server.max_body_bytes).await?;
+    let body = read_body(body, config.webhooks.max_callback_bytes).await?;
     let Some((payload_task_id, status, consumed)) = parse(&body) else {
         count("malformed");
         return Err(malformed(

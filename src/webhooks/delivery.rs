@@ -345,6 +345,7 @@ mod tests {
             max_retry_delay: Duration::from_secs(3600),
             max_concurrent_deliveries: 32,
             max_concurrent_deliveries_per_team: 8,
+            max_callback_bytes: 32 << 20,
         }
     }
 
