@@ -907,6 +907,17 @@ impl Config {
                 secret_source(raw_team.webhook_secret_env, raw_team.webhook_secret_file).map_err(
                     |what| fail(team_span.clone(), &format!("team {name:?}: webhook {what}")),
                 )?;
+            if webhook_secret.is_none() && server.public_url.is_some() {
+                return Err(fail(
+                    team_span,
+                    &format!(
+                        "team {name:?} has no webhook secret: with [server] public_url set, the \
+                         gateway relays callbacks to the team's callback_url and signs every \
+                         delivery; set webhook_secret_env or webhook_secret_file \
+                         (`ketchup-gateway keygen --team {name} --webhook-secret` prints one)"
+                    ),
+                ));
+            }
             let team = Arc::new(Team {
                 name: name.clone(),
                 budget: raw_team.budget.map(|b| Budget {
@@ -1157,6 +1168,28 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             error.contains("max_callback_bytes must be above zero"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn with_public_url_every_team_needs_a_webhook_secret() {
+        let with_public_url = MINIMAL.replace(
+            "[upstream]",
+            "[server]\npublic_url = \"https://gw.example\"\n\n[upstream]",
+        );
+        let error = error_of(&with_public_url);
+        assert!(error.starts_with("gateway.toml:11:1:"), "{error}");
+        assert!(
+            error.contains("team \"design\" has no webhook secret"),
+            "{error}"
+        );
+        assert!(error.contains("--team design --webhook-secret"), "{error}");
+        let signed = with_public_url.replace(
+            "budget = {",
+            "webhook_secret_env = \"KETCHUP_WEBHOOK_SECRET_DESIGN\"\nbudget = {",
+        );
+        assert!(parse(&signed).is_ok());
+        // Without public_url nothing is relayed, so nothing needs signing.
+        assert!(parse(MINIMAL).unwrap().teams[0].webhook_secret.is_none());
     }
 
     fn error_of(text: &str) -> String {

@@ -21,9 +21,9 @@ struct Env {
     http: reqwest::Client,
 }
 
-/// A gateway with `public_url` pointing at itself, `design` allowed to receive webhooks on
-/// loopback and signing them with [`WEBHOOK_SECRET`], `ads` with neither. `webhooks` holds lines
-/// of the `[webhooks]` table.
+/// A gateway with `public_url` pointing at itself, both teams signing webhooks with
+/// [`WEBHOOK_SECRET`] (which `public_url` requires), and `design` allowed to receive them on
+/// loopback. `webhooks` holds lines of the `[webhooks]` table.
 async fn start(webhooks: &str) -> Env {
     start_with(fake_config(), webhooks).await
 }
@@ -65,7 +65,10 @@ async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
     )
     .replace(
         "label = \"ads-test\" }]",
-        &format!("label = \"ads-test\" }}]\n{ads_team}"),
+        &format!(
+            "label = \"ads-test\" }}]\nwebhook_secret_file = \"{}\"\n{ads_team}",
+            secret.display()
+        ),
     );
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, text).unwrap();
@@ -622,7 +625,9 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
         "{:?}",
         started.elapsed()
     );
-    let payload: Value = serde_json::from_slice(&receiver.delivered()[0].1).unwrap();
+    let (headers, body) = receiver.delivered().remove(0);
+    verify(&headers, &body);
+    let payload: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(payload["task_id"], task_id);
 
     // design holds its two slots; its other deliveries wait unattempted.

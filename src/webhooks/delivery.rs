@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use super::signing::SigningKey;
 use super::target::{self, Allowed, GuardedResolver};
 use crate::app::AppState;
+use crate::config::Team;
 use crate::ledger::{AttemptOutcome, ClaimLimits, Delivery};
 
 /// How often the worker looks for retries that came due, when nothing wakes it sooner.
@@ -176,30 +177,25 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
     }
     let team = config.team(&delivery.team);
     let allowed = team.map_or_else(Allowed::default, |t| Allowed::new(&t.callback_hosts));
-    let result = match team.map(|t| &t.webhook_secret) {
+    let result = match team {
         None => Err(Failure::Permanent(format!(
             "team {:?} is no longer configured",
             delivery.team
         ))),
-        Some(secret) => {
-            let key = secret
-                .as_ref()
-                .map(|source| {
-                    source
-                        .resolve("webhook secret")
-                        .map_err(|e| e.to_string())
-                        .and_then(|secret| SigningKey::from_secret(&secret))
-                })
-                .transpose();
-            match key {
-                // A secret that cannot be read now may be fixed by an admin: retry.
-                Err(e) => Err(Failure::Transient(format!("webhook secret unusable: {e}"))),
-                Ok(key) => {
-                    let timeout = config.webhooks.attempt_timeout;
-                    post(delivery, key.as_ref(), &allowed, now, timeout).await
-                }
+        // A secret that is missing or cannot be read now may be fixed by an admin: retry.
+        Some(team) => match signing_key(team) {
+            Err(e) => Err(Failure::Transient(e)),
+            Ok(key) => {
+                post(
+                    delivery,
+                    &key,
+                    &allowed,
+                    now,
+                    config.webhooks.attempt_timeout,
+                )
+                .await
             }
-        }
+        },
     };
     match result {
         Ok(()) => AttemptOutcome::Delivered,
@@ -216,6 +212,21 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
             }
         }
     }
+}
+
+/// The team's signing key: a delivery is never sent unsigned.
+fn signing_key(team: &Team) -> Result<SigningKey, String> {
+    let source = team.webhook_secret.as_ref().ok_or_else(|| {
+        format!(
+            "team {:?} has no webhook secret, and deliveries are never sent unsigned",
+            team.name
+        )
+    })?;
+    source
+        .resolve("webhook secret")
+        .map_err(|e| e.to_string())
+        .and_then(|secret| SigningKey::from_secret(&secret))
+        .map_err(|e| format!("webhook secret unusable: {e}"))
 }
 
 /// Most of a retry's delay that is added at random, so that receivers coming back up are not
@@ -237,7 +248,7 @@ fn backoff(config: &crate::config::WebhooksConfig, attempts: u32) -> chrono::Dur
 
 async fn post(
     delivery: &Delivery,
-    key: Option<&SigningKey>,
+    key: &SigningKey,
     allowed: &Allowed,
     now: DateTime<Utc>,
     timeout: Duration,
@@ -245,21 +256,18 @@ async fn post(
     // Checked again at each attempt: the team's allow-list may have changed since.
     let url = target::check_url(&delivery.url, allowed).map_err(Failure::Permanent)?;
     let timestamp = now.timestamp();
-    let mut request = Request::post(url.as_str())
+    let request = Request::post(url.as_str())
         .header(header::CONTENT_TYPE, "application/json")
         .header(
             header::USER_AGENT,
             concat!("ketchup-gateway/", env!("CARGO_PKG_VERSION")),
         )
         .header("webhook-id", &delivery.id)
-        .header("webhook-timestamp", timestamp.to_string());
-    if let Some(key) = key {
-        request = request.header(
+        .header("webhook-timestamp", timestamp.to_string())
+        .header(
             "webhook-signature",
             key.sign(&delivery.id, timestamp, &delivery.body),
-        );
-    }
-    let request = request
+        )
         .body(Full::new(Bytes::from(delivery.body.clone())))
         .map_err(|e| Failure::Permanent(format!("cannot build the request: {e}")))?;
 
