@@ -709,3 +709,50 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
         "the refused callback sent nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
+    // A long render: the only callback is the one this test sends, after the reload.
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    let env = start_with(fake, "").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    // Allowed when the generation came in.
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+
+    let config = std::fs::read_to_string(&env.gateway.config_path).unwrap();
+    let without = config.replace("callback_hosts = [\"127.0.0.1\"]", "");
+    assert_ne!(without, config);
+    std::fs::write(&env.gateway.config_path, without).unwrap();
+    env.gateway.hangup();
+    env.gateway.wait_for_log("configuration reloaded").await;
+
+    let payload = json!({"task_id": task_id, "status": "success", "consumed": "0.400000",
+                         "result": [{"image": "https://x/1.png"}]});
+    let reply = env.post_callback(&url, payload.to_string()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let deadline = Instant::now() + DEADLINE;
+    let dead = loop {
+        let dead = env.admin("/admin/webhooks?state=dead").await;
+        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let entry = &dead["webhooks"][0];
+    assert_eq!(entry["task_id"], task_id, "{entry}");
+    // Dead at the first attempt: no retry can make the address allowed.
+    assert_eq!(entry["attempts"], 1, "{entry}");
+    let error = entry["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("host 127.0.0.1 is a loopback address"),
+        "{entry}"
+    );
+    assert!(receiver.seen().is_empty(), "the receiver got nothing");
+    // The credits settled regardless.
+    env.wait_for_spent("0.40000000").await;
+    drop(listening);
+}
