@@ -142,6 +142,12 @@ pub struct WebhooksConfig {
     pub max_retry_delay: Duration,
     /// Deliveries attempted at once; a slow receiver holds one of these, never the others.
     pub max_concurrent_deliveries: usize,
+    /// Deliveries to one team attempted at once, so that a team's receivers that never answer
+    /// hold only this share of the slots and other teams' deliveries still go out.
+    pub max_concurrent_deliveries_per_team: usize,
+    /// Largest upstream callback accepted, in bytes. Apart from `server.max_body_bytes`: a
+    /// callback's images may be base64 data URIs, far larger than any request a team sends.
+    pub max_callback_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -540,6 +546,10 @@ mod raw {
         pub max_retry_delay: HumanDuration,
         #[serde(default = "default_max_concurrent_deliveries")]
         pub max_concurrent_deliveries: usize,
+        #[serde(default = "default_max_concurrent_deliveries_per_team")]
+        pub max_concurrent_deliveries_per_team: usize,
+        #[serde(default = "default_max_callback_bytes")]
+        pub max_callback_bytes: usize,
     }
 
     impl Default for Webhooks {
@@ -551,6 +561,8 @@ mod raw {
                 first_retry: default_first_retry(),
                 max_retry_delay: default_max_retry_delay(),
                 max_concurrent_deliveries: default_max_concurrent_deliveries(),
+                max_concurrent_deliveries_per_team: default_max_concurrent_deliveries_per_team(),
+                max_callback_bytes: default_max_callback_bytes(),
             }
         }
     }
@@ -569,6 +581,12 @@ mod raw {
     }
     fn default_max_concurrent_deliveries() -> usize {
         32
+    }
+    fn default_max_concurrent_deliveries_per_team() -> usize {
+        8
+    }
+    fn default_max_callback_bytes() -> usize {
+        32 << 20
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -771,6 +789,8 @@ impl Config {
             first_retry: raw_webhooks.first_retry.0,
             max_retry_delay: raw_webhooks.max_retry_delay.0,
             max_concurrent_deliveries: raw_webhooks.max_concurrent_deliveries,
+            max_concurrent_deliveries_per_team: raw_webhooks.max_concurrent_deliveries_per_team,
+            max_callback_bytes: raw_webhooks.max_callback_bytes,
         };
         let webhooks_error =
             |what: &str| ConfigError::at(path, source, webhooks_span.clone(), what);
@@ -784,10 +804,13 @@ impl Config {
             || webhooks.first_retry.is_zero()
             || webhooks.max_retry_delay < webhooks.first_retry
             || webhooks.max_concurrent_deliveries == 0
+            || webhooks.max_concurrent_deliveries_per_team == 0
+            || webhooks.max_callback_bytes == 0
         {
             return Err(webhooks_error(
-                "[webhooks] attempt_timeout, first_retry and max_concurrent_deliveries must be \
-                 above zero, and max_retry_delay at least first_retry",
+                "[webhooks] attempt_timeout, first_retry, max_concurrent_deliveries, \
+                 max_concurrent_deliveries_per_team and max_callback_bytes must be above zero, \
+                 and max_retry_delay at least first_retry",
             ));
         }
         if let Some(url) = &server.public_url
@@ -884,6 +907,17 @@ impl Config {
                 secret_source(raw_team.webhook_secret_env, raw_team.webhook_secret_file).map_err(
                     |what| fail(team_span.clone(), &format!("team {name:?}: webhook {what}")),
                 )?;
+            if webhook_secret.is_none() && server.public_url.is_some() {
+                return Err(fail(
+                    team_span,
+                    &format!(
+                        "team {name:?} has no webhook secret: with [server] public_url set, the \
+                         gateway relays callbacks to the team's callback_url and signs every \
+                         delivery; set webhook_secret_env or webhook_secret_file \
+                         (`ketchup-gateway keygen --team {name} --webhook-secret` prints one)"
+                    ),
+                ));
+            }
             let team = Arc::new(Team {
                 name: name.clone(),
                 budget: raw_team.budget.map(|b| Budget {
@@ -1103,6 +1137,59 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             ("design", "prod")
         );
         assert!(config.key("foobaz").is_none());
+    }
+
+    #[test]
+    fn deliveries_per_team_take_a_quarter_of_the_slots_unless_set_and_never_none() {
+        let webhooks = parse(MINIMAL).unwrap().webhooks;
+        assert_eq!(
+            (
+                webhooks.max_concurrent_deliveries,
+                webhooks.max_concurrent_deliveries_per_team
+            ),
+            (32, 8)
+        );
+        let error = error_of(&format!(
+            "{MINIMAL}\n[webhooks]\nmax_concurrent_deliveries_per_team = 0\n"
+        ));
+        assert!(
+            error.contains("max_concurrent_deliveries_per_team and max_callback_bytes must be"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn callbacks_may_be_larger_than_requests_but_not_empty() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.webhooks.max_callback_bytes, 32 << 20);
+        assert_eq!(config.server.max_body_bytes, 1 << 20);
+        let error = error_of(&format!("{MINIMAL}\n[webhooks]\nmax_callback_bytes = 0\n"));
+        assert!(
+            error.contains("max_callback_bytes must be above zero"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn with_public_url_every_team_needs_a_webhook_secret() {
+        let with_public_url = MINIMAL.replace(
+            "[upstream]",
+            "[server]\npublic_url = \"https://gw.example\"\n\n[upstream]",
+        );
+        let error = error_of(&with_public_url);
+        assert!(error.starts_with("gateway.toml:11:1:"), "{error}");
+        assert!(
+            error.contains("team \"design\" has no webhook secret"),
+            "{error}"
+        );
+        assert!(error.contains("--team design --webhook-secret"), "{error}");
+        let signed = with_public_url.replace(
+            "budget = {",
+            "webhook_secret_env = \"KETCHUP_WEBHOOK_SECRET_DESIGN\"\nbudget = {",
+        );
+        assert!(parse(&signed).is_ok());
+        // Without public_url nothing is relayed, so nothing needs signing.
+        assert!(parse(MINIMAL).unwrap().teams[0].webhook_secret.is_none());
     }
 
     fn error_of(text: &str) -> String {

@@ -193,6 +193,54 @@ fn check_config_names_file_line_and_column_of_a_typo() {
 }
 
 #[test]
+fn check_config_refuses_a_team_that_could_get_unsigned_webhooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(
+        dir.path(),
+        "design_webhook_secret",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+    );
+    let config = base_config(dir.path())
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\npublic_url = \"https://gateway.example\"",
+        )
+        .replace(
+            "label = \"design-test\" }]",
+            &format!(
+                "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"",
+                secret.display()
+            ),
+        );
+    // The error points at the `[[teams]]` line of the team without a secret.
+    let line = line_of(&config, "name = \"ads\"") - 1;
+    let path = write(dir.path(), "unsigned.toml", &config);
+    let stderr = check_config_fails(&path);
+    let at = format!("ketchup-gateway: {}:{line}:1: ", path.display());
+    assert!(stderr.starts_with(&at), "expected {at:?} in {stderr:?}");
+    assert!(
+        stderr.contains("team \"ads\" has no webhook secret"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("webhook_secret_env or webhook_secret_file"),
+        "{stderr}"
+    );
+
+    // Given one too, the file is fine.
+    let signed = config.replace(
+        "label = \"ads-test\" }]",
+        &format!(
+            "label = \"ads-test\" }}]\nwebhook_secret_file = \"{}\"",
+            secret.display()
+        ),
+    );
+    let path = write(dir.path(), "signed.toml", &signed);
+    let output = run(&["check-config", path.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
 fn check_config_names_the_line_of_a_bad_value() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_config(dir.path());

@@ -66,6 +66,7 @@ fn write_config(
         "budget = {{ credits = \"{}\", period = \"lifetime\" }}",
         setup.budget
     );
+    let mut ads = "limits = { generate = \"10/s\", generate_burst = 10 }".to_owned();
     if setup.webhooks {
         listen = format!("127.0.0.1:{}", closed_port());
         server = format!("public_url = \"http://{listen}\"\n");
@@ -75,6 +76,8 @@ fn write_config(
             "\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
             secret.display()
         ));
+        // With public_url set every team must sign its deliveries.
+        ads.push_str(&format!("\nwebhook_secret_file = \"{}\"", secret.display()));
     }
     let text = common::config_text(
         upstream,
@@ -104,7 +107,7 @@ fn write_config(
     )
     .replace(
         "label = \"ads-test\" }]",
-        "label = \"ads-test\" }]\nlimits = { generate = \"10/s\", generate_burst = 10 }",
+        &format!("label = \"ads-test\" }}]\n{ads}"),
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();

@@ -21,14 +21,19 @@ struct Env {
     http: reqwest::Client,
 }
 
-/// A gateway with `public_url` pointing at itself, `design` allowed to receive webhooks on
-/// loopback and signing them with [`WEBHOOK_SECRET`], `ads` with neither. `webhooks` holds lines
-/// of the `[webhooks]` table.
+/// A gateway with `public_url` pointing at itself, both teams signing webhooks with
+/// [`WEBHOOK_SECRET`] (which `public_url` requires), and `design` allowed to receive them on
+/// loopback. `webhooks` holds lines of the `[webhooks]` table.
 async fn start(webhooks: &str) -> Env {
     start_with(fake_config(), webhooks).await
 }
 
 async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
+    start_teams(fake, webhooks, "").await
+}
+
+/// [`start_with`], with `ads_team` lines added to the `ads` team.
+async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
     let fake = fake_upstream::start(fake).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("design_webhook_secret");
@@ -55,6 +60,13 @@ async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
         "label = \"design-test\" }]",
         &format!(
             "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
+            secret.display()
+        ),
+    )
+    .replace(
+        "label = \"ads-test\" }]",
+        &format!(
+            "label = \"ads-test\" }}]\nwebhook_secret_file = \"{}\"\n{ads_team}",
             secret.display()
         ),
     );
@@ -428,10 +440,6 @@ async fn bad_callbacks_change_nothing() {
             .unwrap()
             .contains("does not match")
     );
-    let oversized = env.post_callback(&url, vec![b' '; 2 * 1024 * 1024]).await;
-    assert_eq!(oversized.status, 413);
-    assert_eq!(oversized.json()["message"], "payload too large");
-    assert_eq!(oversized.headers["connection"], "close");
 
     // Nothing was settled or sent.
     let budget = env.budget(DESIGN_KEY).await;
@@ -540,11 +548,211 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
     );
     let payload: Value = serde_json::from_slice(&receiver.delivered()[0].1).unwrap();
     assert_eq!(payload["task_id"], task_id);
+    // Only the silent receiver's delivery is pending (the other one may not be recorded as
+    // delivered yet when its receiver has it).
     let pending = env.admin("/admin/webhooks?state=pending").await;
+    let waiting: Vec<_> = pending["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["task_id"] != task_id)
+        .collect();
+    assert_eq!(waiting.len(), 1, "{pending}");
     assert_eq!(
-        pending["webhooks"].as_array().unwrap().len(),
-        1,
+        waiting[0]["url"],
+        format!("http://127.0.0.1:{silent_port}/hook"),
         "{pending}"
     );
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() {
+    let env = start_teams(
+        fake_config(),
+        "attempt_timeout = \"30s\"\nmax_concurrent_deliveries = 4\n\
+         max_concurrent_deliveries_per_team = 2",
+        "callback_hosts = [\"127.0.0.1\"]",
+    )
+    .await;
+    // Accepts connections, counts them, reads nothing and answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        loop {
+            let (socket, _) = silent.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            connections.push(socket);
+        }
+    });
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+
+    // More of design's deliveries to the silent receiver than there are slots in all, every one
+    // queued before ads has anything to deliver.
+    for _ in 0..6 {
+        env.start_task(silent_port).await;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while env.admin("/admin/webhooks?state=pending").await["webhooks"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 6
+    {
+        assert!(Instant::now() < deadline, "design's callbacks never came");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let started = Instant::now();
+    let task_id = env
+        .generate(
+            ADS_KEY,
+            json!({"model": "google/gempix2", "prompt": "a tomato",
+                   "callback_url": format!("http://127.0.0.1:{}/hook", listening.port)}),
+        )
+        .await
+        .task_id();
+    receiver
+        .wait_for("ads' delivery", |r| r.delivered().len() == 1)
+        .await;
+    // Well within the silent receiver's 30 s attempts, which would hold every slot uncapped.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let (headers, body) = receiver.delivered().remove(0);
+    verify(&headers, &body);
+    let payload: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(payload["task_id"], task_id);
+
+    // design holds its two slots; its other deliveries wait unattempted.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // (ads' delivery may still be pending here: recorded just after its receiver answered.)
+    let pending = env.admin("/admin/webhooks?state=pending").await;
+    let mut attempts: Vec<u64> = pending["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["team"] == "design")
+        .map(|d| d["attempts"].as_u64().unwrap())
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [0, 0, 0, 0, 1, 1], "{pending}");
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
+    // A long render, so the fake's own callback stays out of the way.
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    let cap = 4 << 20;
+    let env = start_with(fake, &format!("max_callback_bytes = {cap}")).await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+    let callback = |image_len: usize| {
+        format!(
+            "{{\"task_id\":\"{task_id}\",\"status\":\"success\",\"consumed\":\"0.400000\",\
+             \"result\":[{{\"image\":\"data:image/png;base64,{}\"}}],\
+             \"status_reason\":{{\"message\":null}}}}",
+            "iVBORw0K".repeat(image_len / 8)
+        )
+    };
+
+    let over = env.post_callback(&url, callback(cap)).await;
+    assert_eq!(over.status, 413, "{}", over.text);
+    assert_eq!(
+        over.json(),
+        json!({"code": 1, "message": "payload too large",
+               "detail": format!("request body exceeds {cap} bytes")})
+    );
+    assert_eq!(over.headers["connection"], "close");
+    let budget = env.budget(DESIGN_KEY).await;
+    assert_eq!(budget["spent"], "0.00000000", "{budget}");
+    assert_eq!(budget["reserved"], "0.50000000", "{budget}");
+    assert!(
+        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // Three times server.max_body_bytes, which still bounds what teams send.
+    let body = callback(3 << 20);
+    assert!(body.len() > 3 << 20);
+    let too_big_a_request = env
+        .generate(
+            DESIGN_KEY,
+            json!({"model": "google/gempix2", "prompt": body}),
+        )
+        .await;
+    assert_eq!(too_big_a_request.status, 413, "{}", too_big_a_request.text);
+    let accepted = env.post_callback(&url, body.clone()).await;
+    assert_eq!(accepted.status, 200, "{}", accepted.text);
+    receiver
+        .wait_for("the delivery", |r| r.delivered().len() == 1)
+        .await;
+    let (headers, delivered) = receiver.delivered().remove(0);
+    assert!(delivered == body.as_bytes(), "the payload, byte for byte");
+    verify(&headers, &delivered);
+    env.wait_for_spent("0.40000000").await;
+    assert_eq!(
+        receiver.seen().len(),
+        1,
+        "the refused callback sent nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
+    // A long render: the only callback is the one this test sends, after the reload.
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    let env = start_with(fake, "").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    // Allowed when the generation came in.
+    let task_id = env.start_task(listening.port).await;
+    let url = env.callback_url_given_upstream();
+
+    let config = std::fs::read_to_string(&env.gateway.config_path).unwrap();
+    let without = config.replace("callback_hosts = [\"127.0.0.1\"]", "");
+    assert_ne!(without, config);
+    std::fs::write(&env.gateway.config_path, without).unwrap();
+    env.gateway.hangup();
+    env.gateway.wait_for_log("configuration reloaded").await;
+
+    let payload = json!({"task_id": task_id, "status": "success", "consumed": "0.400000",
+                         "result": [{"image": "https://x/1.png"}]});
+    let reply = env.post_callback(&url, payload.to_string()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let deadline = Instant::now() + DEADLINE;
+    let dead = loop {
+        let dead = env.admin("/admin/webhooks?state=dead").await;
+        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let entry = &dead["webhooks"][0];
+    assert_eq!(entry["task_id"], task_id, "{entry}");
+    // Dead at the first attempt: no retry can make the address allowed.
+    assert_eq!(entry["attempts"], 1, "{entry}");
+    let error = entry["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("host 127.0.0.1 is a loopback address"),
+        "{entry}"
+    );
+    assert!(receiver.seen().is_empty(), "the receiver got nothing");
+    // The credits settled regardless.
+    env.wait_for_spent("0.40000000").await;
+    drop(listening);
 }

@@ -166,9 +166,9 @@ impl LedgerStore for Breaker {
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        limit: usize,
+        limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.guard(self.inner.claim_deliveries(now, lease_until, limit))
+        self.guard(self.inner.claim_deliveries(now, lease_until, limits))
             .await
     }
 
@@ -289,9 +289,9 @@ mod tests {
             &self,
             now: DateTime<Utc>,
             lease_until: DateTime<Utc>,
-            limit: usize,
+            limits: &ClaimLimits,
         ) -> Result<Vec<Delivery>, StoreError> {
-            self.sqlite.claim_deliveries(now, lease_until, limit).await
+            self.sqlite.claim_deliveries(now, lease_until, limits).await
         }
         async fn finish_attempt(
             &self,

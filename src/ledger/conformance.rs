@@ -630,6 +630,15 @@ pub fn delivery(id: &str, task_id: &str) -> NewDelivery {
     }
 }
 
+/// Up to `total` deliveries, however many go to one team.
+pub fn any(total: usize) -> ClaimLimits {
+    ClaimLimits {
+        total,
+        per_team: total,
+        busy: Default::default(),
+    }
+}
+
 pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     let now = at("2026-11-23T10:00:00Z");
     assert!(
@@ -653,7 +662,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     );
 
     let lease = at("2026-11-23T10:00:30Z");
-    let claimed = store.claim_deliveries(now, lease, 10).await.unwrap();
+    let claimed = store.claim_deliveries(now, lease, &any(10)).await.unwrap();
     let mut ids: Vec<_> = claimed.iter().map(|d| d.id.as_str()).collect();
     ids.sort();
     assert_eq!(ids, ["msg_1", "msg_2"]);
@@ -666,7 +675,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     // Leased: nobody else gets them until the lease ends.
     assert!(
         store
-            .claim_deliveries(now, lease, 10)
+            .claim_deliveries(now, lease, &any(10))
             .await
             .unwrap()
             .is_empty()
@@ -681,7 +690,11 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
         .unwrap();
     // msg_2's replica died mid-attempt: after the lease it is claimed again, as a second attempt.
     let again = store
-        .claim_deliveries(at("2026-11-23T10:00:31Z"), at("2026-11-23T10:01:00Z"), 10)
+        .claim_deliveries(
+            at("2026-11-23T10:00:31Z"),
+            at("2026-11-23T10:01:00Z"),
+            &any(10),
+        )
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
@@ -713,6 +726,46 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     assert_eq!(pending[0].id, "msg_2");
 }
 
+pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn LedgerStore) {
+    let now = at("2026-11-23T10:00:00Z");
+    let lease = at("2026-11-23T10:00:30Z");
+    for (id, task, team, minute) in [
+        ("msg_d1", "ta-1", "design", 0),
+        ("msg_d2", "ta-2", "design", 1),
+        ("msg_d3", "ta-3", "design", 2),
+        ("msg_a1", "ta-4", "ads", 3),
+    ] {
+        let mut queued = delivery(id, task);
+        queued.team = team.into();
+        queued.created_at = now - chrono::Duration::minutes(10 - minute);
+        assert!(store.enqueue_delivery(queued).await.unwrap());
+    }
+    // design already has one attempt in flight, and may have two: one more now, the oldest,
+    // then ads' although it is newer than design's others.
+    let limits = ClaimLimits {
+        total: 10,
+        per_team: 2,
+        busy: [("design".to_owned(), 1)].into(),
+    };
+    let claimed = store.claim_deliveries(now, lease, &limits).await.unwrap();
+    let mut ids: Vec<_> = claimed.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["msg_a1", "msg_d1"]);
+    // The total caps the claim too, oldest first.
+    let limits = ClaimLimits {
+        total: 1,
+        per_team: 2,
+        busy: Default::default(),
+    };
+    let claimed = store.claim_deliveries(now, lease, &limits).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].id.as_str(), claimed[0].attempts), ("msg_d2", 1));
+    // Those left out were not attempted: their first claim is their first attempt.
+    let rest = store.claim_deliveries(now, lease, &any(10)).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!((rest[0].id.as_str(), rest[0].attempts), ("msg_d3", 1));
+}
+
 pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     let now = at("2026-11-23T10:00:00Z");
     store
@@ -720,7 +773,7 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
         .await
         .unwrap();
     let claimed = store
-        .claim_deliveries(now, at("2026-11-23T10:00:30Z"), 10)
+        .claim_deliveries(now, at("2026-11-23T10:00:30Z"), &any(10))
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -735,7 +788,11 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     // Not due before its retry time, even though the lease has ended.
     assert!(
         store
-            .claim_deliveries(at("2026-11-23T10:04:59Z"), at("2026-11-23T10:06:00Z"), 10)
+            .claim_deliveries(
+                at("2026-11-23T10:04:59Z"),
+                at("2026-11-23T10:06:00Z"),
+                &any(10)
+            )
             .await
             .unwrap()
             .is_empty()
@@ -743,7 +800,11 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
     assert_eq!(pending[0].last_error.as_deref(), Some("answered 500"));
     let retried = store
-        .claim_deliveries(at("2026-11-23T10:05:00Z"), at("2026-11-23T10:06:00Z"), 10)
+        .claim_deliveries(
+            at("2026-11-23T10:05:00Z"),
+            at("2026-11-23T10:06:00Z"),
+            &any(10),
+        )
         .await
         .unwrap();
     assert_eq!(retried[0].attempts, 2);
@@ -757,7 +818,11 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
         .unwrap();
     assert!(
         store
-            .claim_deliveries(at("2026-11-25T00:00:00Z"), at("2026-11-25T00:01:00Z"), 10)
+            .claim_deliveries(
+                at("2026-11-25T00:00:00Z"),
+                at("2026-11-25T00:01:00Z"),
+                &any(10)
+            )
             .await
             .unwrap()
             .is_empty()
@@ -861,6 +926,12 @@ macro_rules! conformance_suite {
             async fn deliveries_are_queued_once_and_leased() {
                 let store = $make;
                 super::deliveries_are_queued_once_and_leased(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn a_team_past_its_share_waits_without_losing_attempts() {
+                let store = $make;
+                super::a_team_past_its_share_waits_without_losing_attempts(&*store).await;
             }
 
             #[tokio::test]

@@ -96,6 +96,17 @@ pub struct NewDelivery {
     pub deadline: DateTime<Utc>,
 }
 
+/// How many attempts one claim may start: `total` in all, and for each team no more than
+/// `per_team` less the attempts it has in flight already (`busy`), so that one team's receivers
+/// that do not answer can hold only a share of the slots, never every one. Deliveries left out
+/// stay due, their attempts uncounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimLimits {
+    pub total: usize,
+    pub per_team: usize,
+    pub busy: std::collections::BTreeMap<String, usize>,
+}
+
 /// A delivery claimed for one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -401,14 +412,14 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// another for the same task changes nothing and returns `false`.
     async fn enqueue_delivery(&self, delivery: NewDelivery) -> Result<bool, StoreError>;
 
-    /// Pending deliveries due at `now`, oldest due first, each leased until `lease_until`: no
-    /// other claim returns it before then, so one replica attempts it at a time, and a replica
-    /// that dies mid-attempt only delays it. Counts the attempt.
+    /// Pending deliveries due at `now`, oldest due first within `limits`, each leased until
+    /// `lease_until`: no other claim returns it before then, so one replica attempts it at a
+    /// time, and a replica that dies mid-attempt only delays it. Counts the attempt.
     async fn claim_deliveries(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        limit: usize,
+        limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError>;
 
     /// Records how a claimed attempt ended. Ignored for a delivery that is no longer pending.

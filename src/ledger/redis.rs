@@ -20,9 +20,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation, Value};
 
 use super::{
-    AttemptOutcome, CallbackTarget, Delivery, DeliveryRecord, DeliveryState, FinalStatus,
-    LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord, ReserveOutcome,
-    SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord, TaskState, UsageRow,
+    AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
+    FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord,
+    TaskState, UsageRow,
 };
 use crate::credits::Credits;
 
@@ -629,13 +630,19 @@ impl LedgerStore for RedisStore {
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        limit: usize,
+        limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError> {
-        if limit == 0 {
+        if limits.total == 0 {
             return Ok(Vec::new());
         }
         let mut call = self.script(&CLAIM);
-        call.arg(millis(now)).arg(millis(lease_until)).arg(limit);
+        call.arg(millis(now))
+            .arg(millis(lease_until))
+            .arg(limits.total)
+            .arg(limits.per_team);
+        for (team, busy) in &limits.busy {
+            call.arg(team).arg(*busy);
+        }
         let claimed: Vec<Vec<Value>> = self.eval(&call).await?;
         claimed
             .into_iter()
@@ -894,7 +901,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::ledger::conformance::{at, delivery, open_task, reservation};
+    use crate::ledger::conformance::{any, at, delivery, open_task, reservation};
 
     const TIMEOUT: Duration = Duration::from_millis(300);
     /// Room for a loaded machine on top of the timeout.
@@ -1078,7 +1085,11 @@ mod tests {
             .await
             .unwrap();
         let claimed = store
-            .claim_deliveries(at("2026-11-23T10:00:00Z"), at("2026-11-23T10:00:30Z"), 10)
+            .claim_deliveries(
+                at("2026-11-23T10:00:00Z"),
+                at("2026-11-23T10:00:30Z"),
+                &any(10),
+            )
             .await
             .unwrap();
         assert_eq!(claimed.len(), 1);

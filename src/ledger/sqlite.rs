@@ -16,9 +16,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AttemptOutcome, CallbackTarget, Delivery, DeliveryRecord, DeliveryState, FinalStatus,
-    LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord, ReserveOutcome,
-    SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord, TaskState, UsageRow,
+    AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
+    FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord,
+    TaskState, UsageRow,
 };
 use crate::credits::Credits;
 
@@ -805,21 +806,31 @@ impl LedgerStore for SqliteStore {
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        limit: usize,
+        limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError> {
+        let total = limits.total as i64;
+        let per_team = limits.per_team as i64;
+        let busy = serde_json::to_string(&limits.busy).map_err(unavailable)?;
         self.write(move |conn| {
+            // Each team's due deliveries are numbered oldest first; those past the team's share
+            // left are not claimed at all, so waiting costs them no attempt.
             let mut statement = conn
                 .prepare_cached(
                     "UPDATE deliveries SET next_attempt_at = ?2, attempts = attempts + 1
-                     WHERE id IN (SELECT id FROM deliveries
-                                  WHERE state = 'pending' AND next_attempt_at <= ?1
-                                  ORDER BY next_attempt_at LIMIT ?3)
+                     WHERE id IN (
+                       SELECT id FROM (
+                         SELECT id, team, next_attempt_at, row_number() OVER
+                                  (PARTITION BY team ORDER BY next_attempt_at, id) AS nth
+                         FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1)
+                       WHERE nth <= ?4 - coalesce(
+                               (SELECT value FROM json_each(?5) WHERE key = team), 0)
+                       ORDER BY next_attempt_at LIMIT ?3)
                      RETURNING id, task_id, team, url, body, attempts, created_at, deadline",
                 )
                 .map_err(unavailable)?;
             let rows = statement
                 .query_map(
-                    params![millis(now), millis(lease_until), limit as i64],
+                    params![millis(now), millis(lease_until), total, per_team, busy],
                     |r| {
                         Ok(Delivery {
                             id: r.get(0)?,

@@ -1,6 +1,6 @@
 //! `POST /callbacks/{token}`: the upstream's callback for a task whose `callback_url` the gateway
-//! replaced. It settles the task (exactly once, shared with the polling path), puts the final
-//! status in the cache, and queues the payload for the team's own URL.
+//! replaced. It queues the payload for the team's own URL, settles the task (exactly once,
+//! shared with the polling path), and puts the final status in the cache.
 //!
 //! The token is the only credential, so it is never logged (spans carry the route pattern, not
 //! the path) and only its digest is stored. Every refusal changes nothing.
@@ -57,7 +57,7 @@ pub async fn receive(
         count("unknown_token");
         return Err(GatewayError::UnknownCallback);
     };
-    let body = read_body(body, config.server.max_body_bytes).await?;
+    let body = read_body(body, config.webhooks.max_callback_bytes).await?;
     let Some((payload_task_id, status, consumed)) = parse(&body) else {
         count("malformed");
         return Err(malformed(
@@ -85,36 +85,42 @@ pub async fn receive(
         .map_err(ledger_down)?
         .ok_or(GatewayError::UnknownCallback)?;
 
-    let outcome = settlement::settle(&state, &task, status, consumed.clone())
-        .await
-        .map_err(ledger_down)?;
+    // Queued before settling: both steps are idempotent (one delivery per task, one settlement
+    // per task), so if settling fails, or the process dies, after the delivery is queued, a
+    // retried callback or the reconciler still settles. Settled first, a failure in between
+    // would lose the delivery for good, as the upstream may never call back again.
+    let queued = match target.forward_to {
+        Some(url) => {
+            let now = state.clock.now();
+            let deadline = chrono::Duration::from_std(config.webhooks.delivery_deadline)
+                .unwrap_or(chrono::Duration::MAX);
+            state
+                .ledger
+                .enqueue_delivery(NewDelivery {
+                    id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+                    task_id: task_id.clone(),
+                    team: target.team.clone(),
+                    url,
+                    body: body.to_vec(),
+                    created_at: now,
+                    deadline: now.checked_add_signed(deadline).unwrap_or(now),
+                })
+                .await
+                .map_err(ledger_down)?
+        }
+        None => false,
+    };
+    let settled = settlement::settle(&state, &task, status, consumed.clone()).await;
+    if queued {
+        // Woken even if settling failed: the delivery is owed either way.
+        state.webhook_wake.notify_one();
+    }
+    let outcome = settled.map_err(ledger_down)?;
     count(match outcome {
         SettleOutcome::Settled(_) => "settled",
         _ => "repeated",
     });
     remember_final(&state, &task, &body, &consumed).await;
-
-    if let Some(url) = target.forward_to {
-        let now = state.clock.now();
-        let deadline = chrono::Duration::from_std(config.webhooks.delivery_deadline)
-            .unwrap_or(chrono::Duration::MAX);
-        let queued = state
-            .ledger
-            .enqueue_delivery(NewDelivery {
-                id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
-                task_id: task_id.clone(),
-                team: target.team.clone(),
-                url,
-                body: body.to_vec(),
-                created_at: now,
-                deadline: now.checked_add_signed(deadline).unwrap_or(now),
-            })
-            .await
-            .map_err(ledger_down)?;
-        if queued {
-            state.webhook_wake.notify_one();
-        }
-    }
     Ok(json(StatusCode::OK, &json!({"code": 0, "message": "ok"})))
 }
 

@@ -3,13 +3,14 @@
 //! The outbox lives in the ledger, so a delivery survives restarts and SIGKILL. The worker claims
 //! due deliveries with a lease (a replica that dies mid-attempt only delays its claims), attempts
 //! each on its own task under a cap on concurrent attempts (a slow receiver holds one slot, never
-//! the worker), and records the outcome: delivered, retry later with exponential backoff and
+//! the worker) and a smaller cap per team (receivers of one team that never answer hold only that
+//! team's share, never every slot), and records the outcome: delivered, retry later with exponential backoff and
 //! jitter, or dead once the deadline has passed or the target may never be called.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{Request, header};
@@ -21,7 +22,8 @@ use tokio::sync::Semaphore;
 use super::signing::SigningKey;
 use super::target::{self, Allowed, GuardedResolver};
 use crate::app::AppState;
-use crate::ledger::{AttemptOutcome, Delivery};
+use crate::config::Team;
+use crate::ledger::{AttemptOutcome, ClaimLimits, Delivery};
 
 /// How often the worker looks for retries that came due, when nothing wakes it sooner.
 const POLL: Duration = Duration::from_secs(1);
@@ -34,18 +36,21 @@ pub async fn run(state: Arc<AppState>) {
     let slots = Arc::new(Semaphore::new(
         state.config.load().webhooks.max_concurrent_deliveries,
     ));
+    let in_flight = Arc::new(InFlight::default());
     loop {
         let free = slots.available_permits();
         if free > 0 {
-            match claim(&state, free).await {
+            match claim(&state, free, in_flight.counts()).await {
                 Ok(claimed) => {
                     for delivery in claimed {
                         let Ok(slot) = slots.clone().acquire_owned().await else {
                             return;
                         };
+                        let counted = in_flight.start(&delivery.team);
                         let state_for_attempt = state.clone();
                         state.background.spawn(async move {
                             attempt_and_record(&state_for_attempt, delivery).await;
+                            drop(counted);
                             drop(slot);
                         });
                     }
@@ -60,13 +65,66 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
-async fn claim(state: &AppState, limit: usize) -> Result<Vec<Delivery>, String> {
-    let timeout = state.config.load().webhooks.attempt_timeout;
+/// This process's attempts in flight, by team: what the next claim leaves out.
+#[derive(Default)]
+struct InFlight(Mutex<BTreeMap<String, usize>>);
+
+/// One attempt counted in [`InFlight`] until it is dropped.
+struct Counted {
+    in_flight: Arc<InFlight>,
+    team: String,
+}
+
+impl InFlight {
+    fn start(self: &Arc<Self>, team: &str) -> Counted {
+        *self.lock().entry(team.to_owned()).or_default() += 1;
+        Counted {
+            in_flight: self.clone(),
+            team: team.to_owned(),
+        }
+    }
+
+    fn counts(&self) -> BTreeMap<String, usize> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        // Every change to the map is a single step: a poisoned lock still guards a sound map.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.lock();
+        if let Some(count) = counts.get_mut(&self.team) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.team);
+            }
+        }
+    }
+}
+
+async fn claim(
+    state: &AppState,
+    free: usize,
+    busy: BTreeMap<String, usize>,
+) -> Result<Vec<Delivery>, String> {
+    let config = state.config.load();
+    let timeout = config.webhooks.attempt_timeout;
     let now = state.clock.now();
     let lease_until = now + chrono::Duration::from_std(timeout + LEASE_MARGIN).unwrap_or_default();
+    let limits = ClaimLimits {
+        total: free,
+        per_team: config.webhooks.max_concurrent_deliveries_per_team,
+        busy,
+    };
     state
         .ledger
-        .claim_deliveries(now, lease_until, limit)
+        .claim_deliveries(now, lease_until, &limits)
         .await
         .map_err(|e| e.to_string())
 }
@@ -119,30 +177,25 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
     }
     let team = config.team(&delivery.team);
     let allowed = team.map_or_else(Allowed::default, |t| Allowed::new(&t.callback_hosts));
-    let result = match team.map(|t| &t.webhook_secret) {
+    let result = match team {
         None => Err(Failure::Permanent(format!(
             "team {:?} is no longer configured",
             delivery.team
         ))),
-        Some(secret) => {
-            let key = secret
-                .as_ref()
-                .map(|source| {
-                    source
-                        .resolve("webhook secret")
-                        .map_err(|e| e.to_string())
-                        .and_then(|secret| SigningKey::from_secret(&secret))
-                })
-                .transpose();
-            match key {
-                // A secret that cannot be read now may be fixed by an admin: retry.
-                Err(e) => Err(Failure::Transient(format!("webhook secret unusable: {e}"))),
-                Ok(key) => {
-                    let timeout = config.webhooks.attempt_timeout;
-                    post(delivery, key.as_ref(), &allowed, now, timeout).await
-                }
+        // A secret that is missing or cannot be read now may be fixed by an admin: retry.
+        Some(team) => match signing_key(team) {
+            Err(e) => Err(Failure::Transient(e)),
+            Ok(key) => {
+                post(
+                    delivery,
+                    &key,
+                    &allowed,
+                    now,
+                    config.webhooks.attempt_timeout,
+                )
+                .await
             }
-        }
+        },
     };
     match result {
         Ok(()) => AttemptOutcome::Delivered,
@@ -161,24 +214,41 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
     }
 }
 
-/// Wait before the attempt after `attempts` failed ones: doubling from `first_retry` up to
-/// `max_retry_delay`, with jitter so that receivers coming back up are not hit all at once.
+/// The team's signing key: a delivery is never sent unsigned.
+fn signing_key(team: &Team) -> Result<SigningKey, String> {
+    let source = team.webhook_secret.as_ref().ok_or_else(|| {
+        format!(
+            "team {:?} has no webhook secret, and deliveries are never sent unsigned",
+            team.name
+        )
+    })?;
+    source
+        .resolve("webhook secret")
+        .map_err(|e| e.to_string())
+        .and_then(|secret| SigningKey::from_secret(&secret))
+        .map_err(|e| format!("webhook secret unusable: {e}"))
+}
+
+/// Most of a retry's delay that is added at random, so that receivers coming back up are not
+/// hit by every waiting delivery at once.
+const MAX_JITTER: f64 = 0.5;
+
+/// Wait before the attempt after `attempts` failed ones: doubling from `first_retry`, clamped to
+/// `max_retry_delay`, plus up to [`MAX_JITTER`] of that at random. The clamp comes before the
+/// jitter: clamped after, every delivery past the cap would retry in lockstep.
 fn backoff(config: &crate::config::WebhooksConfig, attempts: u32) -> chrono::Duration {
-    let delay = ExponentialBuilder::default()
-        .with_min_delay(config.first_retry)
-        .with_max_delay(config.max_retry_delay)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempts.saturating_sub(1) as usize)
-        .unwrap_or(config.max_retry_delay);
-    chrono::Duration::from_std(delay.min(config.max_retry_delay)).unwrap_or(chrono::Duration::MAX)
+    let doublings = attempts.saturating_sub(1).min(31);
+    let delay = config
+        .first_retry
+        .saturating_mul(1 << doublings)
+        .min(config.max_retry_delay);
+    let jitter = delay.mul_f64(MAX_JITTER * rand::random::<f64>());
+    chrono::Duration::from_std(delay.saturating_add(jitter)).unwrap_or(chrono::Duration::MAX)
 }
 
 async fn post(
     delivery: &Delivery,
-    key: Option<&SigningKey>,
+    key: &SigningKey,
     allowed: &Allowed,
     now: DateTime<Utc>,
     timeout: Duration,
@@ -186,21 +256,18 @@ async fn post(
     // Checked again at each attempt: the team's allow-list may have changed since.
     let url = target::check_url(&delivery.url, allowed).map_err(Failure::Permanent)?;
     let timestamp = now.timestamp();
-    let mut request = Request::post(url.as_str())
+    let request = Request::post(url.as_str())
         .header(header::CONTENT_TYPE, "application/json")
         .header(
             header::USER_AGENT,
             concat!("ketchup-gateway/", env!("CARGO_PKG_VERSION")),
         )
         .header("webhook-id", &delivery.id)
-        .header("webhook-timestamp", timestamp.to_string());
-    if let Some(key) = key {
-        request = request.header(
+        .header("webhook-timestamp", timestamp.to_string())
+        .header(
             "webhook-signature",
             key.sign(&delivery.id, timestamp, &delivery.body),
-        );
-    }
-    let request = request
+        )
         .body(Full::new(Bytes::from(delivery.body.clone())))
         .map_err(|e| Failure::Permanent(format!("cannot build the request: {e}")))?;
 
@@ -270,4 +337,65 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         innermost = cause;
     }
     innermost.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WebhooksConfig;
+
+    fn config() -> WebhooksConfig {
+        WebhooksConfig {
+            always_intercept: false,
+            delivery_deadline: Duration::from_secs(24 * 3600),
+            attempt_timeout: Duration::from_secs(10),
+            first_retry: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(3600),
+            max_concurrent_deliveries: 32,
+            max_concurrent_deliveries_per_team: 8,
+            max_callback_bytes: 32 << 20,
+        }
+    }
+
+    fn seconds(delay: chrono::Duration) -> f64 {
+        delay.to_std().unwrap().as_secs_f64()
+    }
+
+    #[test]
+    fn delays_double_from_the_first_retry_with_bounded_jitter() {
+        let config = config();
+        for (attempts, base) in [(1, 5.0), (2, 10.0), (3, 20.0), (6, 160.0)] {
+            for _ in 0..100 {
+                let delay = seconds(backoff(&config, attempts));
+                assert!(
+                    (base..=base * (1.0 + MAX_JITTER)).contains(&delay),
+                    "attempt {attempts}: {delay} s"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn delays_at_the_cap_keep_their_jitter() {
+        let config = config();
+        let cap = config.max_retry_delay.as_secs_f64();
+        // From the 11th attempt on, 5 s doubled is past the hour; far past it, too.
+        let delays: Vec<f64> = (11..200)
+            .chain([u32::MAX])
+            .map(|attempts| seconds(backoff(&config, attempts)))
+            .collect();
+        for delay in &delays {
+            assert!(
+                (cap..=cap * (1.0 + MAX_JITTER)).contains(delay),
+                "{delay} s"
+            );
+        }
+        let mut distinct = delays.clone();
+        distinct.sort_by(f64::total_cmp);
+        distinct.dedup();
+        assert!(
+            distinct.len() > delays.len() / 2,
+            "retries past the cap must not fall into lockstep: {delays:?}"
+        );
+    }
 }

@@ -6,7 +6,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::HeaderMap,
+    routing::post,
+};
 
 /// The secret the tests give `design` for signing its webhooks.
 pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -76,8 +82,10 @@ impl Receiver {
             .await
             .expect("receiver port free");
         let port = listener.local_addr().unwrap().port();
+        // Payloads may carry base64 images: larger than axum's default limit on bodies.
         let app = Router::new()
             .route("/hook", post(record))
+            .layer(DefaultBodyLimit::disable())
             .with_state(self.clone());
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
