@@ -21,7 +21,7 @@ use failsafe::{Config, StateMachine};
 use super::*;
 
 /// Consecutive outages that open the breaker.
-const OPEN_AFTER: u32 = 3;
+pub const OPEN_AFTER: u32 = 3;
 /// How long it stays open before the first probe (about half to all of it, jittered so replicas
 /// do not probe in step), growing to the maximum while probes fail.
 const FIRST_PROBE: Duration = Duration::from_secs(2);
