@@ -27,6 +27,8 @@ struct Setup {
     upstream: &'static str,
     /// `[store] command_timeout`: the bound on every Redis call.
     command_timeout: &'static str,
+    /// Lines added to `[store]`.
+    store: &'static str,
     /// Tables added to the config, such as `[reconciler]` or `[webhooks]`.
     tables: &'static str,
     /// Each replica listens on a port of its own and names it as its `public_url`, and `design`
@@ -41,6 +43,7 @@ impl Default for Setup {
             upstream: "",
             // Generous: a loaded CI machine must not turn a slow Redis reply into an outage.
             command_timeout: "2s",
+            store: "",
             tables: "",
             webhooks: false,
         }
@@ -94,8 +97,8 @@ fn write_config(
         &format!("path = \"{}\"", ledger.display()),
         &format!(
             "kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
-             command_timeout = \"{}\"",
-            setup.command_timeout
+             command_timeout = \"{}\"\n{}",
+            setup.command_timeout, setup.store
         ),
     )
     .replace(
@@ -446,6 +449,119 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         !gateway.logs().contains("panicked"),
         "no panic during the outage"
     );
+}
+
+/// How the ledger's refusal to reserve without Redis reads: no detail, unlike the limiter's.
+fn ledger_unavailable() -> Value {
+    json!({"code": 1, "message": "ledger unavailable"})
+}
+
+/// A status read through `gateway`: its status, `X-Cache` header and body.
+async fn read_status(
+    http: &reqwest::Client,
+    gateway: &Gateway,
+    task_id: &str,
+) -> (u16, Option<String>, Value) {
+    let response = http
+        .get(gateway.url("/api/task/query"))
+        .query(&[("task_id", task_id)])
+        .bearer_auth(DESIGN_KEY)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, cache, response.json().await.expect("JSON body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_by_itself() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    // This test stops Redis, so it needs its own server, whatever REDIS_URL says.
+    let Some(redis) = PrivateRedis::start(dir.path()) else {
+        return;
+    };
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    // Rate limits fall back to the replica's own, so generations reach the ledger.
+    let gateway = Gateway::start(write_config(
+        config_dir.path(),
+        &fake.base_url(),
+        &redis.url(),
+        &unique_prefix(),
+        &Setup {
+            command_timeout: "1s",
+            store: "rate_limits_when_unavailable = \"allow\"",
+            ..Setup::default()
+        },
+    ));
+    let http = reqwest::Client::new();
+
+    // One task finished, settled and cached before Redis hangs.
+    let (status, body) = generate(&http, &gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let finished = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    while read_status(&http, &gateway, &finished).await.2["data"]["status"] != "success" {
+        assert!(Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until_settled(&http, &gateway, "0.50000000").await;
+
+    redis.pause();
+    // Until five in a row come back fast: every breaker in front of Redis is open by then.
+    let mut took = Vec::new();
+    while took.iter().rev().take_while(|t| **t < TIMEOUT / 2).count() < 5 {
+        assert!(took.len() < 20, "the breakers never opened: {took:?}");
+        let started = Instant::now();
+        let (status, body) = generate(&http, &gateway).await;
+        took.push(started.elapsed());
+        assert_eq!((status, body), (503, ledger_unavailable()));
+    }
+    // The first waited for Redis, no longer than its three calls (the team's and the account's
+    // limits, then the reservation) may each take.
+    assert!(took[0] >= TIMEOUT, "{took:?}");
+    assert!(
+        took.iter()
+            .all(|t| *t < 3 * TIMEOUT + Duration::from_secs(2)),
+        "{took:?}"
+    );
+    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    assert_eq!(status, 503);
+    let (status, cache, read) = read_status(&http, &gateway, &finished).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
+    assert_eq!(read["data"]["status"], "success");
+    assert_eq!(
+        fake.stats().generate_requests,
+        1,
+        "nothing reached the upstream"
+    );
+
+    // Redis goes on, answering what it was sent meanwhile: the gateway recovers by itself.
+    redis.resume();
+    let deadline = Instant::now() + DEADLINE;
+    let after = loop {
+        let (status, body) = generate(&http, &gateway).await;
+        if status == 200 {
+            break body["data"]["task_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!((status, body), (503, ledger_unavailable()));
+        assert!(Instant::now() < deadline, "generations never resumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    assert_eq!(status, 200);
+    while read_status(&http, &gateway, &after).await.2["data"]["status"] != "success" {
+        assert!(Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exact totals: the two tasks, and none of the reservations refused during the hang.
+    wait_until_settled(&http, &gateway, "1.00000000").await;
+    assert!(!gateway.logs().contains("panicked"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
