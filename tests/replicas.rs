@@ -451,6 +451,15 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     );
 }
 
+/// How a replica configured to refuse answers while it cannot consult the shared rate limits.
+fn limits_unavailable() -> Value {
+    json!({
+        "code": 1,
+        "message": "ledger unavailable",
+        "detail": "the rate limits shared by the gateway's replicas cannot be checked",
+    })
+}
+
 /// How the ledger's refusal to reserve without Redis reads: no detail, unlike the limiter's.
 fn ledger_unavailable() -> Value {
     json!({"code": 1, "message": "ledger unavailable"})
@@ -475,6 +484,108 @@ async fn read_status(
         .get("x-cache")
         .map(|v| v.to_str().unwrap().to_owned());
     (status, cache, response.json().await.expect("JSON body"))
+}
+
+/// Reads `task_id` through `gateway` until the answer is not a local cache hit, and returns it.
+async fn read_past_the_local_cache(
+    http: &reqwest::Client,
+    gateway: &Gateway,
+    task_id: &str,
+) -> (u16, Option<String>, Value) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let read = read_status(http, gateway, task_id).await;
+        if read.1.as_deref() != Some("hit") {
+            return read;
+        }
+        assert!(Instant::now() < deadline, "always a hit: {read:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    // This test stops Redis, so it needs its own server, whatever REDIS_URL says.
+    let Some(mut redis) = PrivateRedis::start(dir.path()) else {
+        return;
+    };
+    let mut fake = fake_config();
+    // Still running through the test, so its status is never final and always read upstream.
+    fake.in_progress_for = Duration::from_secs(600);
+    let fake = fake_upstream::start(fake).await.unwrap();
+    let prefix = unique_prefix();
+    let (refusing_dir, allowing_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let replica = |dir: &tempfile::TempDir, store: &'static str| {
+        Gateway::start(write_config(
+            dir.path(),
+            &fake.base_url(),
+            &redis.url(),
+            &prefix,
+            &Setup {
+                command_timeout: "500ms",
+                store,
+                // A running status stays in the local cache for 100 ms only.
+                tables: "\n[cache]\nstatus_ttl = \"100ms\"\n",
+                ..Setup::default()
+            },
+        ))
+    };
+    let refusing = replica(&refusing_dir, "");
+    let allowing = replica(&allowing_dir, "rate_limits_when_unavailable = \"allow\"");
+    let http = reqwest::Client::new();
+
+    // A running task through each, read once, so each replica knows its owner without Redis.
+    let mut running = Vec::new();
+    for gateway in [&refusing, &allowing] {
+        let (status, body) = generate(&http, gateway).await;
+        assert_eq!(status, 200, "{body}");
+        let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+        let (status, _, read) = read_status(&http, gateway, &task_id).await;
+        assert_eq!(status, 200, "{read}");
+        running.push(task_id);
+    }
+
+    redis.kill();
+    let started = Instant::now();
+    for _ in 0..5 {
+        // Refused by the limiter, before anything else.
+        let (status, body) = generate(&http, &refusing).await;
+        assert_eq!((status, body), (503, limits_unavailable()));
+        // Past the limits (each replica's own stand in), refused by the ledger's reservation.
+        let (status, body) = generate(&http, &allowing).await;
+        assert_eq!((status, body), (503, ledger_unavailable()));
+    }
+    // Redis refuses connections at once: ten refusals cost a few timeouts at most.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusals were slow: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        fake.stats().generate_requests,
+        2,
+        "no generation without a ledger"
+    );
+
+    // A status read the local cache cannot answer needs an upstream read, which counts against
+    // the upstream account's limit: refused by one replica, served by the other.
+    let queries = fake.stats().query_requests;
+    let (status, _, body) = read_past_the_local_cache(&http, &refusing, &running[0]).await;
+    assert_eq!((status, body), (503, limits_unavailable()));
+    assert_eq!(
+        fake.stats().query_requests,
+        queries,
+        "refused before the upstream"
+    );
+    let (status, cache, body) = read_past_the_local_cache(&http, &allowing, &running[1]).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{body}");
+    assert_eq!(body["data"]["task_id"], running[1].as_str(), "{body}");
+    assert_eq!(
+        fake.stats().query_requests,
+        queries + 1,
+        "read from the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
