@@ -682,6 +682,66 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     assert!(!gateway.logs().contains("panicked"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((url, _server)) = redis_server::url(dir.path()) else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let env = two_gateways(&url, &Setup::default(), [&prefix, &prefix]).await;
+    let http = reqwest::Client::new();
+
+    // A starts a task and polls it to its final state; B has never read it.
+    let (status, body) = generate(&http, &env.a).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    let final_read = loop {
+        let (status, cache, read) = read_status(&http, &env.a, &task_id).await;
+        assert_eq!(status, 200, "{read}");
+        if read["data"]["status"] == "success" {
+            assert_eq!(
+                cache.as_deref(),
+                Some("miss"),
+                "the final status came from upstream"
+            );
+            break read;
+        }
+        assert!(Instant::now() < deadline, "never finished: {read}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A writes it to the shared layer after answering: wait until Redis holds it.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}status:{task_id}");
+    loop {
+        let kept: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("final")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if kept.as_deref() == Some("1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never shared the final status");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let queries = env.fake.stats().query_requests;
+    for _ in 0..3 {
+        let (status, cache, read) = read_status(&http, &env.b, &task_id).await;
+        assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
+        assert_eq!(read, final_read);
+    }
+    assert_eq!(
+        env.fake.stats().query_requests,
+        queries,
+        "B asked the upstream"
+    );
+}
+
 /// 40 generations for `ads` at once, alternating between the two gateways: how many each
 /// accepted. Every other answer must be a 429 with `Retry-After`.
 async fn generation_burst(http: &reqwest::Client, env: &Replicas) -> [u64; 2] {
