@@ -54,6 +54,9 @@ static FINISH: LazyLock<Script> = ledger_script!("redis/finish.lua");
 /// that no single answer holds Redis up.
 const USAGE_PAGE: usize = 512;
 
+/// Stale reservations abandoned per script call: each call is short, however many there are.
+pub(crate) const ABANDON_BATCH: usize = 256;
+
 /// Reconnection attempts per lost connection. Each call is cut off at the command timeout anyway;
 /// more attempts would only make a replica slower to notice that Redis is back.
 const RECONNECT_RETRIES: usize = 2;
@@ -460,9 +463,17 @@ impl LedgerStore for RedisStore {
     }
 
     async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut call = self.script(&ABANDON);
-        call.arg(millis(before));
-        self.eval(&call).await
+        let mut abandoned = 0;
+        loop {
+            let mut call = self.script(&ABANDON);
+            call.arg(millis(before)).arg(ABANDON_BATCH);
+            let (moved, looked_at): (u64, usize) = self.eval(&call).await?;
+            abandoned += moved;
+            // A short batch was the last. A full one that moved nothing would only repeat.
+            if looked_at < ABANDON_BATCH || moved == 0 {
+                return Ok(abandoned);
+            }
+        }
     }
 
     async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
