@@ -27,6 +27,8 @@ struct Setup {
     upstream: &'static str,
     /// `[store] command_timeout`: the bound on every Redis call.
     command_timeout: &'static str,
+    /// Lines added to `[store]`.
+    store: &'static str,
     /// Tables added to the config, such as `[reconciler]` or `[webhooks]`.
     tables: &'static str,
     /// Each replica listens on a port of its own and names it as its `public_url`, and `design`
@@ -41,6 +43,7 @@ impl Default for Setup {
             upstream: "",
             // Generous: a loaded CI machine must not turn a slow Redis reply into an outage.
             command_timeout: "2s",
+            store: "",
             tables: "",
             webhooks: false,
         }
@@ -49,7 +52,7 @@ impl Default for Setup {
 
 /// A config for a replica on the Redis at `url`, under a key prefix of its own test run, changed
 /// by `setup`. By default `design` may spend 5.00 credits in all: ten reservations of 0.50.
-/// `ads` has no budget but may start 10 tasks a second, burst 10.
+/// `ads` has no budget but may start 10 tasks an hour, burst 10: within a test, 10 in all.
 fn write_config(
     dir: &std::path::Path,
     upstream: &str,
@@ -66,7 +69,7 @@ fn write_config(
         "budget = {{ credits = \"{}\", period = \"lifetime\" }}",
         setup.budget
     );
-    let mut ads = "limits = { generate = \"10/s\", generate_burst = 10 }".to_owned();
+    let mut ads = "limits = { generate = \"10/h\", generate_burst = 10 }".to_owned();
     if setup.webhooks {
         listen = format!("127.0.0.1:{}", closed_port());
         server = format!("public_url = \"http://{listen}\"\n");
@@ -97,8 +100,8 @@ fn write_config(
         &format!("path = \"{}\"", ledger.display()),
         &format!(
             "kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
-             command_timeout = \"{}\"",
-            setup.command_timeout
+             command_timeout = \"{}\"\n{}",
+            setup.command_timeout, setup.store
         ),
     )
     .replace(
@@ -210,13 +213,20 @@ struct Replicas {
 }
 
 async fn two_replicas(url: &str, setup: &Setup) -> Replicas {
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
     let prefix = unique_prefix();
+    two_gateways(url, setup, [&prefix, &prefix]).await
+}
+
+/// Two gateways on one Redis, each under its own key prefix: what two replicas would be if
+/// they shared nothing.
+async fn two_gateways(url: &str, setup: &Setup, prefixes: [&str; 2]) -> Replicas {
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let config =
-        |dir: &tempfile::TempDir| write_config(dir.path(), &fake.base_url(), url, &prefix, setup);
-    let a = Gateway::start(config(&dir_a));
-    let b = Gateway::start(config(&dir_b));
+    let config = |dir: &tempfile::TempDir, prefix: &str| {
+        write_config(dir.path(), &fake.base_url(), url, prefix, setup)
+    };
+    let a = Gateway::start(config(&dir_a, prefixes[0]));
+    let b = Gateway::start(config(&dir_b, prefixes[1]));
     Replicas {
         fake,
         a,
@@ -451,17 +461,293 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     );
 }
 
+/// How a replica configured to refuse answers while it cannot consult the shared rate limits.
+fn limits_unavailable() -> Value {
+    json!({
+        "code": 1,
+        "message": "ledger unavailable",
+        "detail": "the rate limits shared by the gateway's replicas cannot be checked",
+    })
+}
+
+/// How the ledger's refusal to reserve without Redis reads: no detail, unlike the limiter's.
+fn ledger_unavailable() -> Value {
+    json!({"code": 1, "message": "ledger unavailable"})
+}
+
+/// A status read through `gateway`: its status, `X-Cache` header and body.
+async fn read_status(
+    http: &reqwest::Client,
+    gateway: &Gateway,
+    task_id: &str,
+) -> (u16, Option<String>, Value) {
+    let response = http
+        .get(gateway.url("/api/task/query"))
+        .query(&[("task_id", task_id)])
+        .bearer_auth(DESIGN_KEY)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, cache, response.json().await.expect("JSON body"))
+}
+
+/// Reads `task_id` through `gateway` until the answer is not a local cache hit, and returns it.
+async fn read_past_the_local_cache(
+    http: &reqwest::Client,
+    gateway: &Gateway,
+    task_id: &str,
+) -> (u16, Option<String>, Value) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let read = read_status(http, gateway, task_id).await;
+        if read.1.as_deref() != Some("hit") {
+            return read;
+        }
+        assert!(Instant::now() < deadline, "always a hit: {read:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    // This test stops Redis, so it needs its own server, whatever REDIS_URL says.
+    let Some(mut redis) = PrivateRedis::start(dir.path()) else {
+        return;
+    };
+    let mut fake = fake_config();
+    // Still running through the test, so its status is never final and always read upstream.
+    fake.in_progress_for = Duration::from_secs(600);
+    let fake = fake_upstream::start(fake).await.unwrap();
+    let prefix = unique_prefix();
+    let (refusing_dir, allowing_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let replica = |dir: &tempfile::TempDir, store: &'static str| {
+        Gateway::start(write_config(
+            dir.path(),
+            &fake.base_url(),
+            &redis.url(),
+            &prefix,
+            &Setup {
+                command_timeout: "500ms",
+                store,
+                // A running status stays in the local cache for 100 ms only.
+                tables: "\n[cache]\nstatus_ttl = \"100ms\"\n",
+                ..Setup::default()
+            },
+        ))
+    };
+    let refusing = replica(&refusing_dir, "");
+    let allowing = replica(&allowing_dir, "rate_limits_when_unavailable = \"allow\"");
+    let http = reqwest::Client::new();
+
+    // A running task through each, read once, so each replica knows its owner without Redis.
+    let mut running = Vec::new();
+    for gateway in [&refusing, &allowing] {
+        let (status, body) = generate(&http, gateway).await;
+        assert_eq!(status, 200, "{body}");
+        let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+        let (status, _, read) = read_status(&http, gateway, &task_id).await;
+        assert_eq!(status, 200, "{read}");
+        running.push(task_id);
+    }
+
+    redis.kill();
+    let started = Instant::now();
+    for _ in 0..5 {
+        // Refused by the limiter, before anything else.
+        let (status, body) = generate(&http, &refusing).await;
+        assert_eq!((status, body), (503, limits_unavailable()));
+        // Past the limits (each replica's own stand in), refused by the ledger's reservation.
+        let (status, body) = generate(&http, &allowing).await;
+        assert_eq!((status, body), (503, ledger_unavailable()));
+    }
+    // Redis refuses connections at once: ten refusals cost a few timeouts at most.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusals were slow: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        fake.stats().generate_requests,
+        2,
+        "no generation without a ledger"
+    );
+
+    // A status read the local cache cannot answer needs an upstream read, which counts against
+    // the upstream account's limit: refused by one replica, served by the other.
+    let queries = fake.stats().query_requests;
+    let (status, _, body) = read_past_the_local_cache(&http, &refusing, &running[0]).await;
+    assert_eq!((status, body), (503, limits_unavailable()));
+    assert_eq!(
+        fake.stats().query_requests,
+        queries,
+        "refused before the upstream"
+    );
+    let (status, cache, body) = read_past_the_local_cache(&http, &allowing, &running[1]).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{body}");
+    assert_eq!(body["data"]["task_id"], running[1].as_str(), "{body}");
+    assert_eq!(
+        fake.stats().query_requests,
+        queries + 1,
+        "read from the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_by_itself() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    // This test stops Redis, so it needs its own server, whatever REDIS_URL says.
+    let Some(redis) = PrivateRedis::start(dir.path()) else {
+        return;
+    };
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    // Rate limits fall back to the replica's own, so generations reach the ledger.
+    let gateway = Gateway::start(write_config(
+        config_dir.path(),
+        &fake.base_url(),
+        &redis.url(),
+        &unique_prefix(),
+        &Setup {
+            command_timeout: "1s",
+            store: "rate_limits_when_unavailable = \"allow\"",
+            ..Setup::default()
+        },
+    ));
+    let http = reqwest::Client::new();
+
+    // One task finished, settled and cached before Redis hangs.
+    let (status, body) = generate(&http, &gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let finished = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    while read_status(&http, &gateway, &finished).await.2["data"]["status"] != "success" {
+        assert!(Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until_settled(&http, &gateway, "0.50000000").await;
+
+    redis.pause();
+    // Until five in a row come back fast: every breaker in front of Redis is open by then.
+    let mut took = Vec::new();
+    while took.iter().rev().take_while(|t| **t < TIMEOUT / 2).count() < 5 {
+        assert!(took.len() < 20, "the breakers never opened: {took:?}");
+        let started = Instant::now();
+        let (status, body) = generate(&http, &gateway).await;
+        took.push(started.elapsed());
+        assert_eq!((status, body), (503, ledger_unavailable()));
+    }
+    // The first waited for Redis, no longer than its three calls (the team's and the account's
+    // limits, then the reservation) may each take.
+    assert!(took[0] >= TIMEOUT, "{took:?}");
+    assert!(
+        took.iter()
+            .all(|t| *t < 3 * TIMEOUT + Duration::from_secs(2)),
+        "{took:?}"
+    );
+    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    assert_eq!(status, 503);
+    let (status, cache, read) = read_status(&http, &gateway, &finished).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
+    assert_eq!(read["data"]["status"], "success");
+    assert_eq!(
+        fake.stats().generate_requests,
+        1,
+        "nothing reached the upstream"
+    );
+
+    // Redis goes on, answering what it was sent meanwhile: the gateway recovers by itself.
+    redis.resume();
+    let deadline = Instant::now() + DEADLINE;
+    let after = loop {
+        let (status, body) = generate(&http, &gateway).await;
+        if status == 200 {
+            break body["data"]["task_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!((status, body), (503, ledger_unavailable()));
+        assert!(Instant::now() < deadline, "generations never resumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    assert_eq!(status, 200);
+    while read_status(&http, &gateway, &after).await.2["data"]["status"] != "success" {
+        assert!(Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exact totals: the two tasks, and none of the reservations refused during the hang.
+    wait_until_settled(&http, &gateway, "1.00000000").await;
+    assert!(!gateway.logs().contains("panicked"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rate_limit_holds_across_replicas() {
+async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let Some((url, _server)) = redis_server::url(dir.path()) else {
         return;
     };
-    let env = two_replicas(&url, &Setup::default()).await;
+    let prefix = unique_prefix();
+    let env = two_gateways(&url, &Setup::default(), [&prefix, &prefix]).await;
     let http = reqwest::Client::new();
-    // 40 generations at once, alternating replicas, against ads's 10 a second (burst 10): each
-    // replica alone would let 10 through, 20 in all.
-    let started = Instant::now();
+
+    // A starts a task and polls it to its final state; B has never read it.
+    let (status, body) = generate(&http, &env.a).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    let final_read = loop {
+        let (status, cache, read) = read_status(&http, &env.a, &task_id).await;
+        assert_eq!(status, 200, "{read}");
+        if read["data"]["status"] == "success" {
+            assert_eq!(
+                cache.as_deref(),
+                Some("miss"),
+                "the final status came from upstream"
+            );
+            break read;
+        }
+        assert!(Instant::now() < deadline, "never finished: {read}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A writes it to the shared layer after answering: wait until Redis holds it.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}status:{task_id}");
+    loop {
+        let kept: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("final")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if kept.as_deref() == Some("1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never shared the final status");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let queries = env.fake.stats().query_requests;
+    for _ in 0..3 {
+        let (status, cache, read) = read_status(&http, &env.b, &task_id).await;
+        assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
+        assert_eq!(read, final_read);
+    }
+    assert_eq!(
+        env.fake.stats().query_requests,
+        queries,
+        "B asked the upstream"
+    );
+}
+
+/// 40 generations for `ads` at once, alternating between the two gateways: how many each
+/// accepted. Every other answer must be a 429 with `Retry-After`.
+async fn generation_burst(http: &reqwest::Client, env: &Replicas) -> [u64; 2] {
     let attempts: Vec<_> = (0..40)
         .map(|i| {
             let http = http.clone();
@@ -480,31 +766,53 @@ async fn a_rate_limit_holds_across_replicas() {
                     .unwrap();
                 let status = response.status().as_u16();
                 let retry_after = response.headers().get("retry-after").cloned();
-                (status, retry_after, response.json::<Value>().await.unwrap())
+                (
+                    i % 2,
+                    status,
+                    retry_after,
+                    response.json::<Value>().await.unwrap(),
+                )
             })
         })
         .collect();
-    let mut accepted = 0u64;
-    let mut limited = 0;
+    let mut accepted = [0; 2];
     for attempt in attempts {
         match attempt.await.unwrap() {
-            (200, _, _) => accepted += 1,
-            (429, retry_after, body) => {
+            (replica, 200, _, _) => accepted[replica] += 1,
+            (_, 429, retry_after, body) => {
                 assert_eq!(body["message"], "rate limited", "{body}");
                 assert!(retry_after.is_some());
-                limited += 1;
             }
-            (status, _, body) => panic!("unexpected {status}: {body}"),
+            (_, status, _, body) => panic!("unexpected {status}: {body}"),
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // The burst, plus what refilled (10 a second) while the requests were arriving.
-    let most = 10 + (10.0 * elapsed).ceil() as u64;
-    assert!(
-        (10..=most).contains(&accepted),
-        "{accepted} accepted in {elapsed:.2} s (at most {most}), {limited} limited"
-    );
-    assert_eq!(env.fake.stats().generate_requests, accepted);
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((url, _server)) = redis_server::url(dir.path()) else {
+        return;
+    };
+    let http = reqwest::Client::new();
+    // ads may start 10 an hour, burst 10: nothing refills while the test runs, so the count is
+    // exact whatever the machine's speed.
+    let env = two_replicas(&url, &Setup::default()).await;
+    let [by_a, by_b] = generation_burst(&http, &env).await;
+    assert_eq!(by_a + by_b, 10, "ten in all: {by_a} by A, {by_b} by B");
+    assert_eq!(env.fake.stats().generate_requests, 10);
+
+    // The same burst at two gateways that share nothing lets each take its own ten: the count
+    // above could not come from replicas limiting each on its own.
+    let apart = two_gateways(
+        &url,
+        &Setup::default(),
+        [&unique_prefix(), &unique_prefix()],
+    )
+    .await;
+    assert_eq!(generation_burst(&http, &apart).await, [10, 10]);
+    assert_eq!(apart.fake.stats().generate_requests, 20);
 }
 
 /// Client loops in the kill test, each with at most one generation in flight: the first half

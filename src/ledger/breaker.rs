@@ -21,7 +21,7 @@ use failsafe::{Config, StateMachine};
 use super::*;
 
 /// Consecutive outages that open the breaker.
-const OPEN_AFTER: u32 = 3;
+pub const OPEN_AFTER: u32 = 3;
 /// How long it stays open before the first probe (about half to all of it, jittered so replicas
 /// do not probe in step), growing to the maximum while probes fail.
 const FIRST_PROBE: Duration = Duration::from_secs(2);
@@ -59,7 +59,7 @@ impl Breaker {
         match self.breaker.call_with(is_outage, call).await {
             Ok(value) => Ok(value),
             Err(failsafe::Error::Inner(e)) => Err(e),
-            Err(failsafe::Error::Rejected) => Err(StoreError::Unavailable(
+            Err(failsafe::Error::Rejected) => Err(StoreError::NotTried(
                 "ledger store failing; calls are refused for a moment before the next try".into(),
             )),
         }
@@ -328,6 +328,7 @@ mod tests {
         // Open: refused without reaching the store.
         for _ in 0..20 {
             let refused = breaker.ping().await.unwrap_err();
+            assert!(matches!(refused, StoreError::NotTried(_)), "{refused:?}");
             assert!(
                 refused.to_string().contains("refused for a moment"),
                 "{refused}"

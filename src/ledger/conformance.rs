@@ -387,6 +387,53 @@ pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn LedgerStore) {
     );
 }
 
+pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn LedgerStore) {
+    // More than two of the Redis engine's batches, the last one short.
+    let stale = 2 * crate::ledger::redis::ABANDON_BATCH + 10;
+    for _ in 0..stale {
+        store
+            .reserve(reservation("design", "0.01", None))
+            .await
+            .unwrap();
+    }
+    let fresh = NewReservation {
+        created_at: at("2026-11-23T10:40:00Z"),
+        ..reservation("design", "0.01", None)
+    };
+    let fresh_id = fresh.id;
+    store.reserve(fresh).await.unwrap();
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+            .await
+            .unwrap(),
+        stale as u64
+    );
+    let unknown = store
+        .reservations(TaskState::UnknownOutcome, stale + 1)
+        .await
+        .unwrap();
+    assert_eq!(unknown.len(), stale);
+    let waiting = store.reservations(TaskState::Reserved, 10).await.unwrap();
+    let waiting: Vec<&str> = waiting.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(waiting, [fresh_id.0.to_string()], "the fresh one waits on");
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: credits("0.01").checked_mul(stale as i64).unwrap(),
+            reserved: credits("0.01")
+        }
+    );
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+            .await
+            .unwrap(),
+        0,
+        "nothing twice"
+    );
+}
+
 pub async fn usage_is_reported_per_day_team_and_model(store: &dyn LedgerStore) {
     open_task(store, "design", "0.50", "ta-1").await;
     open_task(store, "design", "0.50", "ta-2").await;
@@ -890,6 +937,12 @@ macro_rules! conformance_suite {
             async fn the_reconciler_finds_what_nobody_watches() {
                 let store = $make;
                 super::the_reconciler_finds_what_nobody_watches(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn every_stale_reservation_is_abandoned_however_many() {
+                let store = $make;
+                super::every_stale_reservation_is_abandoned_however_many(&*store).await;
             }
 
             #[tokio::test]

@@ -324,8 +324,13 @@ pub struct UsageRow {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store could not be reached or did not answer in time: the operation may or may not
+    /// have taken effect.
     #[error("ledger store unavailable: {0}")]
     Unavailable(String),
+    /// Not even tried (the circuit breaker is open): the store saw nothing of it.
+    #[error("ledger store unavailable: {0}")]
+    NotTried(String),
     #[error("ledger store refused the operation: {0}")]
     Conflict(String),
 }

@@ -26,6 +26,7 @@ use super::{
     TaskState, UsageRow,
 };
 use crate::credits::Credits;
+use crate::redis_client::{CallError, bounded};
 
 /// A script of the ledger: the shared prelude (key names, period arithmetic) and its own source.
 macro_rules! ledger_script {
@@ -53,6 +54,9 @@ static FINISH: LazyLock<Script> = ledger_script!("redis/finish.lua");
 /// Reservations read per round trip by `usage`: big enough to keep round trips few, small enough
 /// that no single answer holds Redis up.
 const USAGE_PAGE: usize = 512;
+
+/// Stale reservations abandoned per script call: each call is short, however many there are.
+pub(crate) const ABANDON_BATCH: usize = 256;
 
 /// Reconnection attempts per lost connection. Each call is cut off at the command timeout anyway;
 /// more attempts would only make a replica slower to notice that Redis is back.
@@ -227,13 +231,10 @@ impl RedisStore {
         &self,
         request: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(result) => result.map_err(|e| unavailable(&self.secrets, e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "redis did not answer within {}",
-                humantime::format_duration(self.timeout)
-            ))),
-        }
+        bounded(self.timeout, request).await.map_err(|e| match e {
+            CallError::Redis(e) => unavailable(&self.secrets, e),
+            timed_out @ CallError::TimedOut(_) => StoreError::Unavailable(timed_out.to_string()),
+        })
     }
 
     async fn query<T: FromRedisValue>(&self, command: &Cmd) -> Result<T, StoreError> {
@@ -463,9 +464,17 @@ impl LedgerStore for RedisStore {
     }
 
     async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut call = self.script(&ABANDON);
-        call.arg(millis(before));
-        self.eval(&call).await
+        let mut abandoned = 0;
+        loop {
+            let mut call = self.script(&ABANDON);
+            call.arg(millis(before)).arg(ABANDON_BATCH);
+            let (moved, looked_at): (u64, usize) = self.eval(&call).await?;
+            abandoned += moved;
+            // A short batch was the last. A full one that moved nothing would only repeat.
+            if looked_at < ABANDON_BATCH || moved == 0 {
+                return Ok(abandoned);
+            }
+        }
     }
 
     async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
@@ -893,15 +902,11 @@ pub(crate) async fn test_store() -> Option<RedisStore> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::ledger::conformance::{any, at, delivery, open_task, reservation};
+    use crate::test_redis::FadingRedis;
 
     const TIMEOUT: Duration = Duration::from_millis(300);
     /// Room for a loaded machine on top of the timeout.
@@ -948,61 +953,12 @@ mod tests {
         assert!(!message.contains("hunter2"), "{message}");
     }
 
-    /// Length of the first whole command (an array of bulk strings) in `buffer`.
-    fn command_length(buffer: &[u8]) -> Option<usize> {
-        fn header(buffer: &[u8], kind: u8) -> Option<(usize, usize)> {
-            if *buffer.first()? != kind {
-                return None;
-            }
-            let end = buffer.windows(2).position(|w| w == b"\r\n")?;
-            let number = std::str::from_utf8(&buffer[1..end]).ok()?.parse().ok()?;
-            Some((number, end + 2))
-        }
-        let (count, mut length) = header(buffer, b'*')?;
-        for _ in 0..count {
-            let (size, header_length) = header(buffer.get(length..)?, b'$')?;
-            length += header_length + size + 2;
-        }
-        (length <= buffer.len()).then_some(length)
-    }
-
-    /// A server that answers `+OK` to every command until `silent` is set, then stops answering.
-    async fn fading_server(silent: Arc<AtomicBool>) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let silent = silent.clone();
-                tokio::spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while let Ok(read) = socket.read(&mut chunk).await {
-                        if read == 0 {
-                            return;
-                        }
-                        buffer.extend_from_slice(&chunk[..read]);
-                        while let Some(length) = command_length(&buffer) {
-                            buffer.drain(..length);
-                            if !silent.load(Ordering::SeqCst)
-                                && socket.write_all(b"+OK\r\n").await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        address
-    }
-
     #[tokio::test]
     async fn a_server_that_stops_answering_fails_each_call_within_the_timeout() {
-        let silent = Arc::new(AtomicBool::new(false));
-        let address = fading_server(silent.clone()).await;
-        let url = format!("redis://:hunter2-secret@{address}/");
+        let server = FadingRedis::start().await;
+        let url = format!("redis://:hunter2-secret@{}/", server.address);
         let store = RedisStore::connect(&url, "t:", TIMEOUT).await.unwrap();
-        silent.store(true, Ordering::SeqCst);
+        server.stop();
 
         let started = Instant::now();
         let message = unavailable_message(store.reserve(reservation("design", "0.50", None)).await);

@@ -15,6 +15,7 @@ use redis::aio::ConnectionManager;
 use super::{LimitKind, Verdict};
 use crate::config::Rate;
 use crate::ledger::breaker::{OutageBreaker, outage_breaker};
+use crate::redis_client::bounded;
 
 static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
@@ -22,6 +23,7 @@ static GCRA: LazyLock<redis::Script> =
 pub struct SharedLimits {
     conn: ConnectionManager,
     prefix: String,
+    timeout: Duration,
     breaker: OutageBreaker,
     /// With Redis unreachable: fall back to this replica's own limiters (`true`) or refuse.
     pub fail_open: bool,
@@ -38,6 +40,7 @@ impl SharedLimits {
         Ok(SharedLimits {
             conn,
             prefix: key_prefix.to_owned(),
+            timeout: command_timeout,
             breaker: outage_breaker(),
             fail_open,
         })
@@ -55,13 +58,13 @@ impl SharedLimits {
         let interval = (rate.per / rate.count.get()).as_micros().max(1) as u64;
         let mut conn = self.conn.clone();
         let key = format!("{}ratelimit:{name}", self.prefix);
-        let step = self.breaker.call(async move {
+        let step = self.breaker.call(bounded(self.timeout, async move {
             GCRA.key(key)
                 .arg(interval)
                 .arg(burst.get())
                 .invoke_async::<(u8, u32, u64)>(&mut conn)
                 .await
-        });
+        }));
         let (allowed, remaining, reset_us) = step.await.map_err(|e| e.to_string())?;
         let verdict = Verdict {
             kind,
@@ -80,7 +83,11 @@ impl SharedLimits {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::ledger::breaker::OPEN_AFTER;
+    use crate::test_redis::FadingRedis;
 
     fn rate(text: &str) -> Rate {
         text.parse().unwrap()
@@ -143,6 +150,42 @@ mod tests {
             }
         }
         assert_eq!(passed, 10, "ten in all, not ten per replica");
+    }
+
+    /// Long enough that a Redis client's reconnection (two connection attempts, each cut off at
+    /// the timeout) cannot fit under [`TIMEOUT`] + [`SLACK`], so the test tells a bounded call
+    /// from one the connection manager alone bounds.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    const SLACK: Duration = Duration::from_millis(900);
+
+    #[tokio::test]
+    async fn a_redis_that_stops_answering_costs_each_check_at_most_the_timeout() {
+        for stop in [FadingRedis::stop, FadingRedis::go_away] {
+            let server = FadingRedis::start().await;
+            let url = format!("redis://{}/", server.address);
+            let limits = SharedLimits::connect(&url, "t:", TIMEOUT, false)
+                .await
+                .unwrap();
+            stop(&server);
+            let mut waited = 0;
+            // Until the breaker opens; after that nothing reaches Redis.
+            for _ in 0..OPEN_AFTER {
+                let started = Instant::now();
+                let error = limits
+                    .check(
+                        "design:generate",
+                        LimitKind::Generate,
+                        rate("10/s"),
+                        burst(10),
+                    )
+                    .await
+                    .expect_err("no verdict without Redis");
+                let elapsed = started.elapsed();
+                assert!(elapsed < TIMEOUT + SLACK, "{elapsed:?}: {error}");
+                waited += usize::from(elapsed >= TIMEOUT);
+            }
+            assert!(waited > 0, "no call met the silence");
+        }
     }
 
     #[tokio::test]

@@ -24,7 +24,9 @@ const LISTING_LIMIT: usize = 1000;
 fn ledger_error(e: StoreError) -> GatewayError {
     match e {
         StoreError::Conflict(detail) => GatewayError::Conflict(detail),
-        StoreError::Unavailable(detail) => GatewayError::LedgerUnavailable(detail),
+        StoreError::Unavailable(detail) | StoreError::NotTried(detail) => {
+            GatewayError::LedgerUnavailable(detail)
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! record the task as the team's before answering.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{
     body::Body,
@@ -20,7 +21,7 @@ use crate::{
     config::{BudgetPeriod, Config, Team},
     credits::Credits,
     error::GatewayError,
-    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome},
+    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome, StoreError},
     middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
     upstream::UpstreamError,
     webhooks::{self, target},
@@ -200,11 +201,16 @@ pub async fn generate(
         id,
         armed: true,
     };
-    let outcome = state
-        .ledger
-        .reserve(reservation)
-        .await
-        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?;
+    let outcome = match state.ledger.reserve(reservation).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Only a reservation the store never saw needs no release. One it did not answer
+            // for in time may still be applied (a hung Redis runs what it was sent once it goes
+            // on), so the hold keeps trying to give it back.
+            hold.armed = !matches!(e, StoreError::NotTried(_));
+            return Err(GatewayError::LedgerUnavailable(e.to_string()));
+        }
+    };
     let standing = match outcome {
         ReserveOutcome::Reserved(standing) => standing,
         ReserveOutcome::BudgetExhausted { spent, reserved } => {
@@ -282,20 +288,43 @@ pub async fn generate(
 
 /// Gives a reservation back when dropped armed. The release goes through the same ordered
 /// ledger queue as the reservation, so it can never overtake it; releasing a reservation that was
-/// never recorded is refused by the ledger and changes nothing.
+/// never recorded is refused by the ledger and changes nothing. While the ledger is unavailable
+/// the release is tried again, until the reconciler would abandon the reservation anyway (and
+/// charge it, as for a replica that died mid-request).
 struct ReleaseOnDrop {
     state: Arc<AppState>,
     id: ReservationId,
     armed: bool,
 }
 
+/// Between tries of a release while the ledger is unavailable: from the first to the last,
+/// doubling.
+const RELEASE_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         if self.armed {
             let (ledger, id) = (self.state.ledger.clone(), self.id);
+            let patience = self.state.config.load().reconciler.abandon_after;
             self.state.background.spawn(async move {
-                if ledger.release(id).await.is_ok() {
-                    tracing::info!(reservation = %id.0, "client left before the upstream call: reservation released");
+                let give_up = tokio::time::Instant::now() + patience;
+                let mut wait = RELEASE_RETRY.0;
+                loop {
+                    match ledger.release(id).await {
+                        Ok(()) => {
+                            tracing::info!(reservation = %id.0, "client left before the upstream call: reservation released");
+                            return;
+                        }
+                        Err(StoreError::Conflict(_)) => return,
+                        Err(_) if tokio::time::Instant::now() + wait < give_up => {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(RELEASE_RETRY.1);
+                        }
+                        Err(e) => {
+                            tracing::warn!(reservation = %id.0, error = %e, "could not release a reservation; the reconciler will abandon it");
+                            return;
+                        }
+                    }
                 }
             });
         }

@@ -88,7 +88,7 @@ pub struct StatusCache {
     /// `None` when `cache.max_entries = 0`: every read goes upstream.
     entries: Option<Cache<String, Arc<Answer>>>,
     /// With several replicas: statuses any of them read, behind this replica's own cache.
-    shared: Option<SharedStatuses>,
+    shared: Option<Arc<SharedStatuses>>,
 }
 
 impl StatusCache {
@@ -110,7 +110,7 @@ impl StatusCache {
                 })
                 .build()
         });
-        let shared = shared.filter(|_| entries.is_some());
+        let shared = shared.filter(|_| entries.is_some()).map(Arc::new);
         StatusCache { entries, shared }
     }
 
@@ -151,7 +151,11 @@ impl StatusCache {
                 }
                 let fetched = fetch.await;
                 if let (Some(shared), Fetched::Status(answer)) = (&self.shared, &fetched) {
-                    shared.put(task_id, answer).await;
+                    // The answer is ready: it must not wait on a Redis that is slow or gone,
+                    // and the other replicas gain nothing from it waiting.
+                    let (shared, task_id, answer) =
+                        (shared.clone(), task_id.to_owned(), answer.clone());
+                    tokio::spawn(async move { shared.put(&task_id, &answer).await });
                 }
                 match fetched {
                     Fetched::Status(answer) => Ok(Arc::new(answer)),
@@ -293,6 +297,60 @@ mod tests {
             .await
             .0;
         assert_eq!(kept, Served::Hit);
+    }
+
+    /// A cache in front of `server`, whose Redis calls give up after `timeout`.
+    async fn shared_cache(
+        server: &crate::test_redis::FadingRedis,
+        timeout: Duration,
+    ) -> StatusCache {
+        let url = format!("redis://{}/", server.address);
+        let shared = SharedStatuses::connect(&url, "t:", timeout, Duration::from_secs(1))
+            .await
+            .unwrap();
+        StatusCache::new(
+            &CacheConfig {
+                status_ttl: Duration::from_secs(1),
+                max_entries: 100,
+            },
+            Arc::new(Metrics::new()),
+            Some(shared),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_stops_answering_holds_up_no_answer_beyond_the_timeout() {
+        const TIMEOUT: Duration = Duration::from_secs(1);
+        // Redis answers the read (with nothing usable: a miss) and stops answering while the
+        // upstream is asked, so only the write of what the upstream said meets the silence.
+        let server = crate::test_redis::FadingRedis::start().await;
+        let cache = shared_cache(&server, TIMEOUT).await;
+        let started = Instant::now();
+        let (served, read) = cache
+            .get_or_fetch::<(), _>("ta-1", async {
+                server.stop();
+                Fetched::Status(answer(true))
+            })
+            .await;
+        assert_eq!(served, Served::Miss);
+        assert!(read.is_ok());
+        assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+
+        // Silent from the start: the read costs the timeout, the write nothing more.
+        let server = crate::test_redis::FadingRedis::start().await;
+        let cache = shared_cache(&server, TIMEOUT).await;
+        server.stop();
+        let started = Instant::now();
+        let (served, read) = cache
+            .get_or_fetch::<(), _>("ta-2", async { Fetched::Status(answer(true)) })
+            .await;
+        assert_eq!(served, Served::Miss);
+        assert!(read.is_ok());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= TIMEOUT && elapsed < TIMEOUT + Duration::from_millis(900),
+            "{elapsed:?}"
+        );
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ use redis::aio::ConnectionManager;
 
 use super::Answer;
 use crate::ledger::breaker::{OutageBreaker, outage_breaker};
+use crate::redis_client::bounded;
 
 /// How long Redis keeps a final status. Unlike the local cache it has no size bound of its own,
 /// so final statuses expire; a day covers any client still polling a finished task.
@@ -27,6 +28,7 @@ pub struct SharedStatuses {
     prefix: String,
     /// How long a running status is kept, as in the local cache.
     running_ttl: Duration,
+    timeout: Duration,
     breaker: OutageBreaker,
 }
 
@@ -42,6 +44,7 @@ impl SharedStatuses {
             conn,
             prefix: key_prefix.to_owned(),
             running_ttl,
+            timeout: command_timeout,
             breaker: outage_breaker(),
         })
     }
@@ -52,10 +55,10 @@ impl SharedStatuses {
 
     pub async fn get(&self, task_id: &str) -> Option<Answer> {
         let mut conn = self.conn.clone();
-        let read = self.breaker.call(async move {
+        let read = self.breaker.call(bounded(self.timeout, async move {
             conn.hgetall::<_, HashMap<String, Vec<u8>>>(self.key(task_id))
                 .await
-        });
+        }));
         match read.await {
             Ok(fields) => decode(fields),
             Err(e) => {
@@ -92,7 +95,7 @@ impl SharedStatuses {
             ("body", answer.body.to_vec()),
         ];
         let mut conn = self.conn.clone();
-        let write = self.breaker.call(async move {
+        let write = self.breaker.call(bounded(self.timeout, async move {
             redis::pipe()
                 .atomic()
                 .hset_multiple(&key, &fields)
@@ -101,7 +104,7 @@ impl SharedStatuses {
                 .ignore()
                 .query_async::<()>(&mut conn)
                 .await
-        });
+        }));
         if let Err(e) = write.await {
             tracing::debug!(error = %e, "shared status cache write failed");
         }
@@ -128,7 +131,11 @@ fn decode(mut fields: HashMap<String, Vec<u8>>) -> Option<Answer> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::ledger::breaker::OPEN_AFTER;
+    use crate::test_redis::FadingRedis;
 
     fn answer(is_final: bool, body: &'static [u8]) -> Answer {
         Answer {
@@ -158,6 +165,7 @@ mod tests {
             conn: a.conn.clone(),
             prefix: a.prefix.clone(),
             running_ttl: a.running_ttl,
+            timeout: a.timeout,
             breaker: outage_breaker(),
         };
         assert!(b.get("ta-1").await.is_none());
@@ -175,6 +183,38 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(b.get("ta-1").await.is_none(), "a running status expires");
         assert!(b.get("ta-2").await.expect("a final one stays").is_final);
+    }
+
+    /// As in the shared limits' tests: a reconnection cannot fit under `TIMEOUT + SLACK`.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    const SLACK: Duration = Duration::from_millis(900);
+
+    #[tokio::test]
+    async fn a_redis_that_stops_answering_costs_each_read_and_write_at_most_the_timeout() {
+        for stop in [FadingRedis::stop, FadingRedis::go_away] {
+            let server = FadingRedis::start().await;
+            let url = format!("redis://{}/", server.address);
+            let connect = || SharedStatuses::connect(&url, "t:", TIMEOUT, Duration::from_secs(1));
+            let (reader, writer) = (connect().await.unwrap(), connect().await.unwrap());
+            stop(&server);
+            // Each until its breaker opens; after that nothing reaches Redis.
+            for _ in 0..OPEN_AFTER {
+                let started = Instant::now();
+                assert!(reader.get("ta-1").await.is_none());
+                assert!(
+                    started.elapsed() < TIMEOUT + SLACK,
+                    "{:?}",
+                    started.elapsed()
+                );
+                let started = Instant::now();
+                writer.put("ta-1", &answer(true, b"{}")).await;
+                assert!(
+                    started.elapsed() < TIMEOUT + SLACK,
+                    "{:?}",
+                    started.elapsed()
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -66,6 +66,26 @@ impl PrivateRedis {
         }
     }
 
+    /// SIGSTOP: the server keeps its connections and takes new ones (the kernel does), but
+    /// answers nothing, as a hung Redis does; [`PrivateRedis::resume`] lets it go on.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`PrivateRedis::pause`]: it answers what it was sent meanwhile, in order.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("a running redis-server");
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .expect("kill command");
+        assert!(sent.success(), "SIG{name} to redis-server");
+    }
+
     /// SIGKILL: what the append-only file holds is all that survives.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
