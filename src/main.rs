@@ -69,22 +69,13 @@ enum Command {
     },
 }
 
-/// Logs go to stderr through a writer thread: a request's closing line is handed over in memory
-/// rather than written by the worker that served it, and the writer batches what piles up into
-/// one write. It never drops a line (it makes the logger wait instead), and the returned guard
-/// writes out what is left when it is dropped.
-fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(ansi);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder
@@ -94,7 +85,6 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
             .with_span_list(false)
             .init(),
     }
-    guard
 }
 
 fn main() -> ExitCode {
@@ -144,11 +134,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { config } => {
-            let _logs = init_logs(cli.log_format);
+            init_logs(cli.log_format);
             runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
-            let _logs = init_logs(cli.log_format);
+            init_logs(cli.log_format);
             runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
@@ -156,7 +146,7 @@ fn main() -> ExitCode {
             token,
             phase,
         } => {
-            let _logs = init_logs(cli.log_format);
+            init_logs(cli.log_format);
             let mut fake = fake_upstream::FakeConfig::new(token);
             fake.pending_for = phase;
             fake.submitted_for = phase;
