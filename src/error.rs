@@ -45,6 +45,13 @@ pub enum GatewayError {
     UpstreamBadResponse(String),
     #[error("the ledger is unavailable: {0}")]
     LedgerUnavailable(String),
+    /// The upstream accepted a generation, but the ledger could not record the task as the
+    /// team's yet; the gateway keeps trying, and the client gets the task id to poll later.
+    #[error(
+        "the upstream accepted task {0}, but the ledger could not record it yet; it becomes your \
+         team's as soon as the ledger is back: poll it then rather than start another"
+    )]
+    TaskNotRecorded(String),
     /// The replicas' shared rate limits cannot be consulted, and the configuration refuses
     /// rather than let each replica count alone.
     #[error("the shared rate limits are unavailable: {0}")]
@@ -94,6 +101,7 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             GatewayError::LedgerUnavailable(_)
+            | GatewayError::TaskNotRecorded(_)
             | GatewayError::LimiterUnavailable(_)
             | GatewayError::CallbackTooEarly => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,6 +133,7 @@ impl GatewayError {
                 ("bad upstream response", Some(self.to_string()))
             }
             GatewayError::LedgerUnavailable(_) => ("ledger unavailable", None),
+            GatewayError::TaskNotRecorded(_) => ("ledger unavailable", Some(self.to_string())),
             // The same Redis holds the replicas' ledger and limits: one outage, one message.
             GatewayError::LimiterUnavailable(_) => (
                 "ledger unavailable",
@@ -200,6 +209,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamBadResponse(_) => "upstream_bad_response",
             GatewayError::LedgerUnavailable(_) => "ledger_unavailable",
+            GatewayError::TaskNotRecorded(_) => "task_not_recorded",
             GatewayError::LimiterUnavailable(_) => "limiter_unavailable",
             GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Internal(_) => "internal",

@@ -289,46 +289,72 @@ pub async fn generate(
 /// Gives a reservation back when dropped armed. The release goes through the same ordered
 /// ledger queue as the reservation, so it can never overtake it; releasing a reservation that was
 /// never recorded is refused by the ledger and changes nothing. While the ledger is unavailable
-/// the release is tried again, until the reconciler would abandon the reservation anyway (and
-/// charge it, as for a replica that died mid-request).
+/// the release is tried again (see [`keep_trying`]).
 struct ReleaseOnDrop {
     state: Arc<AppState>,
     id: ReservationId,
     armed: bool,
 }
 
-/// Between tries of a release while the ledger is unavailable: from the first to the last,
-/// doubling.
-const RELEASE_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            let (ledger, id) = (self.state.ledger.clone(), self.id);
-            let patience = self.state.config.load().reconciler.abandon_after;
-            self.state.background.spawn(async move {
-                let give_up = tokio::time::Instant::now() + patience;
-                let mut wait = RELEASE_RETRY.0;
-                loop {
-                    match ledger.release(id).await {
-                        Ok(()) => {
-                            tracing::info!(reservation = %id.0, "client left before the upstream call: reservation released");
-                            return;
-                        }
-                        Err(StoreError::Conflict(_)) => return,
-                        Err(_) if tokio::time::Instant::now() + wait < give_up => {
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(RELEASE_RETRY.1);
-                        }
-                        Err(e) => {
-                            tracing::warn!(reservation = %id.0, error = %e, "could not release a reservation; the reconciler will abandon it");
-                            return;
-                        }
-                    }
-                }
-            });
+            release_in_background(
+                &self.state,
+                self.id,
+                "give back the reservation of a client that left",
+            );
         }
     }
+}
+
+fn release_in_background(state: &AppState, id: ReservationId, what: &'static str) {
+    let ledger = state.ledger.clone();
+    keep_trying(state, id, what, move || {
+        let ledger = ledger.clone();
+        async move { ledger.release(id).await }
+    });
+}
+
+/// Between tries of a ledger write while the ledger is unavailable: from the first to the last,
+/// doubling.
+const RETRY_WHILE_UNAVAILABLE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Runs a write about a reservation in the background, and runs it again while the ledger is
+/// unavailable, until it is applied, or refused as a conflict (applied already by a try whose
+/// answer was lost, or no longer possible), or until `reconciler.abandon_after` has passed: the
+/// reconciler then takes the reservation over, as for a replica that died mid-request.
+fn keep_trying<W, F>(state: &AppState, id: ReservationId, what: &'static str, mut write: W)
+where
+    W: FnMut() -> F + Send + 'static,
+    F: Future<Output = Result<(), StoreError>> + Send + 'static,
+{
+    let patience = state.config.load().reconciler.abandon_after;
+    state.background.spawn(async move {
+        let give_up = tokio::time::Instant::now() + patience;
+        let mut wait = RETRY_WHILE_UNAVAILABLE.0;
+        loop {
+            match write().await {
+                Ok(()) => {
+                    tracing::info!(reservation = %id.0, "ledger write done: {what}");
+                    return;
+                }
+                Err(StoreError::Conflict(e)) => {
+                    tracing::debug!(reservation = %id.0, error = %e, "ledger write not needed: {what}");
+                    return;
+                }
+                Err(_) if tokio::time::Instant::now() + wait < give_up => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_WHILE_UNAVAILABLE.1);
+                }
+                Err(e) => {
+                    tracing::warn!(reservation = %id.0, error = %e, "could not {what}; the reconciler will abandon the reservation");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 fn count_rejection(state: &AppState, team: &str, reason: &str) {
@@ -360,7 +386,7 @@ async fn forward(
         Err(error) => {
             return Err(match error {
                 UpstreamError::Connect(_) => {
-                    state.ledger.release(id).await.map_err(ledger_down)?;
+                    release(&state, id).await;
                     GatewayError::UpstreamUnreachable(error.to_string())
                 }
                 UpstreamError::Timeout(_) => {
@@ -385,7 +411,7 @@ async fn forward(
     facts.add_upstream_wait(upstream.elapsed);
 
     if !upstream.status.is_success() {
-        state.ledger.release(id).await.map_err(ledger_down)?;
+        release(&state, id).await;
         return Ok(pass_through(upstream));
     }
     let Some(task_id) = accepted_task_id(&upstream.body) else {
@@ -400,17 +426,39 @@ async fn forward(
         ));
     };
     facts.set_task_id(&task_id);
-    state
-        .ledger
-        .attach_task(id, &task_id)
-        .await
-        .map_err(ledger_down)?;
+    if let Err(e) = state.ledger.attach_task(id, &task_id).await {
+        // The task runs upstream, and will be charged, whatever the ledger says. Recording it
+        // later still lets the team poll it and the reconciler settle it at what it consumed;
+        // the client learns its id now, so it need not start (and pay for) another.
+        tracing::warn!(error = %e, task_id, "could not record a task the upstream accepted; retrying");
+        let (ledger, recorded) = (state.ledger.clone(), task_id.clone());
+        keep_trying(
+            &state,
+            id,
+            "record a task the upstream accepted",
+            move || {
+                let (ledger, task_id) = (ledger.clone(), recorded.clone());
+                async move { ledger.attach_task(id, &task_id).await }
+            },
+        );
+        return Err(GatewayError::TaskNotRecorded(task_id));
+    }
     state
         .metrics
         .tasks_started
         .with_label_values(&[&task.team, &task.model])
         .inc();
     Ok(pass_through(upstream))
+}
+
+/// Gives a reservation back after the upstream refused the generation or could not be reached.
+/// The client gets the upstream's answer either way; a ledger that cannot take the release now
+/// gets it again later.
+async fn release(state: &AppState, id: ReservationId) {
+    if let Err(e) = state.ledger.release(id).await {
+        tracing::warn!(reservation = %id.0, error = %e, "could not release a reservation; retrying");
+        release_in_background(state, id, "release a reservation the upstream did not take");
+    }
 }
 
 /// `data.task_id` of a `{"code":0,…}` answer.
