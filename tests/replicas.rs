@@ -685,6 +685,145 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     assert!(!gateway.logs().contains("panicked"));
 }
 
+/// Redis hangs while the upstream renders, so the task the upstream accepts cannot be recorded.
+/// The client still learns its id (in a 503), the gateway records it as the team's once Redis is
+/// back, and the team can poll it and is charged exactly what it consumed, not the reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // This test stops Redis, so it needs its own server, whatever REDIS_URL says.
+    let Some(redis) = PrivateRedis::start(dir.path()) else {
+        return;
+    };
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    fake.faults()
+        .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
+    let config_dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(write_config(
+        config_dir.path(),
+        &fake.base_url(),
+        &redis.url(),
+        &unique_prefix(),
+        &Setup {
+            command_timeout: "1s",
+            ..Setup::default()
+        },
+    ));
+    let http = reqwest::Client::new();
+
+    let generation = tokio::spawn({
+        let (http, base) = (http.clone(), gateway.url(""));
+        async move { try_generate(&http, &base, &tomato()).await }
+    });
+    // Reserved, and now waiting on the upstream: Redis hangs before the task can be recorded.
+    let deadline = Instant::now() + DEADLINE;
+    while fake.stats().generate_requests == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the generation never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.pause();
+    let (status, body) = generation.await.unwrap().expect("gateway answers");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["message"], "ledger unavailable", "{body}");
+    let detail = body["detail"].as_str().expect("a detail");
+    let task_id = detail
+        .strip_prefix("the upstream accepted task ")
+        .and_then(|rest| rest.split_once(','))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_else(|| panic!("no task id in {detail:?}"));
+    assert_eq!(
+        fake.stats().generate_accepted,
+        1,
+        "the upstream started the render"
+    );
+
+    redis.resume();
+    let final_read = loop {
+        let (status, _, read) = read_status(&http, &gateway, &task_id).await;
+        if status == 200 && read["data"]["status"] == "success" {
+            break read;
+        }
+        assert!(
+            matches!(status, 200 | 404 | 503),
+            "unexpected answer while recovering: {status} {read}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the task never became the team's: {read}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(final_read["data"]["task_id"], task_id.as_str());
+    // Settled at what the upstream says it consumed, once.
+    wait_until_settled(&http, &gateway, "0.50000000").await;
+    assert_eq!(fake.stats().generate_requests, 1);
+    assert!(!gateway.logs().contains("panicked"));
+}
+
+/// A Redis that takes only clients with a password: the gateway reads it from `password_file`
+/// (the config holds no secret) and serves. With a wrong one it refuses to start, saying why,
+/// rather than run without its ledger. Neither password is ever printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_password_comes_from_password_file_and_stays_secret() {
+    const PASSWORD: &str = "redis-pass-0123456789abcdef";
+    const WRONG: &str = "wrong-pass-fedcba9876543210";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = PrivateRedis::start_with_password(dir.path(), PASSWORD) else {
+        return;
+    };
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let http = reqwest::Client::new();
+    let config = |config_dir: &std::path::Path, password: &str| {
+        let file = config_dir.join("redis_password");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        // Setup's fields are literals; a test's own line may live as long as the test.
+        let store: &'static str =
+            Box::leak(format!("password_file = \"{}\"", file.display()).into_boxed_str());
+        write_config(
+            config_dir,
+            &fake.base_url(),
+            &redis.url(),
+            &unique_prefix(),
+            &Setup {
+                store,
+                ..Setup::default()
+            },
+        )
+    };
+
+    let config_dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(config(config_dir.path(), PASSWORD));
+    assert_eq!(get(&http, &gateway, "/readyz", "").await.0, 200);
+    let (status, body) = generate(&http, &gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let (status, _, read) = read_status(&http, &gateway, &task_id).await;
+    assert_eq!(status, 200, "{read}");
+    assert!(!gateway.logs().contains(PASSWORD), "{}", gateway.logs());
+
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let refused = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ketchup-gateway"))
+            .args(["serve", "--config"])
+            .arg(config(wrong_dir.path(), WRONG))
+            .env("KETCHUP_UPSTREAM_TOKEN", common::UPSTREAM_TOKEN)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("a gateway with a wrong Redis password stops at start")
+    .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("Password authentication failed"), "{said}");
+    assert!(!said.contains(WRONG) && !said.contains(PASSWORD), "{said}");
+    assert_eq!(fake.stats().generate_requests, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,8 @@ pub struct PrivateRedis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// What `requirepass` asks of clients, if anything.
+    password: Option<String>,
 }
 
 impl PrivateRedis {
@@ -18,6 +20,15 @@ impl PrivateRedis {
     /// run), keeping its files in `dir`; `None` (after a loud warning) when `redis-server` is
     /// not installed.
     pub fn start(dir: &Path) -> Option<PrivateRedis> {
+        Self::start_with(dir, None)
+    }
+
+    /// Like [`PrivateRedis::start`], for a server that takes only clients with `password`.
+    pub fn start_with_password(dir: &Path, password: &str) -> Option<PrivateRedis> {
+        Self::start_with(dir, Some(password.to_owned()))
+    }
+
+    fn start_with(dir: &Path, password: Option<String>) -> Option<PrivateRedis> {
         if Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -31,6 +42,7 @@ impl PrivateRedis {
             child: None,
             port: super::closed_port(),
             dir: dir.to_owned(),
+            password,
         };
         redis.restart();
         Some(redis)
@@ -42,8 +54,12 @@ impl PrivateRedis {
 
     /// (Re)starts the server on the same port and files.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]);
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args([
                 "--appendonly",
                 "yes",
