@@ -79,6 +79,7 @@ fn cache_hit(c: &mut Criterion) {
         &ketchup_gateway::config::CacheConfig {
             status_ttl: Duration::from_secs(3600),
             max_entries: 100_000,
+            max_bytes: 64 << 20,
         },
         Arc::new(Metrics::new()),
         None,

@@ -109,6 +109,9 @@ pub enum StoreConfig {
 pub struct CacheConfig {
     pub status_ttl: Duration,
     pub max_entries: u64,
+    /// Most bytes of answer bodies held: a status whose result carries base64 images can be
+    /// megabytes, so a bound on entries alone would not bound memory.
+    pub max_bytes: u64,
 }
 
 /// The background job that settles tasks no client polls to the end.
@@ -477,6 +480,8 @@ mod raw {
         pub status_ttl: HumanDuration,
         #[serde(default = "default_max_entries")]
         pub max_entries: u64,
+        #[serde(default = "default_max_cache_bytes")]
+        pub max_bytes: u64,
     }
 
     impl Default for Cache {
@@ -484,6 +489,7 @@ mod raw {
             Cache {
                 status_ttl: default_status_ttl(),
                 max_entries: default_max_entries(),
+                max_bytes: default_max_cache_bytes(),
             }
         }
     }
@@ -594,6 +600,9 @@ mod raw {
     }
     fn default_max_entries() -> u64 {
         100_000
+    }
+    fn default_max_cache_bytes() -> u64 {
+        64 << 20
     }
 
     /// `token_env` or `token_file`, exactly one.
@@ -749,9 +758,18 @@ impl Config {
             }
         };
 
+        if file.cache.max_entries > 0 && file.cache.max_bytes == 0 {
+            return Err(ConfigError::at(
+                path,
+                source,
+                None,
+                "[cache] max_bytes must be above zero (turn the cache off with max_entries = 0)",
+            ));
+        }
         let cache = CacheConfig {
             status_ttl: file.cache.status_ttl.0,
             max_entries: file.cache.max_entries,
+            max_bytes: file.cache.max_bytes,
         };
 
         let (reconciler_span, raw_reconciler) = match file.reconciler {
@@ -1167,6 +1185,22 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
         assert!(
             error.contains("max_callback_bytes must be above zero"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn the_status_cache_is_bounded_in_bytes_too() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.cache.max_bytes, 64 << 20);
+        let error = error_of(&format!("{MINIMAL}\n[cache]\nmax_bytes = 0\n"));
+        assert!(error.contains("max_bytes must be above zero"), "{error}");
+        let off = parse(&format!(
+            "{MINIMAL}\n[cache]\nmax_entries = 0\nmax_bytes = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            off.cache.max_entries, 0,
+            "a cache that is off needs no byte bound"
         );
     }
 

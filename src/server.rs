@@ -283,6 +283,7 @@ async fn reload_on_sighup(
                     || u.query_retries != p.query_retries
                     || new.cache.status_ttl != old.cache.status_ttl
                     || new.cache.max_entries != old.cache.max_entries
+                    || new.cache.max_bytes != old.cache.max_bytes
                 {
                     tracing::warn!(
                         "[server] listen and timeouts, [store], [cache] and the [upstream] \

@@ -98,8 +98,15 @@ impl StatusCache {
         shared: Option<SharedStatuses>,
     ) -> Self {
         let entries = (config.max_entries > 0).then(|| {
+            let slot = config.max_bytes.div_ceil(config.max_entries);
             Cache::builder()
-                .max_capacity(config.max_entries)
+                // Weighed in bytes, each entry at least one slot: the entries' bodies stay within
+                // max_bytes, and their number within max_bytes / slot <= max_entries.
+                .max_capacity(config.max_bytes)
+                .weigher(move |_task_id: &String, answer: &Arc<Answer>| {
+                    let bytes = u64::try_from(answer.body.len()).unwrap_or(u64::MAX);
+                    u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
+                })
                 .expire_after(Lifetime {
                     running: config.status_ttl,
                 })
@@ -215,10 +222,15 @@ mod tests {
     }
 
     fn cache(ttl_ms: u64, max_entries: u64) -> StatusCache {
+        bounded_cache(ttl_ms, max_entries, 64 << 20)
+    }
+
+    fn bounded_cache(ttl_ms: u64, max_entries: u64, max_bytes: u64) -> StatusCache {
         StatusCache::new(
             &CacheConfig {
                 status_ttl: Duration::from_millis(ttl_ms),
                 max_entries,
+                max_bytes,
             },
             Arc::new(Metrics::new()),
             None,
@@ -299,6 +311,42 @@ mod tests {
         assert_eq!(kept, Served::Hit);
     }
 
+    #[tokio::test]
+    async fn big_answers_are_bounded_by_bytes_and_small_ones_by_count() {
+        const MAX_BYTES: u64 = 1 << 20;
+        let cache = bounded_cache(60_000, 1_000, MAX_BYTES);
+        let entries = cache.entries.as_ref().unwrap();
+        // Base64 images make a final status big: 20 of 200 KiB are four times the bound.
+        for i in 0..20 {
+            let body = Bytes::from(vec![b'A'; 200 << 10]);
+            let big = Answer {
+                body,
+                ..answer(true)
+            };
+            cache.insert(&format!("big-{i}"), big).await;
+        }
+        entries.run_pending_tasks().await;
+        assert!(
+            entries.weighted_size() <= MAX_BYTES,
+            "{}",
+            entries.weighted_size()
+        );
+        assert!(
+            (1..=5).contains(&entries.entry_count()),
+            "{}",
+            entries.entry_count()
+        );
+        // Small ones: the entry bound holds, however little they weigh.
+        let cache = bounded_cache(60_000, 1_000, MAX_BYTES);
+        let entries = cache.entries.as_ref().unwrap();
+        for i in 0..3_000 {
+            cache.insert(&format!("small-{i}"), answer(true)).await;
+        }
+        entries.run_pending_tasks().await;
+        assert!(entries.entry_count() <= 1_000, "{}", entries.entry_count());
+        assert!(entries.entry_count() >= 500, "{}", entries.entry_count());
+    }
+
     /// A cache in front of `server`, whose Redis calls give up after `timeout`.
     async fn shared_cache(
         server: &crate::test_redis::FadingRedis,
@@ -312,6 +360,7 @@ mod tests {
             &CacheConfig {
                 status_ttl: Duration::from_secs(1),
                 max_entries: 100,
+                max_bytes: 64 << 20,
             },
             Arc::new(Metrics::new()),
             Some(shared),
