@@ -117,6 +117,20 @@ fn write_config(
     path
 }
 
+/// One gateway on the Redis at `url` in front of `fake`, under a key prefix of its own; the
+/// directory holding its config lives as long as the returned guard.
+fn one_gateway(fake: &FakeHandle, url: &str, setup: &Setup) -> (Gateway, tempfile::TempDir) {
+    let config_dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(write_config(
+        config_dir.path(),
+        &fake.base_url(),
+        url,
+        &unique_prefix(),
+        setup,
+    ));
+    (gateway, config_dir)
+}
+
 fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::now_v7().simple())
 }
@@ -341,18 +355,15 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         return;
     };
     let fake = fake_upstream::start(fake_config()).await.unwrap();
-    let config_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(write_config(
-        config_dir.path(),
-        &fake.base_url(),
+    let (gateway, _config) = one_gateway(
+        &fake,
         &redis.url(),
-        &unique_prefix(),
         &Setup {
             // Short, as in production: an outage must cost fast errors.
             command_timeout: "500ms",
             ..Setup::default()
         },
-    ));
+    );
     let http = reqwest::Client::new();
 
     // One task finished and cached, one still running, before the outage.
@@ -607,19 +618,16 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
         return;
     };
     let fake = fake_upstream::start(fake_config()).await.unwrap();
-    let config_dir = tempfile::tempdir().unwrap();
     // Rate limits fall back to the replica's own, so generations reach the ledger.
-    let gateway = Gateway::start(write_config(
-        config_dir.path(),
-        &fake.base_url(),
+    let (gateway, _config) = one_gateway(
+        &fake,
         &redis.url(),
-        &unique_prefix(),
         &Setup {
             command_timeout: "1s",
             store: "rate_limits_when_unavailable = \"allow\"",
             ..Setup::default()
         },
-    ));
+    );
     let http = reqwest::Client::new();
 
     // One task finished, settled and cached before Redis hangs.
@@ -698,17 +706,14 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     let fake = fake_upstream::start(fake_config()).await.unwrap();
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
-    let config_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(write_config(
-        config_dir.path(),
-        &fake.base_url(),
+    let (gateway, _config) = one_gateway(
+        &fake,
         &redis.url(),
-        &unique_prefix(),
         &Setup {
             command_timeout: "1s",
             ..Setup::default()
         },
-    ));
+    );
     let http = reqwest::Client::new();
 
     let generation = tokio::spawn({

@@ -32,6 +32,14 @@ async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
     start_teams(fake, webhooks, "").await
 }
 
+/// [`start`], with a fake that renders for ten minutes: its own callback stays out of the way,
+/// and the only callbacks are the ones the test sends.
+async fn start_long_render(webhooks: &str) -> Env {
+    let mut fake = fake_config();
+    fake.in_progress_for = Duration::from_secs(600);
+    start_with(fake, webhooks).await
+}
+
 /// [`start_with`], with `ads_team` lines added to the `ads` team.
 async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
     let fake = fake_upstream::start(fake).await.unwrap();
@@ -388,10 +396,7 @@ async fn a_receiver_that_never_recovers_is_dead_lettered_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_callbacks_change_nothing() {
-    // A long render, so the fake's own callback stays out of the way.
-    let mut fake = fake_config();
-    fake.in_progress_for = Duration::from_secs(600);
-    let env = start_with(fake, "").await;
+    let env = start_long_render("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
     let task_id = env.start_task(listening.port).await;
@@ -648,11 +653,8 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
-    // A long render, so the fake's own callback stays out of the way.
-    let mut fake = fake_config();
-    fake.in_progress_for = Duration::from_secs(600);
     let cap = 4 << 20;
-    let env = start_with(fake, &format!("max_callback_bytes = {cap}")).await;
+    let env = start_long_render(&format!("max_callback_bytes = {cap}")).await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
     let task_id = env.start_task(listening.port).await;
@@ -712,10 +714,8 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
-    // A long render: the only callback is the one this test sends, after the reload.
-    let mut fake = fake_config();
-    fake.in_progress_for = Duration::from_secs(600);
-    let env = start_with(fake, "").await;
+    // The only callback is the one this test sends, after the reload.
+    let env = start_long_render("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
     // Allowed when the generation came in.
