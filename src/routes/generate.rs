@@ -426,22 +426,31 @@ async fn forward(
         ));
     };
     facts.set_task_id(&task_id);
-    if let Err(e) = state.ledger.attach_task(id, &task_id).await {
-        // The task runs upstream, and will be charged, whatever the ledger says. Recording it
-        // later still lets the team poll it and the reconciler settle it at what it consumed;
-        // the client learns its id now, so it need not start (and pay for) another.
-        tracing::warn!(error = %e, task_id, "could not record a task the upstream accepted; retrying");
-        let (ledger, recorded) = (state.ledger.clone(), task_id.clone());
-        keep_trying(
-            &state,
-            id,
-            "record a task the upstream accepted",
-            move || {
-                let (ledger, task_id) = (ledger.clone(), recorded.clone());
-                async move { ledger.attach_task(id, &task_id).await }
-            },
-        );
-        return Err(GatewayError::TaskNotRecorded(task_id));
+    match state.ledger.attach_task(id, &task_id).await {
+        Ok(()) => {}
+        // Not an outage: the reservation is no longer held, or the id is another reservation's.
+        // Retrying cannot help, and the task cannot be promised to the team.
+        Err(e @ StoreError::Conflict(_)) => {
+            tracing::error!(error = %e, task_id, "a task the upstream accepted cannot be recorded");
+            return Err(ledger_down(e));
+        }
+        Err(e) => {
+            // The task runs upstream, and will be charged, whatever the ledger says. Recording it
+            // later still lets the team poll it and the reconciler settle it at what it consumed;
+            // the client learns its id now, so it need not start (and pay for) another.
+            tracing::warn!(error = %e, task_id, "could not record a task the upstream accepted; retrying");
+            let (ledger, recorded) = (state.ledger.clone(), task_id.clone());
+            keep_trying(
+                &state,
+                id,
+                "record a task the upstream accepted",
+                move || {
+                    let (ledger, task_id) = (ledger.clone(), recorded.clone());
+                    async move { ledger.attach_task(id, &task_id).await }
+                },
+            );
+            return Err(GatewayError::TaskNotRecorded(task_id));
+        }
     }
     state
         .metrics
