@@ -140,6 +140,19 @@ impl Env {
         reply.json()
     }
 
+    /// `GET /admin/webhooks?state=dead` once it lists a delivery.
+    async fn wait_for_dead(&self) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let dead = self.admin("/admin/webhooks?state=dead").await;
+            if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+                return dead;
+            }
+            assert!(Instant::now() < deadline, "never dead-lettered");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     async fn admin(&self, path: &str) -> Value {
         let reply = self
             .send(
@@ -361,15 +374,7 @@ async fn a_receiver_that_never_recovers_is_dead_lettered_at_the_deadline() {
     let receiver = Receiver::answering(&[500; 100]);
     let listening = receiver.listen(0).await;
     let task_id = env.start_task(listening.port).await;
-    let deadline = Instant::now() + DEADLINE;
-    let dead = loop {
-        let dead = env.admin("/admin/webhooks?state=dead").await;
-        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
-            break dead;
-        }
-        assert!(Instant::now() < deadline, "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = env.wait_for_dead().await;
     let entry = &dead["webhooks"][0];
     assert_eq!(entry["task_id"], task_id);
     assert_eq!(entry["team"], "design");
@@ -733,15 +738,7 @@ async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
                          "result": [{"image": "https://x/1.png"}]});
     let reply = env.post_callback(&url, payload.to_string()).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
-    let deadline = Instant::now() + DEADLINE;
-    let dead = loop {
-        let dead = env.admin("/admin/webhooks?state=dead").await;
-        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
-            break dead;
-        }
-        assert!(Instant::now() < deadline, "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let dead = env.wait_for_dead().await;
     let entry = &dead["webhooks"][0];
     assert_eq!(entry["task_id"], task_id, "{entry}");
     // Dead at the first attempt: no retry can make the address allowed.
