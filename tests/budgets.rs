@@ -1835,14 +1835,7 @@ abandon_after = "4s""#,
         .body(GEMPIX)
         .send();
     let client = tokio::spawn(request);
-    let deadline = Instant::now() + DEADLINE;
-    while fake.stats().generate_requests == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the generation never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::until_a_generation_reached(&fake, DEADLINE).await;
     env.restart_after_kill();
     let answer = client.await.expect("client task");
     assert!(

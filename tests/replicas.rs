@@ -721,14 +721,7 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
         async move { try_generate(&http, &base, &tomato()).await }
     });
     // Reserved, and now waiting on the upstream: Redis hangs before the task can be recorded.
-    let deadline = Instant::now() + DEADLINE;
-    while fake.stats().generate_requests == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the generation never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::until_a_generation_reached(&fake, DEADLINE).await;
     redis.pause();
     let (status, body) = generation.await.unwrap().expect("gateway answers");
     assert_eq!(status, 503, "{body}");
@@ -746,6 +739,7 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     );
 
     redis.resume();
+    let deadline = Instant::now() + DEADLINE;
     let final_read = loop {
         let (status, _, read) = read_status(&http, &gateway, &task_id).await;
         if status == 200 && read["data"]["status"] == "success" {

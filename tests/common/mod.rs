@@ -189,6 +189,19 @@ pub struct Env {
     pub http: reqwest::Client,
 }
 
+/// Waits (at most `within`) until `fake` has received a generation: the gateway holds its
+/// reservation and is now waiting on the upstream.
+pub async fn until_a_generation_reached(fake: &FakeHandle, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while fake.stats().generate_requests == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the generation never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub fn fake_config() -> FakeConfig {
     let mut fake = FakeConfig::new(UPSTREAM_TOKEN);
     fake.pending_for = Duration::from_millis(100);
