@@ -464,9 +464,16 @@ async fn forward(
 /// The client gets the upstream's answer either way; a ledger that cannot take the release now
 /// gets it again later.
 async fn release(state: &AppState, id: ReservationId) {
-    if let Err(e) = state.ledger.release(id).await {
-        tracing::warn!(reservation = %id.0, error = %e, "could not release a reservation; retrying");
-        release_in_background(state, id, "release a reservation the upstream did not take");
+    match state.ledger.release(id).await {
+        Ok(()) => {}
+        // Not held any more: nothing to give back, and nothing a retry could change.
+        Err(StoreError::Conflict(e)) => {
+            tracing::debug!(reservation = %id.0, error = %e, "reservation already gone")
+        }
+        Err(e) => {
+            tracing::warn!(reservation = %id.0, error = %e, "could not release a reservation; retrying");
+            release_in_background(state, id, "release a reservation the upstream did not take");
+        }
     }
 }
 
