@@ -47,12 +47,33 @@ pub fn final_state(fields: &Value) -> Option<(FinalStatus, Consumed)> {
 }
 
 /// The final state in a task-query answer body (`{"code":0,"data":{…}}`).
+///
+/// Read into borrowed fields rather than a `Value`: this runs on every status read that reaches
+/// the upstream, and the rest of the body (result URLs, reasons) need not be built to be skipped.
 pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    if value.get("code")?.as_i64()? != 0 {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        code: i64,
+        #[serde(borrow)]
+        data: Option<Fields<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+        consumed: Option<Value>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    if answer.code != 0 {
         return None;
     }
-    final_state(value.get("data")?)
+    let fields = answer.data?;
+    let status = match fields.status.as_deref()? {
+        "success" => FinalStatus::Success,
+        "failed" => FinalStatus::Failed,
+        _ => return None,
+    };
+    Some((status, Consumed::from_json(fields.consumed.as_ref())))
 }
 
 /// Replaces the task's reservation by what it consumed. A missing or untrustworthy `consumed`

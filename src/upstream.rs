@@ -165,16 +165,13 @@ impl UpstreamClient {
         request_id: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let url = url::Url::parse_with_params(
-            &format!("{}/api/task/query", self.base_url),
-            [("task_id", task_id)],
-        )
-        .map_err(|e| UpstreamError::Connect(format!("bad upstream URL: {e}")))?;
+        let mut url = format!("{}/api/task/query?task_id=", self.base_url);
+        url.extend(url::form_urlencoded::byte_serialize(task_id.as_bytes()));
         let attempts = AtomicU32::new(0);
         let attempt = || async {
             self.pace_retry(&attempts).await;
             let response = self
-                .send(QUERY, Method::GET, url.as_str(), Bytes::new(), request_id)
+                .send(QUERY, Method::GET, &url, Bytes::new(), request_id)
                 .await?;
             if response.status.is_server_error() {
                 return Err(Attempt::ServerError(response));
