@@ -14,6 +14,7 @@ use axum::{
     response::Response,
 };
 
+use super::request_id::RequestId;
 use crate::{app::AppState, metrics::team_label};
 
 /// What layers and handlers learn about a request that its metrics and its closing log line
@@ -21,6 +22,10 @@ use crate::{app::AppState, metrics::team_label};
 /// it was made costs the JSON log format a parse and a rewrite of all its fields each time.
 #[derive(Debug, Default)]
 pub struct RequestFacts {
+    /// Known when the request comes in.
+    request_id: Option<RequestId>,
+    method: http::Method,
+    route: String,
     team: OnceLock<String>,
     key: OnceLock<Arc<str>>,
     task_id: OnceLock<String>,
@@ -29,6 +34,28 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
+    fn new(request_id: Option<RequestId>, method: http::Method, route: String) -> Self {
+        RequestFacts {
+            request_id,
+            method,
+            route,
+            ..RequestFacts::default()
+        }
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().map(RequestId::as_str)
+    }
+
+    pub fn method(&self) -> &http::Method {
+        &self.method
+    }
+
+    /// The route template (`/api/task/query`), or `unmatched`.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
     pub fn set_team(&self, team: &str) {
         let _ = self.team.set(team.to_owned());
     }
@@ -79,7 +106,12 @@ pub async fn record(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let facts = Arc::new(RequestFacts::default());
+    let facts = Arc::new(RequestFacts::new(
+        request.extensions().get::<RequestId>().cloned(),
+        request.method().clone(),
+        route,
+    ));
+    let route = facts.route();
     request.extensions_mut().insert(facts.clone());
     let started = Instant::now();
     let mut response = next.run(request).await;
@@ -93,13 +125,13 @@ pub async fn record(
     let metrics = &state.metrics;
     metrics
         .requests
-        .with_label_values(&[team, &route, response.status().as_str()])
+        .with_label_values(&[team, route, response.status().as_str()])
         .inc();
     metrics
         .request_duration
-        .with_label_values(&[&route])
+        .with_label_values(&[route])
         .observe(elapsed.as_secs_f64());
-    metrics.overhead.with_label_values(&[&route]).observe(
+    metrics.overhead.with_label_values(&[route]).observe(
         elapsed
             .saturating_sub(facts.upstream_wait().unwrap_or_default())
             .as_secs_f64(),

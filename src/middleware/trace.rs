@@ -1,10 +1,11 @@
 //! One span per request, and one log line when it ends.
 //!
 //! The span carries the request id, method and route, so every line logged while serving the
-//! request can be traced to it. The closing line adds what layers and handlers learned on the
-//! way ([`RequestFacts`]: the team, the key's label, the task id, the time spent waiting on the
-//! upstream), so that one line has everything an operator needs to follow one request. Headers
-//! are never recorded, so keys and tokens cannot reach the log.
+//! request can be traced to it. The closing line is flat: it carries those three itself, plus
+//! what layers and handlers learned on the way ([`RequestFacts`]: the team, the key's label, the
+//! task id, the time spent waiting on the upstream), so that one line has everything an operator
+//! needs to follow one request. Headers are never recorded, so keys and tokens cannot reach the
+//! log.
 
 use std::{sync::Arc, time::Duration};
 
@@ -45,21 +46,33 @@ impl<B> OnResponse<B> for LogResponse {
     fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
         let status = response.status().as_u16();
         let error = response.extensions().get::<ErrorKind>().map(|k| k.0);
-        let latency_ms = latency.as_secs_f64() * 1000.0;
-        let facts = response.extensions().get::<Arc<RequestFacts>>();
-        let facts = facts.map(|facts| &**facts);
+        let latency_ms = millis(latency);
+        let Some(facts) = response.extensions().get::<Arc<RequestFacts>>() else {
+            // Only a response that never passed the metrics layer: none is known to exist.
+            tracing::info!(parent: span, status, latency_ms, error, "request finished");
+            return;
+        };
+        // A root event carrying the span's fields itself: the JSON format would otherwise parse
+        // the span's stored fields back and write them again, for the one line every request
+        // has.
         tracing::info!(
-            parent: span,
+            parent: None,
+            request_id = facts.request_id(),
+            method = %facts.method(),
+            route = facts.route(),
             status,
             latency_ms,
             error,
-            team = facts.and_then(RequestFacts::team),
-            key = facts.and_then(RequestFacts::key),
-            task_id = facts.and_then(RequestFacts::task_id),
-            upstream_ms = facts
-                .and_then(RequestFacts::upstream_wait)
-                .map(|wait| wait.as_secs_f64() * 1000.0),
+            team = facts.team(),
+            key = facts.key(),
+            task_id = facts.task_id(),
+            upstream_ms = facts.upstream_wait().map(millis),
             "request finished"
         );
     }
+}
+
+/// Milliseconds to the microsecond, so the line shows `1.259321`, not `1.2593210000000001`.
+fn millis(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
 }
