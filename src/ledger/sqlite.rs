@@ -221,11 +221,6 @@ impl ReaderPool {
         .map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
-        // Room for every interior page of the task-id index and of the table at a few million
-        // tasks, so an owner lookup reads only its two leaf pages from the file (the default
-        // 2 MiB held too few at a million, and each miss is a pread).
-        conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)
-            .map_err(unavailable)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
@@ -287,9 +282,6 @@ fn query_row<T>(
 ) -> rusqlite::Result<T> {
     conn.prepare_cached(sql)?.query_row(params, row)
 }
-
-/// Page cache of each reader connection, in KiB.
-const READER_CACHE_KIB: i64 = 8 * 1024;
 
 /// Enough for every statement of the store, so none is ever parsed twice on a connection.
 const STATEMENT_CACHE: usize = 64;
