@@ -38,12 +38,17 @@ impl Consumed {
 /// The final status and `consumed` in a task's fields (the `data` of a task query, or a callback
 /// payload); `None` while the task is still running.
 pub fn final_state(fields: &Value) -> Option<(FinalStatus, Consumed)> {
-    let status = match fields.get("status")?.as_str()? {
-        "success" => FinalStatus::Success,
-        "failed" => FinalStatus::Failed,
-        _ => return None,
-    };
+    let status = final_status(fields.get("status")?.as_str()?)?;
     Some((status, Consumed::from_json(fields.get("consumed"))))
+}
+
+/// `success` and `failed` are final; every other status is not.
+fn final_status(status: &str) -> Option<FinalStatus> {
+    match status {
+        "success" => Some(FinalStatus::Success),
+        "failed" => Some(FinalStatus::Failed),
+        _ => None,
+    }
 }
 
 /// The final state in a task-query answer body (`{"code":0,"data":{…}}`).
@@ -68,11 +73,7 @@ pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
         return None;
     }
     let fields = answer.data?;
-    let status = match fields.status.as_deref()? {
-        "success" => FinalStatus::Success,
-        "failed" => FinalStatus::Failed,
-        _ => return None,
-    };
+    let status = final_status(fields.status.as_deref()?)?;
     Some((status, Consumed::from_json(fields.consumed.as_ref())))
 }
 

@@ -47,8 +47,8 @@ impl RequestFacts {
         self.request_id.as_ref().map(RequestId::as_str)
     }
 
-    pub fn method(&self) -> &http::Method {
-        &self.method
+    pub fn method(&self) -> &str {
+        self.method.as_str()
     }
 
     /// The route template (`/api/task/query`), or `unmatched`.

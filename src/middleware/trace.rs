@@ -43,30 +43,27 @@ impl<B> MakeSpan<B> for RequestSpan {
 pub struct LogResponse;
 
 impl<B> OnResponse<B> for LogResponse {
-    fn on_response(self, response: &Response<B>, latency: Duration, span: &Span) {
+    fn on_response(self, response: &Response<B>, latency: Duration, _: &Span) {
         let status = response.status().as_u16();
         let error = response.extensions().get::<ErrorKind>().map(|k| k.0);
         let latency_ms = millis(latency);
-        let Some(facts) = response.extensions().get::<Arc<RequestFacts>>() else {
-            // Only a response that never passed the metrics layer: none is known to exist.
-            tracing::info!(parent: span, status, latency_ms, error, "request finished");
-            return;
-        };
+        let facts = response.extensions().get::<Arc<RequestFacts>>();
+        let facts = facts.map(|facts| &**facts);
         // A root event carrying the span's fields itself: the JSON format would otherwise parse
         // the span's stored fields back and write them again, for the one line every request
         // has.
         tracing::info!(
             parent: None,
-            request_id = facts.request_id(),
-            method = %facts.method(),
-            route = facts.route(),
+            request_id = facts.and_then(RequestFacts::request_id),
+            method = facts.map(RequestFacts::method),
+            route = facts.map(RequestFacts::route),
             status,
             latency_ms,
             error,
-            team = facts.team(),
-            key = facts.key(),
-            task_id = facts.task_id(),
-            upstream_ms = facts.upstream_wait().map(millis),
+            team = facts.and_then(RequestFacts::team),
+            key = facts.and_then(RequestFacts::key),
+            task_id = facts.and_then(RequestFacts::task_id),
+            upstream_ms = facts.and_then(RequestFacts::upstream_wait).map(millis),
             "request finished"
         );
     }
