@@ -367,25 +367,7 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     let http = reqwest::Client::new();
 
     // One task finished and cached, one still running, before the outage.
-    let (status, body) = generate(&http, &gateway).await;
-    assert_eq!(status, 200, "{body}");
-    let finished = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let (_, read) = get(
-            &http,
-            &gateway,
-            &format!("/api/task/query?task_id={finished}"),
-            DESIGN_KEY,
-        )
-        .await;
-        if read["data"]["status"] == "success" {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    wait_until_settled(&http, &gateway, "0.50000000").await;
+    let finished = a_settled_task(&http, &gateway).await;
     let (status, body) = generate(&http, &gateway).await;
     assert_eq!(status, 200, "{body}");
     let running = body["data"]["task_id"].as_str().unwrap().to_owned();
@@ -484,6 +466,21 @@ fn limits_unavailable() -> Value {
 /// How the ledger's refusal to reserve without Redis reads: no detail, unlike the limiter's.
 fn ledger_unavailable() -> Value {
     json!({"code": 1, "message": "ledger unavailable"})
+}
+
+/// A task of `design`'s, started and read until it finished, with the budget settled at its
+/// 0.50 (the only task of the test so far): it is in the gateway's status cache.
+async fn a_settled_task(http: &reqwest::Client, gateway: &Gateway) -> String {
+    let (status, body) = generate(http, gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    while read_status(http, gateway, &task_id).await.2["data"]["status"] != "success" {
+        assert!(Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until_settled(http, gateway, "0.50000000").await;
+    task_id
 }
 
 /// A status read through `gateway`: its status, `X-Cache` header and body.
@@ -631,15 +628,7 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     let http = reqwest::Client::new();
 
     // One task finished, settled and cached before Redis hangs.
-    let (status, body) = generate(&http, &gateway).await;
-    assert_eq!(status, 200, "{body}");
-    let finished = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + DEADLINE;
-    while read_status(&http, &gateway, &finished).await.2["data"]["status"] != "success" {
-        assert!(Instant::now() < deadline, "never finished");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    wait_until_settled(&http, &gateway, "0.50000000").await;
+    let finished = a_settled_task(&http, &gateway).await;
 
     redis.pause();
     // Until five in a row come back fast: every breaker in front of Redis is open by then.
