@@ -122,6 +122,13 @@ fn answers_ping(port: u16) -> bool {
         && &reply == b"+PONG\r\n"
 }
 
+/// The command timeout of a client of a [`FadingRedis`], and the slack a call may take beyond it.
+/// Long enough that a Redis client's reconnection (two connection attempts, each cut off at the
+/// timeout) cannot fit under `TIMEOUT + SLACK`, so a test tells a call bounded by the timeout
+/// from one the connection manager alone bounds.
+pub const TIMEOUT: Duration = Duration::from_secs(1);
+pub const SLACK: Duration = Duration::from_millis(900);
+
 /// A stand-in for a Redis that stops answering: `+OK` to every command until told otherwise.
 pub struct FadingRedis {
     pub address: SocketAddr,

@@ -87,7 +87,7 @@ mod tests {
 
     use super::*;
     use crate::ledger::breaker::OPEN_AFTER;
-    use crate::test_redis::FadingRedis;
+    use crate::test_redis::{FadingRedis, SLACK, TIMEOUT};
 
     fn rate(text: &str) -> Rate {
         text.parse().unwrap()
@@ -151,12 +151,6 @@ mod tests {
         }
         assert_eq!(passed, 10, "ten in all, not ten per replica");
     }
-
-    /// Long enough that a Redis client's reconnection (two connection attempts, each cut off at
-    /// the timeout) cannot fit under [`TIMEOUT`] + [`SLACK`], so the test tells a bounded call
-    /// from one the connection manager alone bounds.
-    const TIMEOUT: Duration = Duration::from_secs(1);
-    const SLACK: Duration = Duration::from_millis(900);
 
     #[tokio::test]
     async fn a_redis_that_stops_answering_costs_each_check_at_most_the_timeout() {

@@ -135,7 +135,7 @@ mod tests {
 
     use super::*;
     use crate::ledger::breaker::OPEN_AFTER;
-    use crate::test_redis::FadingRedis;
+    use crate::test_redis::{FadingRedis, SLACK, TIMEOUT};
 
     fn answer(is_final: bool, body: &'static [u8]) -> Answer {
         Answer {
@@ -184,10 +184,6 @@ mod tests {
         assert!(b.get("ta-1").await.is_none(), "a running status expires");
         assert!(b.get("ta-2").await.expect("a final one stays").is_final);
     }
-
-    /// As in the shared limits' tests: a reconnection cannot fit under `TIMEOUT + SLACK`.
-    const TIMEOUT: Duration = Duration::from_secs(1);
-    const SLACK: Duration = Duration::from_millis(900);
 
     #[tokio::test]
     async fn a_redis_that_stops_answering_costs_each_read_and_write_at_most_the_timeout() {
