@@ -11,6 +11,7 @@ pub mod error;
 pub mod fake_upstream;
 pub mod keygen;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod middleware;
 pub mod rate_limit;

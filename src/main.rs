@@ -4,8 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use ketchup_gateway::{clock, config::Config, demo, fake_upstream, keygen, server::Server};
+use clap::{Parser, Subcommand};
+use ketchup_gateway::{
+    clock,
+    config::Config,
+    demo, fake_upstream, keygen,
+    logging::{self, LogFormat},
+    server::Server,
+};
 
 /// glibc's malloc takes an arena lock that the runtime's worker threads contend for on every
 /// request; mimalloc's thread-local free lists do not (measured in `bench/run`).
@@ -23,12 +29,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -72,31 +72,6 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
-    match format {
-        LogFormat::Human => tracing_subscriber::fmt()
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        // json-subscriber writes the same lines as tracing-subscriber's JSON format, without
-        // building a map of every event's fields or parsing the span's fields back for each
-        // line: that cost about a tenth of the gateway's CPU per request (measured in
-        // `bench/run`).
-        LogFormat::Json => json_subscriber::fmt()
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
 }
 
 fn main() -> ExitCode {
@@ -146,11 +121,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { config } => {
-            init_logs(cli.log_format);
+            let _logs = logging::init(cli.log_format);
             runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
-            init_logs(cli.log_format);
+            let _logs = logging::init(cli.log_format);
             runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
@@ -158,7 +133,7 @@ fn main() -> ExitCode {
             token,
             phase,
         } => {
-            init_logs(cli.log_format);
+            let _logs = logging::init(cli.log_format);
             let mut fake = fake_upstream::FakeConfig::new(token);
             fake.pending_for = phase;
             fake.submitted_for = phase;
