@@ -19,7 +19,7 @@ COMPONENTS = [
     ("ledger: fsync", r"fsync|fdatasync|file_write_and_wait|jbd2"),
     ("ledger: SQLite execution and WAL writes", r"sqlite3|rusqlite"),
     ("tracing: spans and the request log line",
-     r"tracing_subscriber|json_subscriber|tracing_appender|ketchup_gateway::logging"),
+     r"tracing_subscriber|json_subscriber|ketchup_gateway::logging"),
     ("upstream client (hyper-util pool, connections to the upstream)",
      r"hyper_util::client|hyper::client|proto::h1::role::Client|HttpConnector|hyper_rustls"),
     ("status cache and ownership memo (moka)", r"moka::"),

@@ -121,11 +121,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { config } => {
-            let _logs = logging::init(cli.log_format);
+            logging::init(cli.log_format);
             runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
-            let _logs = logging::init(cli.log_format);
+            logging::init(cli.log_format);
             runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
@@ -133,7 +133,7 @@ fn main() -> ExitCode {
             token,
             phase,
         } => {
-            let _logs = logging::init(cli.log_format);
+            logging::init(cli.log_format);
             let mut fake = fake_upstream::FakeConfig::new(token);
             fake.pending_for = phase;
             fake.submitted_for = phase;
