@@ -97,19 +97,23 @@ impl RequestFacts {
     }
 }
 
+/// The route template a request matched, or `unmatched`: the one value the request's span, its
+/// closing line and its metrics label it with.
+pub fn route_of(extensions: &http::Extensions) -> &str {
+    extensions
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+}
+
 pub async fn record(
     State(state): State<Arc<AppState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let facts = Arc::new(RequestFacts::new(
         request.extensions().get::<RequestId>().cloned(),
         request.method().clone(),
-        route,
+        route_of(request.extensions()).to_owned(),
     ));
     let route = facts.route();
     request.extensions_mut().insert(facts.clone());

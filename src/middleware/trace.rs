@@ -9,12 +9,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::extract::MatchedPath;
 use http::{Request, Response};
 use tower_http::trace::{MakeSpan, OnResponse};
 use tracing::Span;
 
-use super::{metrics::RequestFacts, request_id::RequestId};
+use super::{
+    metrics::{RequestFacts, route_of},
+    request_id::RequestId,
+};
 use crate::error::ErrorKind;
 
 #[derive(Debug, Clone, Copy)]
@@ -22,10 +24,7 @@ pub struct RequestSpan;
 
 impl<B> MakeSpan<B> for RequestSpan {
     fn make_span(&mut self, request: &Request<B>) -> Span {
-        let route = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", |p| p.as_str());
+        let route = route_of(request.extensions());
         let request_id = request
             .extensions()
             .get::<RequestId>()
