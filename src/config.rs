@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::credits::Credits;
+
+/// Most HTTP worker threads (`server.workers`): far more than cores only adds switching.
+pub const MAX_WORKERS: usize = 256;
 
 /// A configuration problem, already phrased for the admin: it names the file, the line and what
 /// is wrong.
@@ -70,6 +73,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Duration,
+    /// Threads that serve HTTP, each on its own share of the connections.
+    pub workers: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +389,7 @@ mod raw {
         pub metrics_listen: Option<String>,
         #[serde(default = "default_shutdown_timeout")]
         pub shutdown_timeout: HumanDuration,
+        pub workers: Option<Spanned<usize>>,
     }
 
     impl Default for Server {
@@ -395,6 +401,7 @@ mod raw {
                 request_timeout: default_request_timeout(),
                 metrics_listen: None,
                 shutdown_timeout: default_shutdown_timeout(),
+                workers: None,
             }
         }
     }
@@ -680,6 +687,18 @@ impl Config {
             ConfigError::at(path, source, Some(span), what)
         };
 
+        let workers = match file.server.workers {
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            Some(workers) => match NonZeroUsize::new(*workers.get_ref()) {
+                Some(n) if n.get() <= MAX_WORKERS => n,
+                _ => {
+                    return Err(fail(
+                        workers.span(),
+                        &format!("[server] workers must be between 1 and {MAX_WORKERS}"),
+                    ));
+                }
+            },
+        };
         let server = ServerConfig {
             listen: file.server.listen,
             public_url: file.server.public_url.map(|u| u.0),
@@ -687,6 +706,7 @@ impl Config {
             request_timeout: file.server.request_timeout.0,
             metrics_listen: file.server.metrics_listen,
             shutdown_timeout: file.server.shutdown_timeout.0,
+            workers,
         };
 
         let upstream_span = file.upstream.span();
@@ -1143,6 +1163,21 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
                 path: "data/ledger.db".into()
             }
         );
+    }
+
+    #[test]
+    fn http_workers_default_to_one_per_core_and_are_bounded() {
+        let cores = std::thread::available_parallelism().unwrap();
+        assert_eq!(parse(MINIMAL).unwrap().server.workers, cores);
+        let three = parse(&format!("[server]\nworkers = 3\n{MINIMAL}")).unwrap();
+        assert_eq!(three.server.workers.get(), 3);
+        for refused in [0, MAX_WORKERS + 1] {
+            let error = error_of(&format!("[server]\nworkers = {refused}\n{MINIMAL}"));
+            assert!(
+                error.contains("gateway.toml:2:11: [server] workers must be between 1 and 256"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

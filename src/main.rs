@@ -82,6 +82,15 @@ fn main() -> ExitCode {
             .build()
             .expect("tokio runtime")
     };
+    // The gateway serves HTTP on worker threads of its own (`server::workers`); this runtime
+    // has signals, the acceptor and the background jobs, which one thread keeps up with.
+    let control_runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
     let result: Result<(), String> = match cli.command {
         Command::CheckConfig { path } => Config::load(&path)
             .map(|config| {
@@ -122,11 +131,11 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => {
             logging::init(cli.log_format);
-            runtime().block_on(serve(config))
+            control_runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
             logging::init(cli.log_format);
-            runtime().block_on(demo::run(listen))
+            control_runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
             listen,

@@ -27,6 +27,7 @@ const RESERVATION_ERROR_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    pub connections: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub overhead: HistogramVec,
@@ -227,6 +228,13 @@ impl Metrics {
                 "reconciler_backlog",
                 "Open tasks due for a reconciler read at its last pass."
             ))),
+            connections: register!(IntCounterVec::new(
+                opts(
+                    "connections_accepted_total",
+                    "Client connections accepted, by the HTTP worker thread that serves them."
+                ),
+                &["worker"]
+            )),
             cache_requests: register!(IntCounterVec::new(
                 opts(
                     "cache_requests_total",

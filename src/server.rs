@@ -1,12 +1,14 @@
 //! Starting, reloading and stopping the gateway.
 
+pub mod workers;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     app::{self, AppState},
@@ -20,6 +22,7 @@ use crate::{
     upstream::UpstreamClient,
     webhooks,
 };
+use workers::Workers;
 
 /// A gateway bound to its address, ready to serve.
 pub struct Server {
@@ -47,6 +50,7 @@ impl Server {
         ));
         let upstream = UpstreamClient::new(
             &config.upstream,
+            config.server.workers,
             upstream_token,
             metrics.clone(),
             rate_limits.clone(),
@@ -109,7 +113,7 @@ impl Server {
     pub async fn run(self, reload_from: Option<PathBuf>) -> Result<(), String> {
         use tokio::signal::unix::{SignalKind, signal};
         let Server {
-            listener,
+            mut listener,
             metrics_listener,
             state,
         } = self;
@@ -131,33 +135,48 @@ impl Server {
             let app = app::metrics_router(state.clone());
             tokio::spawn(async move { axum::serve(listener, app).await })
         });
-        let shutdown_timeout = state.config.load().server.shutdown_timeout;
-        let app = app::router(state.clone());
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (shutdown_timeout, worker_count) = {
+            let config = state.config.load();
+            (config.server.shutdown_timeout, config.server.workers)
+        };
+        let address = listener.local_addr().map_err(|e| e.to_string())?;
+        let stop = CancellationToken::new();
+        // Also when this future is dropped unfinished (a test's runtime ending): the workers
+        // are threads of their own and would otherwise serve on.
+        let _stop_on_drop = StopOnDrop {
+            stop: stop.clone(),
+            background: state.background.clone(),
+        };
+        let mut workers = Workers::start(
+            worker_count,
+            app::router(state.clone()),
+            address,
+            stop.clone(),
+            state.background.clone(),
+            &state.metrics.connections,
+        )
+        .map_err(|e| format!("cannot start the HTTP workers: {e}"))?;
         tracing::info!(
-            address = %listener.local_addr().map_err(|e| e.to_string())?,
+            %address,
             upstream = %state.config.load().upstream.base_url,
+            workers = worker_count,
             "ketchup-gateway listening"
         );
-        let serving = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .into_future();
-        tokio::pin!(serving);
-        tokio::select! {
-            result = &mut serving => return result.map_err(|e| e.to_string()),
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+        loop {
+            tokio::select! {
+                (stream, remote) = axum::serve::Listener::accept(&mut listener) => {
+                    workers.hand(stream, remote);
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
         }
         tracing::info!("shutting down: finishing in-flight requests");
-        let _ = stop_tx.send(());
+        // Closed now, so that new connections are refused rather than left waiting.
+        drop(listener);
+        stop.cancel();
         state.background.close();
-        let drained = async {
-            let _ = (&mut serving).await;
-            state.background.wait().await;
-        };
-        if tokio::time::timeout(shutdown_timeout, drained)
+        if tokio::time::timeout(shutdown_timeout, workers.finished())
             .await
             .is_err()
         {
@@ -173,6 +192,19 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Stops the workers and closes the background tracker when dropped.
+struct StopOnDrop {
+    stop: CancellationToken,
+    background: TaskTracker,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.background.close();
     }
 }
 
@@ -273,6 +305,7 @@ async fn reload_on_sighup(
                 let (s, o) = (&new.server, &old.server);
                 let (u, p) = (&new.upstream, &old.upstream);
                 if s.listen != o.listen
+                    || s.workers != o.workers
                     || s.request_timeout != o.request_timeout
                     || s.shutdown_timeout != o.shutdown_timeout
                     || new.store != old.store
@@ -286,7 +319,7 @@ async fn reload_on_sighup(
                     || new.cache.max_bytes != old.cache.max_bytes
                 {
                     tracing::warn!(
-                        "[server] listen and timeouts, [store], [cache] and the [upstream] \
+                        "[server] listen, workers and timeouts, [store], [cache] and the [upstream] \
                          connection settings change only on restart; reloading the rest"
                     );
                 }

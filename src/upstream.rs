@@ -6,6 +6,7 @@
 //! when the connection could not be made, because once its bytes may have reached the upstream a
 //! retry could start (and charge) a second render.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimits;
+use crate::server::workers;
 
 /// Waits between upstream attempts: doubling from the first, jittered up to twice as long.
 pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
@@ -78,7 +80,10 @@ pub enum UpstreamError {
 }
 
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// One pool for each HTTP worker, then one for the control runtime (the reconciler): a
+    /// connection is driven by the runtime that opened it, so sharing one pool would have a
+    /// worker's request wait on another thread's event loop.
+    pools: Box<[Client<HttpsConnector<HttpConnector>, Full<Bytes>>]>,
     metrics: Arc<Metrics>,
     /// The upstream account's limit. Callers check it for a request's first attempt (and refuse
     /// the client when it is exhausted); retries wait for it here.
@@ -92,6 +97,7 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     pub fn new(
         config: &UpstreamConfig,
+        workers: NonZeroUsize,
         token: &Secret,
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
@@ -106,10 +112,14 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(https);
+        let pools = (0..=workers.get())
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(256)
+                    .build(https.clone())
+            })
+            .collect();
         let mut authorization = HeaderValue::try_from(format!("Bearer {}", token.expose()))
             .map_err(|_| {
                 "the upstream token contains characters not allowed in a header".to_owned()
@@ -117,7 +127,7 @@ impl UpstreamClient {
         // Marks the value so hyper's HPACK never indexes it and debug output hides it.
         authorization.set_sensitive(true);
         Ok(UpstreamClient {
-            client,
+            pools,
             metrics,
             limits,
             base_url: config.base_url.as_str().trim_end_matches('/').to_owned(),
@@ -125,6 +135,11 @@ impl UpstreamClient {
             timeout: config.timeout,
             retries: config.query_retries,
         })
+    }
+
+    fn pool(&self) -> &Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+        let control = self.pools.len() - 1;
+        &self.pools[workers::current().map_or(control, |worker| worker.min(control))]
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -269,7 +284,7 @@ impl UpstreamClient {
             .map_err(|e| UpstreamError::Connect(format!("cannot build the request: {e}")))?;
 
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
+            let response = self.pool().request(request).await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(error_chain(&e))
                 } else {

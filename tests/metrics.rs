@@ -760,6 +760,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "le",
         "version",
         "git_commit",
+        "worker",
     ]
     .into();
     assert!(
@@ -779,6 +780,50 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         ],
         1.0,
     );
+}
+
+#[tokio::test]
+async fn connections_are_dealt_to_the_workers_in_turn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start("workers = 3").await;
+    let accepted = |scrape: &Scrape| -> Vec<f64> {
+        (0..3)
+            .map(|worker| {
+                scrape
+                    .find(
+                        "ketchup_gateway_connections_accepted_total",
+                        &[("worker", &worker.to_string())],
+                    )
+                    .expect("a series per worker")
+            })
+            .collect()
+    };
+    let before = accepted(&env.scrape().await);
+
+    // Six connections, each kept open with one request answered on it.
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut connection = tokio::net::TcpStream::connect(env.gateway.addr)
+            .await
+            .expect("connects");
+        connection
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+            .await
+            .expect("request written");
+        let mut answer = [0u8; 12];
+        connection
+            .read_exact(&mut answer)
+            .await
+            .expect("answer read");
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        open.push(connection);
+    }
+    // A new client, so the scrape is a seventh connection.
+    let after = accepted(&scrape_at(&reqwest::Client::new(), &env.gateway.url("/metrics")).await);
+
+    let mut added: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    added.sort_by(f64::total_cmp);
+    assert_eq!(added, [2.0, 2.0, 3.0], "before {before:?}, after {after:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
