@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::logging;
+
 thread_local! {
     static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
@@ -60,6 +62,7 @@ impl Workers {
         for index in 0..count.get() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(logging::write_gathered)
                 .build()?;
             let (handoff, incoming) = mpsc::unbounded_channel();
             let (done, finished) = oneshot::channel::<()>();
@@ -72,6 +75,7 @@ impl Workers {
                 .name(format!("http-worker-{index}"))
                 .spawn(move || {
                     WORKER.set(Some(index));
+                    logging::gather_lines_on_this_thread();
                     runtime.block_on(async move {
                         let serving = axum::serve(listener, app)
                             .with_graceful_shutdown(stop.cancelled_owned())
@@ -81,6 +85,7 @@ impl Workers {
                         }
                         background.wait().await;
                     });
+                    logging::write_gathered();
                     drop(done);
                 })?;
             workers.handoffs.push(handoff);
