@@ -17,7 +17,7 @@ use super::{
     metrics::{RequestFacts, route_of},
     request_id::RequestId,
 };
-use crate::error::ErrorKind;
+use crate::{error::ErrorKind, logging};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RequestSpan;
@@ -41,34 +41,141 @@ impl<B> MakeSpan<B> for RequestSpan {
 #[derive(Debug, Clone, Copy)]
 pub struct LogResponse;
 
+/// The closing line's target, as a `tracing` event here gets.
+const TARGET: &str = module_path!();
+
 impl<B> OnResponse<B> for LogResponse {
     fn on_response(self, response: &Response<B>, latency: Duration, _: &Span) {
-        let status = response.status().as_u16();
-        let error = response.extensions().get::<ErrorKind>().map(|k| k.0);
-        let latency_ms = millis(latency);
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
         let facts = response.extensions().get::<Arc<RequestFacts>>();
         let facts = facts.map(|facts| &**facts);
-        // A root event carrying the span's fields itself: the JSON format would otherwise parse
-        // the span's stored fields back and write them again, for the one line every request
-        // has.
-        tracing::info!(
-            parent: None,
-            request_id = facts.and_then(RequestFacts::request_id),
-            method = facts.map(RequestFacts::method),
-            route = facts.map(RequestFacts::route),
-            status,
-            latency_ms,
-            error,
-            team = facts.and_then(RequestFacts::team),
-            key = facts.and_then(RequestFacts::key),
-            task_id = facts.and_then(RequestFacts::task_id),
-            upstream_ms = facts.and_then(RequestFacts::upstream_wait).map(millis),
-            "request finished"
-        );
+        let line = RequestLine {
+            level: "INFO",
+            target: TARGET,
+            timestamp: logging::Now,
+            message: "request finished",
+            request_id: facts.and_then(RequestFacts::request_id),
+            method: facts.map(RequestFacts::method),
+            route: facts.map(RequestFacts::route),
+            status: response.status().as_u16(),
+            latency_ms: millis(latency),
+            error: response.extensions().get::<ErrorKind>().map(|k| k.0),
+            team: facts.and_then(RequestFacts::team),
+            key: facts.and_then(RequestFacts::key),
+            task_id: facts.and_then(RequestFacts::task_id),
+            upstream_ms: facts.and_then(RequestFacts::upstream_wait).map(millis),
+        };
+        if logging::json_lines() {
+            logging::write_json_line(&line);
+        } else {
+            log_event(&line);
+        }
     }
+}
+
+/// The line as a `tracing` event: a root event carrying the span's fields itself.
+fn log_event(line: &RequestLine) {
+    tracing::info!(
+        parent: None,
+        request_id = line.request_id,
+        method = line.method,
+        route = line.route,
+        status = line.status,
+        latency_ms = line.latency_ms,
+        error = line.error,
+        team = line.team,
+        key = line.key,
+        task_id = line.task_id,
+        upstream_ms = line.upstream_ms,
+        "{}",
+        line.message
+    );
+}
+
+/// The closing line. In the JSON format it is serialized as it is (see
+/// [`logging::write_json_line`]): the members the same `tracing` event gets there, in the same
+/// order, absent ones left out.
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    level: &'static str,
+    target: &'static str,
+    timestamp: logging::Now,
+    message: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+    status: u16,
+    latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    team: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ms: Option<f64>,
 }
 
 /// Milliseconds to the microsecond, so the line shows `1.259321`, not `1.2593210000000001`.
 fn millis(duration: Duration) -> f64 {
     duration.as_micros() as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_line_is_the_line_the_event_would_give() {
+        let lines = [
+            RequestLine {
+                level: "INFO",
+                target: TARGET,
+                timestamp: logging::Now,
+                message: "request finished",
+                request_id: Some("r-1"),
+                method: Some("GET"),
+                route: Some("/api/task/query"),
+                status: 200,
+                latency_ms: 1.25,
+                error: None,
+                team: Some("design \"blue\""),
+                key: Some("prod"),
+                task_id: Some("ta1"),
+                upstream_ms: Some(0.5),
+            },
+            RequestLine {
+                level: "INFO",
+                target: TARGET,
+                timestamp: logging::Now,
+                message: "request finished",
+                request_id: None,
+                method: None,
+                route: None,
+                status: 401,
+                latency_ms: 0.004,
+                error: Some("invalid_api_key"),
+                team: None,
+                key: None,
+                task_id: None,
+                upstream_ms: None,
+            },
+        ];
+        for line in &lines {
+            let mut direct = serde_json::to_value(line).unwrap();
+            let mut event = logging::tests::logged(|| log_event(line)).remove(0);
+            for json in [&mut direct, &mut event] {
+                let stamp = json.as_object_mut().unwrap().remove("timestamp").unwrap();
+                assert!(stamp.as_str().unwrap().ends_with('Z'), "{stamp}");
+            }
+            assert_eq!(direct, event);
+        }
+    }
 }
