@@ -22,6 +22,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::middleware::request_id;
 use crate::rate_limit::RateLimits;
 use crate::server::workers;
 
@@ -54,8 +55,6 @@ pub const ERROR_KINDS: [&str; 4] = ["connect", "timeout", "broken", "5xx"];
 
 /// Largest upstream answer read; results may carry base64 images.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 #[derive(Debug, Clone)]
 pub struct UpstreamResponse {
@@ -277,7 +276,7 @@ impl UpstreamClient {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
         if let Ok(value) = HeaderValue::from_str(request_id) {
-            request = request.header(REQUEST_ID_HEADER, value);
+            request = request.header(request_id::HEADER, value);
         }
         let request = request
             .body(Full::new(body))

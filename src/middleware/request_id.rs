@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use axum::{extract::Request, middleware::Next, response::Response};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
-pub const HEADER: &str = "x-request-id";
+/// Made once, not parsed again on each use as a `&str` name is.
+pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_LEN: usize = 128;
 
 /// The request's id, in the request's extensions.
@@ -35,7 +36,11 @@ fn acceptable(value: &HeaderValue) -> Option<&str> {
 pub async fn assign(mut request: Request, next: Next) -> Response {
     let id: Arc<str> = match request.headers().get(HEADER).and_then(acceptable) {
         Some(given) => given.into(),
-        None => uuid::Uuid::now_v7().to_string().into(),
+        // Without the crate's shared context, whose lock every worker would take in turn: ids
+        // made in the same millisecond need not sort in the order they were made.
+        None => uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext))
+            .to_string()
+            .into(),
     };
     let header = HeaderValue::from_str(&id).expect("request ids are header-safe by construction");
     request.headers_mut().insert(HEADER, header.clone());

@@ -24,7 +24,7 @@ use governor::{
     middleware::{StateInformationMiddleware, StateSnapshot},
     state::{InMemoryState, NotKeyed},
 };
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{Config, Limits, Rate};
 use crate::metrics::Metrics;
@@ -349,6 +349,10 @@ fn allowed(kind: LimitKind, snapshot: &StateSnapshot) -> Verdict {
     }
 }
 
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 impl Verdict {
     /// The `RateLimit-*` headers (and `Retry-After` on a refusal).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
@@ -356,11 +360,14 @@ impl Verdict {
             return;
         }
         let number = |n: u64| HeaderValue::from(n);
-        headers.insert("ratelimit-limit", number(u64::from(self.limit)));
-        headers.insert("ratelimit-remaining", number(u64::from(self.remaining)));
-        headers.insert("ratelimit-reset", number(seconds_up(self.reset)));
+        headers.insert(RATELIMIT_LIMIT, number(u64::from(self.limit)));
+        headers.insert(RATELIMIT_REMAINING, number(u64::from(self.remaining)));
+        headers.insert(RATELIMIT_RESET, number(seconds_up(self.reset)));
         if !self.allowed {
-            headers.insert("retry-after", number(seconds_up(self.reset).max(1)));
+            headers.insert(
+                http::header::RETRY_AFTER,
+                number(seconds_up(self.reset).max(1)),
+            );
         }
     }
 }

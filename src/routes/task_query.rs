@@ -7,7 +7,7 @@ use axum::{
     extract::{Extension, RawQuery, State},
     response::{IntoResponse, Response},
 };
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::{
@@ -19,6 +19,8 @@ use crate::{
     status_cache::{Answer, Fetched, NotCached, Served},
     upstream::UpstreamError,
 };
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Longest task id looked up; anything longer cannot be one of ours.
 const MAX_TASK_ID_LEN: usize = 256;
@@ -108,7 +110,7 @@ pub async fn query(
     let mut response = (answer.status, answer.body.clone()).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert("x-cache", HeaderValue::from_static(served.as_str()));
+    headers.insert(X_CACHE, HeaderValue::from_static(served.as_str()));
     Ok(response)
 }
 
