@@ -87,6 +87,7 @@ fn main() -> ExitCode {
     let control_runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .thread_name("control")
             .enable_all()
             .build()
             .expect("tokio runtime")
