@@ -35,16 +35,50 @@ pub fn json_lines() -> bool {
 /// Writes one JSON line made by the caller, where the log layers' lines go. For the one line
 /// every request has: serialized from a struct it costs a fraction of a generic event's
 /// formatting, which visits each field through `dyn Visit` and writes it piece by piece.
-pub fn write_json_line(line: &impl serde::Serialize) {
-    let mut text = Vec::with_capacity(512);
-    if serde_json::to_writer(&mut text, line).is_ok() {
-        text.push(b'\n');
-        let _ = LogWriter.write_all(&text);
+pub fn write_json_line(
+    level: tracing::Level,
+    target: &str,
+    message: &str,
+    fields: &impl serde::Serialize,
+) {
+    if let Some(line) = json_line(level, target, message, fields) {
+        let _ = LogWriter.write_all(&line);
     }
 }
 
+/// The line [`write_json_line`] writes: the members the JSON layer starts an event's line with
+/// (level, target, timestamp, message), then those of `fields`, then a newline.
+pub fn json_line(
+    level: tracing::Level,
+    target: &str,
+    message: &str,
+    fields: &impl serde::Serialize,
+) -> Option<Vec<u8>> {
+    let line = CallersLine {
+        level: level.as_str(),
+        target,
+        timestamp: Now,
+        message,
+        fields,
+    };
+    let mut text = Vec::with_capacity(512);
+    serde_json::to_writer(&mut text, &line).ok()?;
+    text.push(b'\n');
+    Some(text)
+}
+
+#[derive(serde::Serialize)]
+struct CallersLine<'a, F> {
+    level: &'a str,
+    target: &'a str,
+    timestamp: Now,
+    message: &'a str,
+    #[serde(flatten)]
+    fields: &'a F,
+}
+
 /// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond.
-pub struct Now;
+struct Now;
 
 impl serde::Serialize for Now {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

@@ -41,8 +41,9 @@ impl<B> MakeSpan<B> for RequestSpan {
 #[derive(Debug, Clone, Copy)]
 pub struct LogResponse;
 
-/// The closing line's target, as a `tracing` event here gets.
+/// The closing line's target, as a `tracing` event here gets, and its message.
 const TARGET: &str = module_path!();
+const MESSAGE: &str = "request finished";
 
 impl<B> OnResponse<B> for LogResponse {
     fn on_response(self, response: &Response<B>, latency: Duration, _: &Span) {
@@ -52,10 +53,6 @@ impl<B> OnResponse<B> for LogResponse {
         let facts = response.extensions().get::<Arc<RequestFacts>>();
         let facts = facts.map(|facts| &**facts);
         let line = RequestLine {
-            level: "INFO",
-            target: TARGET,
-            timestamp: logging::Now,
-            message: "request finished",
             request_id: facts.and_then(RequestFacts::request_id),
             method: facts.map(RequestFacts::method),
             route: facts.map(RequestFacts::route),
@@ -68,7 +65,7 @@ impl<B> OnResponse<B> for LogResponse {
             upstream_ms: facts.and_then(RequestFacts::upstream_wait).map(millis),
         };
         if logging::json_lines() {
-            logging::write_json_line(&line);
+            logging::write_json_line(tracing::Level::INFO, TARGET, MESSAGE, &line);
         } else {
             log_event(&line);
         }
@@ -89,20 +86,15 @@ fn log_event(line: &RequestLine) {
         key = line.key,
         task_id = line.task_id,
         upstream_ms = line.upstream_ms,
-        "{}",
-        line.message
+        "{MESSAGE}"
     );
 }
 
-/// The closing line. In the JSON format it is serialized as it is (see
+/// The closing line's fields. In the JSON format they are serialized as they are (see
 /// [`logging::write_json_line`]): the members the same `tracing` event gets there, in the same
 /// order, absent ones left out.
 #[derive(serde::Serialize)]
 struct RequestLine<'a> {
-    level: &'static str,
-    target: &'static str,
-    timestamp: logging::Now,
-    message: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,10 +128,6 @@ mod tests {
     fn the_json_line_is_the_line_the_event_would_give() {
         let lines = [
             RequestLine {
-                level: "INFO",
-                target: TARGET,
-                timestamp: logging::Now,
-                message: "request finished",
                 request_id: Some("r-1"),
                 method: Some("GET"),
                 route: Some("/api/task/query"),
@@ -152,10 +140,6 @@ mod tests {
                 upstream_ms: Some(0.5),
             },
             RequestLine {
-                level: "INFO",
-                target: TARGET,
-                timestamp: logging::Now,
-                message: "request finished",
                 request_id: None,
                 method: None,
                 route: None,
@@ -169,7 +153,8 @@ mod tests {
             },
         ];
         for line in &lines {
-            let mut direct = serde_json::to_value(line).unwrap();
+            let direct = logging::json_line(tracing::Level::INFO, TARGET, MESSAGE, line).unwrap();
+            let mut direct: serde_json::Value = serde_json::from_slice(&direct).unwrap();
             let mut event = logging::tests::logged(|| log_event(line)).remove(0);
             for json in [&mut direct, &mut event] {
                 let stamp = json.as_object_mut().unwrap().remove("timestamp").unwrap();
