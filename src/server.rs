@@ -143,7 +143,7 @@ impl Server {
         let stop = CancellationToken::new();
         // Also when this future is dropped unfinished (a test's runtime ending): the workers
         // are threads of their own and would otherwise serve on.
-        let _stop_on_drop = StopOnDrop {
+        let stop_on_drop = StopOnDrop {
             stop: stop.clone(),
             background: state.background.clone(),
         };
@@ -174,8 +174,7 @@ impl Server {
         tracing::info!("shutting down: finishing in-flight requests");
         // Closed now, so that new connections are refused rather than left waiting.
         drop(listener);
-        stop.cancel();
-        state.background.close();
+        stop_on_drop.stop();
         if tokio::time::timeout(shutdown_timeout, workers.finished())
             .await
             .is_err()
@@ -195,16 +194,22 @@ impl Server {
     }
 }
 
-/// Stops the workers and closes the background tracker when dropped.
+/// Stops the workers and closes the background tracker: at shutdown, or when dropped.
 struct StopOnDrop {
     stop: CancellationToken,
     background: TaskTracker,
 }
 
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
+impl StopOnDrop {
+    fn stop(&self) {
         self.stop.cancel();
         self.background.close();
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
