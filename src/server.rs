@@ -81,7 +81,7 @@ impl Server {
                 shared_statuses(&config).await?,
             ),
             metrics,
-            owners: moka::sync::Cache::new(config.cache.max_entries.max(10_000)),
+            owners: quick_cache::sync::Cache::new(config.cache.max_entries.max(10_000) as usize),
             recently_observed: moka::sync::Cache::builder()
                 .max_capacity(config.cache.max_entries.max(10_000))
                 .time_to_live(config.reconciler.settle_after / 2)
