@@ -132,11 +132,15 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => {
             logging::init(cli.log_format);
-            control_runtime().block_on(serve(config))
+            let served = control_runtime().block_on(serve(config));
+            logging::flush();
+            served
         }
         Command::Demo { listen } => {
             logging::init(cli.log_format);
-            control_runtime().block_on(demo::run(listen))
+            let ran = control_runtime().block_on(demo::run(listen));
+            logging::flush();
+            ran
         }
         Command::FakeUpstream {
             listen,

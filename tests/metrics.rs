@@ -1040,6 +1040,44 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
 // 4. One log line per request
 // ---------------------------------------------------------------------------------------------
 
+/// Nobody reads the gateway's stderr for a while (a log shipper stalled), long enough for the
+/// request lines to fill the pipe many times over: requests are still answered, and once the
+/// log is read again every line arrives, whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_log_reader_does_not_stall_requests_and_loses_no_line() {
+    let env = Env::start("").await;
+    env.gateway.pause_log_reading();
+    // About 300 bytes a line: a pipe holds 64 KiB, so 2,000 lines are ten pipes' worth.
+    const REQUESTS: usize = 2000;
+    for n in 0..REQUESTS {
+        let request = env
+            .http
+            .get(env.gateway.url("/api/user"))
+            .bearer_auth(DESIGN_KEY)
+            .header("x-request-id", format!("stalled-log-{n}"))
+            .timeout(DEADLINE);
+        assert_eq!(env.send(request).await.status, 200, "request {n}");
+    }
+    env.gateway.resume_log_reading();
+
+    let deadline = Instant::now() + DEADLINE;
+    let ids = loop {
+        let logs = env.gateway.logs();
+        let ids: BTreeSet<String> = logs
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("a whole JSON line"))
+            .filter(|event| event["message"] == "request finished")
+            .filter_map(|event| event["request_id"].as_str().map(str::to_owned))
+            .filter(|id| id.starts_with("stalled-log-"))
+            .collect();
+        if ids.len() == REQUESTS || Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(ids.len(), REQUESTS, "every request's line arrives");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_request_ends_with_one_log_line_with_its_facts() {
     let env = Env::start("").await;

@@ -62,7 +62,7 @@ impl Workers {
         for index in 0..count.get() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(logging::write_gathered)
+                .on_thread_park(logging::hand_over_gathered)
                 .build()?;
             let (handoff, incoming) = mpsc::unbounded_channel();
             let (done, finished) = oneshot::channel::<()>();
@@ -85,7 +85,7 @@ impl Workers {
                         }
                         background.wait().await;
                     });
-                    logging::write_gathered();
+                    logging::hand_over_gathered();
                     drop(done);
                 })?;
             workers.handoffs.push(handoff);

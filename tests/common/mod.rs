@@ -81,6 +81,9 @@ pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// While set, nobody reads the process's stderr: its pipe fills, as when a log shipper
+    /// stalls.
+    log_reading_paused: Arc<std::sync::atomic::AtomicBool>,
     pub config_path: PathBuf,
 }
 
@@ -100,8 +103,13 @@ impl Gateway {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = logs.clone();
+        let log_reading_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let paused = log_reading_paused.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                while paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 if let Ok(event) = serde_json::from_str::<Value>(&line)
                     && event["message"] == "ketchup-gateway listening"
                     && let Some(addr) = event["address"].as_str()
@@ -125,8 +133,20 @@ impl Gateway {
             child,
             addr,
             logs,
+            log_reading_paused,
             config_path,
         }
+    }
+
+    /// Stops reading the process's stderr after the line being read (or the next one).
+    pub fn pause_log_reading(&self) {
+        self.log_reading_paused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn resume_log_reading(&self) {
+        self.log_reading_paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn url(&self, path: &str) -> String {
