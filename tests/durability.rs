@@ -168,6 +168,11 @@ async fn sigterm_finishes_the_request_in_flight_and_records_its_task() {
     );
     assert!(logs.contains("\"stopped\""), "{logs}");
     assert!(!logs.contains("shutdown timeout passed"), "{logs}");
+    // The request's closing line, which its worker handed to the log writer thread during the
+    // shutdown, was written before the process exited.
+    gateway
+        .wait_for_log(&format!("\"task_id\":\"{task_id}\""))
+        .await;
 
     // The process is gone: nothing listens on its port any more.
     let refused = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
