@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::{Condvar, Mutex, MutexGuard, Once, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -135,24 +135,23 @@ thread_local! {
 static HANDED_OVER: HandOver = HandOver::new();
 /// Held while a batch is written, so that [`flush`] cannot put lines before an earlier batch.
 static WRITING: Mutex<()> = Mutex::new(());
-static WRITER_THREAD: Once = Once::new();
+/// Whether the log writer thread was started (on the first worker's call).
+static WRITER_STARTED: OnceLock<bool> = OnceLock::new();
 
 /// From now on, this thread's lines go to the log writer thread, which this starts if it is
 /// not running. If it cannot be started, the thread goes on writing its own lines.
 pub fn gather_lines_on_this_thread() {
-    WRITER_THREAD.call_once(|| {
-        match std::thread::Builder::new()
+    let started = WRITER_STARTED.get_or_init(|| {
+        // Lines handed over before the thread first runs wait for it.
+        let spawned = std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(write_handed_over)
-        {
-            // Lines handed over before the thread first runs wait for it.
-            Ok(_) => HANDED_OVER.set_writer_started(),
-            Err(e) => eprintln!(
-                "ketchup-gateway: no log writer thread ({e}); workers write their own lines"
-            ),
+            .spawn(write_handed_over);
+        if let Err(e) = &spawned {
+            eprintln!("ketchup-gateway: no log writer thread ({e}); workers write their own lines");
         }
+        spawned.is_ok()
     });
-    if HANDED_OVER.writer_started() {
+    if *started {
         GATHERED.set(Some(Vec::with_capacity(GATHER_LIMIT)));
     }
 }
@@ -230,7 +229,6 @@ struct Pending {
     lines: Vec<u8>,
     /// The writer thread sleeps on `arrived` and must be woken for new lines.
     writer_waiting: bool,
-    writer_started: bool,
 }
 
 impl HandOver {
@@ -239,7 +237,6 @@ impl HandOver {
             pending: Mutex::new(Pending {
                 lines: Vec::new(),
                 writer_waiting: false,
-                writer_started: false,
             }),
             arrived: Condvar::new(),
         }
@@ -248,14 +245,6 @@ impl HandOver {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // Lines are plain bytes: a panic elsewhere while holding the lock leaves them usable.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn set_writer_started(&self) {
-        self.lock().writer_started = true;
-    }
-
-    fn writer_started(&self) -> bool {
-        self.lock().writer_started
     }
 
     /// Takes whole lines for the writer; `false` when that would hold more than

@@ -132,15 +132,11 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => {
             logging::init(cli.log_format);
-            let served = control_runtime().block_on(serve(config));
-            logging::flush();
-            served
+            control_runtime().block_on(serve(config))
         }
         Command::Demo { listen } => {
             logging::init(cli.log_format);
-            let ran = control_runtime().block_on(demo::run(listen));
-            logging::flush();
-            ran
+            control_runtime().block_on(demo::run(listen))
         }
         Command::FakeUpstream {
             listen,
@@ -158,6 +154,8 @@ fn main() -> ExitCode {
         }
         Command::Healthcheck { url } => runtime().block_on(healthcheck(&url)),
     };
+    // What the HTTP workers handed to the log writer and it has not written yet.
+    logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
