@@ -103,7 +103,7 @@ fn cache_hit(c: &mut Criterion) {
     group.bench_function("status cache hit", |b| {
         b.to_async(&runtime).iter(|| async {
             cache
-                .get_or_fetch::<(), _>(std::hint::black_box("ta-500"), async {
+                .get_or_fetch::<(), _>(std::hint::black_box("ta-500"), || async {
                     unreachable!("the entry is cached")
                 })
                 .await

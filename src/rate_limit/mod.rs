@@ -179,10 +179,10 @@ impl RateLimits {
     }
 
     /// One step of a limit: in Redis when replicas share one, else (or, when so configured,
-    /// while Redis is down) in this process.
+    /// while Redis is down) in this process. `name` makes the limit's key in Redis.
     async fn step(
         &self,
-        name: &str,
+        name: impl FnOnce() -> String,
         kind: LimitKind,
         rate: Rate,
         burst: NonZeroU32,
@@ -191,6 +191,20 @@ impl RateLimits {
         let Some(shared) = &self.shared else {
             return Ok(check(local, kind));
         };
+        // Boxed, so that a gateway without Redis does not carry the Redis call's future (about
+        // a kilobyte) in every request's.
+        Box::pin(self.step_shared(shared, &name(), kind, rate, burst, local)).await
+    }
+
+    async fn step_shared(
+        &self,
+        shared: &shared::SharedLimits,
+        name: &str,
+        kind: LimitKind,
+        rate: Rate,
+        burst: NonZeroU32,
+        local: &Limiter,
+    ) -> Result<Result<Verdict, Verdict>, Refused> {
         match shared.check(name, kind, rate, burst).await {
             Ok(decided) => Ok(decided),
             // A status read costs the upstream nothing unless it misses the cache, and then the
@@ -236,8 +250,8 @@ impl RateLimits {
                 "read the status of",
             ),
         };
-        let name = format!("{team}:{}", kind.as_str());
-        let decided = self.step(&name, kind, rate, burst, limiter).await?;
+        let name = || format!("{team}:{}", kind.as_str());
+        let decided = self.step(name, kind, rate, burst, limiter).await?;
         decided.map_err(|verdict| {
             self.count_refusal(team, kind);
             Refused::Limited(Refusal {
@@ -265,7 +279,7 @@ impl RateLimits {
         let global = self.global.load_full();
         let decided = self
             .step(
-                "global",
+                || "global".to_owned(),
                 LimitKind::Global,
                 global.per_second(),
                 global.rate,

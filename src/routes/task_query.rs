@@ -83,7 +83,9 @@ pub async fn query(
     let asked = std::time::Instant::now();
     let (served, read) = state
         .status_cache
-        .get_or_fetch(&task_id, read_upstream(&state, &task, &request_id, &facts))
+        .get_or_fetch(&task_id, || {
+            read_upstream(&state, &task, &request_id, &facts)
+        })
         .await;
     if served == Served::Coalesced {
         // Waiting on another request's upstream read is waiting on the upstream.
@@ -222,5 +224,21 @@ fn pending(task: &TaskRecord) -> Answer {
         content_type: Some(HeaderValue::from_static("application/json")),
         body: body.to_string().into(),
         is_final: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an async fn of five arguments returns.
+    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_status_read_does_not_carry_the_upstream_read_in_its_future() {
+        // axum moves the handler's future into a box on every request, hits included: with the
+        // upstream read inline it was 10 KB; boxed on the miss path alone, about 1 KB.
+        let size = future_size(super::query);
+        assert!(size <= 2048, "the status read's future is {size} bytes");
     }
 }

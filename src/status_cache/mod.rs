@@ -121,10 +121,30 @@ impl StatusCache {
         StatusCache { entries, shared }
     }
 
-    /// The task's status from the cache, or from `fetch` (once, however many ask at once), and
-    /// how it was served: a request that waited on another's read is `Coalesced`, whether that
-    /// read gave a status or not.
+    /// The task's status from the cache, or from the future `fetch` makes (once, however many
+    /// ask at once), and how it was served: a request that waited on another's read is
+    /// `Coalesced`, whether that read gave a status or not.
     pub async fn get_or_fetch<E, F>(
+        &self,
+        task_id: &str,
+        fetch: impl FnOnce() -> F,
+    ) -> (Served, Result<Arc<Answer>, Arc<NotCached<E>>>)
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Fetched<E>>,
+    {
+        if let Some(entries) = &self.entries
+            && let Some(answer) = entries.get(task_id).await
+        {
+            return (Served::Hit, Ok(answer));
+        }
+        // Boxed, so that a hit does not carry it: the upstream read and its coalescing make a
+        // future of kilobytes, and a request's future is moved whole, hits included.
+        Box::pin(self.fetch_through(task_id, fetch())).await
+    }
+
+    /// The miss path of [`get_or_fetch`](Self::get_or_fetch).
+    async fn fetch_through<E, F>(
         &self,
         task_id: &str,
         fetch: F,
@@ -141,9 +161,6 @@ impl StatusCache {
             };
             return (Served::Miss, result);
         };
-        if let Some(answer) = entries.get(task_id).await {
-            return (Served::Hit, Ok(answer));
-        }
         let fetched_here = AtomicBool::new(false);
         // Another replica's read, found in the shared layer: no upstream read, so a hit.
         let from_shared = AtomicBool::new(false);
@@ -246,7 +263,7 @@ mod tests {
                 let (cache, reads) = (cache.clone(), reads.clone());
                 tokio::spawn(async move {
                     cache
-                        .get_or_fetch::<(), _>("ta-1", async {
+                        .get_or_fetch::<(), _>("ta-1", || async {
                             reads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Fetched::Status(answer(false))
@@ -267,7 +284,7 @@ mod tests {
             49
         );
         let (again, _) = cache
-            .get_or_fetch::<(), _>("ta-1", async { unreachable!("cached") })
+            .get_or_fetch::<(), _>("ta-1", || async { unreachable!("cached") })
             .await;
         assert_eq!(again, Served::Hit);
     }
@@ -276,19 +293,19 @@ mod tests {
     async fn errors_and_uncacheable_answers_are_not_kept() {
         let cache = cache(60_000, 100);
         let failed = cache
-            .get_or_fetch("ta-1", async { Fetched::Failed("upstream down") })
+            .get_or_fetch("ta-1", || async { Fetched::Failed("upstream down") })
             .await
             .1
             .unwrap_err();
         assert!(matches!(*failed, NotCached::Error("upstream down")));
         let passed_on = cache
-            .get_or_fetch::<(), _>("ta-1", async { Fetched::Uncacheable(answer(false)) })
+            .get_or_fetch::<(), _>("ta-1", || async { Fetched::Uncacheable(answer(false)) })
             .await
             .1
             .unwrap_err();
         assert!(matches!(*passed_on, NotCached::Answer(_)));
         let (served, _) = cache
-            .get_or_fetch::<(), _>("ta-1", async { Fetched::Status(answer(false)) })
+            .get_or_fetch::<(), _>("ta-1", || async { Fetched::Status(answer(false)) })
             .await;
         assert_eq!(served, Served::Miss, "nothing was cached before");
     }
@@ -300,12 +317,12 @@ mod tests {
         cache.insert("done", answer(true)).await;
         tokio::time::sleep(Duration::from_millis(60)).await;
         let refetched = cache
-            .get_or_fetch::<(), _>("running", async { Fetched::Status(answer(false)) })
+            .get_or_fetch::<(), _>("running", || async { Fetched::Status(answer(false)) })
             .await
             .0;
         assert_eq!(refetched, Served::Miss);
         let kept = cache
-            .get_or_fetch::<(), _>("done", async { unreachable!("final statuses stay") })
+            .get_or_fetch::<(), _>("done", || async { unreachable!("final statuses stay") })
             .await
             .0;
         assert_eq!(kept, Served::Hit);
@@ -376,7 +393,7 @@ mod tests {
         let cache = shared_cache(&server, TIMEOUT).await;
         let started = Instant::now();
         let (served, read) = cache
-            .get_or_fetch::<(), _>("ta-1", async {
+            .get_or_fetch::<(), _>("ta-1", || async {
                 server.stop();
                 Fetched::Status(answer(true))
             })
@@ -391,7 +408,7 @@ mod tests {
         server.stop();
         let started = Instant::now();
         let (served, read) = cache
-            .get_or_fetch::<(), _>("ta-2", async { Fetched::Status(answer(true)) })
+            .get_or_fetch::<(), _>("ta-2", || async { Fetched::Status(answer(true)) })
             .await;
         assert_eq!(served, Served::Miss);
         assert!(read.is_ok());
