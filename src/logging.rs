@@ -82,12 +82,14 @@ struct CallersLine<'a, F> {
     fields: &'a F,
 }
 
-/// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond.
+/// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond
+/// (chrono's RFC 3339 writer: a strftime pattern is parsed anew at every use).
 struct Now;
 
 impl serde::Serialize for Now {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ"))
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        serializer.serialize_str(&now)
     }
 }
 

@@ -156,10 +156,19 @@ mod tests {
             let direct = logging::json_line(tracing::Level::INFO, TARGET, MESSAGE, line).unwrap();
             let mut direct: serde_json::Value = serde_json::from_slice(&direct).unwrap();
             let mut event = logging::tests::logged(|| log_event(line)).remove(0);
-            for json in [&mut direct, &mut event] {
+            let [direct_stamp, event_stamp] = [&mut direct, &mut event].map(|json| {
                 let stamp = json.as_object_mut().unwrap().remove("timestamp").unwrap();
-                assert!(stamp.as_str().unwrap().ends_with('Z'), "{stamp}");
-            }
+                let stamp = stamp.as_str().unwrap().to_owned();
+                assert!(stamp.ends_with('Z'), "{stamp}");
+                chrono::DateTime::parse_from_rfc3339(&stamp).unwrap();
+                stamp
+            });
+            // Both to the microsecond, in UTC.
+            assert_eq!(
+                direct_stamp.len(),
+                event_stamp.len(),
+                "{direct_stamp} {event_stamp}"
+            );
             assert_eq!(direct, event);
         }
     }
