@@ -76,22 +76,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    };
-    // The gateway serves HTTP on worker threads of its own (`server::workers`); this runtime
-    // has signals, the acceptor and the background jobs, which one thread keeps up with.
-    let control_runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("control")
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    };
     let result: Result<(), String> = match cli.command {
         Command::CheckConfig { path } => Config::load(&path)
             .map(|config| {
@@ -148,11 +132,11 @@ fn main() -> ExitCode {
             fake.pending_for = phase;
             fake.submitted_for = phase;
             fake.in_progress_for = phase;
-            runtime()
+            runtime(None, "fake-upstream")
                 .block_on(fake_upstream::run_standalone(listen, fake))
                 .map_err(|e| e.to_string())
         }
-        Command::Healthcheck { url } => runtime().block_on(healthcheck(&url)),
+        Command::Healthcheck { url } => runtime(Some(1), "healthcheck").block_on(healthcheck(&url)),
     };
     // What the HTTP workers handed to the log writer and it has not written yet.
     logging::flush();
@@ -163,6 +147,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A runtime of `worker_threads` threads (one per core if `None`) named `name`.
+fn runtime(worker_threads: Option<usize>, name: &str) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The gateway serves HTTP on worker threads of its own (`server::workers`); this runtime has
+/// signals, the acceptor and the background jobs, which one thread keeps up with.
+fn control_runtime() -> tokio::runtime::Runtime {
+    runtime(Some(1), "control")
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {
