@@ -156,6 +156,8 @@ pub struct WebhooksConfig {
     /// Largest upstream callback accepted, in bytes. Apart from `server.max_body_bytes`: a
     /// callback's images may be base64 data URIs, far larger than any request a team sends.
     pub max_callback_bytes: usize,
+    /// A delivered or dead delivery is listed this long after it ended, then deleted.
+    pub keep_finished: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -312,20 +314,29 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// A duration written as `"500ms"`, `"1s"`, `"5m"`.
+/// Longest duration a setting may have. Every time the gateway computes from a setting (a
+/// deadline, a lease, a cutoff) then stays well inside the calendar, where a typo such as
+/// "1000000y" would otherwise overflow it and fail at the first request that needs it.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A duration written as `"500ms"`, `"1s"`, `"5m"`, at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy)]
 struct HumanDuration(Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "duration {text:?} is not valid ({e}); write e.g. \"500ms\", \"30s\" or \"5m\""
-                ))
-            })
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "duration {text:?} is not valid ({e}); write e.g. \"500ms\", \"30s\" or \"5m\""
+            ))
+        })?;
+        if duration > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is longer than the most allowed, 100 years"
+            )));
+        }
+        Ok(HumanDuration(duration))
     }
 }
 
@@ -563,6 +574,8 @@ mod raw {
         pub max_concurrent_deliveries_per_team: usize,
         #[serde(default = "default_max_callback_bytes")]
         pub max_callback_bytes: usize,
+        #[serde(default = "default_keep_finished")]
+        pub keep_finished: HumanDuration,
     }
 
     impl Default for Webhooks {
@@ -576,6 +589,7 @@ mod raw {
                 max_concurrent_deliveries: default_max_concurrent_deliveries(),
                 max_concurrent_deliveries_per_team: default_max_concurrent_deliveries_per_team(),
                 max_callback_bytes: default_max_callback_bytes(),
+                keep_finished: default_keep_finished(),
             }
         }
     }
@@ -600,6 +614,9 @@ mod raw {
     }
     fn default_max_callback_bytes() -> usize {
         32 << 20
+    }
+    fn default_keep_finished() -> HumanDuration {
+        HumanDuration(Duration::from_secs(7 * 24 * 3600))
     }
 
     fn default_status_ttl() -> HumanDuration {
@@ -829,6 +846,7 @@ impl Config {
             max_concurrent_deliveries: raw_webhooks.max_concurrent_deliveries,
             max_concurrent_deliveries_per_team: raw_webhooks.max_concurrent_deliveries_per_team,
             max_callback_bytes: raw_webhooks.max_callback_bytes,
+            keep_finished: raw_webhooks.keep_finished.0,
         };
         let webhooks_error =
             |what: &str| ConfigError::at(path, source, webhooks_span.clone(), what);
@@ -844,11 +862,12 @@ impl Config {
             || webhooks.max_concurrent_deliveries == 0
             || webhooks.max_concurrent_deliveries_per_team == 0
             || webhooks.max_callback_bytes == 0
+            || webhooks.keep_finished.is_zero()
         {
             return Err(webhooks_error(
                 "[webhooks] attempt_timeout, first_retry, max_concurrent_deliveries, \
-                 max_concurrent_deliveries_per_team and max_callback_bytes must be above zero, \
-                 and max_retry_delay at least first_retry",
+                 max_concurrent_deliveries_per_team, max_callback_bytes and keep_finished must \
+                 be above zero, and max_retry_delay at least first_retry",
             ));
         }
         if let Some(url) = &server.public_url
@@ -1206,7 +1225,7 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
             "{MINIMAL}\n[webhooks]\nmax_concurrent_deliveries_per_team = 0\n"
         ));
         assert!(
-            error.contains("max_concurrent_deliveries_per_team and max_callback_bytes must be"),
+            error.contains("max_concurrent_deliveries_per_team, max_callback_bytes and"),
             "{error}"
         );
     }
@@ -1218,7 +1237,45 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
         assert_eq!(config.server.max_body_bytes, 1 << 20);
         let error = error_of(&format!("{MINIMAL}\n[webhooks]\nmax_callback_bytes = 0\n"));
         assert!(
-            error.contains("max_callback_bytes must be above zero"),
+            error.contains("max_callback_bytes and keep_finished must be above zero"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn durations_past_a_century_are_refused_before_any_time_is_computed_from_them() {
+        for setting in [
+            "[webhooks]\ndelivery_deadline",
+            "[webhooks]\nmax_retry_delay",
+            "[reconciler]\nmax_task_age",
+        ] {
+            let error = error_of(&format!("{MINIMAL}\n{setting} = \"1000000y\"\n"));
+            assert!(
+                error.contains("duration \"1000000y\" is longer than the most allowed, 100 years"),
+                "{setting}: {error}"
+            );
+        }
+        let config = parse(&format!(
+            "{MINIMAL}\n[webhooks]\ndelivery_deadline = \"99y\"\n"
+        ));
+        assert!(config.is_ok(), "{:?}", config.err());
+    }
+
+    #[test]
+    fn finished_deliveries_are_kept_a_week_unless_set_and_not_for_no_time() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.webhooks.keep_finished,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        let config = parse(&format!("{MINIMAL}\n[webhooks]\nkeep_finished = \"36h\"\n")).unwrap();
+        assert_eq!(
+            config.webhooks.keep_finished,
+            Duration::from_secs(36 * 3600)
+        );
+        let error = error_of(&format!("{MINIMAL}\n[webhooks]\nkeep_finished = \"0s\"\n"));
+        assert!(
+            error.contains("keep_finished must be above zero"),
             "{error}"
         );
     }

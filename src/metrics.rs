@@ -56,6 +56,7 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     pub callbacks: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
+    pub webhook_deliveries_deleted: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -264,6 +265,10 @@ impl Metrics {
                 ),
                 &["team", "outcome"]
             )),
+            webhook_deliveries_deleted: register!(IntCounter::with_opts(opts(
+                "webhook_deliveries_deleted_total",
+                "Delivered and dead webhook deliveries deleted once [webhooks] keep_finished had passed."
+            ))),
             registry,
         };
         let build = GaugeVec::new(

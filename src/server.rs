@@ -128,6 +128,7 @@ impl Server {
         }
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
+        let retention = tokio::spawn(webhooks::retention::run(state.clone()));
         let metrics_server = metrics_listener.map(|listener| {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%address, "metrics listening");
@@ -186,6 +187,7 @@ impl Server {
         }
         reconciler.abort();
         webhooks.abort();
+        retention.abort();
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }

@@ -264,6 +264,61 @@ async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_webhooks_are_listed_for_keep_finished_then_deleted_and_pending_ones_kept() {
+    let env = start("keep_finished = \"3s\"").await;
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let delivered_task = env.start_task(listening.port).await;
+    receiver
+        .wait_for("one delivery", |r| r.delivered().len() == 1)
+        .await;
+    let delivered_at = Instant::now();
+    // Nobody listens here: this one stays pending, retried, for the whole test.
+    let pending_task = env.start_task(closed_port()).await;
+
+    let listed = |state: &'static str| {
+        let env = &env;
+        async move {
+            let page = env.admin(&format!("/admin/webhooks?state={state}")).await;
+            page["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["task_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while listed("delivered").await == [delivered_task.clone()] {
+        assert!(
+            Instant::now() < deadline,
+            "the delivered webhook was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(listed("delivered").await.is_empty());
+    assert!(
+        delivered_at.elapsed() >= Duration::from_secs(2),
+        "deleted {:?} after it was delivered, before keep_finished had passed",
+        delivered_at.elapsed()
+    );
+    assert_eq!(
+        env.metric("ketchup_gateway_webhook_deliveries_deleted_total")
+            .await,
+        1.0
+    );
+
+    // The pending delivery is still there, and still tried.
+    assert_eq!(listed("pending").await, [pending_task]);
+    let page = env.admin("/admin/webhooks?state=pending").await;
+    assert!(
+        page["webhooks"][0]["attempts"].as_u64().unwrap() > 1,
+        "{page}"
+    );
+    assert_eq!(receiver.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() {
     let env = start("").await;
     let receiver = Receiver::answering(&[]);

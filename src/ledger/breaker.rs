@@ -188,6 +188,18 @@ impl LedgerStore for Breaker {
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         self.guard(self.inner.deliveries(state, limit)).await
     }
+
+    async fn delete_finished_deliveries(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.guard(
+            self.inner
+                .delete_finished_deliveries(finished_before, limit),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +319,15 @@ mod tests {
             limit: usize,
         ) -> Result<Vec<DeliveryRecord>, StoreError> {
             self.sqlite.deliveries(state, limit).await
+        }
+        async fn delete_finished_deliveries(
+            &self,
+            finished_before: DateTime<Utc>,
+            limit: usize,
+        ) -> Result<u64, StoreError> {
+            self.sqlite
+                .delete_finished_deliveries(finished_before, limit)
+                .await
         }
     }
 

@@ -813,6 +813,113 @@ pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn Led
     assert_eq!((rest[0].id.as_str(), rest[0].attempts), ("msg_d3", 1));
 }
 
+/// Three claimed deliveries, ended three ways: `msg_delivered`, `msg_dead`, and `msg_retried`
+/// (pending, to be tried again). Each engine's own tests then look at what it kept of them.
+pub async fn deliveries_ended_three_ways(store: &dyn LedgerStore) {
+    for (id, task) in [
+        ("msg_delivered", "ta-1"),
+        ("msg_dead", "ta-2"),
+        ("msg_retried", "ta-3"),
+    ] {
+        assert!(store.enqueue_delivery(delivery(id, task)).await.unwrap());
+    }
+    let now = at("2026-11-23T10:00:00Z");
+    let claimed = store
+        .claim_deliveries(now, at("2026-11-23T10:00:30Z"), &any(10))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    for (id, outcome) in [
+        ("msg_delivered", AttemptOutcome::Delivered),
+        ("msg_dead", AttemptOutcome::Dead("answered 410".into())),
+        (
+            "msg_retried",
+            AttemptOutcome::RetryAt(at("2026-11-23T10:05:00Z"), "answered 500".into()),
+        ),
+    ] {
+        store.finish_attempt(id, outcome, now).await.unwrap();
+    }
+}
+
+pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn LedgerStore) {
+    for (id, task) in [
+        ("msg_1", "ta-1"),
+        ("msg_2", "ta-2"),
+        ("msg_3", "ta-3"),
+        ("msg_4", "ta-4"),
+    ] {
+        assert!(store.enqueue_delivery(delivery(id, task)).await.unwrap());
+    }
+    let claimed = store
+        .claim_deliveries(
+            at("2026-11-23T10:00:00Z"),
+            at("2026-11-23T10:00:30Z"),
+            &any(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    for (id, outcome, second) in [
+        ("msg_1", AttemptOutcome::Delivered, 1),
+        ("msg_2", AttemptOutcome::Dead("answered 410".into()), 2),
+        (
+            "msg_3",
+            AttemptOutcome::RetryAt(at("2026-11-23T10:05:00Z"), "answered 500".into()),
+            3,
+        ),
+        ("msg_4", AttemptOutcome::Delivered, 10),
+    ] {
+        let finished = at("2026-11-23T10:00:00Z") + chrono::Duration::seconds(second);
+        store.finish_attempt(id, outcome, finished).await.unwrap();
+    }
+
+    // Ended before 10:00:05: the delivered msg_1 and the dead msg_2, not the pending msg_3
+    // (its attempt failed at 10:00:03, but it is still to be delivered).
+    let before = at("2026-11-23T10:00:05Z");
+    assert_eq!(
+        store.delete_finished_deliveries(before, 10).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.delete_finished_deliveries(before, 10).await.unwrap(),
+        0
+    );
+    let ids = |records: Vec<DeliveryRecord>| -> Vec<String> {
+        records.into_iter().map(|d| d.id).collect()
+    };
+    let listed = |state| async move { ids(store.deliveries(state, 10).await.unwrap()) };
+    assert_eq!(listed(DeliveryState::Delivered).await, ["msg_4"]);
+    assert!(listed(DeliveryState::Dead).await.is_empty());
+    assert_eq!(listed(DeliveryState::Pending).await, ["msg_3"]);
+
+    // The limit bounds one call; the end of the range is exclusive.
+    let later = at("2026-11-23T10:00:10Z");
+    assert_eq!(
+        store.delete_finished_deliveries(later, 10).await.unwrap(),
+        0
+    );
+    let later = at("2026-11-23T11:00:00Z");
+    assert_eq!(store.delete_finished_deliveries(later, 0).await.unwrap(), 0);
+    assert_eq!(store.delete_finished_deliveries(later, 1).await.unwrap(), 1);
+    assert!(listed(DeliveryState::Delivered).await.is_empty());
+    assert_eq!(listed(DeliveryState::Pending).await, ["msg_3"]);
+
+    // Nothing of a deleted delivery is left behind: its task can be queued again.
+    assert!(
+        store
+            .enqueue_delivery(delivery("msg_1b", "ta-1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .enqueue_delivery(delivery("msg_3b", "ta-3"))
+            .await
+            .unwrap(),
+        "the pending delivery of ta-3 is kept"
+    );
+}
+
 pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     let now = at("2026-11-23T10:00:00Z");
     store
@@ -985,6 +1092,12 @@ macro_rules! conformance_suite {
             async fn a_team_past_its_share_waits_without_losing_attempts() {
                 let store = $make;
                 super::a_team_past_its_share_waits_without_losing_attempts(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn finished_deliveries_are_deleted_pending_ones_never() {
+                let store = $make;
+                super::finished_deliveries_are_deleted_pending_ones_never(&*store).await;
             }
 
             #[tokio::test]

@@ -428,6 +428,8 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, StoreError>;
 
     /// Records how a claimed attempt ended. Ignored for a delivery that is no longer pending.
+    /// A delivery that ends delivered or dead keeps no body: nothing will send it again, and a
+    /// callback's body can be megabytes of images.
     async fn finish_attempt(
         &self,
         id: &str,
@@ -441,4 +443,12 @@ pub trait LedgerStore: Send + Sync + 'static {
         state: DeliveryState,
         limit: usize,
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// Deletes up to `limit` deliveries that ended (delivered or dead) before `finished_before`,
+    /// oldest first, and returns how many; pending ones are never touched.
+    async fn delete_finished_deliveries(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
 }

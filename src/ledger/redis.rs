@@ -50,6 +50,7 @@ static LOOKUP: LazyLock<Script> = ledger_script!("redis/lookup.lua");
 static ENQUEUE: LazyLock<Script> = ledger_script!("redis/enqueue.lua");
 static CLAIM: LazyLock<Script> = ledger_script!("redis/claim.lua");
 static FINISH: LazyLock<Script> = ledger_script!("redis/finish.lua");
+static PRUNE: LazyLock<Script> = ledger_script!("redis/prune.lua");
 
 /// Reservations read per round trip by `usage`: big enough to keep round trips few, small enough
 /// that no single answer holds Redis up.
@@ -118,13 +119,14 @@ const DELIVERY_RECORD_FIELDS: [&str; 9] = [
 /// | `P created`, `P created:{team}` | sorted set | reservation ids by `created_at`, for usage |
 /// | `P state:{state}` | sorted set | ids of the reservations in a state, by `created_at` |
 /// | `P open-by-last-seen` | sorted set | open reservations by `observed_at`, else `created_at` |
-/// | `P delivery:{id}` | hash | a webhook delivery; `body` holds the raw bytes |
+/// | `P delivery:{id}` | hash | a webhook delivery; `body` holds the raw bytes while it is pending |
 /// | `P delivery-of-task:{task_id}` | string | the id of the delivery queued for a task |
 /// | `P deliveries-due` | sorted set | pending deliveries by next attempt (or end of lease) |
 /// | `P deliveries:{state}` | sorted set | ids of the deliveries in a state, by `updated_at` |
 ///
-/// Budget periods are part of their key, so a new period starts from zero without a reset job;
-/// nothing expires, as nothing does in the SQLite ledger. The scripts name keys they derive from
+/// Budget periods are part of their key, so a new period starts from zero without a reset job.
+/// No key has a TTL: as in the SQLite ledger, only finished webhook deliveries go, deleted by the
+/// gateway once `[webhooks] keep_finished` has passed. The scripts name keys they derive from
 /// stored fields (a reservation's period and team), so the store needs one Redis server, not a
 /// cluster.
 pub struct RedisStore {
@@ -737,6 +739,16 @@ impl LedgerStore for RedisStore {
         }
         Ok(records)
     }
+
+    async fn delete_finished_deliveries(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let mut call = self.script(&PRUNE);
+        call.arg(millis(finished_before)).arg(limit);
+        self.eval(&call).await
+    }
 }
 
 /// Adds one reservation to its usage row, as the SQLite engine's `GROUP BY` does.
@@ -905,7 +917,9 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::ledger::conformance::{any, at, delivery, open_task, reservation};
+    use crate::ledger::conformance::{
+        any, at, deliveries_ended_three_ways, delivery, open_task, reservation,
+    };
     use crate::test_redis::FadingRedis;
 
     const TIMEOUT: Duration = Duration::from_millis(300);
@@ -1050,6 +1064,21 @@ mod tests {
             .unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].body, body);
+    }
+
+    #[tokio::test]
+    async fn a_finished_delivery_keeps_no_body() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        deliveries_ended_three_ways(&store).await;
+        let mut kept = Vec::new();
+        for id in ["msg_delivered", "msg_dead", "msg_retried"] {
+            let mut command = redis::cmd("HEXISTS");
+            command.arg(store.keys.delivery(id)).arg("body");
+            kept.push(store.query::<bool>(&command).await.unwrap());
+        }
+        assert_eq!(kept, [false, false, true]);
     }
 
     #[tokio::test]

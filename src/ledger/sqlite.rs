@@ -869,7 +869,8 @@ impl LedgerStore for SqliteStore {
                 conn,
                 "UPDATE deliveries
                  SET state = ?2, next_attempt_at = coalesce(?3, next_attempt_at),
-                     last_error = coalesce(?4, last_error), updated_at = ?5
+                     last_error = coalesce(?4, last_error), updated_at = ?5,
+                     body = CASE ?2 WHEN 'pending' THEN body ELSE x'' END
                  WHERE id = ?1 AND state = 'pending'",
                 params![id, state.as_str(), next_attempt_at, error, millis(at)],
             )
@@ -911,12 +912,62 @@ impl LedgerStore for SqliteStore {
         })
         .await
     }
+
+    async fn delete_finished_deliveries(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let mut deleted = 0;
+            // One state at a time, so that each walks its own range of `deliveries_by_state`.
+            for state in [DeliveryState::Delivered, DeliveryState::Dead] {
+                deleted += execute(
+                    conn,
+                    "DELETE FROM deliveries WHERE id IN (
+                         SELECT id FROM deliveries WHERE state = ?1 AND updated_at < ?2
+                         ORDER BY updated_at LIMIT ?3)",
+                    params![
+                        state.as_str(),
+                        millis(finished_before),
+                        (limit - deleted) as i64
+                    ],
+                )
+                .map_err(unavailable)?;
+            }
+            Ok(deleted as u64)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::conformance::delivery;
+    use crate::ledger::conformance::{deliveries_ended_three_ways, delivery};
+
+    #[tokio::test]
+    async fn a_finished_delivery_keeps_no_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path).unwrap();
+        deliveries_ended_three_ways(&store).await;
+        let conn = Connection::open(&path).unwrap();
+        let body_bytes = |id: &str| -> i64 {
+            conn.query_row(
+                "SELECT length(body) FROM deliveries WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(body_bytes("msg_delivered"), 0);
+        assert_eq!(body_bytes("msg_dead"), 0);
+        assert_eq!(
+            body_bytes("msg_retried") as usize,
+            delivery("msg_retried", "ta-3").body.len()
+        );
+    }
 
     #[tokio::test]
     async fn a_ledger_from_before_webhooks_keeps_its_history_and_gains_the_outbox() {

@@ -354,6 +354,7 @@ mod tests {
             max_concurrent_deliveries: 32,
             max_concurrent_deliveries_per_team: 8,
             max_callback_bytes: 32 << 20,
+            keep_finished: Duration::from_secs(7 * 24 * 3600),
         }
     }
 

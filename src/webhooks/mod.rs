@@ -5,8 +5,10 @@
 //! callback settles the task's credits without any polling. Outbound: the payload is then
 //! delivered to the team's own URL from a durable outbox in the ledger (`delivery`), signed the
 //! Standard Webhooks way (`signing`), and only to addresses the team may reach (`target`).
+//! Finished deliveries are deleted once they have been kept long enough (`retention`).
 
 pub mod delivery;
+pub mod retention;
 pub mod signing;
 pub mod target;
 

@@ -14,5 +14,7 @@ if state == 'pending' then
   redis.call('ZADD', K.due, next_attempt, id)
 else
   redis.call('ZREM', K.due, id)
+  -- Nothing sends it again, and a callback's body can be megabytes of images.
+  redis.call('HDEL', key, 'body')
 end
 return 1
