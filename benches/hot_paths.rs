@@ -1,7 +1,9 @@
 //! The hot in-process pieces of a request, each beside a baseline measured in the same run:
 //! team-key lookup (beside hashing the key alone), the rate-limit check, parsing `consumed`
 //! (beside parsing the same text as an integer), a status-cache hit (beside a plain map read),
-//! and a durable ledger reserve + attach + settle (beside an empty SQLite commit).
+//! a durable ledger reserve + attach + settle (beside an empty SQLite commit), and claiming
+//! webhook deliveries while one team's receivers hang with a backlog due (beside the same claim
+//! without the backlog).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -16,7 +18,8 @@ use ketchup_gateway::{
     config::{Config, KeyDigest},
     credits::Credits,
     ledger::{
-        FinalStatus, LedgerStore, NewReservation, ReservationId, Settlement, sqlite::SqliteStore,
+        ClaimLimits, FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId,
+        Settlement, redis::RedisStore, sqlite::SqliteStore,
     },
     metrics::Metrics,
     rate_limit::{LimitKind, RateLimits},
@@ -153,12 +156,159 @@ fn ledger(c: &mut Criterion) {
     group.finish();
 }
 
+/// Due deliveries of the team whose receivers hang, in the second claim bench.
+const BACKLOG: usize = 50_000;
+
+/// One due delivery for `team`, queued `minutes_ago`.
+fn due_delivery(n: usize, team: &str, now: chrono::DateTime<chrono::Utc>) -> NewDelivery {
+    let created_at = now - chrono::Duration::minutes(60) + chrono::Duration::milliseconds(n as i64);
+    NewDelivery {
+        id: format!("msg_{team}_{n}"),
+        task_id: format!("ta-{team}-{n}"),
+        team: team.into(),
+        url: "https://hooks.example/ketchup".into(),
+        body: vec![b'x'; 200],
+        created_at,
+        deadline: now + chrono::Duration::hours(24),
+    }
+}
+
+/// Queues `backlog` due deliveries of `design` (written in parallel, so that group commit takes
+/// them in big batches) and one of `ads`, older than all of them.
+async fn seed_outbox(
+    store: Arc<dyn LedgerStore>,
+    backlog: usize,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let mut oldest = due_delivery(0, "ads", now);
+    oldest.created_at -= chrono::Duration::minutes(1);
+    store.enqueue_delivery(oldest).await.expect("enqueue");
+    let mut writes = tokio::task::JoinSet::new();
+    for chunk in (0..backlog)
+        .collect::<Vec<_>>()
+        .chunks(backlog.div_ceil(64).max(1))
+    {
+        let (store, chunk) = (store.clone(), chunk.to_vec());
+        writes.spawn(async move {
+            for n in chunk {
+                store
+                    .enqueue_delivery(due_delivery(n, "design", now))
+                    .await
+                    .expect("enqueue");
+            }
+        });
+    }
+    writes.join_all().await;
+}
+
+/// A fresh, empty ledger of one engine; with Redis, under a key prefix of its own that
+/// `forget` deletes afterwards.
+enum Engine {
+    Sqlite(tempfile::TempDir),
+    Redis { url: String, prefix: String },
+}
+
+impl Engine {
+    async fn open(&self) -> Arc<dyn LedgerStore> {
+        match self {
+            Engine::Sqlite(dir) => {
+                Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).expect("ledger opens"))
+            }
+            Engine::Redis { url, prefix } => Arc::new(
+                RedisStore::connect(url, prefix, Duration::from_secs(5))
+                    .await
+                    .expect("the bench Redis answers"),
+            ),
+        }
+    }
+
+    async fn forget(&self) {
+        let Engine::Redis { url, prefix } = self else {
+            return;
+        };
+        let client = redis::Client::open(url.as_str()).expect("a Redis URL");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the bench Redis answers");
+        let mut keys: Vec<String> = Vec::new();
+        {
+            use redis::AsyncCommands;
+            let mut scan = connection
+                .scan_match::<_, String>(format!("{prefix}*"))
+                .await
+                .expect("SCAN");
+            while let Some(key) = scan.next_item().await {
+                keys.push(key.expect("a key"));
+            }
+        }
+        for chunk in keys.chunks(1000) {
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut connection)
+                .await
+                .expect("DEL");
+        }
+    }
+}
+
+/// `design`'s receivers hang: its share of the attempts is taken, so a claim returns the one
+/// `ads` delivery whatever `design` has due. Its lease ends at once, so every claim finds the
+/// same outbox. SQLite always; Redis when `REDIS_URL` names one.
+fn webhook_claim(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let now: chrono::DateTime<chrono::Utc> = "2026-12-01T12:00:00Z".parse().expect("a time");
+    let limits = ClaimLimits {
+        total: 32,
+        per_team: 8,
+        busy: [("design".to_owned(), 8)].into(),
+    };
+    let redis_url = std::env::var("REDIS_URL").ok();
+    if redis_url.is_none() {
+        eprintln!("webhook_claim: REDIS_URL is not set, so the Redis engine is not measured");
+    }
+    let mut group = c.benchmark_group("webhook_claim");
+    group.sample_size(20);
+    for engine_name in ["sqlite", "redis"] {
+        for (case, backlog) in [
+            ("baseline: claim, nothing else due", 0),
+            (
+                "claim beside 50,000 due deliveries of a team at its share",
+                BACKLOG,
+            ),
+        ] {
+            let engine = match (engine_name, &redis_url) {
+                ("sqlite", _) => Engine::Sqlite(tempfile::tempdir().expect("temp dir")),
+                (_, Some(url)) => Engine::Redis {
+                    url: url.clone(),
+                    prefix: format!("ketchup-bench:{}:", uuid::Uuid::new_v4().simple()),
+                },
+                (_, None) => continue,
+            };
+            let store = runtime.block_on(engine.open());
+            runtime.block_on(seed_outbox(store.clone(), backlog, now));
+            group.bench_function(format!("{engine_name}/{case}"), |b| {
+                b.to_async(&runtime).iter(|| async {
+                    let claimed = store
+                        .claim_deliveries(now, now, &limits)
+                        .await
+                        .expect("claim");
+                    assert_eq!(claimed.len(), 1, "only ads' delivery");
+                })
+            });
+            runtime.block_on(engine.forget());
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     hot_paths,
     key_lookup,
     rate_limit,
     decimal_parsing,
     cache_hit,
-    ledger
+    ledger,
+    webhook_claim
 );
 criterion_main!(hot_paths);

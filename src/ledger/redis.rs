@@ -121,7 +121,8 @@ const DELIVERY_RECORD_FIELDS: [&str; 9] = [
 /// | `P open-by-last-seen` | sorted set | open reservations by `observed_at`, else `created_at` |
 /// | `P delivery:{id}` | hash | a webhook delivery; `body` holds the raw bytes while it is pending |
 /// | `P delivery-of-task:{task_id}` | string | the id of the delivery queued for a task |
-/// | `P deliveries-due` | sorted set | pending deliveries by next attempt (or end of lease) |
+/// | `P deliveries-due:{team}` | sorted set | the team's pending deliveries by next attempt (or end of lease) |
+/// | `P deliveries-due-teams` | set | the teams that have pending deliveries |
 /// | `P deliveries:{state}` | sorted set | ids of the deliveries in a state, by `updated_at` |
 ///
 /// Budget periods are part of their key, so a new period starts from zero without a reset job.
@@ -1079,6 +1080,67 @@ mod tests {
             kept.push(store.query::<bool>(&command).await.unwrap());
         }
         assert_eq!(kept, [false, false, true]);
+    }
+
+    #[tokio::test]
+    async fn deliveries_queued_before_per_team_due_sets_are_still_claimed() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let now = at("2026-11-23T10:00:00Z");
+        for (id, task, team, minutes_ago) in [
+            ("msg_old_d", "ta-1", "design", 2),
+            ("msg_old_a", "ta-2", "ads", 1),
+        ] {
+            let mut queued = delivery(id, task);
+            queued.team = team.into();
+            queued.created_at = now - chrono::Duration::minutes(minutes_ago);
+            assert!(store.enqueue_delivery(queued).await.unwrap());
+        }
+        // Put them back as an earlier version kept them: one set of every team's due deliveries.
+        let prefix = &store.keys.prefix;
+        let mut legacy = vec![redis::cmd("DEL")];
+        legacy[0].arg(format!("{prefix}deliveries-due-teams"));
+        for (id, team, minutes_ago) in [("msg_old_d", "design", 2), ("msg_old_a", "ads", 1)] {
+            let mut own = redis::cmd("DEL");
+            own.arg(format!("{prefix}deliveries-due:{team}"));
+            let mut shared = redis::cmd("ZADD");
+            shared
+                .arg(format!("{prefix}deliveries-due"))
+                .arg(millis(now - chrono::Duration::minutes(minutes_ago)))
+                .arg(id);
+            legacy.extend([own, shared]);
+        }
+        for command in &legacy {
+            store.query::<()>(command).await.unwrap();
+        }
+
+        let claimed = store
+            .claim_deliveries(now, at("2026-11-23T10:00:30Z"), &any(10))
+            .await
+            .unwrap();
+        let ids: Vec<_> = claimed.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["msg_old_d", "msg_old_a"], "oldest first, as before");
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(format!("{prefix}deliveries-due"));
+        assert!(!store.query::<bool>(&exists).await.unwrap());
+        // Leased in their team's own sets: not claimed again until the lease ends.
+        assert!(
+            store
+                .claim_deliveries(now, at("2026-11-23T10:00:30Z"), &any(10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = store
+            .claim_deliveries(
+                at("2026-11-23T10:00:31Z"),
+                at("2026-11-23T10:01:00Z"),
+                &any(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 2);
     }
 
     #[tokio::test]

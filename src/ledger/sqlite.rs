@@ -88,6 +88,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending';
     CREATE INDEX deliveries_by_state ON deliveries (state, updated_at);
     "#,
+    // Claims read each team's due deliveries from its own range, so that a team whose share of
+    // the attempts is taken costs a claim nothing however many of its deliveries are due.
+    r#"
+    CREATE INDEX deliveries_due_by_team ON deliveries (team, next_attempt_at, id)
+        WHERE state = 'pending';
+    DROP INDEX deliveries_due;
+    "#,
 ];
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -227,6 +234,30 @@ impl ReaderPool {
 
     fn give_back(&self, conn: Connection) {
         self.idle.lock().expect("reader pool lock").push(conn);
+    }
+}
+
+/// The teams that have pending deliveries, each found by one seek in `deliveries_due_by_team`
+/// past the one before: as many steps as teams, however many deliveries each has. The index is
+/// named because without statistics SQLite would rather walk every pending delivery by state.
+fn teams_with_pending_deliveries(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT team FROM deliveries INDEXED BY deliveries_due_by_team
+             WHERE state = 'pending' AND team > ?1 ORDER BY team LIMIT 1",
+        )
+        .map_err(unavailable)?;
+    let mut teams: Vec<String> = Vec::new();
+    loop {
+        let after = teams.last().map_or("", String::as_str);
+        match statement
+            .query_row([after], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?
+        {
+            Some(team) => teams.push(team),
+            None => return Ok(teams),
+        }
     }
 }
 
@@ -808,44 +839,66 @@ impl LedgerStore for SqliteStore {
         lease_until: DateTime<Utc>,
         limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let total = limits.total as i64;
-        let per_team = limits.per_team as i64;
-        let busy = serde_json::to_string(&limits.busy).map_err(unavailable)?;
+        if limits.total == 0 {
+            return Ok(Vec::new());
+        }
+        let limits = limits.clone();
         self.write(move |conn| {
-            // Each team's due deliveries are numbered oldest first; those past the team's share
-            // left are not claimed at all, so waiting costs them no attempt.
-            let mut statement = conn
+            // The oldest due deliveries of each team, as many as its share has left: one index
+            // range per team, never a walk over the deliveries of a team that must wait.
+            let mut candidates: Vec<(i64, String)> = Vec::new();
+            for team in teams_with_pending_deliveries(conn)? {
+                let taken = limits.busy.get(&team).copied().unwrap_or(0);
+                let left = limits.per_team.saturating_sub(taken).min(limits.total);
+                if left == 0 {
+                    continue;
+                }
+                let mut statement = conn
+                    .prepare_cached(
+                        "SELECT next_attempt_at, id FROM deliveries
+                         INDEXED BY deliveries_due_by_team
+                         WHERE state = 'pending' AND team = ?1 AND next_attempt_at <= ?2
+                         ORDER BY next_attempt_at, id LIMIT ?3",
+                    )
+                    .map_err(unavailable)?;
+                let due = statement
+                    .query_map(params![team, millis(now), left as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(unavailable)?;
+                for row in due {
+                    candidates.push(row.map_err(unavailable)?);
+                }
+            }
+            candidates.sort_unstable();
+            candidates.truncate(limits.total);
+
+            let mut lease = conn
                 .prepare_cached(
                     "UPDATE deliveries SET next_attempt_at = ?2, attempts = attempts + 1
-                     WHERE id IN (
-                       SELECT id FROM (
-                         SELECT id, team, next_attempt_at, row_number() OVER
-                                  (PARTITION BY team ORDER BY next_attempt_at, id) AS nth
-                         FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1)
-                       WHERE nth <= ?4 - coalesce(
-                               (SELECT value FROM json_each(?5) WHERE key = team), 0)
-                       ORDER BY next_attempt_at LIMIT ?3)
+                     WHERE id = ?1
                      RETURNING id, task_id, team, url, body, attempts, created_at, deadline",
                 )
                 .map_err(unavailable)?;
-            let rows = statement
-                .query_map(
-                    params![millis(now), millis(lease_until), total, per_team, busy],
-                    |r| {
-                        Ok(Delivery {
-                            id: r.get(0)?,
-                            task_id: r.get(1)?,
-                            team: r.get(2)?,
-                            url: r.get(3)?,
-                            body: r.get(4)?,
-                            attempts: r.get(5)?,
-                            created_at: from_millis(r.get(6)?),
-                            deadline: from_millis(r.get(7)?),
+            candidates
+                .into_iter()
+                .map(|(_, id)| {
+                    lease
+                        .query_row(params![id, millis(lease_until)], |r| {
+                            Ok(Delivery {
+                                id: r.get(0)?,
+                                task_id: r.get(1)?,
+                                team: r.get(2)?,
+                                url: r.get(3)?,
+                                body: r.get(4)?,
+                                attempts: r.get(5)?,
+                                created_at: from_millis(r.get(6)?),
+                                deadline: from_millis(r.get(7)?),
+                            })
                         })
-                    },
-                )
-                .map_err(unavailable)?;
-            rows.collect::<Result<_, _>>().map_err(unavailable)
+                        .map_err(unavailable)
+                })
+                .collect()
         })
         .await
     }

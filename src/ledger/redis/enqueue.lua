@@ -8,6 +8,7 @@ if redis.call('SETNX', K.delivery_of_task(task_id), id) == 0 then return 0 end
 redis.call('HSET', key, 'id', id, 'task_id', task_id, 'team', ARGV[4], 'url', ARGV[5],
   'body', ARGV[6], 'state', 'pending', 'attempts', 0, 'next_attempt_at', created,
   'created_at', created, 'deadline', ARGV[8], 'updated_at', created)
-redis.call('ZADD', K.due, created, id)
+redis.call('ZADD', K.due(ARGV[4]), created, id)
+redis.call('SADD', K.due_teams, ARGV[4])
 redis.call('ZADD', K.deliveries('pending'), created, id)
 return 1

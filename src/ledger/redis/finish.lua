@@ -4,16 +4,19 @@
 local id, state, next_attempt, has_error, last_error, at =
   ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
 local key = K.delivery(id)
-if redis.call('HGET', key, 'state') ~= 'pending' then return 0 end
+local r = redis.call('HMGET', key, 'state', 'team')
+if r[1] ~= 'pending' then return 0 end
+local due = K.due(r[2])
 redis.call('HSET', key, 'state', state, 'updated_at', at)
 if has_error then redis.call('HSET', key, 'last_error', last_error) end
 redis.call('ZREM', K.deliveries('pending'), id)
 redis.call('ZADD', K.deliveries(state), at, id)
 if state == 'pending' then
   redis.call('HSET', key, 'next_attempt_at', next_attempt)
-  redis.call('ZADD', K.due, next_attempt, id)
+  redis.call('ZADD', due, next_attempt, id)
 else
-  redis.call('ZREM', K.due, id)
+  redis.call('ZREM', due, id)
+  if redis.call('ZCARD', due) == 0 then redis.call('SREM', K.due_teams, r[2]) end
   -- Nothing sends it again, and a callback's body can be megabytes of images.
   redis.call('HDEL', key, 'body')
 end

@@ -27,7 +27,12 @@ local K = {
   unobserved = P .. 'open-by-last-seen',
   delivery = function(id) return P .. 'delivery:' .. id end,
   delivery_of_task = function(task_id) return P .. 'delivery-of-task:' .. task_id end,
-  due = P .. 'deliveries-due',
+  -- Each team's pending deliveries by due time, and the teams that have any: a claim reads
+  -- only what each team may take, never the deliveries of a team that must wait.
+  due = function(team) return P .. 'deliveries-due:' .. team end,
+  due_teams = P .. 'deliveries-due-teams',
+  -- All teams' pending deliveries in one set, as versions before the per-team sets kept them.
+  due_before_teams = P .. 'deliveries-due',
   deliveries = function(state) return P .. 'deliveries:' .. state end,
 }
 
