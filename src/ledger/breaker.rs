@@ -175,10 +175,12 @@ impl LedgerStore for Breaker {
     async fn finish_attempt(
         &self,
         id: &str,
+        attempt: u32,
         outcome: AttemptOutcome,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.guard(self.inner.finish_attempt(id, outcome, at)).await
+        self.guard(self.inner.finish_attempt(id, attempt, outcome, at))
+            .await
     }
 
     async fn deliveries(
@@ -308,10 +310,11 @@ mod tests {
         async fn finish_attempt(
             &self,
             id: &str,
+            attempt: u32,
             outcome: AttemptOutcome,
             at: DateTime<Utc>,
         ) -> Result<(), StoreError> {
-            self.sqlite.finish_attempt(id, outcome, at).await
+            self.sqlite.finish_attempt(id, attempt, outcome, at).await
         }
         async fn deliveries(
             &self,

@@ -730,6 +730,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     store
         .finish_attempt(
             "msg_1",
+            1,
             AttemptOutcome::Delivered,
             at("2026-11-23T10:00:01Z"),
         )
@@ -758,7 +759,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     assert_eq!(delivered[0].updated_at, at("2026-11-23T10:00:01Z"));
     // A late report about a finished delivery changes nothing.
     store
-        .finish_attempt("msg_1", AttemptOutcome::Dead("late".into()), now)
+        .finish_attempt("msg_1", 1, AttemptOutcome::Dead("late".into()), now)
         .await
         .unwrap();
     assert!(
@@ -771,6 +772,85 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].id, "msg_2");
+}
+
+pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn LedgerStore) {
+    store
+        .enqueue_delivery(delivery("msg_1", "ta-1"))
+        .await
+        .unwrap();
+    let first = store
+        .claim_deliveries(
+            at("2026-11-23T10:00:00Z"),
+            at("2026-11-23T10:00:30Z"),
+            &any(10),
+        )
+        .await
+        .unwrap();
+    // The first claimer stalls past its lease; another claims the delivery again.
+    let second = store
+        .claim_deliveries(
+            at("2026-11-23T10:00:31Z"),
+            at("2026-11-23T10:01:00Z"),
+            &any(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!((first[0].attempts, second[0].attempts), (1, 2));
+
+    // The stalled one wakes and reports: neither its dead letter nor its retry time stands.
+    let stale = first[0].attempts;
+    let now = at("2026-11-23T10:00:32Z");
+    let dead = AttemptOutcome::Dead("answered 410".into());
+    store
+        .finish_attempt("msg_1", stale, dead, now)
+        .await
+        .unwrap();
+    let retry = AttemptOutcome::RetryAt(at("2026-11-23T10:00:33Z"), "answered 500".into());
+    store
+        .finish_attempt("msg_1", stale, retry, now)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .deliveries(DeliveryState::Dead, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
+    assert_eq!(pending[0].last_error, None);
+    assert!(
+        store
+            .claim_deliveries(
+                at("2026-11-23T10:00:34Z"),
+                at("2026-11-23T10:01:30Z"),
+                &any(10)
+            )
+            .await
+            .unwrap()
+            .is_empty(),
+        "the second claim's lease still holds"
+    );
+
+    // The attempt under way reports, and that stands.
+    store
+        .finish_attempt(
+            "msg_1",
+            second[0].attempts,
+            AttemptOutcome::Delivered,
+            at("2026-11-23T10:00:40Z"),
+        )
+        .await
+        .unwrap();
+    let delivered = store
+        .deliveries(DeliveryState::Delivered, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (delivered[0].id.as_str(), delivered[0].attempts),
+        ("msg_1", 2)
+    );
 }
 
 pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn LedgerStore) {
@@ -837,7 +917,7 @@ pub async fn deliveries_ended_three_ways(store: &dyn LedgerStore) {
             AttemptOutcome::RetryAt(at("2026-11-23T10:05:00Z"), "answered 500".into()),
         ),
     ] {
-        store.finish_attempt(id, outcome, now).await.unwrap();
+        store.finish_attempt(id, 1, outcome, now).await.unwrap();
     }
 }
 
@@ -870,7 +950,10 @@ pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledg
         ("msg_4", AttemptOutcome::Delivered, 10),
     ] {
         let finished = at("2026-11-23T10:00:00Z") + chrono::Duration::seconds(second);
-        store.finish_attempt(id, outcome, finished).await.unwrap();
+        store
+            .finish_attempt(id, 1, outcome, finished)
+            .await
+            .unwrap();
     }
 
     // Ended before 10:00:05: the delivered msg_1 and the dead msg_2, not the pending msg_3
@@ -934,6 +1017,7 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     store
         .finish_attempt(
             "msg_1",
+            1,
             AttemptOutcome::RetryAt(at("2026-11-23T10:05:00Z"), "answered 500".into()),
             at("2026-11-23T10:00:01Z"),
         )
@@ -965,6 +1049,7 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
     store
         .finish_attempt(
             "msg_1",
+            2,
             AttemptOutcome::Dead("deadline passed".into()),
             at("2026-11-23T10:05:02Z"),
         )
@@ -1086,6 +1171,12 @@ macro_rules! conformance_suite {
             async fn deliveries_are_queued_once_and_leased() {
                 let store = $make;
                 super::deliveries_are_queued_once_and_leased(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn a_report_from_a_lease_that_ran_out_changes_nothing() {
+                let store = $make;
+                super::a_report_from_a_lease_that_ran_out_changes_nothing(&*store).await;
             }
 
             #[tokio::test]

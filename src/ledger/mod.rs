@@ -427,12 +427,15 @@ pub trait LedgerStore: Send + Sync + 'static {
         limits: &ClaimLimits,
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// Records how a claimed attempt ended. Ignored for a delivery that is no longer pending.
-    /// A delivery that ends delivered or dead keeps no body: nothing will send it again, and a
-    /// callback's body can be megabytes of images.
+    /// Records how a claimed attempt ended: `attempt` is its number, [`Delivery::attempts`] of
+    /// the claim. Ignored unless the delivery is still pending and that attempt is its latest,
+    /// so a replica whose lease ran out while it was stalled, the delivery claimed again since,
+    /// cannot overrule the attempt now under way. A delivery that ends delivered or dead keeps
+    /// no body: nothing will send it again, and a callback's body can be megabytes of images.
     async fn finish_attempt(
         &self,
         id: &str,
+        attempt: u32,
         outcome: AttemptOutcome,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError>;

@@ -677,6 +677,7 @@ impl LedgerStore for RedisStore {
     async fn finish_attempt(
         &self,
         id: &str,
+        attempt: u32,
         outcome: AttemptOutcome,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
@@ -693,7 +694,8 @@ impl LedgerStore for RedisStore {
             .arg(optional(next_attempt))
             .arg(flag(error.is_some()))
             .arg(error.unwrap_or_default())
-            .arg(millis(at));
+            .arg(millis(at))
+            .arg(attempt);
         self.eval::<()>(&call).await
     }
 

@@ -906,6 +906,7 @@ impl LedgerStore for SqliteStore {
     async fn finish_attempt(
         &self,
         id: &str,
+        attempt: u32,
         outcome: AttemptOutcome,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
@@ -924,8 +925,15 @@ impl LedgerStore for SqliteStore {
                  SET state = ?2, next_attempt_at = coalesce(?3, next_attempt_at),
                      last_error = coalesce(?4, last_error), updated_at = ?5,
                      body = CASE ?2 WHEN 'pending' THEN body ELSE x'' END
-                 WHERE id = ?1 AND state = 'pending'",
-                params![id, state.as_str(), next_attempt_at, error, millis(at)],
+                 WHERE id = ?1 AND state = 'pending' AND attempts = ?6",
+                params![
+                    id,
+                    state.as_str(),
+                    next_attempt_at,
+                    error,
+                    millis(at),
+                    attempt
+                ],
             )
             .map_err(unavailable)?;
             Ok(())

@@ -155,7 +155,7 @@ async fn attempt_and_record(state: &AppState, delivery: Delivery) {
     }
     if let Err(e) = state
         .ledger
-        .finish_attempt(&delivery.id, outcome, state.clock.now())
+        .finish_attempt(&delivery.id, delivery.attempts, outcome, state.clock.now())
         .await
     {
         // The lease runs out and the delivery is attempted again: at least once, never lost.

@@ -1,11 +1,12 @@
 -- finish: records how an attempt ended and moves the delivery between the indexes in one step;
--- a late report about a delivery that is no longer pending changes nothing.
--- ARGV: prefix, id, new state, next attempt or '', has error ('1' or ''), error, at
-local id, state, next_attempt, has_error, last_error, at =
-  ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+-- a late report about a delivery that is no longer pending, or about an attempt that is not its
+-- latest (the lease ran out and another claim followed), changes nothing.
+-- ARGV: prefix, id, new state, next attempt or '', has error ('1' or ''), error, at, attempt
+local id, state, next_attempt, has_error, last_error, at, attempt =
+  ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7], ARGV[8]
 local key = K.delivery(id)
-local r = redis.call('HMGET', key, 'state', 'team')
-if r[1] ~= 'pending' then return 0 end
+local r = redis.call('HMGET', key, 'state', 'team', 'attempts')
+if r[1] ~= 'pending' or r[3] ~= attempt then return 0 end
 local due = K.due(r[2])
 redis.call('HSET', key, 'state', state, 'updated_at', at)
 if has_error then redis.call('HSET', key, 'last_error', last_error) end
