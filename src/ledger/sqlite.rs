@@ -438,7 +438,13 @@ fn task_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
     })
 }
 
-const TASK_COLUMNS: &str = "task_id, team, model, reserved, state, created_at";
+/// The columns `task_record` reads, as a macro so that each query is one `concat!`ed literal
+/// rather than a string formatted on every call.
+macro_rules! task_columns {
+    () => {
+        "task_id, team, model, reserved, state, created_at"
+    };
+}
 
 #[async_trait]
 impl LedgerStore for SqliteStore {
@@ -565,7 +571,11 @@ impl LedgerStore for SqliteStore {
         self.read_point(|conn| {
             query_row(
                 conn,
-                &format!("SELECT {TASK_COLUMNS} FROM reservations WHERE task_id = ?1"),
+                concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM reservations WHERE task_id = ?1"
+                ),
                 params![task_id],
                 task_record,
             )
@@ -620,8 +630,10 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Vec<TaskRecord>, StoreError> {
         self.read(move |conn| {
             let mut statement = conn
-                .prepare_cached(&format!(
-                    "SELECT {TASK_COLUMNS} FROM reservations
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM reservations
                      WHERE state = 'open' AND coalesce(observed_at, created_at) < ?1
                      ORDER BY coalesce(observed_at, created_at) LIMIT ?2"
                 ))
