@@ -23,6 +23,7 @@ use ketchup_gateway::{
     },
     metrics::Metrics,
     rate_limit::{LimitKind, RateLimits},
+    redis_client::RedisEndpoint,
     status_cache::{Answer, StatusCache},
 };
 
@@ -215,9 +216,13 @@ impl Engine {
                 Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).expect("ledger opens"))
             }
             Engine::Redis { url, prefix } => Arc::new(
-                RedisStore::connect(url, prefix, Duration::from_secs(5))
-                    .await
-                    .expect("the bench Redis answers"),
+                RedisStore::connect(
+                    &RedisEndpoint::from_url(url),
+                    prefix,
+                    Duration::from_secs(5),
+                )
+                .await
+                .expect("the bench Redis answers"),
             ),
         }
     }

@@ -90,6 +90,10 @@ pub struct UpstreamConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value, built once per configuration load"
+)]
 pub enum StoreConfig {
     Sqlite {
         path: PathBuf,
@@ -107,7 +111,19 @@ pub enum StoreConfig {
         /// (`true`) or refuse the requests they would count (`false`, the default): a
         /// cluster-wide limit may not silently become one per replica.
         rate_limits_fail_open: bool,
+        tls: RedisTls,
     },
+}
+
+/// Certificates for a `rediss://` store other than the public web roots: a Redis whose
+/// certificate a private CA signed, or one that asks its clients for a certificate
+/// (`tls-auth-clients`). The files are read when the gateway connects, never kept in the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// PEM certificates of the CAs to trust for the server, instead of the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM files of the client certificate and of its private key.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -485,6 +501,9 @@ mod raw {
         pub key_prefix: Option<String>,
         pub command_timeout: Option<HumanDuration>,
         pub rate_limits_when_unavailable: Option<String>,
+        pub ca_file: Option<PathBuf>,
+        pub client_cert_file: Option<PathBuf>,
+        pub client_key_file: Option<PathBuf>,
     }
 
     fn default_store_kind() -> String {
@@ -768,12 +787,15 @@ impl Config {
                             || store.key_prefix.is_some()
                             || store.command_timeout.is_some()
                             || store.rate_limits_when_unavailable.is_some()
+                            || store.ca_file.is_some()
+                            || store.client_cert_file.is_some()
+                            || store.client_key_file.is_some()
                         {
                             return Err(fail(
                                 span,
-                                "[store] url, password_env, password_file, key_prefix, command_timeout \
-                                 and rate_limits_when_unavailable are for kind = \"redis\"; \
-                                 sqlite uses path",
+                                "[store] url, password_env, password_file, key_prefix, command_timeout, \
+                                 rate_limits_when_unavailable, ca_file, client_cert_file and \
+                                 client_key_file are for kind = \"redis\"; sqlite uses path",
                             ));
                         }
                         StoreConfig::Sqlite {
@@ -1068,12 +1090,29 @@ fn redis_store(store: raw::Store) -> Result<StoreConfig, String> {
             ));
         }
     };
+    let client_cert = match (store.client_cert_file, store.client_key_file) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("[store] client_cert_file and client_key_file go together".into()),
+    };
+    let tls = RedisTls {
+        ca_file: store.ca_file,
+        client_cert,
+    };
+    if tls != RedisTls::default() && url.scheme() != "rediss" {
+        return Err(
+            "[store] ca_file, client_cert_file and client_key_file are for TLS: the url must \
+             start with rediss://"
+                .into(),
+        );
+    }
     Ok(StoreConfig::Redis {
         url,
         password,
         key_prefix: store.key_prefix.unwrap_or_else(|| "ketchup:".into()),
         command_timeout,
         rate_limits_fail_open,
+        tls,
     })
 }
 
@@ -1374,6 +1413,29 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
     }
 
     #[test]
+    fn a_tls_redis_store_may_name_its_ca_and_client_certificate() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[store]\nkind = \"redis\"\nurl = \"rediss://redis.internal:6380/2\"\n\
+             ca_file = \"/etc/redis/ca.pem\"\nclient_cert_file = \"/etc/redis/client.pem\"\n\
+             client_key_file = \"/run/secrets/redis-client-key\"\n"
+        ))
+        .unwrap();
+        let StoreConfig::Redis { tls, .. } = config.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(
+            tls,
+            RedisTls {
+                ca_file: Some("/etc/redis/ca.pem".into()),
+                client_cert: Some((
+                    "/etc/redis/client.pem".into(),
+                    "/run/secrets/redis-client-key".into()
+                )),
+            }
+        );
+    }
+
+    #[test]
     fn a_redis_store_takes_its_password_from_outside_the_file() {
         let config = parse(&format!(
             "{MINIMAL}\n[store]\nkind = \"redis\"\nurl = \"rediss://redis.internal:6380/2\"\n\
@@ -1388,6 +1450,7 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
                 key_prefix: "ketchup:".into(),
                 command_timeout: Duration::from_millis(250),
                 rate_limits_fail_open: false,
+                tls: RedisTls::default(),
             }
         );
         let redis =
@@ -1401,6 +1464,13 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
         assert!(
             redis("url = \"redis://r\"\nrate_limits_when_unavailable = \"maybe\"")
                 .contains("use \"refuse\"")
+        );
+        assert!(
+            redis("url = \"redis://r\"\nca_file = \"ca.pem\"")
+                .contains("must start with rediss://")
+        );
+        assert!(
+            redis("url = \"rediss://r\"\nclient_cert_file = \"c.pem\"").contains("go together")
         );
         let sqlite_with_url = error_of(&format!(
             "{MINIMAL}\n[store]\npath = \"x.db\"\nkey_prefix = \"k:\"\n"

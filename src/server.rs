@@ -18,6 +18,7 @@ use crate::{
     metrics::Metrics,
     rate_limit::{RateLimits, shared::SharedLimits},
     reconciler,
+    redis_client::RedisEndpoint,
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
@@ -215,10 +216,13 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// The Redis URL with its password (from the environment or a file) put in. A `Secret`, so it is
-/// never printed.
-fn redis_url(store: &StoreConfig) -> Result<Secret, String> {
-    let StoreConfig::Redis { url, password, .. } = store else {
+/// The Redis to connect to: the URL with its password (from the environment or a file) put in,
+/// a `Secret` so that it is never printed, and the store's TLS certificates.
+fn redis_endpoint(store: &StoreConfig) -> Result<RedisEndpoint, String> {
+    let StoreConfig::Redis {
+        url, password, tls, ..
+    } = store
+    else {
         return Err("the store is not Redis".into());
     };
     let mut url = url.clone();
@@ -229,7 +233,10 @@ fn redis_url(store: &StoreConfig) -> Result<Secret, String> {
         url.set_password(Some(password.expose()))
             .map_err(|()| "[store] url cannot carry a password".to_owned())?;
     }
-    Ok(Secret::new(String::from(url)))
+    Ok(RedisEndpoint {
+        url: Secret::new(String::from(url)),
+        tls: tls.clone(),
+    })
 }
 
 /// The rate limits shared by the replicas on one Redis.
@@ -243,9 +250,9 @@ async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, Stri
     else {
         return Ok(None);
     };
-    let url = redis_url(store)?;
+    let endpoint = redis_endpoint(store)?;
     let shared = SharedLimits::connect(
-        url.expose(),
+        &endpoint,
         key_prefix,
         *command_timeout,
         *rate_limits_fail_open,
@@ -264,9 +271,9 @@ async fn shared_statuses(config: &Config) -> Result<Option<SharedStatuses>, Stri
     else {
         return Ok(None);
     };
-    let url = redis_url(&config.store)?;
+    let endpoint = redis_endpoint(&config.store)?;
     let shared = SharedStatuses::connect(
-        url.expose(),
+        &endpoint,
         key_prefix,
         *command_timeout,
         config.cache.status_ttl,
@@ -285,8 +292,8 @@ async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String
             command_timeout,
             ..
         } => {
-            let url = redis_url(store)?;
-            let redis = RedisStore::connect(url.expose(), key_prefix, *command_timeout)
+            let endpoint = redis_endpoint(store)?;
+            let redis = RedisStore::connect(&endpoint, key_prefix, *command_timeout)
                 .await
                 .map_err(|e| e.to_string())?;
             // Over the network, an outage must cost clients fast errors, not a timeout each.

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis_server::{self, PrivateRedis};
+use common::tls::TestPki;
 use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
 use common::{DESIGN_KEY, Gateway, closed_port, fake_config};
 use ketchup_gateway::credits::Credits;
@@ -793,22 +794,96 @@ async fn a_redis_password_comes_from_password_file_and_stays_secret() {
     assert!(!gateway.logs().contains(PASSWORD), "{}", gateway.logs());
 
     let wrong_dir = tempfile::tempdir().unwrap();
+    let said = refused_at_start(&config(wrong_dir.path(), WRONG)).await;
+    assert!(said.contains("Password authentication failed"), "{said}");
+    assert!(!said.contains(WRONG) && !said.contains(PASSWORD), "{said}");
+    assert_eq!(fake.stats().generate_requests, 1);
+}
+
+/// What a gateway started on `config` says on stderr as it refuses to start.
+async fn refused_at_start(config: &std::path::Path) -> String {
     let refused = tokio::time::timeout(
         DEADLINE,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_ketchup-gateway"))
             .args(["serve", "--config"])
-            .arg(config(wrong_dir.path(), WRONG))
+            .arg(config)
             .env("KETCHUP_UPSTREAM_TOKEN", common::UPSTREAM_TOKEN)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("a gateway with a wrong Redis password stops at start")
+    .expect("the gateway stops at start")
     .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert!(!refused.status.success(), "{said}");
-    assert!(said.contains("Password authentication failed"), "{said}");
-    assert!(!said.contains(WRONG) && !said.contains(PASSWORD), "{said}");
+    said
+}
+
+/// A Redis that speaks only TLS, with a certificate from a private CA, and takes only clients
+/// with a certificate of that CA: the gateway trusts the CA from `ca_file`, presents
+/// `client_cert_file`, and serves with its ledger there. Without either it refuses to start,
+/// saying why; the key's contents never show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let Some(redis) = PrivateRedis::start_with_tls(dir.path(), &pki) else {
+        return;
+    };
+    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let http = reqwest::Client::new();
+    let config = |config_dir: &std::path::Path, store: String| {
+        write_config(
+            config_dir,
+            &fake.base_url(),
+            &redis.url(),
+            &unique_prefix(),
+            &Setup {
+                // Setup's fields are literals; a test's own lines may live as long as the test.
+                store: Box::leak(store.into_boxed_str()),
+                ..Setup::default()
+            },
+        )
+    };
+    let ca = format!("ca_file = \"{}\"\n", pki.ca.display());
+    let client = format!(
+        "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+
+    let config_dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(config(config_dir.path(), format!("{ca}{client}")));
+    assert_eq!(get(&http, &gateway, "/readyz", "").await.0, 200);
+    let (status, body) = generate(&http, &gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let (status, _, read) = read_status(&http, &gateway, &task_id).await;
+    assert_eq!(status, 200, "{read}");
+    let budget = get(&http, &gateway, "/gateway/v1/budget", DESIGN_KEY)
+        .await
+        .1;
+    assert_eq!(budget["reserved"], "0.50000000", "{budget}");
+
+    let key = std::fs::read_to_string(&pki.client_key).unwrap();
+    let key_body = key.lines().nth(1).unwrap();
+    let untrusted_dir = tempfile::tempdir().unwrap();
+    let said = refused_at_start(&config(untrusted_dir.path(), client.clone())).await;
+    assert!(said.contains("UnknownIssuer"), "{said}");
+    assert!(!said.contains(key_body), "{said}");
+    let anonymous_dir = tempfile::tempdir().unwrap();
+    let said = refused_at_start(&config(anonymous_dir.path(), ca.clone())).await;
+    assert!(said.contains("CertificateRequired"), "{said}");
+    let missing_dir = tempfile::tempdir().unwrap();
+    let missing = format!(
+        "{ca}client_cert_file = \"/nonexistent/client.pem\"\nclient_key_file = \"{}\"\n",
+        pki.client_key.display()
+    );
+    let said = refused_at_start(&config(missing_dir.path(), missing)).await;
+    assert!(
+        said.contains("cannot read [store] client_cert_file /nonexistent/client.pem"),
+        "{said}"
+    );
     assert_eq!(fake.stats().generate_requests, 1);
 }
 

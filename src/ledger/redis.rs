@@ -26,7 +26,7 @@ use super::{
     TaskState, UsageRow,
 };
 use crate::credits::Credits;
-use crate::redis_client::{CallError, bounded};
+use crate::redis_client::{CallError, RedisEndpoint, bounded};
 
 /// A script of the ledger: the shared prelude (key names, period arithmetic) and its own source.
 macro_rules! ledger_script {
@@ -190,20 +190,21 @@ impl Keys {
 }
 
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://` or `rediss://`) and checks that it answers.
-    /// Every key starts with `key_prefix`; every call gives up after `command_timeout`.
+    /// Connects to the Redis at `endpoint` (`redis://` or `rediss://`) and checks that it
+    /// answers. Every key starts with `key_prefix`; every call gives up after `command_timeout`.
     pub async fn connect(
-        url: &str,
+        endpoint: &RedisEndpoint,
         key_prefix: &str,
         command_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut secrets: Vec<String> = url::Url::parse(url)
+        let mut secrets: Vec<String> = url::Url::parse(endpoint.url.expose())
             .ok()
             .and_then(|parsed| parsed.password().map(str::to_owned))
             .into_iter()
             .collect();
-        let client = redis::Client::open(url)
-            .map_err(|e| unavailable(&secrets, format!("invalid store url: {e}")))?;
+        let client = endpoint
+            .client()
+            .map_err(|e| unavailable(&secrets, format!("invalid store: {e}")))?;
         if let Some(password) = client.get_connection_info().redis_settings().password()
             && !secrets.iter().any(|s| s == password)
         {
@@ -909,9 +910,13 @@ pub(crate) async fn test_store() -> Option<RedisStore> {
     let url = crate::test_redis::url()?;
     let prefix = format!("ketchup-test:{}:", uuid::Uuid::new_v4().simple());
     Some(
-        RedisStore::connect(&url, &prefix, Duration::from_secs(5))
-            .await
-            .expect("the test Redis answers"),
+        RedisStore::connect(
+            &RedisEndpoint::from_url(url),
+            &prefix,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the test Redis answers"),
     )
 }
 
@@ -943,7 +948,9 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("redis://:hunter2-secret@{}/", silent.local_addr().unwrap());
         let started = Instant::now();
-        let message = unavailable_message(RedisStore::connect(&url, "t:", TIMEOUT).await);
+        let message = unavailable_message(
+            RedisStore::connect(&RedisEndpoint::from_url(&url), "t:", TIMEOUT).await,
+        );
         assert!(
             started.elapsed() < TIMEOUT + SLACK,
             "{:?}",
@@ -961,7 +968,9 @@ mod tests {
             .port();
         let url = format!("redis://user:hunter2-secret@127.0.0.1:{port}/");
         let started = Instant::now();
-        let message = unavailable_message(RedisStore::connect(&url, "t:", TIMEOUT).await);
+        let message = unavailable_message(
+            RedisStore::connect(&RedisEndpoint::from_url(&url), "t:", TIMEOUT).await,
+        );
         assert!(
             started.elapsed() < TIMEOUT + SLACK,
             "{:?}",
@@ -974,7 +983,9 @@ mod tests {
     async fn a_server_that_stops_answering_fails_each_call_within_the_timeout() {
         let server = FadingRedis::start().await;
         let url = format!("redis://:hunter2-secret@{}/", server.address);
-        let store = RedisStore::connect(&url, "t:", TIMEOUT).await.unwrap();
+        let store = RedisStore::connect(&RedisEndpoint::from_url(&url), "t:", TIMEOUT)
+            .await
+            .unwrap();
         server.stop();
 
         let started = Instant::now();

@@ -15,7 +15,7 @@ use redis::aio::ConnectionManager;
 use super::{LimitKind, Verdict};
 use crate::config::Rate;
 use crate::ledger::breaker::{OutageBreaker, outage_breaker};
-use crate::redis_client::bounded;
+use crate::redis_client::{RedisEndpoint, bounded};
 
 static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
@@ -31,12 +31,12 @@ pub struct SharedLimits {
 
 impl SharedLimits {
     pub async fn connect(
-        url: &str,
+        endpoint: &RedisEndpoint,
         key_prefix: &str,
         command_timeout: Duration,
         fail_open: bool,
     ) -> Result<SharedLimits, String> {
-        let conn = crate::redis_client::connect(url, command_timeout, "rate limits").await?;
+        let conn = crate::redis_client::connect(endpoint, command_timeout, "rate limits").await?;
         Ok(SharedLimits {
             conn,
             prefix: key_prefix.to_owned(),
@@ -99,9 +99,10 @@ mod tests {
 
     /// Two replicas' views of one Redis, under a prefix of this test's own.
     async fn replicas() -> Option<(SharedLimits, SharedLimits)> {
-        let url = crate::test_redis::url()?;
+        let endpoint = RedisEndpoint::from_url(crate::test_redis::url()?);
         let prefix = format!("ketchup-test:{}:", uuid::Uuid::now_v7().simple());
-        let connect = || SharedLimits::connect(&url, &prefix, Duration::from_millis(500), false);
+        let connect =
+            || SharedLimits::connect(&endpoint, &prefix, Duration::from_millis(500), false);
         Some((connect().await.unwrap(), connect().await.unwrap()))
     }
 
@@ -157,9 +158,10 @@ mod tests {
         for stop in [FadingRedis::stop, FadingRedis::go_away] {
             let server = FadingRedis::start().await;
             let url = format!("redis://{}/", server.address);
-            let limits = SharedLimits::connect(&url, "t:", TIMEOUT, false)
-                .await
-                .unwrap();
+            let limits =
+                SharedLimits::connect(&RedisEndpoint::from_url(&url), "t:", TIMEOUT, false)
+                    .await
+                    .unwrap();
             stop(&server);
             let mut waited = 0;
             // Until the breaker opens; after that nothing reaches Redis.
@@ -188,7 +190,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         drop(listener);
         let refused = SharedLimits::connect(
-            &format!("redis://:hunter2@127.0.0.1:{port}"),
+            &RedisEndpoint::from_url(format!("redis://:hunter2@127.0.0.1:{port}")),
             "x:",
             Duration::from_millis(100),
             false,

@@ -370,9 +370,14 @@ mod tests {
         timeout: Duration,
     ) -> StatusCache {
         let url = format!("redis://{}/", server.address);
-        let shared = SharedStatuses::connect(&url, "t:", timeout, Duration::from_secs(1))
-            .await
-            .unwrap();
+        let shared = SharedStatuses::connect(
+            &crate::redis_client::RedisEndpoint::from_url(&url),
+            "t:",
+            timeout,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         StatusCache::new(
             &CacheConfig {
                 status_ttl: Duration::from_secs(1),

@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 
 use super::Answer;
 use crate::ledger::breaker::{OutageBreaker, outage_breaker};
-use crate::redis_client::bounded;
+use crate::redis_client::{RedisEndpoint, bounded};
 
 /// How long Redis keeps a final status. Unlike the local cache it has no size bound of its own,
 /// so final statuses expire; a day covers any client still polling a finished task.
@@ -34,12 +34,13 @@ pub struct SharedStatuses {
 
 impl SharedStatuses {
     pub async fn connect(
-        url: &str,
+        endpoint: &RedisEndpoint,
         key_prefix: &str,
         command_timeout: Duration,
         running_ttl: Duration,
     ) -> Result<SharedStatuses, String> {
-        let conn = crate::redis_client::connect(url, command_timeout, "the status cache").await?;
+        let conn =
+            crate::redis_client::connect(endpoint, command_timeout, "the status cache").await?;
         Ok(SharedStatuses {
             conn,
             prefix: key_prefix.to_owned(),
@@ -150,9 +151,14 @@ mod tests {
         let url = crate::test_redis::url()?;
         let prefix = format!("test-{}:", uuid::Uuid::now_v7().simple());
         Some(
-            SharedStatuses::connect(&url, &prefix, Duration::from_millis(250), running_ttl)
-                .await
-                .expect("Redis answers"),
+            SharedStatuses::connect(
+                &RedisEndpoint::from_url(url),
+                &prefix,
+                Duration::from_millis(250),
+                running_ttl,
+            )
+            .await
+            .expect("Redis answers"),
         )
     }
 
@@ -189,8 +195,9 @@ mod tests {
     async fn a_redis_that_stops_answering_costs_each_read_and_write_at_most_the_timeout() {
         for stop in [FadingRedis::stop, FadingRedis::go_away] {
             let server = FadingRedis::start().await;
-            let url = format!("redis://{}/", server.address);
-            let connect = || SharedStatuses::connect(&url, "t:", TIMEOUT, Duration::from_secs(1));
+            let endpoint = RedisEndpoint::from_url(format!("redis://{}/", server.address));
+            let connect =
+                || SharedStatuses::connect(&endpoint, "t:", TIMEOUT, Duration::from_secs(1));
             let (reader, writer) = (connect().await.unwrap(), connect().await.unwrap());
             stop(&server);
             // Each until its breaker opens; after that nothing reaches Redis.
@@ -220,7 +227,7 @@ mod tests {
         drop(listener);
         // The gateway refuses to start on a Redis it cannot reach, rather than run half-blind.
         let refused = SharedStatuses::connect(
-            &format!("redis://127.0.0.1:{port}"),
+            &RedisEndpoint::from_url(format!("redis://127.0.0.1:{port}")),
             "x:",
             Duration::from_millis(100),
             Duration::from_secs(1),

@@ -12,6 +12,7 @@ use std::time::Duration;
 use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
 
 pub mod redis_server;
+pub mod tls;
 pub mod webhook_receiver;
 use serde_json::Value;
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::tls::TestPki;
+
 /// A `redis-server` this test started and may stop and start again.
 pub struct PrivateRedis {
     child: Option<Child>,
@@ -13,6 +15,8 @@ pub struct PrivateRedis {
     dir: PathBuf,
     /// What `requirepass` asks of clients, if anything.
     password: Option<String>,
+    /// TLS only, with this server certificate, taking clients with a certificate of the same CA.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl PrivateRedis {
@@ -20,15 +24,30 @@ impl PrivateRedis {
     /// run), keeping its files in `dir`; `None` (after a loud warning) when `redis-server` is
     /// not installed.
     pub fn start(dir: &Path) -> Option<PrivateRedis> {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, None)
     }
 
     /// Like [`PrivateRedis::start`], for a server that takes only clients with `password`.
     pub fn start_with_password(dir: &Path, password: &str) -> Option<PrivateRedis> {
-        Self::start_with(dir, Some(password.to_owned()))
+        Self::start_with(dir, Some(password.to_owned()), None)
     }
 
-    fn start_with(dir: &Path, password: Option<String>) -> Option<PrivateRedis> {
+    /// Like [`PrivateRedis::start`], speaking only TLS with `pki`'s server certificate, and
+    /// taking only clients that present a certificate of `pki`'s CA (Redis's default).
+    pub fn start_with_tls(dir: &Path, pki: &TestPki) -> Option<PrivateRedis> {
+        let files = (
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+            pki.ca.clone(),
+        );
+        Self::start_with(dir, None, Some(files))
+    }
+
+    fn start_with(
+        dir: &Path,
+        password: Option<String>,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    ) -> Option<PrivateRedis> {
         if Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -43,19 +62,36 @@ impl PrivateRedis {
             port: super::closed_port(),
             dir: dir.to_owned(),
             password,
+            tls,
         };
         redis.restart();
         Some(redis)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// (Re)starts the server on the same port and files.
     pub fn restart(&mut self) {
         let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]);
+        command.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key, ca)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca),
+        };
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
