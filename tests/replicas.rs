@@ -768,29 +768,13 @@ async fn a_redis_password_comes_from_password_file_and_stays_secret() {
     let config = |config_dir: &std::path::Path, password: &str| {
         let file = config_dir.join("redis_password");
         std::fs::write(&file, format!("{password}\n")).unwrap();
-        // Setup's fields are literals; a test's own line may live as long as the test.
-        let store: &'static str =
-            Box::leak(format!("password_file = \"{}\"", file.display()).into_boxed_str());
-        write_config(
-            config_dir,
-            &fake.base_url(),
-            &redis.url(),
-            &unique_prefix(),
-            &Setup {
-                store,
-                ..Setup::default()
-            },
-        )
+        let store = format!("password_file = \"{}\"", file.display());
+        config_with_store(config_dir, &fake, &redis, store)
     };
 
     let config_dir = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(config(config_dir.path(), PASSWORD));
-    assert_eq!(get(&http, &gateway, "/readyz", "").await.0, 200);
-    let (status, body) = generate(&http, &gateway).await;
-    assert_eq!(status, 200, "{body}");
-    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let (status, _, read) = read_status(&http, &gateway, &task_id).await;
-    assert_eq!(status, 200, "{read}");
+    starts_and_reads_a_task(&http, &gateway).await;
     assert!(!gateway.logs().contains(PASSWORD), "{}", gateway.logs());
 
     let wrong_dir = tempfile::tempdir().unwrap();
@@ -798,6 +782,36 @@ async fn a_redis_password_comes_from_password_file_and_stays_secret() {
     assert!(said.contains("Password authentication failed"), "{said}");
     assert!(!said.contains(WRONG) && !said.contains(PASSWORD), "{said}");
     assert_eq!(fake.stats().generate_requests, 1);
+}
+
+/// A replica's config on `redis` in front of `fake`, with `store` lines added to `[store]`.
+fn config_with_store(
+    config_dir: &std::path::Path,
+    fake: &FakeHandle,
+    redis: &PrivateRedis,
+    store: String,
+) -> std::path::PathBuf {
+    write_config(
+        config_dir,
+        &fake.base_url(),
+        &redis.url(),
+        &unique_prefix(),
+        &Setup {
+            // Setup's fields are literals; a test's own lines may live as long as the test.
+            store: Box::leak(store.into_boxed_str()),
+            ..Setup::default()
+        },
+    )
+}
+
+/// The gateway is ready, starts a task and reads its status back.
+async fn starts_and_reads_a_task(http: &reqwest::Client, gateway: &Gateway) {
+    assert_eq!(get(http, gateway, "/readyz", "").await.0, 200);
+    let (status, body) = generate(http, gateway).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    let (status, _, read) = read_status(http, gateway, &task_id).await;
+    assert_eq!(status, 200, "{read}");
 }
 
 /// What a gateway started on `config` says on stderr as it refuses to start.
@@ -833,17 +847,7 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
     let fake = fake_upstream::start(fake_config()).await.unwrap();
     let http = reqwest::Client::new();
     let config = |config_dir: &std::path::Path, store: String| {
-        write_config(
-            config_dir,
-            &fake.base_url(),
-            &redis.url(),
-            &unique_prefix(),
-            &Setup {
-                // Setup's fields are literals; a test's own lines may live as long as the test.
-                store: Box::leak(store.into_boxed_str()),
-                ..Setup::default()
-            },
-        )
+        config_with_store(config_dir, &fake, &redis, store)
     };
     let ca = format!("ca_file = \"{}\"\n", pki.ca.display());
     let client = format!(
@@ -854,12 +858,7 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
 
     let config_dir = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(config(config_dir.path(), format!("{ca}{client}")));
-    assert_eq!(get(&http, &gateway, "/readyz", "").await.0, 200);
-    let (status, body) = generate(&http, &gateway).await;
-    assert_eq!(status, 200, "{body}");
-    let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let (status, _, read) = read_status(&http, &gateway, &task_id).await;
-    assert_eq!(status, 200, "{read}");
+    starts_and_reads_a_task(&http, &gateway).await;
     let budget = get(&http, &gateway, "/gateway/v1/budget", DESIGN_KEY)
         .await
         .1;

@@ -686,6 +686,20 @@ pub fn any(total: usize) -> ClaimLimits {
     }
 }
 
+/// The ids of the deliveries in `state`, most recently changed first.
+pub async fn ids_in(store: &dyn LedgerStore, state: DeliveryState) -> Vec<String> {
+    let records = store.deliveries(state, 10).await.unwrap();
+    records.into_iter().map(|d| d.id).collect()
+}
+
+/// What a claim at `now` leasing until `lease_until` returns, with no limit that matters.
+pub async fn claim(store: &dyn LedgerStore, now: &str, lease_until: &str) -> Vec<Delivery> {
+    store
+        .claim_deliveries(at(now), at(lease_until), &any(10))
+        .await
+        .unwrap()
+}
+
 pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     let now = at("2026-11-23T10:00:00Z");
     assert!(
@@ -737,14 +751,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
         .await
         .unwrap();
     // msg_2's replica died mid-attempt: after the lease it is claimed again, as a second attempt.
-    let again = store
-        .claim_deliveries(
-            at("2026-11-23T10:00:31Z"),
-            at("2026-11-23T10:01:00Z"),
-            &any(10),
-        )
-        .await
-        .unwrap();
+    let again = claim(store, "2026-11-23T10:00:31Z", "2026-11-23T10:01:00Z").await;
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].id.as_str(), again[0].attempts), ("msg_2", 2));
 
@@ -762,13 +769,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
         .finish_attempt("msg_1", 1, AttemptOutcome::Dead("late".into()), now)
         .await
         .unwrap();
-    assert!(
-        store
-            .deliveries(DeliveryState::Dead, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(ids_in(store, DeliveryState::Dead).await.is_empty());
     let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].id, "msg_2");
@@ -779,23 +780,9 @@ pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn Ledg
         .enqueue_delivery(delivery("msg_1", "ta-1"))
         .await
         .unwrap();
-    let first = store
-        .claim_deliveries(
-            at("2026-11-23T10:00:00Z"),
-            at("2026-11-23T10:00:30Z"),
-            &any(10),
-        )
-        .await
-        .unwrap();
+    let first = claim(store, "2026-11-23T10:00:00Z", "2026-11-23T10:00:30Z").await;
     // The first claimer stalls past its lease; another claims the delivery again.
-    let second = store
-        .claim_deliveries(
-            at("2026-11-23T10:00:31Z"),
-            at("2026-11-23T10:01:00Z"),
-            &any(10),
-        )
-        .await
-        .unwrap();
+    let second = claim(store, "2026-11-23T10:00:31Z", "2026-11-23T10:01:00Z").await;
     assert_eq!((first[0].attempts, second[0].attempts), (1, 2));
 
     // The stalled one wakes and reports: neither its dead letter nor its retry time stands.
@@ -811,24 +798,12 @@ pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn Ledg
         .finish_attempt("msg_1", stale, retry, now)
         .await
         .unwrap();
-    assert!(
-        store
-            .deliveries(DeliveryState::Dead, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(ids_in(store, DeliveryState::Dead).await.is_empty());
     let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
     assert_eq!(pending[0].last_error, None);
     assert!(
-        store
-            .claim_deliveries(
-                at("2026-11-23T10:00:34Z"),
-                at("2026-11-23T10:01:30Z"),
-                &any(10)
-            )
+        claim(store, "2026-11-23T10:00:34Z", "2026-11-23T10:01:30Z")
             .await
-            .unwrap()
             .is_empty(),
         "the second claim's lease still holds"
     );
@@ -930,14 +905,7 @@ pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledg
     ] {
         assert!(store.enqueue_delivery(delivery(id, task)).await.unwrap());
     }
-    let claimed = store
-        .claim_deliveries(
-            at("2026-11-23T10:00:00Z"),
-            at("2026-11-23T10:00:30Z"),
-            &any(10),
-        )
-        .await
-        .unwrap();
+    let claimed = claim(store, "2026-11-23T10:00:00Z", "2026-11-23T10:00:30Z").await;
     assert_eq!(claimed.len(), 4);
     for (id, outcome, second) in [
         ("msg_1", AttemptOutcome::Delivered, 1),
@@ -967,13 +935,9 @@ pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledg
         store.delete_finished_deliveries(before, 10).await.unwrap(),
         0
     );
-    let ids = |records: Vec<DeliveryRecord>| -> Vec<String> {
-        records.into_iter().map(|d| d.id).collect()
-    };
-    let listed = |state| async move { ids(store.deliveries(state, 10).await.unwrap()) };
-    assert_eq!(listed(DeliveryState::Delivered).await, ["msg_4"]);
-    assert!(listed(DeliveryState::Dead).await.is_empty());
-    assert_eq!(listed(DeliveryState::Pending).await, ["msg_3"]);
+    assert_eq!(ids_in(store, DeliveryState::Delivered).await, ["msg_4"]);
+    assert!(ids_in(store, DeliveryState::Dead).await.is_empty());
+    assert_eq!(ids_in(store, DeliveryState::Pending).await, ["msg_3"]);
 
     // The limit bounds one call; the end of the range is exclusive.
     let later = at("2026-11-23T10:00:10Z");
@@ -984,8 +948,8 @@ pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledg
     let later = at("2026-11-23T11:00:00Z");
     assert_eq!(store.delete_finished_deliveries(later, 0).await.unwrap(), 0);
     assert_eq!(store.delete_finished_deliveries(later, 1).await.unwrap(), 1);
-    assert!(listed(DeliveryState::Delivered).await.is_empty());
-    assert_eq!(listed(DeliveryState::Pending).await, ["msg_3"]);
+    assert!(ids_in(store, DeliveryState::Delivered).await.is_empty());
+    assert_eq!(ids_in(store, DeliveryState::Pending).await, ["msg_3"]);
 
     // Nothing of a deleted delivery is left behind: its task can be queued again.
     assert!(
@@ -1025,26 +989,13 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
         .unwrap();
     // Not due before its retry time, even though the lease has ended.
     assert!(
-        store
-            .claim_deliveries(
-                at("2026-11-23T10:04:59Z"),
-                at("2026-11-23T10:06:00Z"),
-                &any(10)
-            )
+        claim(store, "2026-11-23T10:04:59Z", "2026-11-23T10:06:00Z")
             .await
-            .unwrap()
             .is_empty()
     );
     let pending = store.deliveries(DeliveryState::Pending, 10).await.unwrap();
     assert_eq!(pending[0].last_error.as_deref(), Some("answered 500"));
-    let retried = store
-        .claim_deliveries(
-            at("2026-11-23T10:05:00Z"),
-            at("2026-11-23T10:06:00Z"),
-            &any(10),
-        )
-        .await
-        .unwrap();
+    let retried = claim(store, "2026-11-23T10:05:00Z", "2026-11-23T10:06:00Z").await;
     assert_eq!(retried[0].attempts, 2);
     store
         .finish_attempt(
@@ -1056,14 +1007,8 @@ pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
         .await
         .unwrap();
     assert!(
-        store
-            .claim_deliveries(
-                at("2026-11-25T00:00:00Z"),
-                at("2026-11-25T00:01:00Z"),
-                &any(10)
-            )
+        claim(store, "2026-11-25T00:00:00Z", "2026-11-25T00:01:00Z")
             .await
-            .unwrap()
             .is_empty()
     );
     let dead = store.deliveries(DeliveryState::Dead, 10).await.unwrap();

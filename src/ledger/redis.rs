@@ -926,7 +926,7 @@ mod tests {
 
     use super::*;
     use crate::ledger::conformance::{
-        any, at, deliveries_ended_three_ways, delivery, open_task, reservation,
+        any, at, claim, deliveries_ended_three_ways, delivery, open_task, reservation,
     };
     use crate::test_redis::FadingRedis;
 
@@ -1068,14 +1068,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let claimed = store
-            .claim_deliveries(
-                at("2026-11-23T10:00:00Z"),
-                at("2026-11-23T10:00:30Z"),
-                &any(10),
-            )
-            .await
-            .unwrap();
+        let claimed = claim(&store, "2026-11-23T10:00:00Z", "2026-11-23T10:00:30Z").await;
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].body, body);
     }
@@ -1145,14 +1138,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        let again = store
-            .claim_deliveries(
-                at("2026-11-23T10:00:31Z"),
-                at("2026-11-23T10:01:00Z"),
-                &any(10),
-            )
-            .await
-            .unwrap();
+        let again = claim(&store, "2026-11-23T10:00:31Z", "2026-11-23T10:01:00Z").await;
         assert_eq!(again.len(), 2);
     }
 
