@@ -82,8 +82,8 @@ struct CallersLine<'a, F> {
     fields: &'a F,
 }
 
-/// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond
-/// (chrono's RFC 3339 writer: a strftime pattern is parsed anew at every use).
+/// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond, by
+/// chrono's RFC 3339 writer rather than a strftime pattern, which is parsed anew at every use.
 struct Now;
 
 impl serde::Serialize for Now {

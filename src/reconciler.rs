@@ -14,6 +14,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::{
     app::AppState,
+    clock,
     ledger::{SettleOutcome, TaskRecord},
     settlement,
     status_cache::Answer,
@@ -37,7 +38,7 @@ pub async fn run(state: Arc<AppState>) {
 async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usize, String> {
     let config = state.config.load().reconciler.clone();
     let now = state.clock.now();
-    let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    let ago = |d: Duration| clock::earlier(now, d);
 
     let abandoned = state
         .ledger

@@ -448,7 +448,8 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
 
     /// Deletes up to `limit` deliveries that ended (delivered or dead) before `finished_before`,
-    /// oldest first, and returns how many; pending ones are never touched.
+    /// the delivered ones first, oldest first within each state, and returns how many; pending
+    /// ones are never touched.
     async fn delete_finished_deliveries(
         &self,
         finished_before: DateTime<Utc>,

@@ -858,6 +858,14 @@ impl LedgerStore for SqliteStore {
         self.write(move |conn| {
             // The oldest due deliveries of each team, as many as its share has left: one index
             // range per team, never a walk over the deliveries of a team that must wait.
+            let mut due_of_team = conn
+                .prepare_cached(
+                    "SELECT next_attempt_at, id FROM deliveries
+                     INDEXED BY deliveries_due_by_team
+                     WHERE state = 'pending' AND team = ?1 AND next_attempt_at <= ?2
+                     ORDER BY next_attempt_at, id LIMIT ?3",
+                )
+                .map_err(unavailable)?;
             let mut candidates: Vec<(i64, String)> = Vec::new();
             for team in teams_with_pending_deliveries(conn)? {
                 let taken = limits.busy.get(&team).copied().unwrap_or(0);
@@ -865,15 +873,7 @@ impl LedgerStore for SqliteStore {
                 if left == 0 {
                     continue;
                 }
-                let mut statement = conn
-                    .prepare_cached(
-                        "SELECT next_attempt_at, id FROM deliveries
-                         INDEXED BY deliveries_due_by_team
-                         WHERE state = 'pending' AND team = ?1 AND next_attempt_at <= ?2
-                         ORDER BY next_attempt_at, id LIMIT ?3",
-                    )
-                    .map_err(unavailable)?;
-                let due = statement
+                let due = due_of_team
                     .query_map(params![team, millis(now), left as i64], |r| {
                         Ok((r.get(0)?, r.get(1)?))
                     })

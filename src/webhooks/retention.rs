@@ -7,9 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
-use crate::{app::AppState, ledger::StoreError};
+use crate::{app::AppState, clock, ledger::StoreError};
 
 /// Deliveries deleted per ledger write, so that each write is short however large the backlog.
 const BATCH: usize = 500;
@@ -29,7 +27,7 @@ pub async fn run(state: Arc<AppState>) {
 }
 
 async fn delete_expired(state: &AppState, keep: Duration) -> Result<(), StoreError> {
-    let before = earlier(state.clock.now(), keep);
+    let before = clock::earlier(state.clock.now(), keep);
     let mut deleted = 0;
     loop {
         let batch = state
@@ -49,30 +47,4 @@ async fn delete_expired(state: &AppState, keep: Duration) -> Result<(), StoreErr
         );
     }
     Ok(())
-}
-
-/// `at` minus `by`, or the earliest time there is if `by` reaches past it.
-fn earlier(at: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(by)
-        .ok()
-        .and_then(|by| at.checked_sub_signed(by))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_retention_longer_than_history_reaches_back_to_the_start_of_time() {
-        let now = "2026-12-01T00:00:00Z".parse().unwrap();
-        let week = Duration::from_secs(7 * 24 * 3600);
-        assert_eq!(
-            earlier(now, week),
-            "2026-11-24T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
-        );
-        assert_eq!(earlier(now, Duration::MAX), DateTime::<Utc>::MIN_UTC);
-        let past_the_calendar = Duration::from_secs(400_000 * 365 * 24 * 3600);
-        assert_eq!(earlier(now, past_the_calendar), DateTime::<Utc>::MIN_UTC);
-    }
 }
