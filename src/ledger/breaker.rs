@@ -92,6 +92,18 @@ impl LedgerStore for Breaker {
         self.guard(self.inner.task(task_id)).await
     }
 
+    async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
+        self.guard(self.inner.newest_tasks_start(count)).await
+    }
+
+    async fn tasks_from(
+        &self,
+        from: TaskCursor,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError> {
+        self.guard(self.inner.tasks_from(from, limit)).await
+    }
+
     async fn settle(
         &self,
         task_id: &str,
@@ -249,6 +261,16 @@ mod tests {
         }
         async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
             self.sqlite.task(task_id).await
+        }
+        async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
+            self.sqlite.newest_tasks_start(count).await
+        }
+        async fn tasks_from(
+            &self,
+            from: TaskCursor,
+            limit: usize,
+        ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError> {
+            self.sqlite.tasks_from(from, limit).await
         }
         async fn settle(&self, t: &str, s: Settlement) -> Result<SettleOutcome, StoreError> {
             self.sqlite.settle(t, s).await

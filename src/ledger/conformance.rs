@@ -209,6 +209,64 @@ pub async fn open_task(
     id
 }
 
+/// Every task from `start` on, a page of `page` at a time.
+pub async fn walk(store: &dyn LedgerStore, start: TaskCursor, page: usize) -> Vec<TaskRecord> {
+    let (mut tasks, mut next) = (Vec::new(), Some(start));
+    while let Some(from) = next {
+        let (found, then) = store.tasks_from(from, page).await.unwrap();
+        assert!(found.len() <= page, "a page of {page} held {}", found.len());
+        tasks.extend(found);
+        next = then;
+    }
+    tasks
+}
+
+pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn LedgerStore) {
+    // Refused by the upstream: a reservation that never got a task, and is never walked.
+    let refused = reservation("design", "0.50", None);
+    let refused_id = refused.id;
+    store.reserve(refused).await.unwrap();
+    store.release(refused_id).await.unwrap();
+    for n in 0..5 {
+        let mut r = reservation(if n % 2 == 0 { "design" } else { "ads" }, "0.50", None);
+        r.created_at = at("2026-11-23T10:00:00Z") + chrono::Duration::seconds(n);
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        store.attach_task(id, &format!("ta-w{n}")).await.unwrap();
+    }
+    store
+        .settle("ta-w1", settlement(FinalStatus::Success, "0.40"))
+        .await
+        .unwrap();
+    let ids = |tasks: &[TaskRecord]| tasks.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>();
+
+    let all = walk(store, store.newest_tasks_start(100).await.unwrap(), 2).await;
+    assert_eq!(ids(&all), ["ta-w0", "ta-w1", "ta-w2", "ta-w3", "ta-w4"]);
+    let teams: Vec<_> = all.iter().map(|t| t.team.as_str()).collect();
+    assert_eq!(teams, ["design", "ads", "design", "ads", "design"]);
+    let closed: Vec<_> = all.iter().map(|t| t.state.is_closed()).collect();
+    assert_eq!(closed, [false, true, false, false, false]);
+
+    let newest = walk(store, store.newest_tasks_start(2).await.unwrap(), 10).await;
+    assert_eq!(ids(&newest), ["ta-w3", "ta-w4"]);
+    assert!(
+        walk(store, store.newest_tasks_start(0).await.unwrap(), 10)
+            .await
+            .is_empty()
+    );
+    // A task recorded after the walk started is in its next page.
+    let start = store.newest_tasks_start(1).await.unwrap();
+    let (first, next) = store.tasks_from(start, 1).await.unwrap();
+    assert_eq!(ids(&first), ["ta-w4"]);
+    let mut late = reservation("design", "0.50", None);
+    late.created_at = at("2026-11-23T10:01:00Z");
+    let late_id = late.id;
+    store.reserve(late).await.unwrap();
+    store.attach_task(late_id, "ta-late").await.unwrap();
+    let rest = walk(store, next.expect("a full page is not the end"), 1).await;
+    assert_eq!(ids(&rest), ["ta-late"]);
+}
+
 pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn LedgerStore>) {
     open_task(&*store, "design", "0.50", "ta-s").await;
     assert_eq!(
@@ -1056,6 +1114,12 @@ macro_rules! conformance_suite {
             async fn in_flight_is_counted_from_unsettled_tasks() {
                 let store = $make;
                 super::in_flight_is_counted_from_unsettled_tasks(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn tasks_are_walked_in_the_order_they_were_recorded() {
+                let store = $make;
+                super::tasks_are_walked_in_the_order_they_were_recorded(&*store).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

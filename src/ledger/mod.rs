@@ -240,6 +240,10 @@ pub struct TaskRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A place in a store's own order of recorded tasks, where a walk over them resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskCursor(pub u64);
+
 impl TaskState {
     /// Settled, released or expired: nothing about the task will change any more.
     pub fn is_closed(self) -> bool {
@@ -357,6 +361,19 @@ pub trait LedgerStore: Send + Sync + 'static {
 
     /// The task, if the gateway created it.
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Where a walk over the tasks, in the order they were recorded, starts so that (about) the
+    /// `count` newest follow: fewer where some of the newest reservations never got a task.
+    async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError>;
+
+    /// Up to `limit` tasks from `from` on, in the order they were recorded, and where the walk
+    /// goes on (`None` at the end). A page may hold fewer than `limit`, even none, before the
+    /// end. A task recorded during the walk may be missed, or met twice.
+    async fn tasks_from(
+        &self,
+        from: TaskCursor,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError>;
 
     /// Replaces an open task's reservation by what it consumed, atomically and once: of many
     /// concurrent calls for one task, exactly one returns `Settled`.

@@ -22,8 +22,8 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation
 use super::{
     AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
     FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
-    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord,
-    TaskState, UsageRow,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskCursor,
+    TaskRecord, TaskState, UsageRow,
 };
 use crate::credits::Credits;
 use crate::redis_client::{CallError, RedisEndpoint, bounded};
@@ -406,6 +406,46 @@ impl LedgerStore for RedisStore {
         call.arg(self.keys.task(task_id)).arg(&TASK_FIELDS);
         let found: Option<Vec<Value>> = self.eval(&call).await?;
         found.map(task_record).transpose()
+    }
+
+    async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
+        // The cursor is a rank in `created`; reservations are never removed from it, and a new
+        // one has the latest `created_at`, so ranks already passed stay put.
+        let recorded: u64 = self
+            .query(redis::cmd("ZCARD").arg(self.keys.created(None)))
+            .await?;
+        Ok(TaskCursor(recorded.saturating_sub(count)))
+    }
+
+    async fn tasks_from(
+        &self,
+        from: TaskCursor,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError> {
+        if limit == 0 {
+            return Ok((Vec::new(), Some(from)));
+        }
+        let start = i64::try_from(from.0).unwrap_or(i64::MAX);
+        let stop = start.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX) - 1);
+        let ids: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(self.keys.created(None))
+                    .arg(start)
+                    .arg(stop),
+            )
+            .await?;
+        let rows = self
+            .read_hashes(ids.iter().map(|id| self.keys.reservation(id)), &TASK_FIELDS)
+            .await?;
+        let tasks = rows
+            .into_iter()
+            // A reservation the upstream never gave a task (refused, or its outcome unknown).
+            .filter(|row| !matches!(row.first(), None | Some(Value::Nil)))
+            .map(task_record)
+            .collect::<Result<_, _>>()?;
+        let next = (ids.len() == limit).then(|| TaskCursor(from.0 + limit as u64));
+        Ok((tasks, next))
     }
 
     async fn settle(

@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
     FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
-    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskRecord,
-    TaskState, UsageRow,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskCursor,
+    TaskRecord, TaskState, UsageRow,
 };
 use crate::credits::Credits;
 
@@ -582,6 +582,60 @@ impl LedgerStore for SqliteStore {
             .optional()
             .map_err(unavailable)
         })
+    }
+
+    async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
+        // The cursor is a rowid: rows are never deleted, so a new one always comes last.
+        self.read(move |conn| {
+            query_row(
+                conn,
+                "SELECT coalesce(
+                     (SELECT min(rowid) FROM (SELECT rowid FROM reservations
+                      WHERE task_id IS NOT NULL ORDER BY rowid DESC LIMIT ?1)),
+                     (SELECT coalesce(max(rowid), 0) + 1 FROM reservations))",
+                params![i64::try_from(count).unwrap_or(i64::MAX)],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|rowid| TaskCursor(rowid.max(0) as u64))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn tasks_from(
+        &self,
+        from: TaskCursor,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    ", rowid FROM reservations WHERE rowid >= ?1 AND task_id IS NOT NULL
+                     ORDER BY rowid LIMIT ?2"
+                ))
+                .map_err(unavailable)?;
+            let mut last = None;
+            let tasks: Vec<TaskRecord> = statement
+                .query_map(
+                    params![i64::try_from(from.0).unwrap_or(i64::MAX), limit as i64],
+                    |row| {
+                        last = Some(row.get::<_, i64>(6)?);
+                        task_record(row)
+                    },
+                )
+                .map_err(unavailable)?
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            // The query skips rows without a task itself, so a short page is the last.
+            let next = match last {
+                Some(rowid) if tasks.len() == limit => Some(TaskCursor(rowid as u64 + 1)),
+                _ => None,
+            };
+            Ok((tasks, next))
+        })
+        .await
     }
 
     async fn settle(
