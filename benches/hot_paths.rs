@@ -3,7 +3,8 @@
 //! (beside parsing the same text as an integer), a status-cache hit (beside a plain map read),
 //! a durable ledger reserve + attach + settle (beside an empty SQLite commit), and claiming
 //! webhook deliveries while one team's receivers hang with a backlog due (beside the same claim
-//! without the backlog).
+//! without the backlog), and a task's owner from the ownership index holding a million tasks
+//! (beside hashing the task id alone).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -22,6 +23,7 @@ use ketchup_gateway::{
         Settlement, redis::RedisStore, sqlite::SqliteStore,
     },
     metrics::Metrics,
+    ownership::OwnershipIndex,
     rate_limit::{LimitKind, RateLimits},
     redis_client::RedisEndpoint,
     status_cache::{Answer, StatusCache},
@@ -84,6 +86,7 @@ fn cache_hit(c: &mut Criterion) {
             status_ttl: Duration::from_secs(3600),
             max_entries: 100_000,
             max_bytes: 64 << 20,
+            max_owners: 0,
         },
         Arc::new(Metrics::new()),
         None,
@@ -307,6 +310,35 @@ fn webhook_claim(c: &mut Criterion) {
     group.finish();
 }
 
+fn owner_lookup(c: &mut Criterion) {
+    use sha2::Digest;
+    const TASKS: u64 = 1_000_000;
+    let index = OwnershipIndex::new(TASKS);
+    let task_ids: Vec<String> = (0..TASKS).map(|n| format!("ta-{n:032x}")).collect();
+    for (n, task_id) in task_ids.iter().enumerate() {
+        index.record(task_id, &format!("team-{}", n % 100), false);
+    }
+    let mut group = c.benchmark_group("owner_lookup");
+    // Random ids, as pollers of many tasks read them: each lookup misses the CPU's caches.
+    let mut next = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut pick = move || {
+        next ^= next << 13;
+        next ^= next >> 7;
+        next ^= next << 17;
+        (next % TASKS) as usize
+    };
+    group.bench_function("baseline: sha256 of the task id", |b| {
+        b.iter(|| sha2::Sha256::digest(task_ids[pick()].as_bytes()))
+    });
+    group.bench_function("owner from the index of 1,000,000 tasks", |b| {
+        b.iter(|| {
+            let n = pick();
+            index.lookup(&task_ids[n], "team-7")
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     hot_paths,
     key_lookup,
@@ -314,6 +346,7 @@ criterion_group!(
     decimal_parsing,
     cache_hit,
     ledger,
-    webhook_claim
+    webhook_claim,
+    owner_lookup
 );
 criterion_main!(hot_paths);

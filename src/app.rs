@@ -22,9 +22,10 @@ use crate::{
     clock::SharedClock,
     config::{Config, KeyDigest},
     error::GatewayError,
-    ledger::{LedgerStore, TaskRecord},
+    ledger::LedgerStore,
     metrics::Metrics,
     middleware::{auth, metrics, rate_limit, request_id, trace},
+    ownership::OwnershipIndex,
     rate_limit::RateLimits,
     routes,
     status_cache::StatusCache,
@@ -40,12 +41,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub rate_limits: Arc<RateLimits>,
     pub status_cache: StatusCache,
-    /// Who owns which task, remembered after the first lookup: ownership never changes, so the
-    /// hot status-read path need not ask the ledger again. quick_cache, not moka as for the
-    /// status cache, because it needs no expiry and a miss that inserts and evicts costs a tenth
-    /// as much (0.4 against 4 µs at 100,000 entries): reading many tasks once each, as a client
-    /// walking an old history does, must not pay more for the memo than for the ledger.
-    pub owners: quick_cache::sync::Cache<String, Arc<TaskRecord>>,
+    /// Who owns the newest tasks, so that reading their status need not ask the ledger.
+    pub owners: OwnershipIndex,
     /// Tasks whose status a client read lately (for half of `reconciler.settle_after`): their
     /// ledger row is not touched again until then, which is often enough for the reconciler.
     pub recently_observed: moka::sync::Cache<String, ()>,

@@ -133,6 +133,9 @@ pub struct CacheConfig {
     /// Most bytes of answer bodies held: a status whose result carries base64 images can be
     /// megabytes, so a bound on entries alone would not bound memory.
     pub max_bytes: u64,
+    /// Tasks whose owner is kept in memory (the newest), so that reading their status never
+    /// waits on the ledger; 0 asks the ledger on every read.
+    pub max_owners: u64,
 }
 
 /// The background job that settles tasks no client polls to the end.
@@ -330,6 +333,9 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+/// Most task owners kept in memory: about 2 GiB.
+const MAX_OWNERS: u64 = 100_000_000;
+
 /// Longest duration a setting may have. Every time the gateway computes from a setting (a
 /// deadline, a lease, a cutoff) then stays well inside the calendar, where a typo such as
 /// "1000000y" would otherwise overflow it and fail at the first request that needs it.
@@ -519,6 +525,8 @@ mod raw {
         pub max_entries: u64,
         #[serde(default = "default_max_cache_bytes")]
         pub max_bytes: u64,
+        #[serde(default = "default_max_owners")]
+        pub max_owners: u64,
     }
 
     impl Default for Cache {
@@ -527,6 +535,7 @@ mod raw {
                 status_ttl: default_status_ttl(),
                 max_entries: default_max_entries(),
                 max_bytes: default_max_cache_bytes(),
+                max_owners: default_max_owners(),
             }
         }
     }
@@ -643,6 +652,9 @@ mod raw {
     }
     fn default_max_entries() -> u64 {
         100_000
+    }
+    fn default_max_owners() -> u64 {
+        1_000_000
     }
     fn default_max_cache_bytes() -> u64 {
         64 << 20
@@ -825,10 +837,21 @@ impl Config {
                 "[cache] max_bytes must be above zero (turn the cache off with max_entries = 0)",
             ));
         }
+        if file.cache.max_owners > MAX_OWNERS {
+            return Err(ConfigError::at(
+                path,
+                source,
+                None,
+                &format!(
+                    "[cache] max_owners must be at most {MAX_OWNERS} (16 bytes of memory each)"
+                ),
+            ));
+        }
         let cache = CacheConfig {
             status_ttl: file.cache.status_ttl.0,
             max_entries: file.cache.max_entries,
             max_bytes: file.cache.max_bytes,
+            max_owners: file.cache.max_owners,
         };
 
         let (reconciler_span, raw_reconciler) = match file.reconciler {
@@ -1315,6 +1338,18 @@ budget = { credits = "250.00", period = "monthly", max_in_flight = 50 }
         let error = error_of(&format!("{MINIMAL}\n[webhooks]\nkeep_finished = \"0s\"\n"));
         assert!(
             error.contains("keep_finished must be above zero"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_ownership_index_is_bounded() {
+        assert_eq!(parse(MINIMAL).unwrap().cache.max_owners, 1_000_000);
+        let off = parse(&format!("{MINIMAL}\n[cache]\nmax_owners = 0\n")).unwrap();
+        assert_eq!(off.cache.max_owners, 0);
+        let error = error_of(&format!("{MINIMAL}\n[cache]\nmax_owners = 100000001\n"));
+        assert!(
+            error.contains("max_owners must be at most 100000000"),
             "{error}"
         );
     }

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
+pub mod ownership;
 pub mod rate_limit;
 pub mod reconciler;
 pub mod redis_client;

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_evictions: IntCounter,
+    /// Status reads' ownership checks, by where the owner came from: `memory` or `ledger`.
+    pub ownership_lookups: IntCounterVec,
+    pub owners_in_memory: IntGauge,
     pub callbacks: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub webhook_deliveries_deleted: IntCounter,
@@ -251,6 +254,17 @@ impl Metrics {
                 "cache_evictions_total",
                 "Statuses evicted from the cache to keep it within max_entries."
             ))),
+            ownership_lookups: register!(IntCounterVec::new(
+                opts(
+                    "ownership_lookups_total",
+                    "Status reads by where their task's owner came from: memory (the ownership index) or ledger."
+                ),
+                &["source"]
+            )),
+            owners_in_memory: register!(IntGauge::with_opts(opts(
+                "owners_in_memory",
+                "Tasks whose owner the ownership index holds (at most cache.max_owners)."
+            ))),
             callbacks: register!(IntCounterVec::new(
                 opts(
                     "callbacks_total",
@@ -329,6 +343,9 @@ impl Metrics {
             for outcome in ["delivered", "failed", "dead"] {
                 self.webhook_deliveries.with_label_values(&[team, outcome]);
             }
+        }
+        for source in ["memory", "ledger"] {
+            self.ownership_lookups.with_label_values(&[source]);
         }
         for route in [crate::upstream::GENERATE, crate::upstream::QUERY] {
             for kind in crate::upstream::ERROR_KINDS {

@@ -91,8 +91,10 @@ async fn expire(state: &AppState, task: &TaskRecord) {
                 charged = %settled.consumed,
                 "task expired without a final state: charged its reservation"
             );
+            state.owners.record(&task.task_id, &task.team, true);
         }
-        Ok(_) => {}
+        Ok(SettleOutcome::AlreadyClosed) => state.owners.record(&task.task_id, &task.team, true),
+        Ok(SettleOutcome::NotOpen) => {}
         Err(e) => tracing::warn!(task_id = %task.task_id, error = %e, "could not expire task"),
     }
 }
@@ -103,8 +105,14 @@ async fn observe(state: &AppState, task: &TaskRecord) {
         Ok(answer) if answer.status.is_success() => {
             if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
                 match settlement::settle(state, task, status, consumed).await {
-                    Ok(SettleOutcome::Settled(_)) => state.metrics.reconciler_settlements.inc(),
-                    Ok(_) => {}
+                    Ok(SettleOutcome::Settled(_)) => {
+                        state.metrics.reconciler_settlements.inc();
+                        state.owners.record(&task.task_id, &task.team, true);
+                    }
+                    Ok(SettleOutcome::AlreadyClosed) => {
+                        state.owners.record(&task.task_id, &task.team, true);
+                    }
+                    Ok(SettleOutcome::NotOpen) => {}
                     Err(e) => {
                         tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
                     }

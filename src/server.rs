@@ -16,6 +16,7 @@ use crate::{
     config::{Config, KeyDigest, Secret, StoreConfig},
     ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     metrics::Metrics,
+    ownership::OwnershipIndex,
     rate_limit::{RateLimits, shared::SharedLimits},
     reconciler,
     redis_client::RedisEndpoint,
@@ -82,7 +83,7 @@ impl Server {
                 shared_statuses(&config).await?,
             ),
             metrics,
-            owners: quick_cache::sync::Cache::new(config.cache.max_entries.max(10_000) as usize),
+            owners: OwnershipIndex::new(config.cache.max_owners),
             recently_observed: moka::sync::Cache::builder()
                 .max_capacity(config.cache.max_entries.max(10_000))
                 .time_to_live(config.reconciler.settle_after / 2)
@@ -127,6 +128,7 @@ impl Server {
         if let Some(path) = reload_from {
             tokio::spawn(reload_on_sighup(state.clone(), path, hangup));
         }
+        tokio::spawn(fill_ownership_index(state.clone()));
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
         let retention = tokio::spawn(webhooks::retention::run(state.clone()));
@@ -302,6 +304,23 @@ async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String
     })
 }
 
+/// Until it is filled, reads of tasks it does not hold yet ask the ledger, as they would anyway.
+async fn fill_ownership_index(state: Arc<AppState>) {
+    let started = std::time::Instant::now();
+    match state.owners.fill_from(&*state.ledger).await {
+        Ok(read) => tracing::info!(
+            tasks = read,
+            held = state.owners.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "ownership index filled from the ledger"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not fill the ownership index; owners not in it are read from the ledger"
+        ),
+    }
+}
+
 async fn reload_on_sighup(
     state: Arc<AppState>,
     path: PathBuf,
@@ -331,6 +350,7 @@ async fn reload_on_sighup(
                     || new.cache.status_ttl != old.cache.status_ttl
                     || new.cache.max_entries != old.cache.max_entries
                     || new.cache.max_bytes != old.cache.max_bytes
+                    || new.cache.max_owners != old.cache.max_owners
                 {
                     tracing::warn!(
                         "[server] listen, workers and timeouts, [store], [cache] and the [upstream] \

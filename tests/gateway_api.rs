@@ -120,6 +120,50 @@ async fn a_team_sees_only_its_own_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn after_a_restart_the_newest_owners_come_from_memory_and_older_ones_from_the_ledger() {
+    // Room for the owners of four tasks; the cache off, so every read checks ownership afresh.
+    let mut env = Env::start_with(
+        fake_config(),
+        "\n[cache]\nmax_entries = 0\nmax_owners = 4\n",
+        "",
+    )
+    .await;
+    let mut design = Vec::new();
+    for _ in 0..5 {
+        design.push(env.start_task(DESIGN_KEY).await);
+    }
+    let ads = env.start_task(ADS_KEY).await;
+    env.restart_after_kill();
+    env.gateway
+        .wait_for_log("ownership index filled from the ledger")
+        .await;
+    let from = |source: &'static str| {
+        let (http, gateway) = (&env.http, &env.gateway);
+        async move {
+            let series = format!("ketchup_gateway_ownership_lookups_total{{source=\"{source}\"}}");
+            metric(http, gateway, &series).await
+        }
+    };
+    let held = "ketchup_gateway_owners_in_memory";
+    assert_eq!(metric(&env.http, &env.gateway, held).await, 4.0);
+
+    // The four newest tasks: their owners are known without the ledger, a stranger refused.
+    assert_eq!(env.query(DESIGN_KEY, &design[4]).await.0, 200);
+    assert_eq!(env.query(ADS_KEY, &ads).await.0, 200);
+    assert_eq!(env.query(DESIGN_KEY, &ads).await.0, 404);
+    assert_eq!(env.query(ADS_KEY, &design[2]).await.0, 404);
+    assert_eq!((from("memory").await, from("ledger").await), (4.0, 0.0));
+
+    // An older task is read from the ledger once, then known; still nobody else's.
+    assert_eq!(env.query(DESIGN_KEY, &design[0]).await.0, 200);
+    assert_eq!((from("memory").await, from("ledger").await), (4.0, 1.0));
+    assert_eq!(env.query(ADS_KEY, &design[0]).await.0, 404);
+    assert_eq!(env.query(DESIGN_KEY, &design[0]).await.0, 200);
+    assert_eq!((from("memory").await, from("ledger").await), (6.0, 1.0));
+    assert!(metric(&env.http, &env.gateway, held).await <= 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_requests_get_the_upstream_envelope_and_never_reach_it() {
     let env = Env::start().await;
     let cases: &[(&str, &str)] = &[

@@ -686,6 +686,20 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     m.assert_eq("ketchup_gateway_cache_entries", &[], 4.0);
     m.assert_eq("ketchup_gateway_cache_evictions_total", &[], 0.0);
 
+    // --- Ownership: every task was recorded when it started, so no read asked the ledger.
+    let reads = cache.values().sum::<u64>() as f64;
+    m.assert_eq(
+        "ketchup_gateway_ownership_lookups_total",
+        &[("source", "memory")],
+        reads,
+    );
+    m.assert_eq(
+        "ketchup_gateway_ownership_lookups_total",
+        &[("source", "ledger")],
+        0.0,
+    );
+    m.assert_eq("ketchup_gateway_owners_in_memory", &[], 6.0);
+
     // --- Reconciler: had nothing to do.
     for name in [
         "ketchup_gateway_reconciler_settlements_total",
@@ -761,6 +775,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "version",
         "git_commit",
         "worker",
+        "source",
     ]
     .into();
     assert!(

@@ -166,18 +166,7 @@ impl Env {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let page = self
-            .http
-            .get(self.gateway.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        page.lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        common::metric(&self.http, &self.gateway, series).await
     }
 
     async fn post_callback(&self, url: &str, body: impl Into<reqwest::Body>) -> Reply {

@@ -20,7 +20,7 @@ use super::{json, read_body};
 use crate::{
     app::AppState,
     error::GatewayError,
-    ledger::{NewDelivery, SettleOutcome, TaskRecord, TaskState},
+    ledger::{NewDelivery, SettleOutcome, TaskRecord},
     middleware::metrics::RequestFacts,
     settlement::{self, Consumed},
     status_cache::Answer,
@@ -152,9 +152,5 @@ async fn remember_final(state: &AppState, task: &TaskRecord, body: &[u8], consum
         is_final: true,
     };
     state.status_cache.insert(&task.task_id, answer).await;
-    let closed = TaskRecord {
-        state: TaskState::Settled,
-        ..task.clone()
-    };
-    state.owners.insert(task.task_id.clone(), Arc::new(closed));
+    state.owners.record(&task.task_id, &task.team, true);
 }

@@ -427,7 +427,8 @@ async fn forward(
     };
     facts.set_task_id(&task_id);
     match state.ledger.attach_task(id, &task_id).await {
-        Ok(()) => {}
+        // Its first status read, moments from now, need not ask the ledger who owns it.
+        Ok(()) => state.owners.record(&task_id, &task.team, false),
         // Not an outage: the reservation is no longer held, or the id is another reservation's.
         // Retrying cannot help, and the task cannot be promised to the team.
         Err(e @ StoreError::Conflict(_)) => {

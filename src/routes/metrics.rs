@@ -45,6 +45,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     metrics
         .cache_entries
         .set(i64::try_from(state.status_cache.entry_count().await).unwrap_or(i64::MAX));
+    metrics
+        .owners_in_memory
+        .set(i64::try_from(state.owners.len()).unwrap_or(i64::MAX));
 
     let mut response = (StatusCode::OK, metrics.render()).into_response();
     response.headers_mut().insert(

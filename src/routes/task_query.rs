@@ -13,8 +13,9 @@ use serde_json::json;
 use crate::{
     app::AppState,
     error::GatewayError,
-    ledger::{TaskRecord, TaskState},
+    ledger::TaskRecord,
     middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
+    ownership::Lookup,
     settlement,
     status_cache::{Answer, Fetched, NotCached, Served},
     upstream::UpstreamError,
@@ -38,35 +39,51 @@ fn task_id_of(query: Option<&str>) -> Result<String, GatewayError> {
     Ok(task_id)
 }
 
-/// The task, if the caller owns it. Another team's task and a task that does not exist get the
-/// same answer: nothing tells a team that an id it guessed belongs to someone.
-async fn owned_task(
-    state: &AppState,
-    team: &str,
-    task_id: &str,
-) -> Result<Arc<TaskRecord>, GatewayError> {
+/// Whether the caller owns the task, and if so whether it is known to be closed. Another team's
+/// task and a task that does not exist get the same answer: nothing tells a team that an id it
+/// guessed belongs to someone.
+async fn owned_task(state: &AppState, team: &str, task_id: &str) -> Result<bool, GatewayError> {
     if task_id.len() > MAX_TASK_ID_LEN {
         return Err(GatewayError::TaskNotFound);
     }
-    let task = match state.owners.get(task_id) {
-        Some(task) => task,
-        None => {
-            let task = state
-                .ledger
-                .task(task_id)
-                .await
-                .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?
-                .ok_or(GatewayError::TaskNotFound)?;
-            let task = Arc::new(task);
-            state.owners.insert(task_id.to_owned(), task.clone());
-            task
-        }
+    let from = |source: &str| {
+        state
+            .metrics
+            .ownership_lookups
+            .with_label_values(&[source])
+            .inc()
     };
+    match state.owners.lookup(task_id, team) {
+        Lookup::Owned { closed } => {
+            from("memory");
+            return Ok(closed);
+        }
+        Lookup::NotOwned => {
+            from("memory");
+            return Err(GatewayError::TaskNotFound);
+        }
+        Lookup::Unknown => from("ledger"),
+    }
+    let task = state
+        .ledger
+        .task(task_id)
+        .await
+        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?
+        .ok_or(GatewayError::TaskNotFound)?;
+    let closed = task.state.is_closed();
+    state.owners.record(task_id, &task.team, closed);
     if task.team == team {
-        Ok(task)
+        Ok(closed)
     } else {
         Err(GatewayError::TaskNotFound)
     }
+}
+
+/// The task the caller owns, as the status read's miss path needs it.
+struct OwnedTask<'a> {
+    task_id: &'a str,
+    team: &'a str,
+    closed: bool,
 }
 
 pub async fn query(
@@ -78,7 +95,11 @@ pub async fn query(
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(query.as_deref())?;
     facts.set_task_id(&task_id);
-    let task = owned_task(&state, &team.name, &task_id).await?;
+    let task = OwnedTask {
+        task_id: &task_id,
+        team: &team.name,
+        closed: owned_task(&state, &team.name, &task_id).await?,
+    };
 
     let asked = std::time::Instant::now();
     let (served, read) = state
@@ -120,16 +141,16 @@ pub async fn query(
 /// status is final (once per read, and the ledger makes it once per task).
 async fn read_upstream(
     state: &AppState,
-    task: &TaskRecord,
+    task: &OwnedTask<'_>,
     request_id: &RequestId,
     facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    if let Err(refused) = state.rate_limits.check_global(&task.team).await {
+    if let Err(refused) = state.rate_limits.check_global(task.team).await {
         return Fetched::Failed(refused.into());
     }
     let upstream = match state
         .upstream
-        .query_task(&task.task_id, request_id.as_str())
+        .query_task(task.task_id, request_id.as_str())
         .await
     {
         Ok(upstream) => upstream,
@@ -140,8 +161,10 @@ async fn read_upstream(
     };
     facts.add_upstream_wait(upstream.elapsed);
 
-    if upstream.status == StatusCode::NOT_FOUND && young(state, task) {
-        return Fetched::Status(pending(task));
+    if upstream.status == StatusCode::NOT_FOUND
+        && let Some(young) = young_task(state, task.task_id).await
+    {
+        return Fetched::Status(pending(&young));
     }
     if !upstream.status.is_success() {
         return Fetched::Uncacheable(Answer {
@@ -155,32 +178,30 @@ async fn read_upstream(
     let is_final = final_state.is_some();
     match final_state {
         // Known to be closed already: nothing to write.
-        Some(_) if task.state.is_closed() => {}
-        Some((status, consumed)) => {
-            // The client gets its status even if the ledger is down; the reconciler settles
-            // later.
-            match settlement::settle(state, task, status, consumed).await {
-                Ok(_) => {
-                    // Remember the task as closed, so later reads (with the cache off, or after
-                    // eviction) do not ask the ledger to settle it again.
-                    let closed = TaskRecord {
-                        state: TaskState::Settled,
-                        ..task.clone()
-                    };
-                    state.owners.insert(task.task_id.clone(), Arc::new(closed));
-                }
-                Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
+        Some(_) if task.closed => {}
+        // The client gets its status even if the ledger is down; the reconciler settles later.
+        Some((status, consumed)) => match state.ledger.task(task.task_id).await {
+            Ok(Some(record)) if record.state.is_closed() => {
+                state.owners.record(task.task_id, task.team, true);
             }
-        }
+            Ok(Some(record)) => match settlement::settle(state, &record, status, consumed).await {
+                // Remembered as closed, so later reads (with the cache off, or after eviction)
+                // do not ask the ledger to settle it again.
+                Ok(_) => state.owners.record(task.task_id, task.team, true),
+                Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
+            },
+            Ok(None) => tracing::error!("a task the caller owns is not in the ledger"),
+            Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
+        },
         // A client is watching this task, so the reconciler need not read it too. Bookkeeping
         // only: it does not hold up the answer.
-        None if state.recently_observed.contains_key(&task.task_id) => {}
+        None if state.recently_observed.contains_key(task.task_id) => {}
         None => {
-            state.recently_observed.insert(task.task_id.clone(), ());
+            state.recently_observed.insert(task.task_id.to_owned(), ());
             let (ledger, at, task_id) = (
                 state.ledger.clone(),
                 state.clock.now(),
-                task.task_id.clone(),
+                task.task_id.to_owned(),
             );
             state.background.spawn(async move {
                 if let Err(e) = ledger.mark_observed(&task_id, at).await {
@@ -199,12 +220,19 @@ async fn read_upstream(
 
 /// A task the upstream accepted moments ago can briefly be unknown to its query endpoint. The
 /// gateway knows it created the task, so it answers "pending" instead of a 404 that clients
-/// would have to retry around.
-fn young(state: &AppState, task: &TaskRecord) -> bool {
+/// would have to retry around. The task's age is the ledger's to tell (a ledger that cannot
+/// tell lets the 404 through).
+async fn young_task(state: &AppState, task_id: &str) -> Option<TaskRecord> {
+    let task = match state.ledger.task(task_id).await {
+        Ok(task) => task?,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read a task's age");
+            return None;
+        }
+    };
     let grace = state.config.load().upstream.new_task_grace;
-    (state.clock.now() - task.created_at)
-        .to_std()
-        .map_or(true, |age| age < grace)
+    let age = (state.clock.now() - task.created_at).to_std();
+    age.map_or(true, |age| age < grace).then_some(task)
 }
 
 fn pending(task: &TaskRecord) -> Answer {

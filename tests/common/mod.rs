@@ -306,6 +306,22 @@ impl Env {
     }
 }
 
+/// The value of one series (`name{labels}`) on the gateway's metrics page; 0 if absent.
+#[allow(dead_code)] // not every test binary reads metrics
+pub async fn metric(http: &reqwest::Client, gateway: &Gateway, series: &str) -> f64 {
+    let page = http
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .expect("gateway answers")
+        .text()
+        .await
+        .expect("metrics page");
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A port on which nothing listens.
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
