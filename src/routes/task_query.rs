@@ -39,13 +39,29 @@ fn task_id_of(query: Option<&str>) -> Result<String, GatewayError> {
     Ok(task_id)
 }
 
-/// Whether the caller owns the task, and if so whether it is known to be closed. Another team's
-/// task and a task that does not exist get the same answer: nothing tells a team that an id it
-/// guessed belongs to someone.
-async fn owned_task(state: &AppState, team: &str, task_id: &str) -> Result<bool, GatewayError> {
+/// The task the caller owns, as the status read needs it.
+struct OwnedTask<'a> {
+    task_id: &'a str,
+    team: &'a str,
+    /// Settled, released or expired, as far as the gateway knows.
+    closed: bool,
+}
+
+/// The task, if the caller owns it. Another team's task and a task that does not exist get the
+/// same answer: nothing tells a team that an id it guessed belongs to someone.
+async fn owned_task<'a>(
+    state: &AppState,
+    team: &'a str,
+    task_id: &'a str,
+) -> Result<OwnedTask<'a>, GatewayError> {
     if task_id.len() > MAX_TASK_ID_LEN {
         return Err(GatewayError::TaskNotFound);
     }
+    let owned = |closed| OwnedTask {
+        task_id,
+        team,
+        closed,
+    };
     let from = |source: &str| {
         state
             .metrics
@@ -56,7 +72,7 @@ async fn owned_task(state: &AppState, team: &str, task_id: &str) -> Result<bool,
     match state.owners.lookup(task_id, team) {
         Lookup::Owned { closed } => {
             from("memory");
-            return Ok(closed);
+            return Ok(owned(closed));
         }
         Lookup::NotOwned => {
             from("memory");
@@ -73,17 +89,10 @@ async fn owned_task(state: &AppState, team: &str, task_id: &str) -> Result<bool,
     let closed = task.state.is_closed();
     state.owners.record(task_id, &task.team, closed);
     if task.team == team {
-        Ok(closed)
+        Ok(owned(closed))
     } else {
         Err(GatewayError::TaskNotFound)
     }
-}
-
-/// The task the caller owns, as the status read's miss path needs it.
-struct OwnedTask<'a> {
-    task_id: &'a str,
-    team: &'a str,
-    closed: bool,
 }
 
 pub async fn query(
@@ -95,11 +104,7 @@ pub async fn query(
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(query.as_deref())?;
     facts.set_task_id(&task_id);
-    let task = OwnedTask {
-        task_id: &task_id,
-        team: &team.name,
-        closed: owned_task(&state, &team.name, &task_id).await?,
-    };
+    let task = owned_task(&state, &team.name, &task_id).await?;
 
     let asked = std::time::Instant::now();
     let (served, read) = state
