@@ -333,7 +333,7 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// Most task owners kept in memory: about 2 GiB.
+/// Most task owners kept in memory: up to 4 GB.
 const MAX_OWNERS: u64 = 100_000_000;
 
 /// Longest duration a setting may have. Every time the gateway computes from a setting (a
@@ -843,7 +843,7 @@ impl Config {
                 source,
                 None,
                 &format!(
-                    "[cache] max_owners must be at most {MAX_OWNERS} (16 bytes of memory each)"
+                    "[cache] max_owners must be at most {MAX_OWNERS} (up to 40 bytes of memory each)"
                 ),
             ));
         }
