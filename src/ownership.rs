@@ -6,22 +6,21 @@
 //! closed. A task it does not hold is looked up in the ledger, which stays the only source of
 //! truth: the index can forget, but never says a team owns a task it does not.
 //!
-//! An entry is 16 bytes: 12 of SHA-256 of the task id, and the team's number with the closed flag;
-//! in hash tables that grow in powers of two, 20 to 40 bytes of memory (36 MiB for a full index
-//! of a million). Two task ids share those 12 bytes with odds of about one in 10²³ per read at a
-//! million tasks, and as task ids are the upstream's, no client can choose one to make them meet.
+//! An entry is 16 bytes: 12 of SHA-256 of the task id, and the team's number with the closed flag.
+//! Two task ids share those 12 bytes with odds of about one in 10²³ per read at a million tasks,
+//! and as task ids are the upstream's, no client can choose one to make them meet.
+//!
 //! Memory is bounded by two generations of at most half the capacity each: new entries go to
 //! the young one, and when it is full the old one is dropped and the young one takes its place.
-//! A general-purpose cache (quick_cache) takes 73 bytes for an entry of this size, with none of
-//! the gateway's use for its eviction policy: the owners worth keeping are the newest.
+//! Each generation's table is sized for a full one when it starts, so it never grows (a growing
+//! table leaves its old copies behind in the allocator): 18 MiB a generation at the default,
+//! taken as entries are written. A general-purpose cache (quick_cache) takes 73 bytes for an
+//! entry of this size, with none of the gateway's use for its eviction policy: the owners worth
+//! keeping are the newest.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU32, AtomicUsize, Ordering},
-};
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
 
-use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::ledger::{LedgerStore, StoreError};
@@ -40,57 +39,55 @@ pub enum Lookup {
 }
 
 pub struct OwnershipIndex {
-    generations: ArcSwap<Generations>,
+    /// One lock for all of it: a lookup holds it for two map reads, a record for a few more.
+    generations: RwLock<Generations>,
     /// Most entries in one generation; 0 turns the index off.
     generation_size: usize,
-    /// Serialises rotations, so two full young generations are never both made old.
-    rotation: Mutex<()>,
-    /// Teams by name, as the small numbers entries hold; teams are few, and never forgotten.
-    teams: DashMap<Box<str>, u32>,
-    next_team: AtomicU32,
 }
 
 struct Generations {
-    young: Arc<Generation>,
-    old: Option<Arc<Generation>>,
-}
-
-struct Generation {
-    owners: DashMap<Key, u32>,
-    len: AtomicUsize,
-}
-
-impl Generation {
-    /// Empty, and grown as it fills: a gateway with few tasks holds little.
-    fn empty() -> Arc<Self> {
-        Arc::new(Generation {
-            owners: DashMap::new(),
-            len: AtomicUsize::new(0),
-        })
-    }
+    young: HashMap<Key, u32>,
+    old: HashMap<Key, u32>,
+    /// Teams by name, as the small numbers entries hold; teams are few, and never forgotten.
+    teams: HashMap<Box<str>, u32>,
 }
 
 /// The team number takes the upper 31 bits of an entry, the closed flag the lowest.
-const MAX_TEAMS: u32 = 1 << 31;
+const MAX_TEAMS: usize = 1 << 31;
 
 fn key(task_id: &str) -> Key {
     let digest = Sha256::digest(task_id.as_bytes());
     digest[..12].try_into().expect("SHA-256 has 32 bytes")
 }
 
+impl Generations {
+    fn get(&self, key: &Key) -> Option<u32> {
+        self.young.get(key).or_else(|| self.old.get(key)).copied()
+    }
+
+    fn team_number(&mut self, team: &str) -> Option<u32> {
+        if let Some(number) = self.teams.get(team) {
+            return Some(*number);
+        }
+        let number = u32::try_from(self.teams.len())
+            .ok()
+            .filter(|n| (*n as usize) < MAX_TEAMS)?;
+        self.teams.insert(team.into(), number);
+        Some(number)
+    }
+}
+
 impl OwnershipIndex {
-    /// An index of at most about `capacity` tasks (rounded up to an even number); 0 keeps none.
+    /// An index of at most `capacity` tasks (rounded up to an even number); 0 keeps none.
     pub fn new(capacity: u64) -> Self {
         let generation_size = usize::try_from(capacity.div_ceil(2)).unwrap_or(usize::MAX);
         OwnershipIndex {
-            generations: ArcSwap::from_pointee(Generations {
-                young: Generation::empty(),
-                old: None,
+            generations: RwLock::new(Generations {
+                young: HashMap::with_capacity(generation_size),
+                old: HashMap::new(),
+                teams: HashMap::new(),
             }),
             generation_size,
-            rotation: Mutex::new(()),
-            teams: DashMap::new(),
-            next_team: AtomicU32::new(0),
         }
     }
 
@@ -99,18 +96,18 @@ impl OwnershipIndex {
             return Lookup::Unknown;
         }
         let key = key(task_id);
-        let generations = self.generations.load();
-        let entry = generations.young.owners.get(&key).map(|e| *e).or_else(|| {
-            let old = generations.old.as_ref()?;
-            old.owners.get(&key).map(|e| *e)
-        });
-        let Some(entry) = entry else {
+        let generations = self
+            .generations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = generations.get(&key) else {
             return Lookup::Unknown;
         };
-        match self.teams.get(team) {
+        match generations.teams.get(team) {
             Some(number) if *number == entry >> 1 => Lookup::Owned {
                 closed: entry & 1 == 1,
             },
+            // Including a team the index has never seen: it owns nothing in it.
             _ => Lookup::NotOwned,
         }
     }
@@ -128,12 +125,11 @@ impl OwnershipIndex {
 
     /// Tasks held, both generations together.
     pub fn len(&self) -> usize {
-        let generations = self.generations.load();
-        let old = generations
-            .old
-            .as_ref()
-            .map_or(0, |g| g.len.load(Ordering::Relaxed));
-        generations.young.len.load(Ordering::Relaxed) + old
+        let generations = self
+            .generations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        generations.young.len() + generations.old.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,58 +140,35 @@ impl OwnershipIndex {
         if self.generation_size == 0 {
             return;
         }
-        let Some(team) = self.team_number(team) else {
+        let key = key(task_id);
+        let mut generations = self
+            .generations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(team) = generations.team_number(team) else {
             return;
         };
-        let key = key(task_id);
         let entry = team << 1 | u32::from(closed);
-        let mut generations = self.generations.load_full();
-        let held = |g: &Generation| g.owners.get(&key).map(|e| *e);
-        let known = held(&generations.young).or_else(|| generations.old.as_deref().and_then(held));
-        match known {
+        match generations.get(&key) {
             Some(_) if !overwrite => return,
             // Nothing new: closed is final, and the owner never changes.
             Some(known) if known == entry || known & 1 == 1 => return,
             _ => {}
         }
-        if generations.young.len.load(Ordering::Relaxed) >= self.generation_size {
-            generations = self.rotate(generations);
+        if !generations.young.contains_key(&key) && generations.young.len() >= self.generation_size
+        {
+            // The old generation goes before the next young one is made, so that three never
+            // exist at once.
+            let full = std::mem::take(&mut generations.young);
+            drop(std::mem::replace(&mut generations.old, full));
+            generations.young = HashMap::with_capacity(self.generation_size);
         }
-        if generations.young.owners.insert(key, entry).is_none() {
-            generations.young.len.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Drops the old generation and makes the full young one old; returns the generations to
-    /// insert into (another thread's, if it rotated first).
-    fn rotate(&self, full: Arc<Generations>) -> Arc<Generations> {
-        let _rotating = self.rotation.lock().expect("rotation lock");
-        let current = self.generations.load_full();
-        if !Arc::ptr_eq(&current, &full) {
-            return current;
-        }
-        let next = Arc::new(Generations {
-            young: Generation::empty(),
-            old: Some(full.young.clone()),
-        });
-        self.generations.store(next.clone());
-        next
-    }
-
-    fn team_number(&self, team: &str) -> Option<u32> {
-        if let Some(number) = self.teams.get(team) {
-            return Some(*number);
-        }
-        let number = *self
-            .teams
-            .entry(team.into())
-            .or_insert_with(|| self.next_team.fetch_add(1, Ordering::Relaxed));
-        (number < MAX_TEAMS).then_some(number)
+        generations.young.insert(key, entry);
     }
 }
 
 /// Tasks read from the ledger per page while filling the index.
-const FILL_PAGE: usize = 10_000;
+const FILL_PAGE: usize = 1_000;
 
 impl OwnershipIndex {
     /// Fills the index with the newest tasks of the ledger, as many as it holds, oldest first so

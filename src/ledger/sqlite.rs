@@ -587,17 +587,29 @@ impl LedgerStore for SqliteStore {
     async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
         // The cursor is a rowid: rows are never deleted, so a new one always comes last.
         self.read(move |conn| {
-            query_row(
-                conn,
-                "SELECT coalesce(
-                     (SELECT min(rowid) FROM (SELECT rowid FROM reservations
-                      WHERE task_id IS NOT NULL ORDER BY rowid DESC LIMIT ?1)),
-                     (SELECT coalesce(max(rowid), 0) + 1 FROM reservations))",
-                params![i64::try_from(count).unwrap_or(i64::MAX)],
-                |row| row.get::<_, i64>(0),
-            )
-            .map(|rowid| TaskCursor(rowid.max(0) as u64))
-            .map_err(unavailable)
+            let rowid = |row: &rusqlite::Row<'_>| row.get::<_, i64>(0);
+            let start = match count.checked_sub(1) {
+                // The `count`th newest task's row, walked to from the end; with fewer tasks
+                // than that, the walk starts at the beginning.
+                Some(offset) => query_row(
+                    conn,
+                    "SELECT rowid FROM reservations WHERE task_id IS NOT NULL
+                     ORDER BY rowid DESC LIMIT 1 OFFSET ?1",
+                    params![i64::try_from(offset).unwrap_or(i64::MAX)],
+                    rowid,
+                )
+                .optional()
+                .map(|found| found.unwrap_or(0)),
+                None => query_row(
+                    conn,
+                    "SELECT coalesce(max(rowid), 0) + 1 FROM reservations",
+                    [],
+                    rowid,
+                ),
+            };
+            start
+                .map(|rowid| TaskCursor(rowid.max(0) as u64))
+                .map_err(unavailable)
         })
         .await
     }
