@@ -188,7 +188,7 @@ impl SqliteStore {
     /// here on the async worker. In WAL mode a reader never waits for the writer, and such a
     /// lookup takes microseconds; handing it to the blocking pool cost three times its own CPU
     /// (29 µs against 9 µs per lookup at a million tasks), which made the ledger the bottleneck
-    /// of status reads whose owner is not in the memo.
+    /// of status reads whose owner is not in the ownership index.
     fn read_point<T>(
         &self,
         op: impl FnOnce(&Connection) -> Result<T, StoreError>,
