@@ -105,14 +105,8 @@ async fn observe(state: &AppState, task: &TaskRecord) {
         Ok(answer) if answer.status.is_success() => {
             if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
                 match settlement::settle(state, task, status, consumed).await {
-                    Ok(SettleOutcome::Settled(_)) => {
-                        state.metrics.reconciler_settlements.inc();
-                        state.owners.record(&task.task_id, &task.team, true);
-                    }
-                    Ok(SettleOutcome::AlreadyClosed) => {
-                        state.owners.record(&task.task_id, &task.team, true);
-                    }
-                    Ok(SettleOutcome::NotOpen) => {}
+                    Ok(SettleOutcome::Settled(_)) => state.metrics.reconciler_settlements.inc(),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(task_id = %task.task_id, error = %e, "could not settle task");
                     }

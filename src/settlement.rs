@@ -111,6 +111,13 @@ pub async fn settle(
         at: state.clock.now(),
     };
     let outcome = state.ledger.settle(&task.task_id, settlement).await?;
+    if matches!(
+        outcome,
+        SettleOutcome::Settled(_) | SettleOutcome::AlreadyClosed
+    ) {
+        // Later reads (with the cache off, or after eviction) need not try to settle it again.
+        state.owners.record(&task.task_id, &task.team, true);
+    }
     if let SettleOutcome::Settled(settled) = &outcome {
         count_settled(state, settled, status.as_str());
         state

@@ -152,5 +152,4 @@ async fn remember_final(state: &AppState, task: &TaskRecord, body: &[u8], consum
         is_final: true,
     };
     state.status_cache.insert(&task.task_id, answer).await;
-    state.owners.record(&task.task_id, &task.team, true);
 }

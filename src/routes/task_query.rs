@@ -189,12 +189,11 @@ async fn read_upstream(
             Ok(Some(record)) if record.state.is_closed() => {
                 state.owners.record(task.task_id, task.team, true);
             }
-            Ok(Some(record)) => match settlement::settle(state, &record, status, consumed).await {
-                // Remembered as closed, so later reads (with the cache off, or after eviction)
-                // do not ask the ledger to settle it again.
-                Ok(_) => state.owners.record(task.task_id, task.team, true),
-                Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
-            },
+            Ok(Some(record)) => {
+                if let Err(e) = settlement::settle(state, &record, status, consumed).await {
+                    tracing::warn!(error = %e, "could not settle a finished task");
+                }
+            }
             Ok(None) => tracing::error!("a task the caller owns is not in the ledger"),
             Err(e) => tracing::warn!(error = %e, "could not settle a finished task"),
         },
