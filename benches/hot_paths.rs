@@ -15,17 +15,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::StatusCode;
-use ketchup_gateway::{
+use ketchup_domain::{
     config::{Config, KeyDigest},
     credits::Credits,
     ledger::{
         ClaimLimits, FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId,
         Settlement, redis::RedisStore, sqlite::SqliteStore,
     },
-    metrics::Metrics,
     ownership::OwnershipIndex,
-    rate_limit::{LimitKind, RateLimits},
     redis_client::RedisEndpoint,
+};
+use ketchup_gateway::{
+    metrics::Metrics,
+    rate_limit::{LimitKind, RateLimits},
     status_cache::{Answer, StatusCache},
 };
 
@@ -82,7 +84,7 @@ fn decimal_parsing(c: &mut Criterion) {
 fn cache_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let cache = StatusCache::new(
-        &ketchup_gateway::config::CacheConfig {
+        &ketchup_domain::config::CacheConfig {
             status_ttl: Duration::from_secs(3600),
             max_entries: 100_000,
             max_bytes: 64 << 20,

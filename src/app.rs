@@ -19,17 +19,20 @@ use tower_http::{
 };
 
 use crate::{
-    clock::SharedClock,
-    config::{Config, KeyDigest},
     error::GatewayError,
-    ledger::LedgerStore,
     metrics::Metrics,
     middleware::{auth, metrics, rate_limit, request_id, trace},
-    ownership::OwnershipIndex,
     rate_limit::RateLimits,
     routes,
     status_cache::StatusCache,
     upstream::UpstreamClient,
+};
+use ketchup_domain::{
+    clock::SharedClock,
+    config::{Config, KeyDigest},
+    ledger::LedgerStore,
+    ownership::OwnershipIndex,
+    settlement::Settler,
 };
 
 /// What every handler shares.
@@ -42,7 +45,9 @@ pub struct AppState {
     pub rate_limits: Arc<RateLimits>,
     pub status_cache: StatusCache,
     /// Who owns the newest tasks, so that reading their status need not ask the ledger.
-    pub owners: OwnershipIndex,
+    pub owners: Arc<OwnershipIndex>,
+    /// Settles tasks from their final state, wherever it is first seen.
+    pub settler: Settler,
     /// Tasks whose status a client read lately (for half of `reconciler.settle_after`): their
     /// ledger row is not touched again until then, which is often enough for the reconciler.
     pub recently_observed: moka::sync::Cache<String, ()>,

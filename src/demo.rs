@@ -5,13 +5,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{
+use crate::{keygen, server::Server};
+use ketchup_domain::{
     clock,
     config::{Config, Secret},
-    fake_upstream::{self, FakeConfig},
-    keygen,
-    server::Server,
 };
+use ketchup_fake_upstream::FakeConfig;
 
 pub async fn run(listen: SocketAddr) -> Result<(), String> {
     let upstream_token = Secret::new(keygen::new_key());
@@ -20,7 +19,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), String> {
     fake.pending_for = Duration::from_secs(1);
     fake.submitted_for = Duration::from_secs(1);
     fake.in_progress_for = Duration::from_secs(2);
-    let fake = fake_upstream::start(fake)
+    let fake = ketchup_fake_upstream::start(fake)
         .await
         .map_err(|e| format!("cannot start the fake upstream: {e}"))?;
 

@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-use crate::config::KeyDigest;
+use ketchup_domain::config::KeyDigest;
 
 /// Prefix that makes a leaked key recognisable to secret scanners.
 const PREFIX: &str = "kgw_";

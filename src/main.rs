@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ketchup_domain::{clock, config::Config};
 use ketchup_gateway::{
-    clock,
-    config::Config,
-    demo, fake_upstream, keygen,
+    demo, keygen,
     logging::{self, LogFormat},
     server::Server,
 };
@@ -128,12 +127,12 @@ fn main() -> ExitCode {
             phase,
         } => {
             logging::init(cli.log_format);
-            let mut fake = fake_upstream::FakeConfig::new(token);
+            let mut fake = ketchup_fake_upstream::FakeConfig::new(token);
             fake.pending_for = phase;
             fake.submitted_for = phase;
             fake.in_progress_for = phase;
             runtime(None, "fake-upstream")
-                .block_on(fake_upstream::run_standalone(listen, fake))
+                .block_on(ketchup_fake_upstream::run_standalone(listen, fake))
                 .map_err(|e| e.to_string())
         }
         Command::Healthcheck { url } => runtime(Some(1), "healthcheck").block_on(healthcheck(&url)),

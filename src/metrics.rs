@@ -10,7 +10,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::{config::Config, credits::Credits};
+use ketchup_domain::{config::Config, credits::Credits, settlement::SettlementMetrics};
 
 const PREFIX: &str = "ketchup_gateway";
 
@@ -18,11 +18,6 @@ const PREFIX: &str = "ketchup_gateway";
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
-];
-
-/// `consumed − reserved` in credits: negative when the reservation was too high.
-const RESERVATION_ERROR_BUCKETS: &[f64] = &[
-    -5.0, -1.0, -0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 pub struct Metrics {
@@ -43,10 +38,8 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub tasks_in_flight: IntGaugeVec,
     pub tasks_started: IntCounterVec,
-    pub tasks_finished: IntCounterVec,
-    pub credits_consumed: prometheus::CounterVec,
-    pub reservation_error: HistogramVec,
-    pub settlements_without_consumed: IntCounterVec,
+    /// Tasks settled and what they cost.
+    pub settlement: SettlementMetrics,
     pub reconciler_settlements: IntCounter,
     pub reconciler_expirations: IntCounter,
     pub reconciler_abandoned: IntCounter,
@@ -187,35 +180,8 @@ impl Metrics {
                 opts("tasks_started_total", "Tasks the upstream accepted."),
                 &["team", "model"]
             )),
-            tasks_finished: register!(IntCounterVec::new(
-                opts(
-                    "tasks_finished_total",
-                    "Tasks settled, by final status: success, failed or expired."
-                ),
-                &["team", "model", "status"]
-            )),
-            credits_consumed: register!(prometheus::CounterVec::new(
-                opts(
-                    "credits_consumed_total",
-                    "Credits charged by settled tasks."
-                ),
-                &["team", "model"]
-            )),
-            reservation_error: register!(HistogramVec::new(
-                histogram(
-                    "reservation_error_credits",
-                    "What a settled task consumed minus what it reserved, in credits (tune `reserve` from it).",
-                    RESERVATION_ERROR_BUCKETS
-                ),
-                &["model"]
-            )),
-            settlements_without_consumed: register!(IntCounterVec::new(
-                opts(
-                    "settlements_without_consumed_total",
-                    "Final states whose `consumed` was missing or unusable, settled at the reservation."
-                ),
-                &["team", "reason"]
-            )),
+            settlement: SettlementMetrics::register(&registry, PREFIX)
+                .expect("settlement metrics are valid and unique"),
             reconciler_settlements: register!(IntCounter::with_opts(opts(
                 "reconciler_settlements_total",
                 "Tasks the reconciler settled."
@@ -331,7 +297,8 @@ impl Metrics {
         for team in &config.teams {
             let team = team.name.as_str();
             for reason in ["missing", "malformed"] {
-                self.settlements_without_consumed
+                self.settlement
+                    .settlements_without_consumed
                     .with_label_values(&[team, reason]);
             }
             for reason in ["budget", "in_flight"] {
@@ -373,24 +340,6 @@ impl Metrics {
                 let _ = self.budget_remaining.remove_label_values(&name);
             }
         }
-    }
-}
-
-/// A team label: the configured name, or `unknown`.
-pub fn team_label<'a>(config: &Config, team: &'a str) -> &'a str {
-    if config.team(team).is_some() || team == "admin" {
-        team
-    } else {
-        "unknown"
-    }
-}
-
-/// A model label: the configured id, or `other`.
-pub fn model_label<'a>(config: &Config, model: &'a str) -> &'a str {
-    if config.models.contains_key(model) {
-        model
-    } else {
-        "other"
     }
 }
 

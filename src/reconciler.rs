@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::{
-    app::AppState,
+use crate::{app::AppState, status_cache::Answer};
+use ketchup_domain::{
     clock,
     ledger::{SettleOutcome, TaskRecord},
     settlement,
-    status_cache::Answer,
 };
 
 pub async fn run(state: Arc<AppState>) {
@@ -84,7 +83,9 @@ async fn expire(state: &AppState, task: &TaskRecord) {
     match state.ledger.expire(&task.task_id, state.clock.now()).await {
         Ok(SettleOutcome::Settled(settled)) => {
             state.metrics.reconciler_expirations.inc();
-            settlement::count_settled(state, &settled, "expired");
+            state
+                .settler
+                .count_finished(&state.config.load(), &settled, "expired");
             tracing::warn!(
                 task_id = %task.task_id,
                 team = %settled.team,
@@ -104,7 +105,11 @@ async fn observe(state: &AppState, task: &TaskRecord) {
     match state.upstream.query_task(&task.task_id, &request_id).await {
         Ok(answer) if answer.status.is_success() => {
             if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
-                match settlement::settle(state, task, status, consumed).await {
+                match state
+                    .settler
+                    .settle(&state.config.load(), task, status, consumed)
+                    .await
+                {
                     Ok(SettleOutcome::Settled(_)) => state.metrics.reconciler_settlements.inc(),
                     Ok(_) => {}
                     Err(e) => {

@@ -12,17 +12,20 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     app::{self, AppState},
-    clock::SharedClock,
-    config::{Config, KeyDigest, Secret, StoreConfig},
-    ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     metrics::Metrics,
-    ownership::OwnershipIndex,
     rate_limit::{RateLimits, shared::SharedLimits},
     reconciler,
-    redis_client::RedisEndpoint,
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
+};
+use ketchup_domain::{
+    clock::SharedClock,
+    config::{Config, KeyDigest, Secret, StoreConfig},
+    ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
+    ownership::OwnershipIndex,
+    redis_client::RedisEndpoint,
+    settlement::Settler,
 };
 use workers::Workers;
 
@@ -75,6 +78,13 @@ impl Server {
             ),
             None => None,
         };
+        let owners = Arc::new(OwnershipIndex::new(config.cache.max_owners));
+        let settler = Settler::new(
+            ledger.clone(),
+            owners.clone(),
+            clock.clone(),
+            metrics.settlement.clone(),
+        );
         let state = Arc::new(AppState {
             rate_limits,
             status_cache: StatusCache::new(
@@ -83,7 +93,8 @@ impl Server {
                 shared_statuses(&config).await?,
             ),
             metrics,
-            owners: OwnershipIndex::new(config.cache.max_owners),
+            owners,
+            settler,
             recently_observed: moka::sync::Cache::builder()
                 .max_capacity(config.cache.max_entries.max(10_000))
                 .time_to_live(config.reconciler.settle_after / 2)

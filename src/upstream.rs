@@ -20,32 +20,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::middleware::request_id;
 use crate::rate_limit::RateLimits;
 use crate::server::workers;
-
-/// Waits between upstream attempts: doubling from the first, jittered up to twice as long.
-pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
-
-/// The longest a generation can wait on the upstream: every connection attempt up to
-/// `connect_timeout`, the waits between them, then the answer up to `timeout`.
-pub fn longest_generation(config: &UpstreamConfig) -> Duration {
-    let retries = u32::try_from(config.query_retries).unwrap_or(u32::MAX);
-    let waits: Duration = (0..retries.min(16))
-        .map(|i| (FIRST_RETRY_DELAY * 2u32.pow(i)).min(MAX_RETRY_DELAY) * 2)
-        .sum();
-    let connecting = config
-        .connect_timeout
-        .checked_mul(retries.saturating_add(1))
-        .unwrap_or(Duration::MAX);
-    config
-        .timeout
-        .saturating_add(connecting)
-        .saturating_add(waits)
-}
+use ketchup_domain::config::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY, Secret, UpstreamConfig};
 
 /// Route labels of upstream metrics.
 pub const GENERATE: &str = "generate";

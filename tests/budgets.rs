@@ -18,10 +18,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use common::{
     ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, closed_port, digest, fake_config,
 };
-use ketchup_gateway::clock::{ManualClock, SharedClock};
-use ketchup_gateway::config::{Config, Secret};
-use ketchup_gateway::credits::Credits;
-use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle, Fault, TaskStatus};
+use ketchup_domain::clock::{ManualClock, SharedClock};
+use ketchup_domain::config::{Config, Secret};
+use ketchup_domain::credits::Credits;
+use ketchup_fake_upstream::{FakeConfig, FakeHandle, Fault, TaskStatus};
 use ketchup_gateway::server::Server;
 use serde_json::{Value, json};
 
@@ -138,7 +138,7 @@ async fn start_fake_with(consumed: &str, phase: Duration) -> FakeHandle {
     fake.in_progress_for = phase;
     fake.consumed
         .insert("google/gempix2".into(), consumed.parse().expect("amount"));
-    fake_upstream::start(fake)
+    ketchup_fake_upstream::start(fake)
         .await
         .expect("fake upstream starts")
 }
@@ -1652,7 +1652,9 @@ async fn a_task_its_client_keeps_reading_is_left_to_the_client() {
     fake.in_progress_for = Duration::from_secs(10);
     fake.consumed
         .insert("google/gempix2".into(), "0.37".parse().unwrap());
-    let fake = fake_upstream::start(fake).await.expect("fake starts");
+    let fake = ketchup_fake_upstream::start(fake)
+        .await
+        .expect("fake starts");
     let gw = start_in_process_with(
         &fake.base_url(),
         &Setup {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{ADS_KEY, DESIGN_KEY, Env, UPSTREAM_TOKEN, closed_port, config_text, digest};
-use ketchup_gateway::config::KeyDigest;
+use ketchup_domain::config::KeyDigest;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ketchup-gateway");
@@ -413,7 +413,7 @@ fn serve_refuses_an_empty_token_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_the_upstream_token_from_a_file() {
-    let fake = ketchup_gateway::fake_upstream::start(common::fake_config())
+    let fake = ketchup_fake_upstream::start(common::fake_config())
         .await
         .expect("fake starts");
     let dir = tempfile::tempdir().unwrap();

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{ADS_KEY, DESIGN_KEY, Env, Gateway, UPSTREAM_TOKEN};
-use ketchup_gateway::config::KeyDigest;
-use ketchup_gateway::fake_upstream::Fault;
+use ketchup_domain::config::KeyDigest;
+use ketchup_fake_upstream::Fault;
 use serde_json::{Value, json};
 
 const GENERATION: &str = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;

@@ -9,9 +9,9 @@ use axum::extract::State;
 use axum::routing::post;
 use chrono::{DateTime, Utc};
 use http::StatusCode;
-use ketchup_gateway::clock::ManualClock;
-use ketchup_gateway::credits::Credits;
-use ketchup_gateway::fake_upstream::{
+use ketchup_domain::clock::ManualClock;
+use ketchup_domain::credits::Credits;
+use ketchup_fake_upstream::{
     self, FakeConfig, FakeHandle, FakeTaskView, Fault, FaultRates, TaskStatus,
 };
 use serde_json::{Value, json};
@@ -30,7 +30,9 @@ async fn fake(adjust: impl FnOnce(&mut FakeConfig)) -> (FakeHandle, Arc<ManualCl
     config.submitted_for = Duration::from_secs(2);
     config.in_progress_for = Duration::from_secs(3);
     adjust(&mut config);
-    let handle = fake_upstream::start(config).await.expect("fake starts");
+    let handle = ketchup_fake_upstream::start(config)
+        .await
+        .expect("fake starts");
     (handle, clock)
 }
 

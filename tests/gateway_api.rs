@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ketchup_gateway::fake_upstream::Fault;
+use ketchup_fake_upstream::Fault;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
-use ketchup_gateway::clock::{ManualClock, SharedClock};
-use ketchup_gateway::config::{Config, Secret};
-use ketchup_gateway::credits::Credits;
-use ketchup_gateway::fake_upstream::{self, FakeHandle, Fault, TaskStatus};
+use ketchup_domain::clock::{ManualClock, SharedClock};
+use ketchup_domain::config::{Config, Secret};
+use ketchup_domain::credits::Credits;
+use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
 use ketchup_gateway::server::Server;
 use serde_json::{Value, json};
 
@@ -147,7 +147,7 @@ async fn start_fake(phase: Duration) -> FakeHandle {
     fake.in_progress_for = phase;
     fake.consumed
         .insert("google/gempix2".into(), "0.37".parse().expect("amount"));
-    fake_upstream::start(fake)
+    ketchup_fake_upstream::start(fake)
         .await
         .expect("fake upstream starts")
 }
@@ -417,7 +417,9 @@ async fn a_hundred_pollers_of_a_running_task_cost_one_upstream_read_per_ttl() {
     fake.pending_for = Duration::from_millis(100);
     fake.submitted_for = Duration::from_millis(100);
     fake.in_progress_for = Duration::from_secs(60);
-    let fake = fake_upstream::start(fake).await.expect("fake starts");
+    let fake = ketchup_fake_upstream::start(fake)
+        .await
+        .expect("fake starts");
     let env = Env::start(
         &fake.base_url(),
         &Setup {
@@ -734,7 +736,9 @@ async fn an_upstream_404_is_cached_as_pending_only_while_the_task_is_young() {
     // The fake does not know its tasks for an hour; the gateway's clock moves only when told.
     let mut fake = fake_config();
     fake.unknown_for = Duration::from_secs(3600);
-    let fake = fake_upstream::start(fake).await.expect("fake starts");
+    let fake = ketchup_fake_upstream::start(fake)
+        .await
+        .expect("fake starts");
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
     let (api, _dir) = start_in_process(
         &fake.base_url(),
@@ -1161,7 +1165,9 @@ async fn waiters_on_an_uncached_answer_are_not_counted_as_misses() {
     let _serial = serial().await;
     let mut fake = fake_config();
     fake.unknown_for = Duration::from_secs(3600);
-    let fake = fake_upstream::start(fake).await.expect("fake starts");
+    let fake = ketchup_fake_upstream::start(fake)
+        .await
+        .expect("fake starts");
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
     let (api, _dir) = start_in_process(
         &fake.base_url(),

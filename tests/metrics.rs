@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
-use ketchup_gateway::fake_upstream::{self, FakeHandle};
+use ketchup_fake_upstream::FakeHandle;
 use serde_json::{Value, json};
 
 const GEN: &str = "/api/image/gen";
@@ -92,7 +92,7 @@ async fn start_fake() -> FakeHandle {
     fake.in_progress_for = Duration::from_millis(50);
     fake.consumed
         .insert(MODEL.into(), "0.37".parse().expect("amount"));
-    fake_upstream::start(fake)
+    ketchup_fake_upstream::start(fake)
         .await
         .expect("fake upstream starts")
 }

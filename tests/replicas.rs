@@ -13,8 +13,8 @@ use common::redis_server::{self, PrivateRedis};
 use common::tls::TestPki;
 use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
 use common::{DESIGN_KEY, Gateway, closed_port, fake_config};
-use ketchup_gateway::credits::Credits;
-use ketchup_gateway::fake_upstream::{self, FakeHandle, Fault, TaskStatus};
+use ketchup_domain::credits::Credits;
+use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
@@ -235,7 +235,7 @@ async fn two_replicas(url: &str, setup: &Setup) -> Replicas {
 /// Two gateways on one Redis, each under its own key prefix: what two replicas would be if
 /// they shared nothing.
 async fn two_gateways(url: &str, setup: &Setup, prefixes: [&str; 2]) -> Replicas {
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let config = |dir: &tempfile::TempDir, prefix: &str| {
         write_config(dir.path(), &fake.base_url(), url, prefix, setup)
@@ -355,7 +355,7 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     let Some(mut redis) = PrivateRedis::start(dir.path()) else {
         return;
     };
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     let (gateway, _config) = one_gateway(
         &fake,
         &redis.url(),
@@ -532,7 +532,7 @@ async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
     let mut fake = fake_config();
     // Still running through the test, so its status is never final and always read upstream.
     fake.in_progress_for = Duration::from_secs(600);
-    let fake = fake_upstream::start(fake).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake).await.unwrap();
     let prefix = unique_prefix();
     let (refusing_dir, allowing_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let replica = |dir: &tempfile::TempDir, store: &'static str| {
@@ -615,7 +615,7 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     let Some(redis) = PrivateRedis::start(dir.path()) else {
         return;
     };
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     // Rate limits fall back to the replica's own, so generations reach the ledger.
     let (gateway, _config) = one_gateway(
         &fake,
@@ -693,7 +693,7 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     let Some(redis) = PrivateRedis::start(dir.path()) else {
         return;
     };
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
     let (gateway, _config) = one_gateway(
@@ -763,7 +763,7 @@ async fn a_redis_password_comes_from_password_file_and_stays_secret() {
     let Some(redis) = PrivateRedis::start_with_password(dir.path(), PASSWORD) else {
         return;
     };
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     let http = reqwest::Client::new();
     let config = |config_dir: &std::path::Path, password: &str| {
         let file = config_dir.join("redis_password");
@@ -844,7 +844,7 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
     let Some(redis) = PrivateRedis::start_with_tls(dir.path(), &pki) else {
         return;
     };
-    let fake = fake_upstream::start(fake_config()).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     let http = reqwest::Client::new();
     let config = |config_dir: &std::path::Path, store: String| {
         config_with_store(config_dir, &fake, &redis, store)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
 use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, closed_port, fake_config};
-use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
+use ketchup_fake_upstream::{FakeConfig, FakeHandle};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
@@ -42,7 +42,7 @@ async fn start_long_render(webhooks: &str) -> Env {
 
 /// [`start_with`], with `ads_team` lines added to the `ads` team.
 async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
-    let fake = fake_upstream::start(fake).await.unwrap();
+    let fake = ketchup_fake_upstream::start(fake).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("design_webhook_secret");
     std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();

@@ -13,11 +13,8 @@ use axum::{
 use http::header;
 
 use super::metrics::RequestFacts;
-use crate::{
-    app::AppState,
-    config::{KeyDigest, Team},
-    error::GatewayError,
-};
+use crate::{app::AppState, error::GatewayError};
+use ketchup_domain::config::{KeyDigest, Team};
 
 /// Who may call a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

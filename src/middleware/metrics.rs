@@ -15,7 +15,7 @@ use axum::{
 };
 
 use super::request_id::RequestId;
-use crate::{app::AppState, metrics::team_label};
+use crate::app::AppState;
 
 /// What layers and handlers learn about a request that its metrics and its closing log line
 /// need. Kept here rather than recorded on the request's span: a field recorded on a span after
@@ -125,7 +125,7 @@ pub async fn record(
     let team = facts
         .team
         .get()
-        .map_or("unknown", |team| team_label(&config, team));
+        .map_or("unknown", |team| config.team_label(team));
     let metrics = &state.metrics;
     metrics
         .requests

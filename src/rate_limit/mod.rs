@@ -26,8 +26,8 @@ use governor::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Config, Limits, Rate};
 use crate::metrics::Metrics;
+use ketchup_domain::config::{Config, Limits, Rate};
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
@@ -404,7 +404,7 @@ mod tests {
             keys = [{{ sha256 = "{}" }}]
             {extra}
             "#,
-            crate::config::KeyDigest::of("k").to_hex()
+            ketchup_domain::config::KeyDigest::of("k").to_hex()
         );
         RateLimits::new(
             &Config::parse(Path::new("t.toml"), &text).unwrap(),
@@ -473,7 +473,7 @@ mod tests {
             Path::new("t.toml"),
             &format!(
                 "[upstream]\ntoken_env = \"T\"\n[models.\"m\"]\nreserve = \"1\"\n[[teams]]\nname = \"design\"\nkeys = [{{ sha256 = \"{}\" }}]\nlimits = {{ generate = \"1/h\", generate_burst = 1 }}\n",
-                crate::config::KeyDigest::of("k").to_hex()
+                ketchup_domain::config::KeyDigest::of("k").to_hex()
             ),
         )
         .unwrap();

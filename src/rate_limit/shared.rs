@@ -13,9 +13,9 @@ use failsafe::futures::CircuitBreaker;
 use redis::aio::ConnectionManager;
 
 use super::{LimitKind, Verdict};
-use crate::config::Rate;
-use crate::ledger::breaker::{OutageBreaker, outage_breaker};
-use crate::redis_client::{RedisEndpoint, bounded};
+use ketchup_domain::config::Rate;
+use ketchup_domain::ledger::breaker::{OutageBreaker, outage_breaker};
+use ketchup_domain::redis_client::{RedisEndpoint, bounded};
 
 static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
@@ -36,7 +36,8 @@ impl SharedLimits {
         command_timeout: Duration,
         fail_open: bool,
     ) -> Result<SharedLimits, String> {
-        let conn = crate::redis_client::connect(endpoint, command_timeout, "rate limits").await?;
+        let conn =
+            ketchup_domain::redis_client::connect(endpoint, command_timeout, "rate limits").await?;
         Ok(SharedLimits {
             conn,
             prefix: key_prefix.to_owned(),
@@ -86,8 +87,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::ledger::breaker::OPEN_AFTER;
-    use crate::test_redis::{FadingRedis, SLACK, TIMEOUT};
+    use ketchup_domain::ledger::breaker::OPEN_AFTER;
+    use ketchup_test_redis::{FadingRedis, SLACK, TIMEOUT};
 
     fn rate(text: &str) -> Rate {
         text.parse().unwrap()
@@ -99,7 +100,7 @@ mod tests {
 
     /// Two replicas' views of one Redis, under a prefix of this test's own.
     async fn replicas() -> Option<(SharedLimits, SharedLimits)> {
-        let endpoint = RedisEndpoint::from_url(crate::test_redis::url()?);
+        let endpoint = RedisEndpoint::from_url(ketchup_test_redis::url()?);
         let prefix = format!("ketchup-test:{}:", uuid::Uuid::now_v7().simple());
         let connect =
             || SharedLimits::connect(&endpoint, &prefix, Duration::from_millis(500), false);

@@ -12,11 +12,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use super::{budget::standing, json};
-use crate::{
-    app::AppState,
-    error::GatewayError,
-    ledger::{DeliveryState, ReservationId, StoreError, TaskState},
-};
+use crate::{app::AppState, error::GatewayError};
+use ketchup_domain::ledger::{DeliveryState, ReservationId, StoreError, TaskState};
 
 /// Most reservations one listing returns.
 const LISTING_LIMIT: usize = 1000;

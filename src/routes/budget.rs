@@ -13,13 +13,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::json;
-use crate::{
-    app::AppState,
-    budget,
+use crate::{app::AppState, error::GatewayError, middleware::auth::Caller};
+use ketchup_domain::{
     config::{BudgetPeriod, Team},
     credits::Credits,
-    error::GatewayError,
-    middleware::auth::Caller,
+    period,
 };
 
 /// Where a team stands in its current budget period.
@@ -46,8 +44,8 @@ pub fn current_period(
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     (
         period,
-        budget::period_key(period, now),
-        budget::period_end(period, now),
+        period::period_key(period, now),
+        period::period_end(period, now),
     )
 }
 
@@ -57,7 +55,8 @@ pub fn rfc3339(at: DateTime<Utc>) -> String {
 
 pub async fn standing(state: &AppState, team: &Team) -> Result<BudgetView, GatewayError> {
     let (period, period_key, resets_at) = current_period(team, state.clock.now());
-    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+    let ledger_down =
+        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
     let totals = state
         .ledger
         .standing(&team.name, &period_key)

@@ -18,13 +18,12 @@ use serde_json::{Value, json};
 
 use super::{json, read_body};
 use crate::{
-    app::AppState,
-    error::GatewayError,
-    ledger::{NewDelivery, SettleOutcome, TaskRecord},
-    middleware::metrics::RequestFacts,
-    settlement::{self, Consumed},
-    status_cache::Answer,
+    app::AppState, error::GatewayError, middleware::metrics::RequestFacts, status_cache::Answer,
     webhooks,
+};
+use ketchup_domain::{
+    ledger::{NewDelivery, SettleOutcome, TaskRecord},
+    settlement::{self, Consumed},
 };
 
 /// Longer than any token the gateway issues: not worth a ledger lookup.
@@ -42,7 +41,8 @@ pub async fn receive(
 ) -> Result<Response, GatewayError> {
     let count = |outcome: &str| state.metrics.callbacks.with_label_values(&[outcome]).inc();
     let config = state.config.load_full();
-    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+    let ledger_down =
+        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
 
     let target = if token.len() <= MAX_TOKEN_LEN {
         state
@@ -110,7 +110,10 @@ pub async fn receive(
         }
         None => false,
     };
-    let settled = settlement::settle(&state, &task, status, consumed.clone()).await;
+    let settled = state
+        .settler
+        .settle(&state.config.load(), &task, status, consumed.clone())
+        .await;
     if queued {
         // Woken even if settling failed: the delivery is owed either way.
         state.webhook_wake.notify_one();
@@ -125,7 +128,7 @@ pub async fn receive(
 }
 
 /// The task id and final state of a callback payload.
-fn parse(body: &[u8]) -> Option<(String, crate::ledger::FinalStatus, Consumed)> {
+fn parse(body: &[u8]) -> Option<(String, ketchup_domain::ledger::FinalStatus, Consumed)> {
     let payload: Value = serde_json::from_slice(body).ok()?;
     let task_id = payload.get("task_id")?.as_str()?.to_owned();
     let (status, consumed) = settlement::final_state(&payload)?;

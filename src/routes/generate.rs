@@ -17,14 +17,16 @@ use tracing::Instrument;
 use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
     app::AppState,
-    budget,
-    config::{BudgetPeriod, Config, Team},
-    credits::Credits,
     error::GatewayError,
-    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome, StoreError},
     middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
     upstream::UpstreamError,
     webhooks::{self, target},
+};
+use ketchup_domain::{
+    config::{BudgetPeriod, Config, Team},
+    credits::Credits,
+    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome, StoreError},
+    period,
 };
 
 /// What the gateway itself needs from a generation request; everything else in the body is
@@ -185,7 +187,7 @@ pub async fn generate(
         team: team.name.clone(),
         model: generation.model,
         amount,
-        period: budget::period_key(period, now),
+        period: period::period_key(period, now),
         limit: team.budget.map(|b| b.credits),
         max_in_flight: team.budget.and_then(|b| b.max_in_flight),
         request_id: request_id.as_str().to_owned(),
@@ -224,14 +226,14 @@ pub async fn generate(
                 .saturating_sub(spent)
                 .saturating_sub(reserved)
                 .max(Credits::ZERO);
-            let resets = budget::period_end(budget.period, now)
+            let resets = period::period_end(budget.period, now)
                 .map(|end| format!(" (resets {})", rfc3339(end)))
                 .unwrap_or_default();
             return Err(GatewayError::BudgetExhausted(format!(
                 "team '{}' has {left} of {} credits left {}{resets}; this request needs {amount}",
                 team.name,
                 budget.credits,
-                budget::period_phrase(budget.period),
+                period::period_phrase(budget.period),
             )));
         }
         ReserveOutcome::TooManyInFlight { in_flight } => {
@@ -276,7 +278,7 @@ pub async fn generate(
             "x-budget-remaining",
             HeaderValue::from_str(&remaining.format_places(8)).expect("digits are header-safe"),
         );
-        if let Some(end) = budget::period_end(budget.period, now) {
+        if let Some(end) = period::period_end(budget.period, now) {
             headers.insert(
                 "x-budget-reset",
                 HeaderValue::from_str(&rfc3339(end)).expect("a timestamp is header-safe"),
@@ -380,7 +382,8 @@ async fn forward(
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
-    let ledger_down = |e: crate::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
+    let ledger_down =
+        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
     let upstream = match state.upstream.generate(body, request_id.as_str()).await {
         Ok(upstream) => upstream,
         Err(error) => {

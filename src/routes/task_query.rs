@@ -13,13 +13,11 @@ use serde_json::json;
 use crate::{
     app::AppState,
     error::GatewayError,
-    ledger::TaskRecord,
     middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
-    ownership::Lookup,
-    settlement,
     status_cache::{Answer, Fetched, NotCached, Served},
     upstream::UpstreamError,
 };
+use ketchup_domain::{ledger::TaskRecord, ownership::Lookup, settlement};
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
@@ -190,7 +188,11 @@ async fn read_upstream(
                 state.owners.record(task.task_id, task.team, true);
             }
             Ok(Some(record)) => {
-                if let Err(e) = settlement::settle(state, &record, status, consumed).await {
+                if let Err(e) = state
+                    .settler
+                    .settle(&state.config.load(), &record, status, consumed)
+                    .await
+                {
                     tracing::warn!(error = %e, "could not settle a finished task");
                 }
             }

@@ -19,8 +19,8 @@ use moka::{Expiry, future::Cache, notification::RemovalCause};
 
 pub mod shared;
 
-use crate::config::CacheConfig;
 use crate::metrics::Metrics;
+use ketchup_domain::config::CacheConfig;
 use shared::SharedStatuses;
 
 /// An upstream answer to a status read, as served to clients.
@@ -367,12 +367,12 @@ mod tests {
 
     /// A cache in front of `server`, whose Redis calls give up after `timeout`.
     async fn shared_cache(
-        server: &crate::test_redis::FadingRedis,
+        server: &ketchup_test_redis::FadingRedis,
         timeout: Duration,
     ) -> StatusCache {
         let url = format!("redis://{}/", server.address);
         let shared = SharedStatuses::connect(
-            &crate::redis_client::RedisEndpoint::from_url(&url),
+            &ketchup_domain::redis_client::RedisEndpoint::from_url(&url),
             "t:",
             timeout,
             Duration::from_secs(1),
@@ -396,7 +396,7 @@ mod tests {
         const TIMEOUT: Duration = Duration::from_secs(1);
         // Redis answers the read (with nothing usable: a miss) and stops answering while the
         // upstream is asked, so only the write of what the upstream said meets the silence.
-        let server = crate::test_redis::FadingRedis::start().await;
+        let server = ketchup_test_redis::FadingRedis::start().await;
         let cache = shared_cache(&server, TIMEOUT).await;
         let started = Instant::now();
         let (served, read) = cache
@@ -410,7 +410,7 @@ mod tests {
         assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
 
         // Silent from the start: the read costs the timeout, the write nothing more.
-        let server = crate::test_redis::FadingRedis::start().await;
+        let server = ketchup_test_redis::FadingRedis::start().await;
         let cache = shared_cache(&server, TIMEOUT).await;
         server.stop();
         let started = Instant::now();

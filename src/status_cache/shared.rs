@@ -16,8 +16,8 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
 use super::Answer;
-use crate::ledger::breaker::{OutageBreaker, outage_breaker};
-use crate::redis_client::{RedisEndpoint, bounded};
+use ketchup_domain::ledger::breaker::{OutageBreaker, outage_breaker};
+use ketchup_domain::redis_client::{RedisEndpoint, bounded};
 
 /// How long Redis keeps a final status. Unlike the local cache it has no size bound of its own,
 /// so final statuses expire; a day covers any client still polling a finished task.
@@ -40,7 +40,8 @@ impl SharedStatuses {
         running_ttl: Duration,
     ) -> Result<SharedStatuses, String> {
         let conn =
-            crate::redis_client::connect(endpoint, command_timeout, "the status cache").await?;
+            ketchup_domain::redis_client::connect(endpoint, command_timeout, "the status cache")
+                .await?;
         Ok(SharedStatuses {
             conn,
             prefix: key_prefix.to_owned(),
@@ -135,8 +136,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::ledger::breaker::OPEN_AFTER;
-    use crate::test_redis::{FadingRedis, SLACK, TIMEOUT};
+    use ketchup_domain::ledger::breaker::OPEN_AFTER;
+    use ketchup_test_redis::{FadingRedis, SLACK, TIMEOUT};
 
     fn answer(is_final: bool, body: &'static [u8]) -> Answer {
         Answer {
@@ -148,7 +149,7 @@ mod tests {
     }
 
     async fn connect(running_ttl: Duration) -> Option<SharedStatuses> {
-        let url = crate::test_redis::url()?;
+        let url = ketchup_test_redis::url()?;
         let prefix = format!("test-{}:", uuid::Uuid::now_v7().simple());
         Some(
             SharedStatuses::connect(

@@ -22,8 +22,8 @@ use tokio::sync::Semaphore;
 use super::signing::SigningKey;
 use super::target::{self, Allowed, GuardedResolver};
 use crate::app::AppState;
-use crate::config::Team;
-use crate::ledger::{AttemptOutcome, ClaimLimits, Delivery};
+use ketchup_domain::config::Team;
+use ketchup_domain::ledger::{AttemptOutcome, ClaimLimits, Delivery};
 
 /// How often the worker looks for retries that came due, when nothing wakes it sooner.
 const POLL: Duration = Duration::from_secs(1);
@@ -140,7 +140,7 @@ async fn attempt_and_record(state: &AppState, delivery: Delivery) {
     state
         .metrics
         .webhook_deliveries
-        .with_label_values(&[crate::metrics::team_label(&config, &delivery.team), label])
+        .with_label_values(&[config.team_label(&delivery.team), label])
         .inc();
     match &outcome {
         AttemptOutcome::Delivered => {
@@ -236,7 +236,7 @@ const MAX_JITTER: f64 = 0.5;
 /// Wait before the attempt after `attempts` failed ones: doubling from `first_retry`, clamped to
 /// `max_retry_delay`, plus up to [`MAX_JITTER`] of that at random. The clamp comes before the
 /// jitter: clamped after, every delivery past the cap would retry in lockstep.
-fn backoff(config: &crate::config::WebhooksConfig, attempts: u32) -> chrono::Duration {
+fn backoff(config: &ketchup_domain::config::WebhooksConfig, attempts: u32) -> chrono::Duration {
     let doublings = attempts.saturating_sub(1).min(31);
     let delay = config
         .first_retry
@@ -342,7 +342,7 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::WebhooksConfig;
+    use ketchup_domain::config::WebhooksConfig;
 
     fn config() -> WebhooksConfig {
         WebhooksConfig {

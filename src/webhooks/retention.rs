@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{app::AppState, clock, ledger::StoreError};
+use crate::app::AppState;
+use ketchup_domain::{clock, ledger::StoreError};
 
 /// Deliveries deleted per ledger write, so that each write is short however large the backlog.
 const BATCH: usize = 500;

@@ -8,7 +8,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use rand::Rng;
 use sha2::Sha256;
 
-use crate::config::Secret;
+use ketchup_domain::config::Secret;
 
 const PREFIX: &str = "whsec_";
 /// The specification asks for 24 to 64 random bytes.
@@ -48,7 +48,7 @@ impl SigningKey {
 
 /// Proves every team's webhook secret can be read and used, so a bad one fails start or reload
 /// with the team's name instead of failing deliveries later.
-pub fn check_team_secrets(config: &crate::config::Config) -> Result<(), String> {
+pub fn check_team_secrets(config: &ketchup_domain::config::Config) -> Result<(), String> {
     for team in &config.teams {
         if let Some(source) = &team.webhook_secret {
             source

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ketchup_gateway::fake_upstream::{self, FakeConfig, FakeHandle};
+use ketchup_fake_upstream::{FakeConfig, FakeHandle};
 
 pub mod redis_server;
 pub mod tls;
@@ -24,7 +24,7 @@ pub const ADS_KEY: &str = "kgw_ads_test_key_9876543210";
 pub const CACHE_OFF: &str = "\n[cache]\nmax_entries = 0\n";
 
 pub fn digest(key: &str) -> String {
-    ketchup_gateway::config::KeyDigest::of(key).to_hex()
+    ketchup_domain::config::KeyDigest::of(key).to_hex()
 }
 
 /// A config with two teams (`design`, `ads`) in front of `upstream`, plus `extra` TOML appended
@@ -239,7 +239,7 @@ impl Env {
     /// `server_extra` and `upstream_extra` are lines added to the `[server]` and `[upstream]`
     /// tables; `server_extra` may also open tables of its own, such as [`CACHE_OFF`].
     pub async fn start_with(fake: FakeConfig, server_extra: &str, upstream_extra: &str) -> Env {
-        let fake = fake_upstream::start(fake)
+        let fake = ketchup_fake_upstream::start(fake)
             .await
             .expect("fake upstream starts");
         let dir = tempfile::tempdir().expect("temp dir");

@@ -19,7 +19,7 @@ use super::ConnectionHandle;
 use super::faults::{Endpoint, Fault, FaultRates};
 use super::state::{FakeStats, PendingCallback, Recorder, Shared, Task};
 use super::wire::{self, Created, TaskData};
-use crate::credits::Credits;
+use ketchup_domain::credits::Credits;
 
 /// Largest generation body read; reference images are URLs, so this is generous.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

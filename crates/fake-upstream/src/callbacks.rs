@@ -1,7 +1,7 @@
 //! Webhooks: a ticker notices tasks that became final and POSTs their CallbackPayload once.
 //!
 //! Finality is checked against the fake's clock on a short real-time tick (not by sleeping until
-//! a deadline), so moving a [`ManualClock`](crate::clock::ManualClock) forward fires callbacks too.
+//! a deadline), so moving a [`ManualClock`](ketchup_domain::clock::ManualClock) forward fires callbacks too.
 
 use std::sync::Arc;
 use std::time::Duration;

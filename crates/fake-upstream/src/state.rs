@@ -2,7 +2,7 @@
 //! and benchmarks read back.
 //!
 //! A task's status is never stored: it is computed from `clock.now() - created_at` on every
-//! look, so a [`ManualClock`](crate::clock::ManualClock) moves every task at once and nothing
+//! look, so a [`ManualClock`](ketchup_domain::clock::ManualClock) moves every task at once and nothing
 //! needs a timer to advance.
 
 use std::collections::BTreeMap;
@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::FakeConfig;
 use super::faults::Faults;
-use crate::clock::SharedClock;
-use crate::credits::Credits;
+use ketchup_domain::clock::SharedClock;
+use ketchup_domain::credits::Credits;
 
 /// How many values each of the recorded lists (bodies, Authorization headers, request ids) keeps;
 /// later ones are only counted, so request volume alone does not grow the fake. (Tasks are all

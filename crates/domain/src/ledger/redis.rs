@@ -947,7 +947,7 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
 /// A store on the test Redis under a fresh random prefix; `None` when the test is skipped.
 #[cfg(test)]
 pub(crate) async fn test_store() -> Option<RedisStore> {
-    let url = crate::test_redis::url()?;
+    let url = ketchup_test_redis::url()?;
     let prefix = format!("ketchup-test:{}:", uuid::Uuid::new_v4().simple());
     Some(
         RedisStore::connect(
@@ -968,7 +968,7 @@ mod tests {
     use crate::ledger::conformance::{
         any, at, claim, deliveries_ended_three_ways, delivery, open_task, reservation,
     };
-    use crate::test_redis::FadingRedis;
+    use ketchup_test_redis::FadingRedis;
 
     const TIMEOUT: Duration = Duration::from_millis(300);
     /// Room for a loaded machine on top of the timeout.

@@ -1218,7 +1218,7 @@ conformance_suite!(sqlite, {
 });
 
 conformance_suite!(redis, {
-    // Returns early, skipping the test, when no Redis can be found (see `crate::test_redis`).
+    // Returns early, skipping the test, when no Redis can be found (see `ketchup_test_redis`).
     let Some(store) = crate::ledger::redis::test_store().await else {
         return;
     };

@@ -175,7 +175,7 @@ fn rfc3339_millis(at: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credits::Credits;
+    use ketchup_domain::credits::Credits;
 
     fn task(fails: bool) -> Task {
         let created = "2025-09-10T10:22:20.010Z".parse().expect("valid time");

@@ -36,8 +36,8 @@ use tower::ServiceExt;
 pub use faults::{Fault, FaultRates, Faults};
 pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
 
-use crate::clock::{self, SharedClock};
-use crate::credits::Credits;
+use ketchup_domain::clock::{self, SharedClock};
+use ketchup_domain::credits::Credits;
 
 /// How the fake behaves. [`FakeConfig::new`] gives working defaults; adjust the fields.
 #[derive(Clone)]

@@ -1,0 +1,15 @@
+//! The gateway's domain, free of any HTTP framework: exact credits, budget periods, the validated
+//! configuration, the ledger (its traits and both engines), settlement of what a task cost, and
+//! the in-memory index of who owns which task.
+//!
+//! The web layer (the root package) depends on this crate and never the other way round, so
+//! everything here can be tested and benchmarked without a server.
+
+pub mod clock;
+pub mod config;
+pub mod credits;
+pub mod ledger;
+pub mod ownership;
+pub mod period;
+pub mod redis_client;
+pub mod settlement;

@@ -1,0 +1,290 @@
+//! Settling a task's cost from its final state, wherever that state is first seen: a status read
+//! passing through, or the reconciler's own read.
+//!
+//! The ledger makes settlement atomic and idempotent per task, so any number of readers may call
+//! this at once; exactly one of them settles, and reading a finished task again never charges it.
+
+use std::sync::Arc;
+
+use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde_json::Value;
+
+use crate::{
+    clock::SharedClock,
+    config::Config,
+    credits::Credits,
+    ledger::{
+        FinalStatus, LedgerStore, SettleOutcome, SettledTask, Settlement, StoreError, TaskRecord,
+    },
+    ownership::OwnershipIndex,
+};
+
+/// `consumed` as the upstream reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumed {
+    Exact(Credits),
+    Missing,
+    /// Present but not an amount we can trust (negative, too precise, not a number).
+    Malformed(String),
+}
+
+impl Consumed {
+    pub fn from_json(value: Option<&Value>) -> Consumed {
+        match value {
+            None | Some(Value::Null) => Consumed::Missing,
+            Some(Value::String(text)) => match text.parse::<Credits>() {
+                Ok(credits) => Consumed::Exact(credits),
+                Err(_) => Consumed::Malformed(text.chars().take(64).collect()),
+            },
+            Some(other) => Consumed::Malformed(other.to_string().chars().take(64).collect()),
+        }
+    }
+}
+
+/// The final status and `consumed` in a task's fields (the `data` of a task query, or a callback
+/// payload); `None` while the task is still running.
+pub fn final_state(fields: &Value) -> Option<(FinalStatus, Consumed)> {
+    let status = final_status(fields.get("status")?.as_str()?)?;
+    Some((status, Consumed::from_json(fields.get("consumed"))))
+}
+
+/// `success` and `failed` are final; every other status is not.
+fn final_status(status: &str) -> Option<FinalStatus> {
+    match status {
+        "success" => Some(FinalStatus::Success),
+        "failed" => Some(FinalStatus::Failed),
+        _ => None,
+    }
+}
+
+/// The final state in a task-query answer body (`{"code":0,"data":{…}}`).
+///
+/// Read into borrowed fields rather than a `Value`: this runs on every status read that reaches
+/// the upstream, and the rest of the body (result URLs, reasons) need not be built to be skipped.
+pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        code: i64,
+        #[serde(borrow)]
+        data: Option<Fields<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+        consumed: Option<Value>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    if answer.code != 0 {
+        return None;
+    }
+    let fields = answer.data?;
+    let status = final_status(fields.status.as_deref()?)?;
+    Some((status, Consumed::from_json(fields.consumed.as_ref())))
+}
+
+/// `consumed − reserved` in credits: negative when the reservation was too high.
+const RESERVATION_ERROR_BUCKETS: &[f64] = &[
+    -5.0, -1.0, -0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// What settlement counts, registered in the gateway's one registry.
+#[derive(Clone)]
+pub struct SettlementMetrics {
+    pub tasks_finished: IntCounterVec,
+    pub credits_consumed: CounterVec,
+    pub reservation_error: HistogramVec,
+    pub settlements_without_consumed: IntCounterVec,
+}
+
+impl SettlementMetrics {
+    /// Creates the metrics under `namespace` and registers them in `registry`.
+    pub fn register(registry: &Registry, namespace: &str) -> prometheus::Result<Self> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(namespace);
+        let metrics = SettlementMetrics {
+            tasks_finished: IntCounterVec::new(
+                opts(
+                    "tasks_finished_total",
+                    "Tasks settled, by final status: success, failed or expired.",
+                ),
+                &["team", "model", "status"],
+            )?,
+            credits_consumed: CounterVec::new(
+                opts("credits_consumed_total", "Credits charged by settled tasks."),
+                &["team", "model"],
+            )?,
+            reservation_error: HistogramVec::new(
+                HistogramOpts::new(
+                    "reservation_error_credits",
+                    "What a settled task consumed minus what it reserved, in credits (tune `reserve` from it).",
+                )
+                .namespace(namespace)
+                .buckets(RESERVATION_ERROR_BUCKETS.to_vec()),
+                &["model"],
+            )?,
+            settlements_without_consumed: IntCounterVec::new(
+                opts(
+                    "settlements_without_consumed_total",
+                    "Final states whose `consumed` was missing or unusable, settled at the reservation.",
+                ),
+                &["team", "reason"],
+            )?,
+        };
+        registry.register(Box::new(metrics.tasks_finished.clone()))?;
+        registry.register(Box::new(metrics.credits_consumed.clone()))?;
+        registry.register(Box::new(metrics.reservation_error.clone()))?;
+        registry.register(Box::new(metrics.settlements_without_consumed.clone()))?;
+        Ok(metrics)
+    }
+}
+
+/// Settles tasks: the ledger's idempotent step, the ownership index told the task is closed,
+/// and the metrics of what it cost. The one handle the status read, the callback and the
+/// reconciler share, so that each settles the same way.
+pub struct Settler {
+    ledger: Arc<dyn LedgerStore>,
+    owners: Arc<OwnershipIndex>,
+    clock: SharedClock,
+    metrics: SettlementMetrics,
+}
+
+impl Settler {
+    pub fn new(
+        ledger: Arc<dyn LedgerStore>,
+        owners: Arc<OwnershipIndex>,
+        clock: SharedClock,
+        metrics: SettlementMetrics,
+    ) -> Self {
+        Settler {
+            ledger,
+            owners,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Replaces the task's reservation by what it consumed. A missing or untrustworthy `consumed`
+    /// settles at the reservation (never silently at zero) and is logged. `config` bounds the
+    /// metric labels.
+    pub async fn settle(
+        &self,
+        config: &Config,
+        task: &TaskRecord,
+        status: FinalStatus,
+        consumed: Consumed,
+    ) -> Result<SettleOutcome, StoreError> {
+        let untrustworthy = |reason: &str| {
+            self.metrics
+                .settlements_without_consumed
+                .with_label_values(&[config.team_label(&task.team), reason])
+                .inc();
+        };
+        let charged = match &consumed {
+            Consumed::Exact(credits) => *credits,
+            Consumed::Missing => {
+                untrustworthy("missing");
+                tracing::warn!(task_id = %task.task_id, "final state without `consumed`: settling at the reservation");
+                task.reserved
+            }
+            Consumed::Malformed(text) => {
+                untrustworthy("malformed");
+                tracing::warn!(task_id = %task.task_id, consumed = %text, "unusable `consumed`: settling at the reservation");
+                task.reserved
+            }
+        };
+        let settlement = Settlement {
+            status,
+            consumed: charged,
+            at: self.clock.now(),
+        };
+        let outcome = self.ledger.settle(&task.task_id, settlement).await?;
+        if matches!(
+            outcome,
+            SettleOutcome::Settled(_) | SettleOutcome::AlreadyClosed
+        ) {
+            // Later reads (with the cache off, or after eviction) need not try to settle it again.
+            self.owners.record(&task.task_id, &task.team, true);
+        }
+        if let SettleOutcome::Settled(settled) = &outcome {
+            self.count_finished(config, settled, status.as_str());
+            self.metrics
+                .reservation_error
+                .with_label_values(&[config.model_label(&settled.model)])
+                .observe(
+                    settled.consumed.as_f64_for_metrics() - settled.reserved.as_f64_for_metrics(),
+                );
+            tracing::info!(
+                task_id = %task.task_id,
+                team = %settled.team,
+                model = %settled.model,
+                status = status.as_str(),
+                reserved = %settled.reserved,
+                consumed = %settled.consumed,
+                "task settled"
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// Counts a task that reached the end of its life: `success`, `failed` or `expired`.
+    pub fn count_finished(&self, config: &Config, settled: &SettledTask, status: &str) {
+        let (team, model) = (
+            config.team_label(&settled.team),
+            config.model_label(&settled.model),
+        );
+        self.metrics
+            .tasks_finished
+            .with_label_values(&[team, model, status])
+            .inc();
+        self.metrics
+            .credits_consumed
+            .with_label_values(&[team, model])
+            .inc_by(settled.consumed.as_f64_for_metrics());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_final_states_and_their_cost_exactly() {
+        let body =
+            br#"{"code":0,"message":"ok","data":{"status":"success","consumed":"0.00100000"}}"#;
+        assert_eq!(
+            final_state_of_query(body),
+            Some((
+                FinalStatus::Success,
+                Consumed::Exact("0.001".parse().unwrap())
+            ))
+        );
+        let failed = json!({"status": "failed", "consumed": "0.000000"});
+        assert_eq!(
+            final_state(&failed),
+            Some((FinalStatus::Failed, Consumed::Exact(Credits::ZERO)))
+        );
+        assert_eq!(final_state(&json!({"status": "in_progress"})), None);
+        assert_eq!(
+            final_state_of_query(br#"{"code":1,"data":{"status":"success"}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn untrustworthy_amounts_are_told_apart_from_missing_ones() {
+        let of = |consumed: Value| {
+            final_state(&json!({"status": "success", "consumed": consumed}))
+                .unwrap()
+                .1
+        };
+        assert_eq!(of(json!(null)), Consumed::Missing);
+        assert_eq!(of(json!("-1")), Consumed::Malformed("-1".into()));
+        assert_eq!(
+            of(json!("0.123456789")),
+            Consumed::Malformed("0.123456789".into())
+        );
+        assert_eq!(of(json!(0.5)), Consumed::Malformed("0.5".into()));
+        assert_eq!(of(json!("abc")), Consumed::Malformed("abc".into()));
+    }
+}
