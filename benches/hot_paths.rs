@@ -27,7 +27,7 @@ use ketchup_domain::{
 };
 use ketchup_gateway::{
     metrics::Metrics,
-    rate_limit::{LimitKind, RateLimits},
+    rate_limiter::{LimitKind, RateLimits},
     status_cache::{Answer, StatusCache},
 };
 

@@ -22,7 +22,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use ketchup_gateway::server::workers::Workers;
+use ketchup_gateway::workers::Workers;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[global_allocator]

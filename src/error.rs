@@ -5,8 +5,13 @@
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use ketchup_domain::ledger::StoreError;
 use serde::Serialize;
 
+use crate::rate_limiter::{Refusal, Refused};
+use crate::upstream::UpstreamError;
+
+/// Clone, because a status read shared by coalesced readers hands each of them its outcome.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("Invalid API key")]
@@ -31,20 +36,18 @@ pub enum GatewayError {
     BudgetExhausted(String),
     #[error("{0}")]
     TooManyInFlight(String),
-    #[error("{0}")]
-    Conflict(String),
     #[error("{}", .0.detail)]
-    RateLimited(crate::rate_limit::Refusal),
+    RateLimited(Refusal),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("upstream unreachable: {0}")]
-    UpstreamUnreachable(String),
-    #[error("upstream did not answer in time: {0}")]
-    UpstreamTimeout(String),
+    /// No usable answer from the upstream: none at all, or none in time.
+    #[error("{}", describe_upstream(.0))]
+    Upstream(#[from] UpstreamError),
     #[error("upstream answered in an unexpected way: {0}")]
     UpstreamBadResponse(String),
-    #[error("the ledger is unavailable: {0}")]
-    LedgerUnavailable(String),
+    /// The ledger could not be used (an outage), or refused the operation (a conflict).
+    #[error(transparent)]
+    Ledger(#[from] StoreError),
     /// The upstream accepted a generation, but the ledger could not record the task as the
     /// team's yet; the gateway keeps trying, and the client gets the task id to poll later.
     #[error(
@@ -62,11 +65,20 @@ pub enum GatewayError {
     Internal(String),
 }
 
-impl From<crate::rate_limit::Refused> for GatewayError {
-    fn from(refused: crate::rate_limit::Refused) -> Self {
+fn describe_upstream(error: &UpstreamError) -> String {
+    match error {
+        UpstreamError::Timeout(_) => format!("upstream did not answer in time: {error}"),
+        UpstreamError::Connect(_) | UpstreamError::Broken(_) => {
+            format!("upstream unreachable: {error}")
+        }
+    }
+}
+
+impl From<Refused> for GatewayError {
+    fn from(refused: Refused) -> Self {
         match refused {
-            crate::rate_limit::Refused::Limited(refusal) => GatewayError::RateLimited(refusal),
-            crate::rate_limit::Refused::Unavailable(why) => GatewayError::LimiterUnavailable(why),
+            Refused::Limited(refusal) => GatewayError::RateLimited(refusal),
+            Refused::Unavailable(why) => GatewayError::LimiterUnavailable(why),
         }
     }
 }
@@ -80,84 +92,160 @@ pub struct Envelope<'a> {
     pub detail: Option<String>,
 }
 
-impl GatewayError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::TaskNotFound
-            | GatewayError::UnknownCallback
-            | GatewayError::NoSuchRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
-            GatewayError::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Conflict(_) => StatusCode::CONFLICT,
-            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBadResponse(_) => {
-                StatusCode::BAD_GATEWAY
-            }
-            GatewayError::UpstreamTimeout(_) | GatewayError::RequestTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            GatewayError::LedgerUnavailable(_)
-            | GatewayError::TaskNotRecorded(_)
-            | GatewayError::LimiterUnavailable(_)
-            | GatewayError::CallbackTooEarly => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
+/// How an error is answered: its status, a short bounded name for logs, and the envelope's
+/// message and detail.
+struct Answer {
+    status: StatusCode,
+    kind: &'static str,
+    message: &'static str,
+    detail: Option<String>,
+}
 
-    fn envelope(&self) -> Envelope<'static> {
-        let (message, detail) = match self {
+impl GatewayError {
+    /// The one mapping of every error to what the client sees.
+    fn answer(&self) -> Answer {
+        let answer = |status, kind, message, detail| Answer {
+            status,
+            kind,
+            message,
+            detail,
+        };
+        let said = || Some(self.to_string());
+        use StatusCode as S;
+        match self {
             // The upstream's own bodies, word for word: clients already handle them.
-            GatewayError::InvalidApiKey => ("Invalid API key", None),
-            GatewayError::TaskNotFound => ("task not found", None),
-            GatewayError::UnknownCallback => ("callback not found", None),
-            GatewayError::CallbackTooEarly => ("retry later", Some(self.to_string())),
-            GatewayError::InvalidRequest(detail) => ("failed", Some(detail.clone())),
-            GatewayError::NoSuchRoute { .. } => ("not found", Some(self.to_string())),
-            GatewayError::MethodNotAllowed { .. } => ("method not allowed", Some(self.to_string())),
-            GatewayError::BudgetExhausted(detail) => ("budget exhausted", Some(detail.clone())),
-            GatewayError::TooManyInFlight(detail) => {
-                ("too many tasks in flight", Some(detail.clone()))
+            GatewayError::InvalidApiKey => {
+                answer(S::UNAUTHORIZED, "invalid_api_key", "Invalid API key", None)
             }
-            GatewayError::Conflict(detail) => ("conflict", Some(detail.clone())),
-            GatewayError::RateLimited(refusal) => ("rate limited", Some(refusal.detail.clone())),
-            GatewayError::PayloadTooLarge { .. } => ("payload too large", Some(self.to_string())),
-            GatewayError::UpstreamUnreachable(_) => {
-                ("upstream unavailable", Some(self.to_string()))
+            GatewayError::TaskNotFound => {
+                answer(S::NOT_FOUND, "task_not_found", "task not found", None)
             }
-            GatewayError::UpstreamTimeout(_) => ("upstream timeout", Some(self.to_string())),
-            GatewayError::UpstreamBadResponse(_) => {
-                ("bad upstream response", Some(self.to_string()))
+            GatewayError::InvalidRequest(detail) => answer(
+                S::BAD_REQUEST,
+                "invalid_request",
+                "failed",
+                Some(detail.clone()),
+            ),
+            GatewayError::UnknownCallback => {
+                answer(S::NOT_FOUND, "unknown_callback", "callback not found", None)
             }
-            GatewayError::LedgerUnavailable(_) => ("ledger unavailable", None),
-            GatewayError::TaskNotRecorded(_) => ("ledger unavailable", Some(self.to_string())),
+            GatewayError::CallbackTooEarly => answer(
+                S::SERVICE_UNAVAILABLE,
+                "callback_too_early",
+                "retry later",
+                said(),
+            ),
+            GatewayError::NoSuchRoute { .. } => {
+                answer(S::NOT_FOUND, "no_such_route", "not found", said())
+            }
+            GatewayError::MethodNotAllowed { .. } => answer(
+                S::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+                said(),
+            ),
+            GatewayError::BudgetExhausted(detail) => answer(
+                S::PAYMENT_REQUIRED,
+                "budget_exhausted",
+                "budget exhausted",
+                Some(detail.clone()),
+            ),
+            GatewayError::TooManyInFlight(detail) => answer(
+                S::TOO_MANY_REQUESTS,
+                "too_many_in_flight",
+                "too many tasks in flight",
+                Some(detail.clone()),
+            ),
+            GatewayError::RateLimited(refusal) => answer(
+                S::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "rate limited",
+                Some(refusal.detail.clone()),
+            ),
+            GatewayError::PayloadTooLarge { .. } => answer(
+                S::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "payload too large",
+                said(),
+            ),
+            GatewayError::Upstream(UpstreamError::Timeout(_)) => answer(
+                S::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "upstream timeout",
+                said(),
+            ),
+            GatewayError::Upstream(_) => answer(
+                S::BAD_GATEWAY,
+                "upstream_unreachable",
+                "upstream unavailable",
+                said(),
+            ),
+            GatewayError::UpstreamBadResponse(_) => answer(
+                S::BAD_GATEWAY,
+                "upstream_bad_response",
+                "bad upstream response",
+                said(),
+            ),
+            // A refusal is the ledger working as meant (the operation does not apply), not an
+            // outage: the client learns why.
+            GatewayError::Ledger(StoreError::Conflict(detail)) => {
+                answer(S::CONFLICT, "conflict", "conflict", Some(detail.clone()))
+            }
+            // What failed inside the store stays in the log.
+            GatewayError::Ledger(_) => answer(
+                S::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "ledger unavailable",
+                None,
+            ),
+            GatewayError::TaskNotRecorded(_) => answer(
+                S::SERVICE_UNAVAILABLE,
+                "task_not_recorded",
+                "ledger unavailable",
+                said(),
+            ),
             // The same Redis holds the replicas' ledger and limits: one outage, one message.
-            GatewayError::LimiterUnavailable(_) => (
+            GatewayError::LimiterUnavailable(_) => answer(
+                S::SERVICE_UNAVAILABLE,
+                "limiter_unavailable",
                 "ledger unavailable",
                 Some("the rate limits shared by the gateway's replicas cannot be checked".into()),
             ),
-            GatewayError::RequestTimeout(_) => ("request timeout", Some(self.to_string())),
+            GatewayError::RequestTimeout(_) => answer(
+                S::GATEWAY_TIMEOUT,
+                "request_timeout",
+                "request timeout",
+                said(),
+            ),
             // Internal details go to the log, not to the client.
-            GatewayError::Internal(_) => ("internal error", None),
-        };
-        Envelope {
-            code: 1,
-            message,
-            detail,
+            GatewayError::Internal(_) => {
+                answer(S::INTERNAL_SERVER_ERROR, "internal", "internal error", None)
+            }
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.answer().status
     }
 }
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let status = self.status();
+        let Answer {
+            status,
+            kind,
+            message,
+            detail,
+        } = self.answer();
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let body = serde_json::to_vec(&self.envelope()).expect("envelope serialises");
+        let envelope = Envelope {
+            code: 1,
+            message,
+            detail,
+        };
+        let body = serde_json::to_vec(&envelope).expect("envelope serialises");
         let mut response = (status, body).into_response();
         match &self {
             GatewayError::RateLimited(refusal) => {
@@ -181,7 +269,7 @@ impl IntoResponse for GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        response.extensions_mut().insert(ErrorKind(self.kind()));
+        response.extensions_mut().insert(ErrorKind(kind));
         response
     }
 }
@@ -190,40 +278,23 @@ impl IntoResponse for GatewayError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorKind(pub &'static str);
 
-impl GatewayError {
-    fn kind(&self) -> &'static str {
-        match self {
-            GatewayError::InvalidApiKey => "invalid_api_key",
-            GatewayError::InvalidRequest(_) => "invalid_request",
-            GatewayError::TaskNotFound => "task_not_found",
-            GatewayError::UnknownCallback => "unknown_callback",
-            GatewayError::CallbackTooEarly => "callback_too_early",
-            GatewayError::NoSuchRoute { .. } => "no_such_route",
-            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
-            GatewayError::BudgetExhausted(_) => "budget_exhausted",
-            GatewayError::TooManyInFlight(_) => "too_many_in_flight",
-            GatewayError::Conflict(_) => "conflict",
-            GatewayError::RateLimited(_) => "rate_limited",
-            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
-            GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
-            GatewayError::UpstreamTimeout(_) => "upstream_timeout",
-            GatewayError::UpstreamBadResponse(_) => "upstream_bad_response",
-            GatewayError::LedgerUnavailable(_) => "ledger_unavailable",
-            GatewayError::TaskNotRecorded(_) => "task_not_recorded",
-            GatewayError::LimiterUnavailable(_) => "limiter_unavailable",
-            GatewayError::RequestTimeout(_) => "request_timeout",
-            GatewayError::Internal(_) => "internal",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn body_of(error: GatewayError) -> (StatusCode, String) {
-        let status = error.status();
-        (status, serde_json::to_string(&error.envelope()).unwrap())
+        let Answer {
+            status,
+            message,
+            detail,
+            ..
+        } = error.answer();
+        let envelope = Envelope {
+            code: 1,
+            message,
+            detail,
+        };
+        (status, serde_json::to_string(&envelope).unwrap())
     }
 
     #[test]
@@ -247,6 +318,26 @@ mod tests {
             (
                 StatusCode::BAD_REQUEST,
                 r#"{"code":1,"message":"failed","detail":"prompt is required"}"#.into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_ledger_conflict_is_no_outage() {
+        let conflict = GatewayError::from(StoreError::Conflict("not unknown_outcome".into()));
+        assert_eq!(
+            body_of(conflict),
+            (
+                StatusCode::CONFLICT,
+                r#"{"code":1,"message":"conflict","detail":"not unknown_outcome"}"#.into()
+            )
+        );
+        let outage = GatewayError::from(StoreError::Unavailable("connection refused".into()));
+        assert_eq!(
+            body_of(outage),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"code":1,"message":"ledger unavailable"}"#.into()
             )
         );
     }

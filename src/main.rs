@@ -161,7 +161,7 @@ fn runtime(worker_threads: Option<usize>, name: &str) -> tokio::runtime::Runtime
         .expect("tokio runtime")
 }
 
-/// The gateway serves HTTP on worker threads of its own (`server::workers`); this runtime has
+/// The gateway serves HTTP on worker threads of its own (`workers`); this runtime has
 /// signals, the acceptor and the background jobs, which one thread keeps up with.
 fn control_runtime() -> tokio::runtime::Runtime {
     runtime(Some(1), "control")

@@ -14,6 +14,15 @@ use ketchup_domain::{config::Config, credits::Credits, settlement::SettlementMet
 
 const PREFIX: &str = "ketchup_gateway";
 
+/// The `route` label of upstream metrics.
+pub mod upstream_route {
+    pub const GENERATE: &str = "generate";
+    pub const QUERY: &str = "query";
+}
+
+/// Every kind of failed upstream attempt (the `kind` label), for metrics created at zero.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "broken", "5xx"];
+
 /// Request latencies, from 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -314,8 +323,8 @@ impl Metrics {
         for source in ["memory", "ledger"] {
             self.ownership_lookups.with_label_values(&[source]);
         }
-        for route in [crate::upstream::GENERATE, crate::upstream::QUERY] {
-            for kind in crate::upstream::ERROR_KINDS {
+        for route in [upstream_route::GENERATE, upstream_route::QUERY] {
+            for kind in UPSTREAM_ERROR_KINDS {
                 self.upstream_errors.with_label_values(&[route, kind]);
             }
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::{app::AppState, status_cache::Answer};
+use crate::{state::AppState, status_cache::Answer};
 use ketchup_domain::{
     clock,
     ledger::{SettleOutcome, TaskRecord},

@@ -1,7 +1,5 @@
 //! Starting, reloading and stopping the gateway.
 
-pub mod workers;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,13 +9,14 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    app::{self, AppState},
     metrics::Metrics,
-    rate_limit::{RateLimits, shared::SharedLimits},
-    reconciler,
+    rate_limiter::{RateLimits, shared::SharedLimits},
+    reconciler, router,
+    state::AppState,
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
+    workers::Workers,
 };
 use ketchup_domain::{
     clock::SharedClock,
@@ -27,13 +26,14 @@ use ketchup_domain::{
     redis_client::RedisEndpoint,
     settlement::Settler,
 };
-use workers::Workers;
 
 /// A gateway bound to its address, ready to serve.
 pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
+    /// SHA-256 of the admin token; `None` turns the admin API off.
+    admin_token_digest: Option<KeyDigest>,
 }
 
 impl Server {
@@ -99,11 +99,10 @@ impl Server {
                 .max_capacity(config.cache.max_entries.max(10_000))
                 .time_to_live(config.reconciler.settle_after / 2)
                 .build(),
-            config: ArcSwap::from_pointee(config),
+            config: Arc::new(ArcSwap::from_pointee(config)),
             ledger,
             upstream,
             clock,
-            admin_token_digest,
             background: TaskTracker::new(),
             webhook_wake: tokio::sync::Notify::new(),
         });
@@ -111,6 +110,7 @@ impl Server {
             listener,
             metrics_listener,
             state,
+            admin_token_digest,
         })
     }
 
@@ -129,6 +129,7 @@ impl Server {
             mut listener,
             metrics_listener,
             state,
+            admin_token_digest,
         } = self;
         // Handlers are installed before the gateway says it is listening: a signal that came
         // earlier would otherwise get the default action and kill the process.
@@ -147,7 +148,7 @@ impl Server {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%address, "metrics listening");
             }
-            let app = app::metrics_router(state.clone());
+            let app = router::metrics_router(state.clone());
             tokio::spawn(async move { axum::serve(listener, app).await })
         });
         let (shutdown_timeout, worker_count) = {
@@ -164,7 +165,7 @@ impl Server {
         };
         let mut workers = Workers::start(
             worker_count,
-            app::router(state.clone()),
+            router::router(state.clone(), admin_token_digest),
             address,
             stop.clone(),
             state.background.clone(),

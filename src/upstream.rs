@@ -20,17 +20,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::metrics::Metrics;
-use crate::middleware::request_id;
-use crate::rate_limit::RateLimits;
-use crate::server::workers;
+use crate::metrics::{
+    Metrics,
+    upstream_route::{GENERATE, QUERY},
+};
+use crate::rate_limiter::RateLimits;
+use crate::{headers, workers};
 use ketchup_domain::config::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY, Secret, UpstreamConfig};
-
-/// Route labels of upstream metrics.
-pub const GENERATE: &str = "generate";
-pub const QUERY: &str = "query";
-/// Every kind of failed attempt, for metrics created at zero.
-pub const ERROR_KINDS: [&str; 4] = ["connect", "timeout", "broken", "5xx"];
 
 /// Largest upstream answer read; results may carry base64 images.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -44,7 +40,7 @@ pub struct UpstreamResponse {
     pub elapsed: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be made: the request was certainly not received.
     #[error("cannot connect to the upstream: {0}")]
@@ -255,7 +251,7 @@ impl UpstreamClient {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
         if let Ok(value) = HeaderValue::from_str(request_id) {
-            request = request.header(request_id::HEADER, value);
+            request = request.header(headers::REQUEST_ID, value);
         }
         let request = request
             .body(Full::new(body))

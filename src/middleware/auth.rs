@@ -12,9 +12,11 @@ use axum::{
 };
 use http::header;
 
-use super::metrics::RequestFacts;
-use crate::{app::AppState, error::GatewayError};
-use ketchup_domain::config::{KeyDigest, Team};
+use super::request_metrics::RequestFacts;
+use arc_swap::ArcSwap;
+
+use crate::error::GatewayError;
+use ketchup_domain::config::{Config, KeyDigest, Team};
 
 /// Who may call a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,16 +54,29 @@ fn bearer(request: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// What authentication reads: the live configuration's keys and the admin token's digest.
+#[derive(Clone)]
+pub struct Keys {
+    config: Arc<ArcSwap<Config>>,
+    /// `None` turns the admin API off.
+    admin_token_digest: Option<KeyDigest>,
+}
+
+impl Keys {
+    pub fn new(config: Arc<ArcSwap<Config>>, admin_token_digest: Option<KeyDigest>) -> Self {
+        Keys {
+            config,
+            admin_token_digest,
+        }
+    }
+}
+
+pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: Next) -> Response {
     match access_for(request.uri().path()) {
         Access::Public => return next.run(request).await,
         Access::Admin => {
             let presented = bearer(&request).map(KeyDigest::of);
-            return match state.admin_token_digest {
+            return match keys.admin_token_digest {
                 // Without an admin token the admin API does not exist.
                 None => GatewayError::NoSuchRoute {
                     method: request.method().to_string(),
@@ -80,7 +95,7 @@ pub async fn authenticate(
         }
         Access::Team => {}
     }
-    let entry = bearer(&request).and_then(|key| state.config.load().key(key).cloned());
+    let entry = bearer(&request).and_then(|key| keys.config.load().key(key).cloned());
     match entry {
         Some(entry) => {
             if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {

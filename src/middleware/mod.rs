@@ -1,7 +1,7 @@
-//! The gateway's own middleware, one per file. The stack itself is assembled in `app::router`.
+//! The gateway's own middleware, one per file. The stack itself is assembled in `router::router`.
 
 pub mod auth;
-pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;
+pub mod request_metrics;
 pub mod trace;

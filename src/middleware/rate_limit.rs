@@ -12,7 +12,11 @@ use axum::{
 use http::Method;
 
 use super::auth::Caller;
-use crate::{app::AppState, error::GatewayError, rate_limit::LimitKind};
+use crate::{
+    error::GatewayError,
+    headers,
+    rate_limiter::{LimitKind, RateLimits},
+};
 
 /// The limit a route counts against, if any.
 fn limit_for(method: &Method, path: &str) -> Option<LimitKind> {
@@ -23,19 +27,23 @@ fn limit_for(method: &Method, path: &str) -> Option<LimitKind> {
     }
 }
 
-pub async fn limit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn limit(
+    State(limits): State<Arc<RateLimits>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let (Some(kind), Some(Caller(team))) = (
         limit_for(request.method(), request.uri().path()),
         request.extensions().get::<Caller>(),
     ) else {
         return next.run(request).await;
     };
-    match state.rate_limits.check_team(&team.name, kind).await {
+    match limits.check_team(&team.name, kind).await {
         Err(refused) => GatewayError::from(refused).into_response(),
         Ok(verdict) => {
             let mut response = next.run(request).await;
             // A refusal further in (the upstream account's limit) keeps its own headers.
-            if !response.headers().contains_key("ratelimit-limit") {
+            if !response.headers().contains_key(headers::RATELIMIT_LIMIT) {
                 verdict.write_headers(response.headers_mut());
             }
             response

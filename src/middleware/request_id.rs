@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use axum::{extract::Request, middleware::Next, response::Response};
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 
-/// Made once, not parsed again on each use as a `&str` name is.
-pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+use crate::headers::REQUEST_ID as HEADER;
+
 const MAX_LEN: usize = 128;
 
 /// The request's id, in the request's extensions.

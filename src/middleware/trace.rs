@@ -14,8 +14,8 @@ use tower_http::trace::{MakeSpan, OnResponse};
 use tracing::Span;
 
 use super::{
-    metrics::{RequestFacts, route_of},
     request_id::RequestId,
+    request_metrics::{RequestFacts, route_of},
 };
 use crate::{error::ErrorKind, logging};
 

@@ -12,20 +12,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use super::{budget::standing, json};
-use crate::{app::AppState, error::GatewayError};
-use ketchup_domain::ledger::{DeliveryState, ReservationId, StoreError, TaskState};
+use crate::{error::GatewayError, state::AppState};
+use ketchup_domain::ledger::{DeliveryState, ReservationId, TaskState};
 
 /// Most reservations one listing returns.
 const LISTING_LIMIT: usize = 1000;
-
-fn ledger_error(e: StoreError) -> GatewayError {
-    match e {
-        StoreError::Conflict(detail) => GatewayError::Conflict(detail),
-        StoreError::Unavailable(detail) | StoreError::NotTried(detail) => {
-            GatewayError::LedgerUnavailable(detail)
-        }
-    }
-}
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
@@ -74,8 +65,7 @@ pub async fn usage(
     let rows = state
         .ledger
         .usage(team.as_deref(), midnight(from), midnight(to))
-        .await
-        .map_err(ledger_error)?;
+        .await?;
 
     let wants_csv = headers
         .get(header::ACCEPT)
@@ -123,11 +113,7 @@ pub async fn reservations(
                 .into(),
         )
     })?;
-    let reservations = state
-        .ledger
-        .reservations(task_state, LISTING_LIMIT)
-        .await
-        .map_err(ledger_error)?;
+    let reservations = state.ledger.reservations(task_state, LISTING_LIMIT).await?;
     Ok(json(
         StatusCode::OK,
         &json!({ "reservations": reservations }),
@@ -148,8 +134,7 @@ pub async fn webhooks(
     let mut deliveries = state
         .ledger
         .deliveries(delivery_state, LISTING_LIMIT)
-        .await
-        .map_err(ledger_error)?;
+        .await?;
     for delivery in &mut deliveries {
         if let Ok(mut url) = url::Url::parse(&delivery.url) {
             url.set_query(None);
@@ -171,8 +156,7 @@ pub async fn release_reservation(
     state
         .ledger
         .release_unknown_outcome(ReservationId(uuid))
-        .await
-        .map_err(ledger_error)?;
+        .await?;
     tracing::info!(reservation = %uuid, "unknown-outcome reservation released by an admin");
     Ok(json(StatusCode::OK, &json!({ "released": id })))
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::json;
-use crate::{app::AppState, error::GatewayError, middleware::auth::Caller};
+use crate::{error::GatewayError, middleware::auth::Caller, state::AppState};
 use ketchup_domain::{
     config::{BudgetPeriod, Team},
     credits::Credits,
@@ -55,18 +55,8 @@ pub fn rfc3339(at: DateTime<Utc>) -> String {
 
 pub async fn standing(state: &AppState, team: &Team) -> Result<BudgetView, GatewayError> {
     let (period, period_key, resets_at) = current_period(team, state.clock.now());
-    let ledger_down =
-        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
-    let totals = state
-        .ledger
-        .standing(&team.name, &period_key)
-        .await
-        .map_err(ledger_down)?;
-    let in_flight = state
-        .ledger
-        .in_flight(&team.name)
-        .await
-        .map_err(ledger_down)?;
+    let totals = state.ledger.standing(&team.name, &period_key).await?;
+    let in_flight = state.ledger.in_flight(&team.name).await?;
     let credits = team.budget.map(|b| b.credits);
     Ok(BudgetView {
         team: team.name.clone(),

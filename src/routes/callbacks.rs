@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use super::{json, read_body};
 use crate::{
-    app::AppState, error::GatewayError, middleware::metrics::RequestFacts, status_cache::Answer,
-    webhooks,
+    error::GatewayError, middleware::request_metrics::RequestFacts, state::AppState,
+    status_cache::Answer, webhooks,
 };
 use ketchup_domain::{
     ledger::{NewDelivery, SettleOutcome, TaskRecord},
@@ -41,15 +41,12 @@ pub async fn receive(
 ) -> Result<Response, GatewayError> {
     let count = |outcome: &str| state.metrics.callbacks.with_label_values(&[outcome]).inc();
     let config = state.config.load_full();
-    let ledger_down =
-        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
 
     let target = if token.len() <= MAX_TOKEN_LEN {
         state
             .ledger
             .callback_target(&webhooks::token_digest(&token))
-            .await
-            .map_err(ledger_down)?
+            .await?
     } else {
         None
     };
@@ -81,8 +78,7 @@ pub async fn receive(
     let task = state
         .ledger
         .task(&task_id)
-        .await
-        .map_err(ledger_down)?
+        .await?
         .ok_or(GatewayError::UnknownCallback)?;
 
     // Queued before settling: both steps are idempotent (one delivery per task, one settlement
@@ -105,8 +101,7 @@ pub async fn receive(
                     created_at: now,
                     deadline: now.checked_add_signed(deadline).unwrap_or(now),
                 })
-                .await
-                .map_err(ledger_down)?
+                .await?
         }
         None => false,
     };
@@ -118,7 +113,7 @@ pub async fn receive(
         // Woken even if settling failed: the delivery is owed either way.
         state.webhook_wake.notify_one();
     }
-    let outcome = settled.map_err(ledger_down)?;
+    let outcome = settled?;
     count(match outcome {
         SettleOutcome::Settled(_) => "settled",
         _ => "repeated",

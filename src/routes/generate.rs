@@ -16,9 +16,10 @@ use tracing::Instrument;
 
 use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
-    app::AppState,
     error::GatewayError,
-    middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
+    headers,
+    middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
+    state::AppState,
     upstream::UpstreamError,
     webhooks::{self, target},
 };
@@ -210,7 +211,7 @@ pub async fn generate(
             // for in time may still be applied (a hung Redis runs what it was sent once it goes
             // on), so the hold keeps trying to give it back.
             hold.armed = !matches!(e, StoreError::NotTried(_));
-            return Err(GatewayError::LedgerUnavailable(e.to_string()));
+            return Err(e.into());
         }
     };
     let standing = match outcome {
@@ -275,12 +276,12 @@ pub async fn generate(
             .max(Credits::ZERO);
         let headers = response.headers_mut();
         headers.insert(
-            "x-budget-remaining",
+            headers::BUDGET_REMAINING,
             HeaderValue::from_str(&remaining.format_places(8)).expect("digits are header-safe"),
         );
         if let Some(end) = period::period_end(budget.period, now) {
             headers.insert(
-                "x-budget-reset",
+                headers::BUDGET_RESET,
                 HeaderValue::from_str(&rfc3339(end)).expect("a timestamp is header-safe"),
             );
         }
@@ -382,33 +383,18 @@ async fn forward(
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
-    let ledger_down =
-        |e: ketchup_domain::ledger::StoreError| GatewayError::LedgerUnavailable(e.to_string());
     let upstream = match state.upstream.generate(body, request_id.as_str()).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            return Err(match error {
-                UpstreamError::Connect(_) => {
-                    release(&state, id).await;
-                    GatewayError::UpstreamUnreachable(error.to_string())
+            match error {
+                // Certainly not received: nothing can have started.
+                UpstreamError::Connect(_) => release(&state, id).await,
+                // Maybe received: the render may run and be charged.
+                UpstreamError::Timeout(_) | UpstreamError::Broken(_) => {
+                    state.ledger.mark_unknown_outcome(id).await?;
                 }
-                UpstreamError::Timeout(_) => {
-                    state
-                        .ledger
-                        .mark_unknown_outcome(id)
-                        .await
-                        .map_err(ledger_down)?;
-                    GatewayError::UpstreamTimeout(error.to_string())
-                }
-                UpstreamError::Broken(_) => {
-                    state
-                        .ledger
-                        .mark_unknown_outcome(id)
-                        .await
-                        .map_err(ledger_down)?;
-                    GatewayError::UpstreamUnreachable(error.to_string())
-                }
-            });
+            }
+            return Err(error.into());
         }
     };
     facts.add_upstream_wait(upstream.elapsed);
@@ -419,11 +405,7 @@ async fn forward(
     }
     let Some(task_id) = accepted_task_id(&upstream.body) else {
         // A 2xx without a task id: something may have started upstream that we cannot track.
-        state
-            .ledger
-            .mark_unknown_outcome(id)
-            .await
-            .map_err(ledger_down)?;
+        state.ledger.mark_unknown_outcome(id).await?;
         return Err(GatewayError::UpstreamBadResponse(
             "the upstream accepted the generation but returned no task id".into(),
         ));
@@ -436,7 +418,7 @@ async fn forward(
         // Retrying cannot help, and the task cannot be promised to the team.
         Err(e @ StoreError::Conflict(_)) => {
             tracing::error!(error = %e, task_id, "a task the upstream accepted cannot be recorded");
-            return Err(ledger_down(e));
+            return Err(e.into());
         }
         Err(e) => {
             // The task runs upstream, and will be charged, whatever the ledger says. Recording it

@@ -7,7 +7,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use super::json;
-use crate::{app::AppState, error::GatewayError};
+use crate::{error::GatewayError, state::AppState};
 
 /// The process is alive and serving.
 pub async fn live() -> Response {
@@ -16,10 +16,6 @@ pub async fn live() -> Response {
 
 /// The gateway can do its work: the ledger answers.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Response, GatewayError> {
-    state
-        .ledger
-        .ping()
-        .await
-        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?;
+    state.ledger.ping().await?;
     Ok(json(StatusCode::OK, &json!({"status": "ready"})))
 }

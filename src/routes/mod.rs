@@ -15,7 +15,7 @@ pub mod budget;
 pub mod callbacks;
 pub mod generate;
 pub mod health;
-pub mod metrics;
+pub mod scrape;
 pub mod task_query;
 
 /// Reads a request body, refusing it as soon as it passes `limit` bytes.

@@ -7,19 +7,17 @@ use axum::{
     extract::{Extension, RawQuery, State},
     response::{IntoResponse, Response},
 };
-use http::{HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::{
-    app::AppState,
     error::GatewayError,
-    middleware::{auth::Caller, metrics::RequestFacts, request_id::RequestId},
+    headers,
+    middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
+    state::AppState,
     status_cache::{Answer, Fetched, NotCached, Served},
-    upstream::UpstreamError,
 };
 use ketchup_domain::{ledger::TaskRecord, ownership::Lookup, settlement};
-
-const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Longest task id looked up; anything longer cannot be one of ours.
 const MAX_TASK_ID_LEN: usize = 256;
@@ -81,8 +79,7 @@ async fn owned_task<'a>(
     let task = state
         .ledger
         .task(task_id)
-        .await
-        .map_err(|e| GatewayError::LedgerUnavailable(e.to_string()))?
+        .await?
         .ok_or(GatewayError::TaskNotFound)?;
     let closed = task.state.is_closed();
     state.owners.record(task_id, &task.team, closed);
@@ -136,7 +133,7 @@ pub async fn query(
     let mut response = (answer.status, answer.body.clone()).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert(X_CACHE, HeaderValue::from_static(served.as_str()));
+    headers.insert(headers::CACHE, HeaderValue::from_static(served.as_str()));
     Ok(response)
 }
 
@@ -157,10 +154,7 @@ async fn read_upstream(
         .await
     {
         Ok(upstream) => upstream,
-        Err(e @ UpstreamError::Timeout(_)) => {
-            return Fetched::Failed(GatewayError::UpstreamTimeout(e.to_string()));
-        }
-        Err(e) => return Fetched::Failed(GatewayError::UpstreamUnreachable(e.to_string())),
+        Err(e) => return Fetched::Failed(e.into()),
     };
     facts.add_upstream_wait(upstream.elapsed);
 

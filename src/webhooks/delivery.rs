@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use super::signing::SigningKey;
 use super::target::{self, Allowed, GuardedResolver};
-use crate::app::AppState;
+use crate::state::AppState;
 use ketchup_domain::config::Team;
 use ketchup_domain::ledger::{AttemptOutcome, ClaimLimits, Delivery};
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::app::AppState;
+use crate::state::AppState;
 use ketchup_domain::{clock, ledger::StoreError};
 
 /// Deliveries deleted per ledger write, so that each write is short however large the backlog.

@@ -326,7 +326,7 @@ pub struct UsageRow {
     pub credits: Credits,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or did not answer in time: the operation may or may not
     /// have taken effect.

@@ -24,8 +24,9 @@ use governor::{
     middleware::{StateInformationMiddleware, StateSnapshot},
     state::{InMemoryState, NotKeyed},
 };
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 
+use crate::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::metrics::Metrics;
 use ketchup_domain::config::{Config, Limits, Rate};
 
@@ -362,10 +363,6 @@ fn allowed(kind: LimitKind, snapshot: &StateSnapshot) -> Verdict {
         allowed: true,
     }
 }
-
-const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 impl Verdict {
     /// The `RateLimit-*` headers (and `Retry-After` on a refusal).

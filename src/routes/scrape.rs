@@ -7,7 +7,7 @@ use axum::{extract::State, response::IntoResponse, response::Response};
 use http::{HeaderValue, StatusCode, header};
 
 use super::budget::standing;
-use crate::{app::AppState, metrics::credits};
+use crate::{metrics::credits, state::AppState};
 use ketchup_domain::credits::Credits;
 
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {

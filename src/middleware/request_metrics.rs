@@ -15,7 +15,10 @@ use axum::{
 };
 
 use super::request_id::RequestId;
-use crate::app::AppState;
+use arc_swap::ArcSwap;
+use ketchup_domain::config::Config;
+
+use crate::metrics::Metrics;
 
 /// What layers and handlers learn about a request that its metrics and its closing log line
 /// need. Kept here rather than recorded on the request's span: a field recorded on a span after
@@ -105,8 +108,21 @@ pub fn route_of(extensions: &http::Extensions) -> &str {
         .map_or("unmatched", MatchedPath::as_str)
 }
 
+/// What the layer records into, and the configuration that bounds its team labels.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    metrics: Arc<Metrics>,
+    config: Arc<ArcSwap<Config>>,
+}
+
+impl RequestMetrics {
+    pub fn new(metrics: Arc<Metrics>, config: Arc<ArcSwap<Config>>) -> Self {
+        RequestMetrics { metrics, config }
+    }
+}
+
 pub async fn record(
-    State(state): State<Arc<AppState>>,
+    State(state): State<RequestMetrics>,
     mut request: Request,
     next: Next,
 ) -> Response {

@@ -3,9 +3,9 @@
 //! The acceptor (on the control runtime, beside signals and background jobs) hands each new
 //! connection to the next worker in turn, and the connection stays there: every request on it is
 //! read, handled and answered by that one thread, and so are the upstream connections it uses
-//! (one pool per worker, see [`current`]). Measured against one work-stealing runtime on a
-//! 2-core machine, this saves the wake-ups tokio's scheduler makes to share work between its
-//! threads (a futex call and an inter-processor interrupt each): see `bench/RESULTS.md`.
+//! (one pool per worker, see [`current`]). Unlike one work-stealing runtime, this never pays the
+//! wake-ups tokio's scheduler makes to share work between its threads (a futex call and an
+//! inter-processor interrupt each), which on a small machine cost more than the work they share.
 //! Round robin gives every worker an equal share of the connections, whatever their addresses.
 
 use std::cell::Cell;

@@ -1,8 +1,8 @@
-//! The application: shared state and the whole HTTP stack, assembled in one place.
+//! The routes and the tower stack around them, assembled in one place: each layer says why it
+//! sits where it does.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use axum::{
     Router,
     error_handling::HandleErrorLayer,
@@ -11,7 +11,6 @@ use axum::{
     routing::{get, post},
 };
 use http::header;
-use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::{
     catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
@@ -20,51 +19,15 @@ use tower_http::{
 
 use crate::{
     error::GatewayError,
-    metrics::Metrics,
-    middleware::{auth, metrics, rate_limit, request_id, trace},
-    rate_limit::RateLimits,
+    middleware::{auth, rate_limit, request_id, request_metrics, trace},
     routes,
-    status_cache::StatusCache,
-    upstream::UpstreamClient,
+    state::AppState,
 };
-use ketchup_domain::{
-    clock::SharedClock,
-    config::{Config, KeyDigest},
-    ledger::LedgerStore,
-    ownership::OwnershipIndex,
-    settlement::Settler,
-};
-
-/// What every handler shares.
-pub struct AppState {
-    /// Swapped whole on reload, so a request sees one consistent configuration.
-    pub config: ArcSwap<Config>,
-    pub ledger: Arc<dyn LedgerStore>,
-    pub upstream: UpstreamClient,
-    pub metrics: Arc<Metrics>,
-    pub rate_limits: Arc<RateLimits>,
-    pub status_cache: StatusCache,
-    /// Who owns the newest tasks, so that reading their status need not ask the ledger.
-    pub owners: Arc<OwnershipIndex>,
-    /// Settles tasks from their final state, wherever it is first seen.
-    pub settler: Settler,
-    /// Tasks whose status a client read lately (for half of `reconciler.settle_after`): their
-    /// ledger row is not touched again until then, which is often enough for the reconciler.
-    pub recently_observed: moka::sync::Cache<String, ()>,
-    pub clock: SharedClock,
-    /// SHA-256 of the admin token; `None` turns the admin API off.
-    pub admin_token_digest: Option<KeyDigest>,
-    /// Work that must finish even if its client has gone (recording a task the upstream
-    /// accepted); shutdown waits for it.
-    pub background: TaskTracker,
-    /// Wakes the webhook worker when a delivery is queued, so it goes out at once rather than at
-    /// the worker's next look.
-    pub webhook_wake: tokio::sync::Notify,
-}
+use ketchup_domain::config::KeyDigest;
 
 /// The routes and the middleware around them. Layers listed first wrap the ones below: a request
 /// passes them top to bottom, its response bottom to top.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Router {
     let config = state.config.load();
     let request_timeout = config.server.request_timeout;
 
@@ -88,7 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(routes::no_such_method);
     // With `server.metrics_listen`, metrics are served only there, never beside the API.
     if config.server.metrics_listen.is_none() {
-        routes = routes.route("/metrics", get(routes::metrics::scrape));
+        routes = routes.route("/metrics", get(routes::scrape::scrape));
     }
 
     let stack = ServiceBuilder::new()
@@ -108,8 +71,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         // Inside tracing, outside everything that can refuse a request: every answer is counted.
         .layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::record,
+            request_metrics::RequestMetrics::new(state.metrics.clone(), state.config.clone()),
+            request_metrics::record,
         ))
         // A bug in a handler answers 500 in the envelope instead of dropping the connection;
         // inside tracing so the 500 is logged with its request id.
@@ -124,12 +87,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .timeout(request_timeout)
         // Everything above also protects unauthenticated requests.
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            auth::Keys::new(state.config.clone(), admin_token_digest),
             auth::authenticate,
         ))
         // Needs the team, and must refuse before the handler spends anything on the request.
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.rate_limits.clone(),
             rate_limit::limit,
         ));
 
@@ -139,6 +102,6 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The separate metrics listener's router (`server.metrics_listen`): `/metrics` only.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/metrics", get(routes::metrics::scrape))
+        .route("/metrics", get(routes::scrape::scrape))
         .with_state(state)
 }

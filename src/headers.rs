@@ -1,0 +1,18 @@
+//! The header names the gateway adds to requests and answers, made once rather than parsed
+//! from a string on every use.
+
+use http::HeaderName;
+
+/// The request's id: the caller's if sane, else a new one; logged, forwarded upstream and
+/// returned.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `HIT` or `MISS`: whether a status read was answered from the status cache.
+pub const CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// The team's credits left this period, on an accepted generation.
+pub const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining");
+/// When the team's budget period ends, on an accepted generation.
+pub const BUDGET_RESET: HeaderName = HeaderName::from_static("x-budget-reset");
+/// The rate limit that applied (IETF draft `RateLimit-*` fields).
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
