@@ -164,8 +164,8 @@ async fn invalid_generations_get_400_with_a_detail_and_create_nothing() {
             "model must be a string",
         ),
         (
-            json!({"model": "google/nano-banana", "prompt": "a cat"}),
-            "unsupported model: google/nano-banana",
+            json!({"model": "google/nano-banana-9", "prompt": "a cat"}),
+            "unsupported model: google/nano-banana-9",
         ),
         (
             json!({"model": "google/gempix2", "prompt": "a cat", "images": six_images}),
@@ -750,7 +750,9 @@ async fn defaults_match_the_guides() {
         config.consumed.get("google/gemini-2.5-flash-image"),
         Some(&half)
     );
-    assert_eq!(config.consumed.len(), 2);
+    for model in ["sora-2", "seedance-2.0", "midjourney/imagine", "chirp-v4-5"] {
+        assert!(config.consumed.contains_key(model), "{model} is priced");
+    }
     assert_eq!(
         config.pending_for + config.submitted_for + config.in_progress_for,
         Duration::from_secs(3)
@@ -809,4 +811,108 @@ async fn hostile_requests_get_answers_not_panics() {
         StatusCode::OK,
         "a certain zero-length slow fault answers normally"
     );
+}
+
+/// Every asynchronous endpoint of the contract: a task is created, polled to success with the
+/// endpoint's own result shape, and charges its own cost (video by the second).
+#[tokio::test]
+async fn every_asynchronous_endpoint_renders_with_its_own_result_and_cost() {
+    let (fake, clock) = fake(|_| {}).await;
+    let client = reqwest::Client::new();
+    let cases = [
+        (
+            "/api/image/gen",
+            json!({"model": "google/nano-banana-pro", "prompt": "x", "n": 2, "image_size": "2k"}),
+            "/result/1/image",
+            "0.60000000",
+        ),
+        (
+            "/api/gpt-image/gen",
+            json!({"model": "openai/gpt-image-2", "prompt": "x"}),
+            "/result/0/image",
+            "0.10000000",
+        ),
+        (
+            "/api/wan-image/gen",
+            json!({"model": "wan-2.7-image", "prompt": "x"}),
+            "/result/image",
+            "0.05000000",
+        ),
+        (
+            "/api/midjourney/imagine",
+            json!({"prompt": "x", "speed": "fast"}),
+            "/result/big_image_url",
+            "0.20000000",
+        ),
+        (
+            "/api/midjourney/edits",
+            json!({"prompt": "x", "image": "https://a/b.png"}),
+            "/result/big_image_url",
+            "0.25000000",
+        ),
+        (
+            "/api/sora2/gen",
+            json!({"model": "sora-2-hd", "prompt": "x", "duration": "25"}),
+            "/result/video",
+            "5.00000000",
+        ),
+        (
+            "/api/grok-imagine-video/gen",
+            json!({"model": "grok-imagine-video", "prompt": "x", "duration": "15"}),
+            "/result/video",
+            "1.20000000",
+        ),
+        (
+            "/api/video/seedance/gen",
+            json!({"model": "seedance-2.0", "duration": 10, "content": [{"type": "text", "text": "x"}]}),
+            "/result/video",
+            "1.20000000",
+        ),
+        (
+            "/api/google/veo/generate",
+            json!({"model": "google/veo3.1-fast", "prompt": "x"}),
+            "/result/video_url",
+            "1.50000000",
+        ),
+        (
+            "/api/suno/generate",
+            json!({"mv": "chirp-v4-5", "prompt": "x"}),
+            "/result/0/audio_url",
+            "0.10000000",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (path, body, _, _) in &cases {
+        let (status, text) = send(
+            client
+                .post(format!("{}{path}", fake.base_url()))
+                .bearer_auth(TOKEN)
+                .json(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{path}: {text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        ids.push(answer["data"]["task_id"].as_str().unwrap().to_owned());
+    }
+    clock.advance(Duration::from_secs(6));
+    for ((path, _, pointer, consumed), id) in cases.iter().zip(&ids) {
+        let (status, text) = send(query(&client, &fake, id)).await;
+        assert_eq!(status, StatusCode::OK);
+        let data: Value = serde_json::from_str::<Value>(&text).unwrap()["data"].clone();
+        assert_eq!(data["status"], "success", "{path}");
+        assert!(
+            data.pointer(pointer).is_some_and(Value::is_string),
+            "{path}: {data}"
+        );
+        assert_eq!(data["consumed"], *consumed, "{path}");
+    }
+    let (status, text) = send(
+        client
+            .post(format!("{}/api/sora2/gen", fake.base_url()))
+            .bearer_auth(TOKEN)
+            .json(&json!({"model": "sora-2", "prompt": "x", "duration": 10})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("duration must be one of"), "{text}");
 }

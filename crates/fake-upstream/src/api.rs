@@ -1,5 +1,6 @@
-//! The routes: the three upstream endpoints, exactly as the contract describes them, and the
-//! `/_fake/*` control API for out-of-process users (demo, benchmarks).
+//! The routes: every asynchronous endpoint of the contract ([`catalog`](super::catalog)), the
+//! task query and the balance, exactly as the contract describes them, and the `/_fake/*`
+//! control API for out-of-process users (demo, benchmarks).
 //!
 //! Handlers take the raw body and query string rather than axum's typed extractors, so a
 //! malformed request is still counted and gets an upstream-shaped 400 instead of axum's text.
@@ -7,34 +8,34 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{OriginalUri, RawQuery, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use http::{HeaderMap, Uri};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::ConnectionHandle;
+use super::catalog::{self, Endpoint as Route, field};
 use super::faults::{Endpoint, Fault, FaultRates};
 use super::state::{FakeStats, PendingCallback, Recorder, Shared, Task};
 use super::wire::{self, Created, TaskData};
-use ketchup_domain::credits::Credits;
 
 /// Largest generation body read; reference images are URLs, so this is generous.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-/// Reference images per request: the upstream's feature list says "up to five".
-const MAX_REFERENCE_IMAGES: usize = 5;
-/// Images per task (`n`). The guides give no limit; a small one keeps results small.
-const MAX_IMAGES_PER_TASK: u64 = 4;
 /// A prompt containing this ends in a failed task: a deterministic failure for demos.
 const FAIL_MARKER: &str = "[fail]";
 
 type SharedState = State<Arc<Shared>>;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/api/image/gen", post(generate))
+    let submissions = catalog::ENDPOINTS
+        .iter()
+        .fold(Router::new(), |router, endpoint| {
+            router.route(endpoint.path, post(generate))
+        });
+    submissions
         .route("/api/task/query", get(query))
         .route("/api/user", get(user))
         .route("/_fake/stats", get(control_stats))
@@ -52,13 +53,16 @@ async fn not_found() -> Response {
     wire::route_not_found()
 }
 
-/// `POST /api/image/gen`. Counts and records first, then applies the fault, then answers.
+/// Every asynchronous submission (`POST /api/image/gen`, `/api/sora2/gen`, …). Counts and
+/// records first, then applies the fault, then answers.
 async fn generate(
     State(shared): SharedState,
     Extension(connection): Extension<ConnectionHandle>,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let route = catalog::endpoint(uri.path()).expect("only catalog paths are routed here");
     Recorder::count(&shared.stats.generate_requests);
     shared.stats.observe_headers(&headers);
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
@@ -77,7 +81,7 @@ async fn generate(
     let response = if shared.is_authorized(&headers) {
         match body
             .map_err(String::from)
-            .and_then(|json| create_task(&shared, &json, fault == Some(Fault::FailTask)))
+            .and_then(|json| create_task(&shared, route, &json, fault == Some(Fault::FailTask)))
         {
             Ok(task_id) => wire::ok(Created { task_id: &task_id }),
             Err(detail) => wire::bad_request(detail),
@@ -94,43 +98,20 @@ async fn generate(
 }
 
 /// Validates a generation body and creates its task; `Err` is the 400's detail.
-fn create_task(shared: &Shared, body: &Value, fail: bool) -> Result<String, String> {
+fn create_task(
+    shared: &Shared,
+    route: &'static Route,
+    body: &Value,
+    fail: bool,
+) -> Result<String, String> {
     let body = body
         .as_object()
         .ok_or("request body must be a JSON object")?;
-    let prompt = match field(body, "prompt") {
-        Some(Value::String(prompt)) if !prompt.trim().is_empty() => prompt,
-        None | Some(Value::String(_)) => return Err("prompt is required".into()),
-        Some(_) => return Err("prompt must be a string".into()),
-    };
-    let model = match field(body, "model") {
-        Some(Value::String(model)) => model,
-        None => return Err("model is required".into()),
-        Some(_) => return Err("model must be a string".into()),
-    };
+    let order = route.order(body)?;
     let price = *shared
         .prices
-        .get(model)
-        .ok_or_else(|| format!("unsupported model: {model}"))?;
-    if let Some(images) = field(body, "images") {
-        let urls = images
-            .as_array()
-            .filter(|urls| urls.iter().all(Value::is_string))
-            .ok_or("images must be an array of image URLs")?;
-        if urls.len() > MAX_REFERENCE_IMAGES {
-            return Err(format!(
-                "images allows at most {MAX_REFERENCE_IMAGES} reference images"
-            ));
-        }
-    }
-    let images = match field(body, "n") {
-        None => 1,
-        Some(n) => n
-            .as_u64()
-            .filter(|n| (1..=MAX_IMAGES_PER_TASK).contains(n))
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| format!("n must be an integer from 1 to {MAX_IMAGES_PER_TASK}"))?,
-    };
+        .get(&order.model)
+        .ok_or_else(|| format!("unsupported model: {}", order.model))?;
     let callback_url = field(body, "callback_url")
         .map(|url| {
             url.as_str()
@@ -144,14 +125,12 @@ fn create_task(shared: &Shared, body: &Value, fail: bool) -> Result<String, Stri
 
     let created_at = shared.clock.now();
     let task = Task::new(
-        model.clone(),
+        route,
+        order.model,
         created_at,
-        images,
-        // At most four times an admin-set price: saturating is only a guard.
-        price
-            .checked_mul(i64::from(images))
-            .unwrap_or(Credits::from_units(i64::MAX)),
-        fail || prompt.contains(FAIL_MARKER),
+        order.images,
+        catalog::cost(price, order.units),
+        fail || order.prompt.contains(FAIL_MARKER),
     );
     let task_id = new_task_id();
     let final_at = task.final_at(&shared.schedule);
@@ -166,11 +145,6 @@ fn create_task(shared: &Shared, body: &Value, fail: bool) -> Result<String, Stri
     }
     Recorder::count(&shared.stats.generate_accepted);
     Ok(task_id)
-}
-
-/// A present, non-null field: clients send `null` for "not given" as often as they omit it.
-fn field<'a>(body: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    body.get(name).filter(|value| !value.is_null())
 }
 
 /// `ta823dfb-eaac-44fd-aec2-3e2c7ba8e071` (as in the captured response): a v4 uuid whose first

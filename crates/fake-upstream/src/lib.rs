@@ -11,6 +11,7 @@
 
 mod api;
 mod callbacks;
+mod catalog;
 mod faults;
 mod state;
 mod wire;
@@ -44,7 +45,9 @@ use ketchup_domain::credits::Credits;
 pub struct FakeConfig {
     /// The only accepted bearer token.
     pub token: String,
-    /// Model → credits one image of a successful task consumes; other models get a 400.
+    /// Model → what one unit of a successful task consumes: an image (times `n`, and 2 or 4
+    /// for an `image_size` of `2k` or `4k`), a second of video, or the task for endpoints
+    /// without either. A model missing here gets a 400.
     pub consumed: BTreeMap<String, Credits>,
     /// How long a task stays `pending`, then `submitted`, then `in_progress` before it is final.
     pub pending_for: Duration,
@@ -60,16 +63,13 @@ pub struct FakeConfig {
 }
 
 impl FakeConfig {
-    /// Both guide models at 0.50 credits per image, one second per phase, no early-404 window,
-    /// the system clock and a balance of 100.50.
+    /// Every model of the contract at its [`default_prices`] (the guide's two image models at
+    /// 0.50 an image), one second per phase, no early-404 window, the system clock and a
+    /// balance of 100.50.
     pub fn new(token: impl Into<String>) -> Self {
-        let half = Credits::from_units(50_000_000);
         FakeConfig {
             token: token.into(),
-            consumed: BTreeMap::from([
-                ("google/gempix2".to_owned(), half),
-                ("google/gemini-2.5-flash-image".to_owned(), half),
-            ]),
+            consumed: default_prices(),
             pending_for: Duration::from_secs(1),
             submitted_for: Duration::from_secs(1),
             in_progress_for: Duration::from_secs(1),
@@ -78,6 +78,35 @@ impl FakeConfig {
             initial_balance: Credits::from_units(10_050_000_000),
         }
     }
+}
+
+/// What the fake charges a unit of each model by default: made-up prices of a plausible size,
+/// video by the second.
+pub fn default_prices() -> BTreeMap<String, Credits> {
+    let cents = |n: i64| Credits::from_units(n * 1_000_000);
+    [
+        ("google/gempix2", cents(50)),
+        ("google/gemini-2.5-flash-image", cents(50)),
+        ("google/nano-banana", cents(4)),
+        ("google/nano-banana-2", cents(6)),
+        ("google/nano-banana-pro", cents(15)),
+        ("google/gemini-3.1-flash-image-preview", cents(6)),
+        ("openai/gpt-image-1.5", cents(8)),
+        ("openai/gpt-image-2", cents(10)),
+        ("wan-2.7-image", cents(5)),
+        ("midjourney/imagine", cents(20)),
+        ("midjourney/edits", cents(25)),
+        ("sora-2", cents(10)),
+        ("sora-2-hd", cents(20)),
+        ("sora-2-pro", cents(30)),
+        ("grok-imagine-video", cents(8)),
+        ("seedance-2.0", cents(12)),
+        ("google/veo3.1-fast", cents(150)),
+        ("chirp-v4-5", cents(10)),
+    ]
+    .into_iter()
+    .map(|(model, price)| (model.to_owned(), price))
+    .collect()
 }
 
 impl fmt::Debug for FakeConfig {

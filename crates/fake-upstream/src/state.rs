@@ -16,6 +16,7 @@ use http::{HeaderMap, Uri};
 use serde::{Deserialize, Serialize};
 
 use super::FakeConfig;
+use super::catalog::Endpoint;
 use super::faults::Faults;
 use ketchup_domain::clock::SharedClock;
 use ketchup_domain::credits::Credits;
@@ -45,7 +46,7 @@ pub enum TaskStatus {
 /// arrivals were not recorded after that (a repeated unrecorded header counts each time).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FakeStats {
-    /// `POST /api/image/gen` requests that arrived, whatever their outcome.
+    /// Submissions to any asynchronous endpoint that arrived, whatever their outcome.
     pub generate_requests: u64,
     /// Generations that created a task.
     pub generate_accepted: u64,
@@ -61,7 +62,7 @@ pub struct FakeStats {
     /// Every distinct `Authorization` header value seen, in order of first arrival.
     pub authorization_headers: Vec<String>,
     pub authorization_headers_dropped: u64,
-    /// Every generation body that parsed as JSON, as received.
+    /// Every submission body that parsed as JSON, as received.
     pub generate_bodies: Vec<serde_json::Value>,
     pub generate_bodies_dropped: u64,
     /// Every distinct `X-Request-Id` header value seen, in order of first arrival.
@@ -113,9 +114,11 @@ impl Schedule {
 /// One render, as created by a successful generation.
 #[derive(Debug)]
 pub(crate) struct Task {
+    /// The endpoint that started it, which gives its result's shape.
+    pub endpoint: &'static Endpoint,
     pub model: String,
     pub created_at: DateTime<Utc>,
-    /// Number of images a success returns (the request's `n`).
+    /// Number of images a success returns (the request's `n`; 1 for other media).
     pub images: u32,
     /// What a success costs; a failure costs nothing.
     pub price: Credits,
@@ -126,6 +129,7 @@ pub(crate) struct Task {
 
 impl Task {
     pub fn new(
+        endpoint: &'static Endpoint,
         model: String,
         created_at: DateTime<Utc>,
         images: u32,
@@ -133,6 +137,7 @@ impl Task {
         fails: bool,
     ) -> Self {
         Task {
+            endpoint,
             model,
             created_at,
             images,
@@ -418,6 +423,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn image_gen() -> &'static Endpoint {
+        crate::catalog::endpoint("/api/image/gen").unwrap()
+    }
+
     fn schedule(phases: [u64; 3]) -> Schedule {
         let mut config = FakeConfig::new("t");
         config.pending_for = Duration::from_secs(phases[0]);
@@ -430,7 +439,14 @@ mod tests {
     fn status_follows_the_schedule_and_clock_skew_reads_as_pending() {
         let schedule = schedule([1, 2, 3]);
         let start = DateTime::UNIX_EPOCH;
-        let task = Task::new("m".into(), start, 1, Credits::from_units(5), false);
+        let task = Task::new(
+            image_gen(),
+            "m".into(),
+            start,
+            1,
+            Credits::from_units(5),
+            false,
+        );
         let at = |secs: i64| task.status(start + TimeDelta::seconds(secs), &schedule);
         assert_eq!(at(-5), TaskStatus::Pending);
         assert_eq!(at(0), TaskStatus::Pending);
@@ -451,7 +467,7 @@ mod tests {
         config.pending_for = Duration::MAX;
         config.in_progress_for = Duration::MAX;
         let schedule = Schedule::new(&config);
-        let task = Task::new("m".into(), Utc::now(), 1, Credits::ZERO, false);
+        let task = Task::new(image_gen(), "m".into(), Utc::now(), 1, Credits::ZERO, false);
         assert_eq!(task.status(Utc::now(), &schedule), TaskStatus::Pending);
         assert_eq!(task.final_at(&schedule), None);
     }

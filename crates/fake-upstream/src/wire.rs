@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::StatusCode;
 use serde::Serialize;
+use serde_json::Value;
 
 use super::state::{FAILURE_REASON, Task, TaskStatus};
 
@@ -91,12 +92,6 @@ pub(crate) struct Created<'a> {
     pub task_id: &'a str,
 }
 
-/// One `result` item (ImageGenResult).
-#[derive(Serialize)]
-pub(crate) struct ImageResult {
-    image: String,
-}
-
 #[derive(Serialize)]
 pub(crate) struct StatusReason {
     message: Option<&'static str>,
@@ -105,7 +100,7 @@ pub(crate) struct StatusReason {
 /// `data` of a task query: the callback fields plus `created_at`, `consumed` only once final.
 #[derive(Serialize)]
 pub(crate) struct TaskData<'a> {
-    result: Option<Vec<ImageResult>>,
+    result: Option<Value>,
     status: TaskStatus,
     task_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,7 +112,7 @@ pub(crate) struct TaskData<'a> {
 /// The webhook body (CallbackPayload); `consumed` has six places here.
 #[derive(Serialize)]
 pub(crate) struct CallbackPayload<'a> {
-    result: Option<Vec<ImageResult>>,
+    result: Option<Value>,
     status: TaskStatus,
     task_id: &'a str,
     consumed: String,
@@ -150,15 +145,9 @@ impl<'a> CallbackPayload<'a> {
     }
 }
 
-/// The images of a success; null before the end and on failure.
-fn result(task_id: &str, task: &Task, status: TaskStatus) -> Option<Vec<ImageResult>> {
-    (status == TaskStatus::Success).then(|| {
-        (0..task.images)
-            .map(|i| ImageResult {
-                image: format!("https://fake-upstream.invalid/images/{task_id}/{i}.png"),
-            })
-            .collect()
-    })
+/// The result of a success, in its endpoint's shape; null before the end and on failure.
+fn result(task_id: &str, task: &Task, status: TaskStatus) -> Option<Value> {
+    (status == TaskStatus::Success).then(|| task.endpoint.result(task_id, task.images))
 }
 
 fn status_reason(status: TaskStatus) -> StatusReason {
@@ -179,7 +168,15 @@ mod tests {
 
     fn task(fails: bool) -> Task {
         let created = "2025-09-10T10:22:20.010Z".parse().expect("valid time");
-        Task::new("m".into(), created, 2, Credits::from_units(100_000), fails)
+        let endpoint = crate::catalog::endpoint("/api/image/gen").unwrap();
+        Task::new(
+            endpoint,
+            "m".into(),
+            created,
+            2,
+            Credits::from_units(100_000),
+            fails,
+        )
     }
 
     #[test]
