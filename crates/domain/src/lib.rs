@@ -11,5 +11,7 @@ pub mod credits;
 pub mod ledger;
 pub mod ownership;
 pub mod period;
+pub mod pricing;
 pub mod redis_client;
+pub mod route_table;
 pub mod settlement;

@@ -1,0 +1,339 @@
+//! What a generation reserves before it reaches the upstream: the most the request can cost
+//! under the configuration, from the request's own fields.
+//!
+//! A model's `reserve` is one of:
+//! - a flat amount, `reserve = "0.50"`: the most one request may cost, whatever its fields;
+//! - a price for each value of a field, `reserve = { by = "duration", prices = { "10" = "1.00",
+//!   "15" = "1.50" } }`, for fields with a few values (`duration` of Sora, `image_size`);
+//! - a price per unit of a numeric field, `reserve = { by = "duration", per_unit = "0.12",
+//!   max = 15 }`, for fields counted in units (seconds).
+//!
+//! Every form is multiplied by the request's count `n` (1 when absent). A value the config does
+//! not price is refused, never guessed; a field the request leaves out reserves its `default`
+//! if the admin named one, else the most any priced value costs, because what the upstream
+//! assumes then is not known here. Settlement later charges exactly what the upstream reports.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+use crate::credits::Credits;
+
+/// How a model's reservation is computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserve {
+    /// The most one request may cost.
+    Flat(Credits),
+    /// A price for each value of `field` (a JSON string, or an integer written as digits).
+    ByValue {
+        field: String,
+        prices: BTreeMap<String, Credits>,
+        /// The value the upstream assumes when the field is absent; `None`: the dearest.
+        default: Option<String>,
+    },
+    /// A price per unit of `field`, a positive integer (or a string of digits) up to `max`.
+    PerUnit {
+        field: String,
+        unit: Credits,
+        max: u32,
+        /// The units the upstream assumes when the field is absent; `None`: `max`.
+        default: Option<u32>,
+    },
+}
+
+/// The reserve of a field-priced model as written in TOML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldReserve {
+    by: String,
+    prices: Option<BTreeMap<String, Credits>>,
+    per_unit: Option<Credits>,
+    max: Option<u32>,
+    default: Option<DefaultValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DefaultValue {
+    Text(String),
+    Units(u32),
+}
+
+impl<'de> Deserialize<'de> for Reserve {
+    /// A string is a flat amount; a table prices a field. Written by hand rather than as an
+    /// untagged enum so that a mistake inside the table is reported as itself.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ReserveVisitor;
+        impl<'de> Visitor<'de> for ReserveVisitor {
+            type Value = Reserve;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "an amount such as \"0.50\", or a table such as { by = \"duration\", \
+                     prices = { \"10\" = \"1.00\" } } or { by = \"duration\", per_unit = \"0.10\", max = 25 }",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Reserve, E> {
+                text.parse().map(Reserve::Flat).map_err(E::custom)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Reserve, A::Error> {
+                let raw = FieldReserve::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Reserve::from_field(raw).map_err(de::Error::custom)
+            }
+        }
+        deserializer.deserialize_any(ReserveVisitor)
+    }
+}
+
+impl Reserve {
+    fn from_field(raw: FieldReserve) -> Result<Reserve, String> {
+        let FieldReserve {
+            by,
+            prices,
+            per_unit,
+            max,
+            default,
+        } = raw;
+        if by.trim().is_empty() {
+            return Err("`by` must name the request field that sets the price".into());
+        }
+        match (prices, per_unit) {
+            (Some(prices), None) => {
+                if max.is_some() {
+                    return Err("`max` goes with `per_unit`, not with `prices`".into());
+                }
+                if prices.is_empty() {
+                    return Err("`prices` must price at least one value".into());
+                }
+                let default = default.map(|value| match value {
+                    DefaultValue::Text(text) => text,
+                    DefaultValue::Units(units) => units.to_string(),
+                });
+                if let Some(value) = &default
+                    && !prices.contains_key(value)
+                {
+                    return Err(format!(
+                        "`default` {value:?} is not one of the priced values"
+                    ));
+                }
+                Ok(Reserve::ByValue {
+                    field: by,
+                    prices,
+                    default,
+                })
+            }
+            (None, Some(unit)) => {
+                let max = max
+                    .filter(|max| *max > 0)
+                    .ok_or("`per_unit` needs `max`, the most units a request may ask for")?;
+                let default = match default {
+                    None => None,
+                    Some(DefaultValue::Units(units)) => Some(units),
+                    Some(DefaultValue::Text(text)) => Some(
+                        text.parse()
+                            .map_err(|_| format!("`default` {text:?} is not a number of units"))?,
+                    ),
+                };
+                if default.is_some_and(|units| units == 0 || units > max) {
+                    return Err("`default` must be from 1 to `max` units".into());
+                }
+                Ok(Reserve::PerUnit {
+                    field: by,
+                    unit,
+                    max,
+                    default,
+                })
+            }
+            _ => Err("a field-priced reserve needs exactly one of `prices` or `per_unit`".into()),
+        }
+    }
+
+    /// The reservation of a request for `model` with these fields and this count (`n`); `Err`
+    /// is a 400's detail naming the field.
+    pub fn for_request(
+        &self,
+        model: &str,
+        fields: &Map<String, Value>,
+        count: i64,
+    ) -> Result<Credits, String> {
+        let one = match self {
+            Reserve::Flat(amount) => *amount,
+            Reserve::ByValue {
+                field,
+                prices,
+                default,
+            } => match present(fields, field) {
+                None => match default {
+                    Some(value) => prices[value],
+                    None => *prices.values().max().expect("prices are never empty"),
+                },
+                Some(value) => {
+                    let key = value_key(value);
+                    match key.as_deref().and_then(|key| prices.get(key)) {
+                        Some(price) => *price,
+                        None => {
+                            let priced: Vec<String> =
+                                prices.keys().map(|k| format!("{k:?}")).collect();
+                            return Err(format!(
+                                "{field} {} is not priced for model {model}; priced values: {}",
+                                shown(value),
+                                priced.join(", ")
+                            ));
+                        }
+                    }
+                }
+            },
+            Reserve::PerUnit {
+                field,
+                unit,
+                max,
+                default,
+            } => {
+                let units = match present(fields, field) {
+                    None => default.unwrap_or(*max),
+                    Some(value) => value_key(value)
+                        .and_then(|key| key.parse::<u32>().ok())
+                        .filter(|units| (1..=*max).contains(units))
+                        .ok_or_else(|| {
+                            format!(
+                                "{field} {} is not priced for model {model}: it must be a whole \
+                                 number from 1 to {max}",
+                                shown(value)
+                            )
+                        })?,
+                };
+                unit.checked_mul(i64::from(units))
+                    .ok_or_else(|| format!("{field} is too large"))?
+            }
+        };
+        one.checked_mul(count)
+            .ok_or_else(|| "n is too large".into())
+    }
+}
+
+/// A present, non-null field.
+fn present<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    fields.get(name).filter(|value| !value.is_null())
+}
+
+/// The text a priced value is looked up by: a string as it is, a whole number in digits.
+fn value_key(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        Value::String(text) => Some(text.as_str().into()),
+        Value::Number(number) if number.is_u64() => Some(number.to_string().into()),
+        _ => None,
+    }
+}
+
+/// A client's value, bounded for an error message.
+fn shown(value: &Value) -> String {
+    value.to_string().chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reserve(toml_value: &str) -> Result<Reserve, String> {
+        #[derive(Deserialize)]
+        struct Model {
+            reserve: Reserve,
+        }
+        toml::from_str::<Model>(&format!("reserve = {toml_value}"))
+            .map(|model| model.reserve)
+            .map_err(|e| e.message().to_owned())
+    }
+
+    fn cost(reserve: &Reserve, body: Value, count: i64) -> Result<String, String> {
+        reserve
+            .for_request("m", body.as_object().unwrap(), count)
+            .map(|credits| credits.to_string())
+    }
+
+    #[test]
+    fn a_flat_reserve_is_the_most_one_request_costs_times_n() {
+        let flat = reserve(r#""0.50""#).unwrap();
+        assert_eq!(flat, Reserve::Flat("0.5".parse().unwrap()));
+        assert_eq!(cost(&flat, json!({"duration": "99"}), 3).unwrap(), "1.50");
+    }
+
+    #[test]
+    fn a_price_table_prices_each_value_and_refuses_others() {
+        let sora = reserve(
+            r#"{ by = "duration", prices = { "10" = "1.00", "15" = "1.50", "25" = "2.50" } }"#,
+        )
+        .unwrap();
+        assert_eq!(cost(&sora, json!({"duration": "15"}), 1).unwrap(), "1.50");
+        assert_eq!(cost(&sora, json!({"duration": 25}), 2).unwrap(), "5.00");
+        // Absent: the dearest, as the upstream's own default is not known here.
+        assert_eq!(cost(&sora, json!({}), 1).unwrap(), "2.50");
+        assert_eq!(cost(&sora, json!({"duration": null}), 1).unwrap(), "2.50");
+        let refused = cost(&sora, json!({"duration": "30"}), 1).unwrap_err();
+        assert_eq!(
+            refused,
+            r#"duration "30" is not priced for model m; priced values: "10", "15", "25""#
+        );
+        assert!(cost(&sora, json!({"duration": 15.0}), 1).is_err());
+        assert!(cost(&sora, json!({"duration": ["10"]}), 1).is_err());
+        let sized = reserve(
+            r#"{ by = "image_size", prices = { "1k" = "0.15", "4k" = "0.60" }, default = "1k" }"#,
+        )
+        .unwrap();
+        assert_eq!(cost(&sized, json!({}), 2).unwrap(), "0.30");
+    }
+
+    #[test]
+    fn a_unit_price_counts_units_up_to_its_most() {
+        let seedance = reserve(r#"{ by = "duration", per_unit = "0.12", max = 15 }"#).unwrap();
+        assert_eq!(cost(&seedance, json!({"duration": 10}), 1).unwrap(), "1.20");
+        assert_eq!(
+            cost(&seedance, json!({"duration": "5"}), 1).unwrap(),
+            "0.60"
+        );
+        assert_eq!(cost(&seedance, json!({}), 1).unwrap(), "1.80");
+        let refused = cost(&seedance, json!({"duration": 16}), 1).unwrap_err();
+        assert!(
+            refused.starts_with("duration 16 is not priced for model m"),
+            "{refused}"
+        );
+        assert!(cost(&seedance, json!({"duration": 0}), 1).is_err());
+        assert!(cost(&seedance, json!({"duration": -5}), 1).is_err());
+    }
+
+    #[test]
+    fn a_reserve_that_cannot_be_computed_is_refused_at_load() {
+        for (text, wanted) in [
+            (
+                r#"{ by = "duration" }"#,
+                "exactly one of `prices` or `per_unit`",
+            ),
+            (
+                r#"{ by = "d", per_unit = "0.1" }"#,
+                "`per_unit` needs `max`",
+            ),
+            (r#"{ by = "d", prices = {} }"#, "at least one value"),
+            (
+                r#"{ by = "d", prices = { "1" = "1" }, default = "2" }"#,
+                "not one of the priced",
+            ),
+            (
+                r#"{ by = "d", per_unit = "0.1", max = 5, default = 6 }"#,
+                "from 1 to `max`",
+            ),
+            (
+                r#"{ by = "d", prices = { "1" = "1" }, typo = 1 }"#,
+                "unknown field `typo`",
+            ),
+            (r#""-1""#, "plain decimal number"),
+        ] {
+            let error = reserve(text).unwrap_err();
+            assert!(error.contains(wanted), "{text}: {error}");
+        }
+    }
+}
