@@ -21,7 +21,7 @@ use crate::{
 };
 use ketchup_domain::{
     clock::SharedClock,
-    config::{Config, KeyDigest, Secret, StoreConfig},
+    config::{Config, KeyDigest, RateLimitsWhenUnavailable, Secret, StoreConfig},
     ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
@@ -257,7 +257,7 @@ async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, Stri
     let StoreConfig::Redis {
         key_prefix,
         command_timeout,
-        rate_limits_fail_open,
+        rate_limits_when_unavailable,
         ..
     } = store
     else {
@@ -268,7 +268,7 @@ async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, Stri
         &endpoint,
         key_prefix,
         *command_timeout,
-        *rate_limits_fail_open,
+        *rate_limits_when_unavailable == RateLimitsWhenUnavailable::Allow,
     )
     .await?;
     Ok(Some(shared))
