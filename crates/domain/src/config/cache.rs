@@ -26,7 +26,8 @@ pub(super) struct RawCache {
     max_owners: Option<Spanned<u64>>,
 }
 
-#[derive(Debug, Clone)]
+/// Every key of it takes effect at start only: the cache and the ownership index are sized then.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub status_ttl: Duration,
     pub max_entries: u64,

@@ -101,6 +101,13 @@ fn span_of<T>(key: &Option<Spanned<T>>) -> Option<Range<usize>> {
     key.as_ref().map(Spanned::span)
 }
 
+/// The names among `keys` whose value changed.
+fn changed<const N: usize>(keys: [(&'static str, bool); N]) -> Vec<&'static str> {
+    keys.into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+}
+
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -195,6 +202,58 @@ impl Config {
         };
         check_across_sections(&config, places)?;
         Ok(config)
+    }
+
+    /// The settings of `new` that differ from this configuration's but that only a restart
+    /// applies, named as in the file (`[server] listen`, `[store]`): the running gateway read
+    /// them once, when it started. A reload applies every other setting.
+    ///
+    /// No list here needs keeping up to date. The tables a restart alone applies are compared
+    /// whole (`PartialEq`), so a key added to them is compared too. `Config` and the types of
+    /// the tables a reload applies in part are taken apart in patterns without `..`, so a field
+    /// added to them does not compile until it is sorted into restart-only or reloadable.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let Config {
+            server,
+            upstream,
+            store,
+            cache,
+            reconciler,
+            webhooks,
+            admin_token,
+            // Read by each request, or taken on by the rate limits and metrics at reload.
+            models: _,
+            teams: _,
+            keys: _,
+        } = self;
+        let in_part = |table: &str, keys: Vec<&str>| -> Vec<String> {
+            keys.into_iter()
+                .map(|key| format!("[{table}] {key}"))
+                .collect()
+        };
+        let whole = |table: &str, changed: bool| -> Vec<String> {
+            if changed {
+                vec![format!("[{table}]")]
+            } else {
+                Vec::new()
+            }
+        };
+        [
+            in_part("server", server.restart_only_changes(&new.server)),
+            in_part("upstream", upstream.restart_only_changes(&new.upstream)),
+            // The ledger is opened once, at start.
+            whole("store", *store != new.store),
+            // The status cache and the ownership index are sized once, at start.
+            whole("cache", *cache != new.cache),
+            in_part(
+                "reconciler",
+                reconciler.restart_only_changes(&new.reconciler),
+            ),
+            in_part("webhooks", webhooks.restart_only_changes(&new.webhooks)),
+            // The admin token is read once, at start.
+            whole("admin", *admin_token != new.admin_token),
+        ]
+        .concat()
     }
 
     /// The team a key belongs to. Keys are compared by digest only.

@@ -75,3 +75,27 @@ impl TryFrom<RawReconciler> for ReconcilerConfig {
         })
     }
 }
+
+impl ReconcilerConfig {
+    /// The keys whose new value only a restart applies: the job's pace and read cap are set when
+    /// it starts, and half of `settle_after` is how long a task a client just read is left alone,
+    /// a bound fixed at start.
+    pub(super) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        let ReconcilerConfig {
+            interval,
+            max_reads_per_second,
+            settle_after,
+            // Read by each pass.
+            max_task_age: _,
+            abandon_after: _,
+        } = self;
+        super::changed([
+            ("interval", *interval != new.interval),
+            (
+                "max_reads_per_second",
+                *max_reads_per_second != new.max_reads_per_second,
+            ),
+            ("settle_after", *settle_after != new.settle_after),
+        ])
+    }
+}

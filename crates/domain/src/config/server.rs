@@ -85,3 +85,30 @@ impl TryFrom<RawServer> for ServerConfig {
         })
     }
 }
+
+impl ServerConfig {
+    /// The keys whose new value only a restart applies: the listeners, the workers and the stack
+    /// that bounds each request are built once, at start.
+    pub(super) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        let ServerConfig {
+            listen,
+            workers,
+            request_timeout,
+            shutdown_timeout,
+            metrics_listen,
+            // Read by each request.
+            public_url: _,
+            max_body_bytes: _,
+        } = self;
+        super::changed([
+            ("listen", *listen != new.listen),
+            ("workers", *workers != new.workers),
+            ("request_timeout", *request_timeout != new.request_timeout),
+            (
+                "shutdown_timeout",
+                *shutdown_timeout != new.shutdown_timeout,
+            ),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+        ])
+    }
+}

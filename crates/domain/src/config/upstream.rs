@@ -105,4 +105,27 @@ impl UpstreamConfig {
             .saturating_add(connecting)
             .saturating_add(waits)
     }
+
+    /// The keys whose new value only a restart applies: the upstream client, with its
+    /// connection pools, token, timeouts and retries, is built once, at start.
+    pub(super) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        let UpstreamConfig {
+            base_url,
+            token,
+            connect_timeout,
+            timeout,
+            query_retries,
+            // Read by each request, or taken on by the rate limits at reload.
+            max_reference_images: _,
+            max_requests_per_second: _,
+            new_task_grace: _,
+        } = self;
+        super::changed([
+            ("base_url", *base_url != new.base_url),
+            ("token_env or token_file", *token != new.token),
+            ("connect_timeout", *connect_timeout != new.connect_timeout),
+            ("timeout", *timeout != new.timeout),
+            ("query_retries", *query_retries != new.query_retries),
+        ])
+    }
 }

@@ -121,3 +121,26 @@ impl TryFrom<RawWebhooks> for WebhooksConfig {
         })
     }
 }
+
+impl WebhooksConfig {
+    /// The keys whose new value only a restart applies: the delivery worker takes its number of
+    /// slots when it starts.
+    pub(super) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        let WebhooksConfig {
+            max_concurrent_deliveries,
+            // Read by each callback, claim or attempt.
+            always_intercept: _,
+            delivery_deadline: _,
+            attempt_timeout: _,
+            first_retry: _,
+            max_retry_delay: _,
+            max_concurrent_deliveries_per_team: _,
+            max_callback_bytes: _,
+            keep_finished: _,
+        } = self;
+        super::changed([(
+            "max_concurrent_deliveries",
+            *max_concurrent_deliveries != new.max_concurrent_deliveries,
+        )])
+    }
+}

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use super::*;
 
+mod reload;
+
 const MINIMAL: &str = r#"
 [upstream]
 token_env = "KETCHUP_UPSTREAM_TOKEN"
