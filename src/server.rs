@@ -20,7 +20,7 @@ use crate::{
 };
 use ketchup_domain::{
     clock::SharedClock,
-    config::{Config, KeyDigest, Secret, StoreConfig},
+    config::{Config, KeyDigest, RateLimitsWhenUnavailable, Secret, StoreConfig},
     ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
@@ -258,7 +258,7 @@ async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, Stri
     let StoreConfig::Redis {
         key_prefix,
         command_timeout,
-        rate_limits_fail_open,
+        rate_limits_when_unavailable,
         ..
     } = store
     else {
@@ -269,7 +269,7 @@ async fn shared_limits(store: &StoreConfig) -> Result<Option<SharedLimits>, Stri
         &endpoint,
         key_prefix,
         *command_timeout,
-        *rate_limits_fail_open,
+        *rate_limits_when_unavailable == RateLimitsWhenUnavailable::Allow,
     )
     .await?;
     Ok(Some(shared))
@@ -347,26 +347,11 @@ async fn reload_on_sighup(
             }) {
             Ok(new) => {
                 let old = state.config.load();
-                let (s, o) = (&new.server, &old.server);
-                let (u, p) = (&new.upstream, &old.upstream);
-                if s.listen != o.listen
-                    || s.workers != o.workers
-                    || s.request_timeout != o.request_timeout
-                    || s.shutdown_timeout != o.shutdown_timeout
-                    || new.store != old.store
-                    || u.base_url != p.base_url
-                    || u.token != p.token
-                    || u.timeout != p.timeout
-                    || u.connect_timeout != p.connect_timeout
-                    || u.query_retries != p.query_retries
-                    || new.cache.status_ttl != old.cache.status_ttl
-                    || new.cache.max_entries != old.cache.max_entries
-                    || new.cache.max_bytes != old.cache.max_bytes
-                    || new.cache.max_owners != old.cache.max_owners
-                {
+                let restart_only = old.restart_only_changes(&new);
+                if !restart_only.is_empty() {
                     tracing::warn!(
-                        "[server] listen, workers and timeouts, [store], [cache] and the [upstream] \
-                         connection settings change only on restart; reloading the rest"
+                        settings = %restart_only.join(", "),
+                        "these settings change only on restart; reloading the rest"
                     );
                 }
                 let teams = new.teams.len();

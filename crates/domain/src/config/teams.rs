@@ -1,0 +1,254 @@
+//! `[[teams]]` and `[defaults.limits]`: who may call the gateway, with which keys, within which
+//! budget and limits.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::Invalid;
+use super::values::{KeyDigest, Rate, SecretSource, secret_source};
+use crate::credits::Credits;
+
+/// The limits of a team when neither it nor `[defaults.limits]` sets them.
+const BUILTIN_LIMITS: Limits = Limits {
+    generate: Rate {
+        count: NonZeroU32::new(60).unwrap(),
+        per: Duration::from_secs(60),
+    },
+    generate_burst: NonZeroU32::new(10).unwrap(),
+    query: Rate {
+        count: NonZeroU32::new(20).unwrap(),
+        per: Duration::from_secs(1),
+    },
+    query_burst: NonZeroU32::new(20).unwrap(),
+};
+
+/// Longest team name, in bytes.
+const MAX_NAME_LEN: usize = 64;
+
+/// `[defaults]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    limits: Option<RawLimits>,
+}
+
+/// `[defaults.limits]` or a team's `limits` as written: each key left out is inherited.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    generate: Option<Rate>,
+    generate_burst: Option<NonZeroU32>,
+    query: Option<Rate>,
+    query_burst: Option<NonZeroU32>,
+}
+
+/// One `[[teams]]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTeam {
+    name: Spanned<String>,
+    keys: Spanned<Vec<Spanned<RawKey>>>,
+    budget: Option<RawBudget>,
+    limits: Option<RawLimits>,
+    webhook_secret_env: Option<Spanned<String>>,
+    webhook_secret_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    callback_hosts: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    sha256: KeyDigest,
+    label: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    credits: Credits,
+    period: BudgetPeriod,
+    max_in_flight: Option<Spanned<u32>>,
+}
+
+#[derive(Debug)]
+pub struct Team {
+    pub name: String,
+    pub budget: Option<Budget>,
+    pub limits: Limits,
+    pub webhook_secret: Option<SecretSource>,
+    pub callback_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub credits: Credits,
+    pub period: BudgetPeriod,
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    Daily,
+    Weekly,
+    Monthly,
+    Lifetime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub generate: Rate,
+    pub generate_burst: NonZeroU32,
+    pub query: Rate,
+    pub query_burst: NonZeroU32,
+}
+
+/// Whose a key is, and the admin's label for it (not secret: it names the key in logs, which
+/// shows whether an old key is still in use before it is removed).
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub team: Arc<Team>,
+    pub label: Arc<str>,
+}
+
+/// The teams in the file's order, and every key's entry by its digest.
+pub(super) struct Teams {
+    pub(super) teams: Vec<Arc<Team>>,
+    pub(super) keys: HashMap<KeyDigest, KeyEntry>,
+}
+
+/// A team's table as messages name it: `[[teams]] name = "design":`.
+pub(super) fn table_of(name: &str) -> String {
+    format!("[[teams]] name = {name:?}:")
+}
+
+/// Validates every team, and that no two share a name or a key.
+pub(super) fn teams(raw: Vec<Spanned<RawTeam>>, defaults: RawDefaults) -> Result<Teams, Invalid> {
+    let default_limits = match defaults.limits {
+        Some(raw) => merge_limits(BUILTIN_LIMITS, raw),
+        None => BUILTIN_LIMITS,
+    };
+    let mut teams: Vec<Arc<Team>> = Vec::with_capacity(raw.len());
+    let mut keys = HashMap::new();
+    for raw_team in raw {
+        let raw_team = raw_team.into_inner();
+        let name_span = raw_team.name.span();
+        let (team, team_keys) = team(raw_team, default_limits)?;
+        if teams.iter().any(|t| t.name == team.name) {
+            return Err(Invalid::at(
+                name_span,
+                format!(
+                    "{} listed twice; every team needs a name of its own",
+                    table_of(&team.name)
+                ),
+            ));
+        }
+        let team = Arc::new(team);
+        for key in team_keys {
+            let span = key.span();
+            let key = key.into_inner();
+            let entry = KeyEntry {
+                team: team.clone(),
+                label: key.label.unwrap_or_default().into(),
+            };
+            if let Some(other) = keys.insert(key.sha256, entry) {
+                return Err(Invalid::at(
+                    span,
+                    format!(
+                        "{} keys: this sha256 is already used by {} every key belongs to one \
+                         team",
+                        table_of(&team.name),
+                        table_of(&other.team.name)
+                    ),
+                ));
+            }
+        }
+        teams.push(team);
+    }
+    Ok(Teams { teams, keys })
+}
+
+/// One team, with its keys still to be checked against the other teams'.
+fn team(raw: RawTeam, default_limits: Limits) -> Result<(Team, Vec<Spanned<RawKey>>), Invalid> {
+    let name_span = raw.name.span();
+    let name = raw.name.into_inner();
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Invalid::at(
+            name_span,
+            format!(
+                "[[teams]] name {name:?} must be 1 to {MAX_NAME_LEN} letters, digits, '-' or '_'"
+            ),
+        ));
+    }
+    let table = table_of(&name);
+    if raw.keys.get_ref().is_empty() {
+        return Err(Invalid::at(
+            raw.keys.span(),
+            format!("{table} keys is empty; add one with `ketchup-gateway keygen --team {name}`"),
+        ));
+    }
+    let budget = match raw.budget {
+        None => None,
+        Some(budget) => Some(Budget {
+            credits: budget.credits,
+            period: budget.period,
+            max_in_flight: match budget.max_in_flight {
+                Some(cap) if *cap.get_ref() == 0 => {
+                    return Err(Invalid::at(
+                        cap.span(),
+                        format!("{table} budget.max_in_flight must be at least 1"),
+                    ));
+                }
+                cap => cap.map(Spanned::into_inner),
+            },
+        }),
+    };
+    let webhook_secret = secret_source(
+        &table,
+        "webhook_secret",
+        raw.webhook_secret_env,
+        raw.webhook_secret_file,
+    )?;
+    let team = Team {
+        name,
+        budget,
+        limits: raw
+            .limits
+            .map_or(default_limits, |raw| merge_limits(default_limits, raw)),
+        webhook_secret,
+        callback_hosts: raw.callback_hosts,
+    };
+    Ok((team, raw.keys.into_inner()))
+}
+
+fn merge_limits(base: Limits, raw: RawLimits) -> Limits {
+    let generate = raw.generate.unwrap_or(base.generate);
+    let query = raw.query.unwrap_or(base.query);
+    Limits {
+        generate,
+        // A new rate without a burst of its own allows one period's worth at once.
+        generate_burst: raw.generate_burst.unwrap_or(if raw.generate.is_some() {
+            generate.count
+        } else {
+            base.generate_burst
+        }),
+        query,
+        query_burst: raw.query_burst.unwrap_or(if raw.query.is_some() {
+            query.count
+        } else {
+            base.query_burst
+        }),
+    }
+}
