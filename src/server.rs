@@ -22,7 +22,7 @@ use crate::{
 use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest, Secret, StoreConfig},
-    ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
+    ledger::{LedgerStore, redis::RedisStore, sqlite::SqliteStore},
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
     settlement::Settler,
@@ -309,8 +309,9 @@ async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String
             let redis = RedisStore::connect(&endpoint, key_prefix, *command_timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            // Over the network, an outage must cost clients fast errors, not a timeout each.
-            Arc::new(Breaker::new(Arc::new(redis)))
+            // Over the network, an outage must cost clients fast errors, not a timeout each: the
+            // store has its own circuit breaker.
+            Arc::new(redis)
         }
     })
 }

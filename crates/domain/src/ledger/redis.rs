@@ -6,6 +6,10 @@
 //! delivery is leased to one replica at a time. Reads are plain commands, pipelined where they
 //! touch many records.
 //!
+//! Every round trip goes through one helper that bounds it by the command timeout and puts it
+//! behind the circuit breaker (see `breaker`), so an outage costs clients fast errors rather than
+//! a timeout each.
+//!
 //! Money is stored as integer units of 10⁻⁸ credit and changed only with HINCRBY; timestamps are
 //! unix milliseconds, as in the SQLite engine.
 
@@ -19,6 +23,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation, Value};
 
+use super::breaker::Breaker;
 use super::{
     AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
     FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
@@ -134,6 +139,8 @@ pub struct RedisStore {
     connection: ConnectionManager,
     keys: Keys,
     timeout: Duration,
+    /// Guards every round trip (see [`RedisStore::bounded`]).
+    breaker: Breaker,
     /// The URL's password as written and as decoded: blanked out of every error message.
     secrets: Vec<String>,
 }
@@ -224,21 +231,30 @@ impl RedisStore {
                 prefix: key_prefix.to_owned(),
             },
             timeout: command_timeout,
+            breaker: Breaker::new(),
             secrets,
         };
         store.ping().await?;
         Ok(store)
     }
 
-    /// Runs one request to Redis, cut off at the command timeout.
+    /// Runs one request to Redis, cut off at the command timeout: the one way the engine reaches
+    /// Redis, so the breaker here guards every round trip. While it is open, the request is not
+    /// sent and the answer is `NotTried`.
     async fn bounded<T>(
         &self,
         request: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        bounded(self.timeout, request).await.map_err(|e| match e {
-            CallError::Redis(e) => unavailable(&self.secrets, e),
-            timed_out @ CallError::TimedOut(_) => StoreError::Unavailable(timed_out.to_string()),
-        })
+        self.breaker
+            .call(async {
+                bounded(self.timeout, request).await.map_err(|e| match e {
+                    CallError::Redis(e) => unavailable(&self.secrets, e),
+                    timed_out @ CallError::TimedOut(_) => {
+                        StoreError::Unavailable(timed_out.to_string())
+                    }
+                })
+            })
+            .await
     }
 
     async fn query<T: FromRedisValue>(&self, command: &Cmd) -> Result<T, StoreError> {
@@ -512,7 +528,13 @@ impl LedgerStore for RedisStore {
         loop {
             let mut call = self.script(&ABANDON);
             call.arg(millis(before)).arg(ABANDON_BATCH);
-            let (moved, looked_at): (u64, usize) = self.eval(&call).await?;
+            let (moved, looked_at): (u64, usize) = match self.eval(&call).await {
+                // The batches before this one were applied: the store has seen this call.
+                Err(StoreError::NotTried(why)) if abandoned > 0 => {
+                    return Err(StoreError::Unavailable(why));
+                }
+                answer => answer?,
+            };
             abandoned += moved;
             // A short batch was the last. A full one that moved nothing would only repeat.
             if looked_at < ABANDON_BATCH || moved == 0 {
@@ -965,6 +987,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+    use crate::ledger::breaker::OPEN_AFTER;
     use crate::ledger::conformance::{
         any, at, claim, deliveries_ended_three_ways, delivery, open_task, reservation,
     };
@@ -1048,6 +1071,44 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn an_outage_opens_the_breaker_and_calls_then_fail_at_once() {
+        let server = FadingRedis::start().await;
+        let url = format!("redis://{}/", server.address);
+        let store = RedisStore::connect(&RedisEndpoint::from_url(&url), "t:", TIMEOUT)
+            .await
+            .unwrap();
+        server.stop();
+        for _ in 0..OPEN_AFTER {
+            unavailable_message(store.ping().await);
+        }
+        // Open: refused at once, nothing sent, so a reservation needs no release.
+        let started = Instant::now();
+        for _ in 0..20 {
+            let refused = store.reserve(reservation("design", "0.50", None)).await;
+            assert!(
+                matches!(refused, Err(StoreError::NotTried(_))),
+                "{refused:?}"
+            );
+        }
+        assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_answer_not_an_outage() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        for _ in 0..OPEN_AFTER * 3 {
+            let refused = store.release(ReservationId::new()).await;
+            assert!(
+                matches!(refused, Err(StoreError::Conflict(_))),
+                "{refused:?}"
+            );
+        }
+        assert!(store.ping().await.is_ok());
     }
 
     #[tokio::test]
