@@ -30,7 +30,7 @@ use crate::{
 use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest},
-    ledger::LedgerStore,
+    ledger::Ledger,
     ownership::OwnershipIndex,
     settlement::Settler,
 };
@@ -39,7 +39,7 @@ use ketchup_domain::{
 pub struct AppState {
     /// Swapped whole on reload, so a request sees one consistent configuration.
     pub config: ArcSwap<Config>,
-    pub ledger: Arc<dyn LedgerStore>,
+    pub ledger: Arc<dyn Ledger>,
     pub upstream: UpstreamClient,
     pub metrics: Arc<Metrics>,
     pub rate_limits: Arc<RateLimits>,

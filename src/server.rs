@@ -22,7 +22,7 @@ use crate::{
 use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest, Secret, StoreConfig},
-    ledger::{LedgerStore, redis::RedisStore, sqlite::SqliteStore},
+    ledger::{Ledger, redis::RedisStore, sqlite::SqliteStore},
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
     settlement::Settler,
@@ -295,7 +295,7 @@ async fn shared_statuses(config: &Config) -> Result<Option<SharedStatuses>, Stri
     Ok(Some(shared))
 }
 
-async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String> {
+async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn Ledger>, String> {
     Ok(match store {
         StoreConfig::Sqlite { path } => {
             Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)

@@ -27,7 +27,7 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
     }
 }
 
-pub async fn ownership_is_recorded_and_read_back(store: &dyn LedgerStore) {
+pub async fn ownership_is_recorded_and_read_back(store: &dyn Ledger) {
     let r = reservation("design", "0.50", None);
     let id = r.id;
     assert!(matches!(
@@ -53,7 +53,7 @@ pub async fn ownership_is_recorded_and_read_back(store: &dyn LedgerStore) {
     assert_eq!(store.task("ta-1").await.unwrap().unwrap().team, "design");
 }
 
-pub async fn the_last_credits_go_to_one_reservation_only(store: std::sync::Arc<dyn LedgerStore>) {
+pub async fn the_last_credits_go_to_one_reservation_only(store: std::sync::Arc<dyn Ledger>) {
     // A budget of 5.00 holds exactly ten reservations of 0.50, however many race for it.
     let attempts: Vec<_> = (0..50)
         .map(|_| {
@@ -84,7 +84,7 @@ pub async fn the_last_credits_go_to_one_reservation_only(store: std::sync::Arc<d
     assert_eq!((reserved, refused), (10, 40));
 }
 
-pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn LedgerStore) {
+pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn Ledger) {
     let first = reservation("design", "3.00", Some("5.00"));
     let first_id = first.id;
     assert!(matches!(
@@ -129,7 +129,7 @@ pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn LedgerSto
     ));
 }
 
-pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn LedgerStore) {
+pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn Ledger) {
     let limited = |amount| NewReservation {
         max_in_flight: Some(2),
         ..reservation("design", amount, None)
@@ -162,7 +162,7 @@ pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn LedgerStore) 
     ));
 }
 
-pub async fn periods_are_separate(store: &dyn LedgerStore) {
+pub async fn periods_are_separate(store: &dyn Ledger) {
     store
         .reserve(reservation("design", "5.00", Some("5.00")))
         .await
@@ -194,7 +194,7 @@ fn settlement(status: FinalStatus, consumed: &str) -> Settlement {
 
 /// Reserves and records a task; returns its reservation id.
 pub async fn open_task(
-    store: &dyn LedgerStore,
+    store: &dyn Ledger,
     team: &str,
     amount: &str,
     task_id: &str,
@@ -210,7 +210,7 @@ pub async fn open_task(
 }
 
 /// Every task from `start` on, a page of `page` at a time.
-pub async fn walk(store: &dyn LedgerStore, start: TaskCursor, page: usize) -> Vec<TaskRecord> {
+pub async fn walk(store: &dyn Ledger, start: TaskCursor, page: usize) -> Vec<TaskRecord> {
     let (mut tasks, mut next) = (Vec::new(), Some(start));
     while let Some(from) = next {
         let (found, then) = store.tasks_from(from, page).await.unwrap();
@@ -221,7 +221,7 @@ pub async fn walk(store: &dyn LedgerStore, start: TaskCursor, page: usize) -> Ve
     tasks
 }
 
-pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn LedgerStore) {
+pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn Ledger) {
     // Refused by the upstream: a reservation that never got a task, and is never walked.
     let refused = reservation("design", "0.50", None);
     let refused_id = refused.id;
@@ -267,7 +267,7 @@ pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn Ledger
     assert_eq!(ids(&rest), ["ta-late"]);
 }
 
-pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn LedgerStore>) {
+pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn Ledger>) {
     open_task(&*store, "design", "0.50", "ta-s").await;
     assert_eq!(
         store.standing("design", "2026-11").await.unwrap(),
@@ -330,7 +330,7 @@ pub async fn settlement_replaces_the_reservation_once(store: std::sync::Arc<dyn 
     );
 }
 
-pub async fn expiry_charges_the_reservation(store: &dyn LedgerStore) {
+pub async fn expiry_charges_the_reservation(store: &dyn Ledger) {
     open_task(store, "design", "0.50", "ta-old").await;
     match store
         .expire("ta-old", at("2026-11-24T10:00:00Z"))
@@ -360,7 +360,7 @@ pub async fn expiry_charges_the_reservation(store: &dyn LedgerStore) {
     );
 }
 
-pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn LedgerStore) {
+pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn Ledger) {
     open_task(store, "design", "0.50", "ta-watched").await;
     open_task(store, "design", "0.50", "ta-forgotten").await;
     let settled = open_task(store, "design", "0.50", "ta-done").await;
@@ -445,7 +445,7 @@ pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn LedgerStore) {
     );
 }
 
-pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn LedgerStore) {
+pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn Ledger) {
     // More than two of the Redis engine's batches, the last one short.
     let stale = 2 * crate::ledger::redis::ABANDON_BATCH + 10;
     for _ in 0..stale {
@@ -492,7 +492,7 @@ pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn Ledge
     );
 }
 
-pub async fn usage_is_reported_per_day_team_and_model(store: &dyn LedgerStore) {
+pub async fn usage_is_reported_per_day_team_and_model(store: &dyn Ledger) {
     open_task(store, "design", "0.50", "ta-1").await;
     open_task(store, "design", "0.50", "ta-2").await;
     open_task(store, "design", "0.50", "ta-3").await;
@@ -582,7 +582,7 @@ pub fn operations() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
 /// goes negative; each task settles at most once; `spent + reserved` never passes the budget
 /// except by what settled tasks consumed beyond their reservation; and the store's totals equal
 /// a plain model of the same history.
-pub async fn invariants_hold(store: &dyn LedgerStore, ops: Vec<Op>) {
+pub async fn invariants_hold(store: &dyn Ledger, ops: Vec<Op>) {
     const TEAMS: [&str; 2] = ["design", "ads"];
     let limit = credits("10.00");
     let cents = |c: i64| Credits::from_units(c * 1_000_000);
@@ -683,7 +683,7 @@ pub async fn invariants_hold(store: &dyn LedgerStore, ops: Vec<Op>) {
     }
 }
 
-pub async fn callback_tokens_lead_to_their_reservation(store: &dyn LedgerStore) {
+pub async fn callback_tokens_lead_to_their_reservation(store: &dyn Ledger) {
     let mut pushed = reservation("design", "0.50", None);
     pushed.callback = Some(CallbackRoute {
         token_digest: "d1".into(),
@@ -745,20 +745,20 @@ pub fn any(total: usize) -> ClaimLimits {
 }
 
 /// The ids of the deliveries in `state`, most recently changed first.
-pub async fn ids_in(store: &dyn LedgerStore, state: DeliveryState) -> Vec<String> {
+pub async fn ids_in(store: &dyn Ledger, state: DeliveryState) -> Vec<String> {
     let records = store.deliveries(state, 10).await.unwrap();
     records.into_iter().map(|d| d.id).collect()
 }
 
 /// What a claim at `now` leasing until `lease_until` returns, with no limit that matters.
-pub async fn claim(store: &dyn LedgerStore, now: &str, lease_until: &str) -> Vec<Delivery> {
+pub async fn claim(store: &dyn Ledger, now: &str, lease_until: &str) -> Vec<Delivery> {
     store
         .claim_deliveries(at(now), at(lease_until), &any(10))
         .await
         .unwrap()
 }
 
-pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
+pub async fn deliveries_are_queued_once_and_leased(store: &dyn Ledger) {
     let now = at("2026-11-23T10:00:00Z");
     assert!(
         store
@@ -833,7 +833,7 @@ pub async fn deliveries_are_queued_once_and_leased(store: &dyn LedgerStore) {
     assert_eq!(pending[0].id, "msg_2");
 }
 
-pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn LedgerStore) {
+pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn Ledger) {
     store
         .enqueue_delivery(delivery("msg_1", "ta-1"))
         .await
@@ -886,7 +886,7 @@ pub async fn a_report_from_a_lease_that_ran_out_changes_nothing(store: &dyn Ledg
     );
 }
 
-pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn LedgerStore) {
+pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn Ledger) {
     let now = at("2026-11-23T10:00:00Z");
     let lease = at("2026-11-23T10:00:30Z");
     for (id, task, team, minute) in [
@@ -928,7 +928,7 @@ pub async fn a_team_past_its_share_waits_without_losing_attempts(store: &dyn Led
 
 /// Three claimed deliveries, ended three ways: `msg_delivered`, `msg_dead`, and `msg_retried`
 /// (pending, to be tried again). Each engine's own tests then look at what it kept of them.
-pub async fn deliveries_ended_three_ways(store: &dyn LedgerStore) {
+pub async fn deliveries_ended_three_ways(store: &dyn Ledger) {
     for (id, task) in [
         ("msg_delivered", "ta-1"),
         ("msg_dead", "ta-2"),
@@ -954,7 +954,7 @@ pub async fn deliveries_ended_three_ways(store: &dyn LedgerStore) {
     }
 }
 
-pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn LedgerStore) {
+pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledger) {
     for (id, task) in [
         ("msg_1", "ta-1"),
         ("msg_2", "ta-2"),
@@ -1025,7 +1025,7 @@ pub async fn finished_deliveries_are_deleted_pending_ones_never(store: &dyn Ledg
     );
 }
 
-pub async fn failed_attempts_wait_then_die(store: &dyn LedgerStore) {
+pub async fn failed_attempts_wait_then_die(store: &dyn Ledger) {
     let now = at("2026-11-23T10:00:00Z");
     store
         .enqueue_delivery(delivery("msg_1", "ta-1"))
@@ -1100,7 +1100,7 @@ macro_rules! conformance_suite {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn the_last_credits_go_to_one_reservation_only() {
-                let store: Arc<dyn LedgerStore> = $make;
+                let store: Arc<dyn Ledger> = $make;
                 super::the_last_credits_go_to_one_reservation_only(store).await;
             }
 
@@ -1124,7 +1124,7 @@ macro_rules! conformance_suite {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn settlement_replaces_the_reservation_once() {
-                let store: Arc<dyn LedgerStore> = $make;
+                let store: Arc<dyn Ledger> = $make;
                 super::settlement_replaces_the_reservation_once(store).await;
             }
 
@@ -1158,7 +1158,7 @@ macro_rules! conformance_suite {
                 fn invariants_hold_across_random_histories(ops in super::operations()) {
                     let runtime = tokio::runtime::Runtime::new().unwrap();
                     runtime.block_on(async {
-                        let store: Arc<dyn LedgerStore> = $make;
+                        let store: Arc<dyn Ledger> = $make;
                         super::invariants_hold(&*store, ops).await;
                     });
                 }
@@ -1214,7 +1214,7 @@ conformance_suite!(sqlite, {
     let store = crate::ledger::sqlite::SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
     // The directory must outlive the store; the test process cleans /tmp-based dirs on exit.
     std::mem::forget(dir);
-    std::sync::Arc::new(store) as std::sync::Arc<dyn LedgerStore>
+    std::sync::Arc::new(store) as std::sync::Arc<dyn Ledger>
 });
 
 conformance_suite!(redis, {
@@ -1222,5 +1222,5 @@ conformance_suite!(redis, {
     let Some(store) = crate::ledger::redis::test_store().await else {
         return;
     };
-    std::sync::Arc::new(store) as std::sync::Arc<dyn LedgerStore>
+    std::sync::Arc::new(store) as std::sync::Arc<dyn Ledger>
 });

@@ -26,9 +26,9 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation
 use super::breaker::Breaker;
 use super::{
     AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
-    FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
-    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskCursor,
-    TaskRecord, TaskState, UsageRow,
+    FinalStatus, Ledger, NewDelivery, NewReservation, Outbox, Reports, ReservationId,
+    ReservationRecord, Reservations, ReserveOutcome, SettleOutcome, SettledTask, Settlement,
+    Standing, StoreError, TaskCursor, TaskRecord, TaskState, Tasks, UsageRow,
 };
 use crate::credits::Credits;
 use crate::redis_client::{CallError, RedisEndpoint, bounded};
@@ -352,11 +352,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl LedgerStore for RedisStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.query(&redis::cmd("PING")).await
-    }
-
+impl Reservations for RedisStore {
     async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
         let callback = r.callback.as_ref();
         let forward_to = callback.and_then(|c| c.forward_to.as_deref());
@@ -417,11 +413,82 @@ impl LedgerStore for RedisStore {
             .await
     }
 
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.close_open_task(
+            task_id,
+            TaskState::Settled,
+            Some(settlement.status),
+            Some(settlement.consumed),
+            settlement.at,
+        )
+        .await
+    }
+
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        self.close_open_task(task_id, TaskState::Expired, None, None, at)
+            .await
+    }
+
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut abandoned = 0;
+        loop {
+            let mut call = self.script(&ABANDON);
+            call.arg(millis(before)).arg(ABANDON_BATCH);
+            let (moved, looked_at): (u64, usize) = match self.eval(&call).await {
+                // The batches before this one were applied: the store has seen this call.
+                Err(StoreError::NotTried(why)) if abandoned > 0 => {
+                    return Err(StoreError::Unavailable(why));
+                }
+                answer => answer?,
+            };
+            abandoned += moved;
+            // A short batch was the last. A full one that moved nothing would only repeat.
+            if looked_at < ABANDON_BATCH || moved == 0 {
+                return Ok(abandoned);
+            }
+        }
+    }
+
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.move_reservation(id, TaskState::UnknownOutcome, TaskState::Released, false)
+            .await
+    }
+}
+
+#[async_trait]
+impl Tasks for RedisStore {
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let mut call = self.script(&LOOKUP);
         call.arg(self.keys.task(task_id)).arg(&TASK_FIELDS);
         let found: Option<Vec<Value>> = self.eval(&call).await?;
         found.map(task_record).transpose()
+    }
+
+    async fn callback_target(
+        &self,
+        token_digest: &str,
+    ) -> Result<Option<CallbackTarget>, StoreError> {
+        let mut call = self.script(&LOOKUP);
+        call.arg(self.keys.callback(token_digest))
+            .arg(&CALLBACK_FIELDS);
+        let found: Option<Vec<Value>> = self.eval(&call).await?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let [id, task_id, team, forward_to] = fields(found)?;
+        let id: String = parse(id)?;
+        let id = uuid::Uuid::parse_str(&id)
+            .map_err(|e| unexpected(format!("reservation id {id:?}: {e}")))?;
+        Ok(Some(CallbackTarget {
+            reservation: ReservationId(id),
+            task_id: parse(task_id)?,
+            team: parse(team)?,
+            forward_to: parse(forward_to)?,
+        }))
     }
 
     async fn newest_tasks_start(&self, count: u64) -> Result<TaskCursor, StoreError> {
@@ -464,26 +531,6 @@ impl LedgerStore for RedisStore {
         Ok((tasks, next))
     }
 
-    async fn settle(
-        &self,
-        task_id: &str,
-        settlement: Settlement,
-    ) -> Result<SettleOutcome, StoreError> {
-        self.close_open_task(
-            task_id,
-            TaskState::Settled,
-            Some(settlement.status),
-            Some(settlement.consumed),
-            settlement.at,
-        )
-        .await
-    }
-
-    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
-        self.close_open_task(task_id, TaskState::Expired, None, None, at)
-            .await
-    }
-
     async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         let mut call = self.script(&OBSERVE);
         call.arg(task_id).arg(millis(at));
@@ -522,172 +569,10 @@ impl LedgerStore for RedisStore {
         }
         Ok(tasks)
     }
+}
 
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut abandoned = 0;
-        loop {
-            let mut call = self.script(&ABANDON);
-            call.arg(millis(before)).arg(ABANDON_BATCH);
-            let (moved, looked_at): (u64, usize) = match self.eval(&call).await {
-                // The batches before this one were applied: the store has seen this call.
-                Err(StoreError::NotTried(why)) if abandoned > 0 => {
-                    return Err(StoreError::Unavailable(why));
-                }
-                answer => answer?,
-            };
-            abandoned += moved;
-            // A short batch was the last. A full one that moved nothing would only repeat.
-            if looked_at < ABANDON_BATCH || moved == 0 {
-                return Ok(abandoned);
-            }
-        }
-    }
-
-    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
-        let (spent, reserved): (Option<i64>, Option<i64>) = self
-            .query(
-                redis::cmd("HMGET")
-                    .arg(self.keys.period(team, period))
-                    .arg("spent")
-                    .arg("reserved"),
-            )
-            .await?;
-        Ok(Standing {
-            spent: Credits::from_units(spent.unwrap_or(0)),
-            reserved: Credits::from_units(reserved.unwrap_or(0)),
-        })
-    }
-
-    async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
-        self.query(redis::cmd("SCARD").arg(self.keys.in_flight(team)))
-            .await
-    }
-
-    async fn reservations(
-        &self,
-        state: TaskState,
-        limit: usize,
-    ) -> Result<Vec<ReservationRecord>, StoreError> {
-        let ids = self.newest(self.keys.by_state(state), limit).await?;
-        let rows = self
-            .read_hashes(
-                ids.iter().map(|id| self.keys.reservation(id)),
-                &RESERVATION_FIELDS,
-            )
-            .await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            let [
-                id,
-                task_id,
-                team,
-                model,
-                period,
-                reserved,
-                now,
-                request_id,
-                created_at,
-            ] = fields(row)?;
-            // Moved on between the two reads.
-            if parse::<String>(now)? != state.as_str() {
-                continue;
-            }
-            records.push(ReservationRecord {
-                id: parse(id)?,
-                task_id: parse(task_id)?,
-                team: parse(team)?,
-                model: parse(model)?,
-                period: parse(period)?,
-                reserved: credits(reserved)?,
-                state: state.as_str(),
-                request_id: parse(request_id)?,
-                created_at: from_millis(parse(created_at)?),
-            });
-        }
-        Ok(records)
-    }
-
-    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
-        self.move_reservation(id, TaskState::UnknownOutcome, TaskState::Released, false)
-            .await
-    }
-
-    async fn usage(
-        &self,
-        team: Option<&str>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let index = self.keys.created(team);
-        let end = format!("({}", millis(to));
-        let mut start = millis(from).to_string();
-        let mut page = USAGE_PAGE;
-        let mut rows: BTreeMap<(String, String, String), UsageRow> = BTreeMap::new();
-        loop {
-            let batch: Vec<(String, i64)> = self
-                .query(
-                    redis::cmd("ZRANGEBYSCORE")
-                        .arg(&index)
-                        .arg(&start)
-                        .arg(&end)
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(page),
-                )
-                .await?;
-            let last_page = batch.len() < page;
-            let mut ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
-            if !last_page && let Some(&(_, last)) = batch.last() {
-                // Pages are cut by score, so reservations made meanwhile cannot shift them; the
-                // run of equal times the page ends in is read again, whole, by the next page.
-                let run = batch.iter().position(|&(_, at)| at == last).unwrap_or(0);
-                if run == 0 {
-                    page *= 2;
-                    continue;
-                }
-                ids.truncate(run);
-                start = last.to_string();
-            }
-            let hashes = self
-                .read_hashes(
-                    ids.iter().map(|id| self.keys.reservation(id)),
-                    &USAGE_FIELDS,
-                )
-                .await?;
-            for hash in hashes {
-                tally(&mut rows, hash)?;
-            }
-            if last_page {
-                break;
-            }
-        }
-        Ok(rows.into_values().collect())
-    }
-
-    async fn callback_target(
-        &self,
-        token_digest: &str,
-    ) -> Result<Option<CallbackTarget>, StoreError> {
-        let mut call = self.script(&LOOKUP);
-        call.arg(self.keys.callback(token_digest))
-            .arg(&CALLBACK_FIELDS);
-        let found: Option<Vec<Value>> = self.eval(&call).await?;
-        let Some(found) = found else {
-            return Ok(None);
-        };
-        let [id, task_id, team, forward_to] = fields(found)?;
-        let id: String = parse(id)?;
-        let id = uuid::Uuid::parse_str(&id)
-            .map_err(|e| unexpected(format!("reservation id {id:?}: {e}")))?;
-        Ok(Some(CallbackTarget {
-            reservation: ReservationId(id),
-            task_id: parse(task_id)?,
-            team: parse(team)?,
-            forward_to: parse(forward_to)?,
-        }))
-    }
-
+#[async_trait]
+impl Outbox for RedisStore {
     async fn enqueue_delivery(&self, d: NewDelivery) -> Result<bool, StoreError> {
         let mut call = self.script(&ENQUEUE);
         call.arg(&d.id)
@@ -814,6 +699,133 @@ impl LedgerStore for RedisStore {
         let mut call = self.script(&PRUNE);
         call.arg(millis(finished_before)).arg(limit);
         self.eval(&call).await
+    }
+}
+
+#[async_trait]
+impl Reports for RedisStore {
+    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
+        let (spent, reserved): (Option<i64>, Option<i64>) = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(self.keys.period(team, period))
+                    .arg("spent")
+                    .arg("reserved"),
+            )
+            .await?;
+        Ok(Standing {
+            spent: Credits::from_units(spent.unwrap_or(0)),
+            reserved: Credits::from_units(reserved.unwrap_or(0)),
+        })
+    }
+
+    async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
+        self.query(redis::cmd("SCARD").arg(self.keys.in_flight(team)))
+            .await
+    }
+
+    async fn reservations(
+        &self,
+        state: TaskState,
+        limit: usize,
+    ) -> Result<Vec<ReservationRecord>, StoreError> {
+        let ids = self.newest(self.keys.by_state(state), limit).await?;
+        let rows = self
+            .read_hashes(
+                ids.iter().map(|id| self.keys.reservation(id)),
+                &RESERVATION_FIELDS,
+            )
+            .await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            let [
+                id,
+                task_id,
+                team,
+                model,
+                period,
+                reserved,
+                now,
+                request_id,
+                created_at,
+            ] = fields(row)?;
+            // Moved on between the two reads.
+            if parse::<String>(now)? != state.as_str() {
+                continue;
+            }
+            records.push(ReservationRecord {
+                id: parse(id)?,
+                task_id: parse(task_id)?,
+                team: parse(team)?,
+                model: parse(model)?,
+                period: parse(period)?,
+                reserved: credits(reserved)?,
+                state: state.as_str(),
+                request_id: parse(request_id)?,
+                created_at: from_millis(parse(created_at)?),
+            });
+        }
+        Ok(records)
+    }
+
+    async fn usage(
+        &self,
+        team: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let index = self.keys.created(team);
+        let end = format!("({}", millis(to));
+        let mut start = millis(from).to_string();
+        let mut page = USAGE_PAGE;
+        let mut rows: BTreeMap<(String, String, String), UsageRow> = BTreeMap::new();
+        loop {
+            let batch: Vec<(String, i64)> = self
+                .query(
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(&index)
+                        .arg(&start)
+                        .arg(&end)
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(page),
+                )
+                .await?;
+            let last_page = batch.len() < page;
+            let mut ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+            if !last_page && let Some(&(_, last)) = batch.last() {
+                // Pages are cut by score, so reservations made meanwhile cannot shift them; the
+                // run of equal times the page ends in is read again, whole, by the next page.
+                let run = batch.iter().position(|&(_, at)| at == last).unwrap_or(0);
+                if run == 0 {
+                    page *= 2;
+                    continue;
+                }
+                ids.truncate(run);
+                start = last.to_string();
+            }
+            let hashes = self
+                .read_hashes(
+                    ids.iter().map(|id| self.keys.reservation(id)),
+                    &USAGE_FIELDS,
+                )
+                .await?;
+            for hash in hashes {
+                tally(&mut rows, hash)?;
+            }
+            if last_page {
+                break;
+            }
+        }
+        Ok(rows.into_values().collect())
+    }
+}
+
+#[async_trait]
+impl Ledger for RedisStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query(&redis::cmd("PING")).await
     }
 }
 

@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AttemptOutcome, CallbackTarget, ClaimLimits, Delivery, DeliveryRecord, DeliveryState,
-    FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId, ReservationRecord,
-    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, TaskCursor,
-    TaskRecord, TaskState, UsageRow,
+    FinalStatus, Ledger, NewDelivery, NewReservation, Outbox, Reports, ReservationId,
+    ReservationRecord, Reservations, ReserveOutcome, SettleOutcome, SettledTask, Settlement,
+    Standing, StoreError, TaskCursor, TaskRecord, TaskState, Tasks, UsageRow,
 };
 use crate::credits::Credits;
 
@@ -447,15 +447,7 @@ macro_rules! task_columns {
 }
 
 #[async_trait]
-impl LedgerStore for SqliteStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.write(|conn| {
-            query_row(conn, "SELECT count(*) FROM budget_periods", [], |_| Ok(()))
-                .map_err(unavailable)
-        })
-        .await
-    }
-
+impl Reservations for SqliteStore {
     async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
         self.write(move |conn| {
             let (spent, reserved): (i64, i64) = query_row(
@@ -567,6 +559,71 @@ impl LedgerStore for SqliteStore {
         .await
     }
 
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| {
+            close_open_task(
+                conn,
+                &task_id,
+                TaskState::Settled,
+                Some(settlement.status),
+                Some(settlement.consumed),
+                settlement.at,
+            )
+        })
+        .await
+    }
+
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        let task_id = task_id.to_owned();
+        self.write(move |conn| close_open_task(conn, &task_id, TaskState::Expired, None, None, at))
+            .await
+    }
+
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "UPDATE reservations SET state = 'unknown_outcome'
+                     WHERE state = 'reserved' AND created_at < ?1
+                     RETURNING team, period, reserved",
+                )
+                .map_err(unavailable)?;
+            let rows: Vec<(String, String, i64)> = statement
+                .query_map(params![millis(before)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            for (team, period, amount) in &rows {
+                adjust_period(conn, team, period, -amount, *amount)?;
+            }
+            Ok(rows.len() as u64)
+        })
+        .await
+    }
+
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            move_reservation(
+                conn,
+                id,
+                TaskState::UnknownOutcome,
+                TaskState::Released,
+                false,
+            )
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Tasks for SqliteStore {
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         self.read_point(|conn| {
             query_row(
@@ -581,6 +638,33 @@ impl LedgerStore for SqliteStore {
             )
             .optional()
             .map_err(unavailable)
+        })
+    }
+
+    async fn callback_target(
+        &self,
+        token_digest: &str,
+    ) -> Result<Option<CallbackTarget>, StoreError> {
+        self.read_point(|conn| {
+            let row: Option<(String, Option<String>, String, Option<String>)> = query_row(
+                conn,
+                "SELECT id, task_id, team, forward_to FROM reservations
+                 WHERE callback_digest = ?1",
+                params![token_digest],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            row.map(|(id, task_id, team, forward_to)| {
+                let id = uuid::Uuid::parse_str(&id).map_err(unavailable)?;
+                Ok(CallbackTarget {
+                    reservation: ReservationId(id),
+                    task_id,
+                    team,
+                    forward_to,
+                })
+            })
+            .transpose()
         })
     }
 
@@ -650,31 +734,6 @@ impl LedgerStore for SqliteStore {
         .await
     }
 
-    async fn settle(
-        &self,
-        task_id: &str,
-        settlement: Settlement,
-    ) -> Result<SettleOutcome, StoreError> {
-        let task_id = task_id.to_owned();
-        self.write(move |conn| {
-            close_open_task(
-                conn,
-                &task_id,
-                TaskState::Settled,
-                Some(settlement.status),
-                Some(settlement.consumed),
-                settlement.at,
-            )
-        })
-        .await
-    }
-
-    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
-        let task_id = task_id.to_owned();
-        self.write(move |conn| close_open_task(conn, &task_id, TaskState::Expired, None, None, at))
-            .await
-    }
-
     async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         let task_id = task_id.to_owned();
         self.write(move |conn| {
@@ -711,182 +770,10 @@ impl LedgerStore for SqliteStore {
         })
         .await
     }
+}
 
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.write(move |conn| {
-            let mut statement = conn
-                .prepare_cached(
-                    "UPDATE reservations SET state = 'unknown_outcome'
-                     WHERE state = 'reserved' AND created_at < ?1
-                     RETURNING team, period, reserved",
-                )
-                .map_err(unavailable)?;
-            let rows: Vec<(String, String, i64)> = statement
-                .query_map(params![millis(before)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .map_err(unavailable)?
-                .collect::<Result<_, _>>()
-                .map_err(unavailable)?;
-            for (team, period, amount) in &rows {
-                adjust_period(conn, team, period, -amount, *amount)?;
-            }
-            Ok(rows.len() as u64)
-        })
-        .await
-    }
-
-    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
-        let (team, period) = (team.to_owned(), period.to_owned());
-        self.read(move |conn| {
-            let totals: Option<(i64, i64)> = query_row(
-                conn,
-                "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
-                params![team, period],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(unavailable)?;
-            let (spent, reserved) = totals.unwrap_or((0, 0));
-            Ok(Standing {
-                spent: Credits::from_units(spent),
-                reserved: Credits::from_units(reserved),
-            })
-        })
-        .await
-    }
-
-    async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
-        let team = team.to_owned();
-        self.read(move |conn| {
-            let count: i64 = query_row(
-                conn,
-                "SELECT count(*) FROM reservations
-                     WHERE team = ?1 AND state IN ('reserved', 'open')",
-                params![team],
-                |r| r.get(0),
-            )
-            .map_err(unavailable)?;
-            Ok(count.unsigned_abs())
-        })
-        .await
-    }
-
-    async fn reservations(
-        &self,
-        state: TaskState,
-        limit: usize,
-    ) -> Result<Vec<ReservationRecord>, StoreError> {
-        self.read(move |conn| {
-            let mut statement = conn
-                .prepare_cached(
-                    "SELECT id, task_id, team, model, period, reserved, request_id, created_at
-                     FROM reservations WHERE state = ?1 ORDER BY created_at DESC LIMIT ?2",
-                )
-                .map_err(unavailable)?;
-            let rows = statement
-                .query_map(params![state.as_str(), limit as i64], |r| {
-                    Ok(ReservationRecord {
-                        id: r.get(0)?,
-                        task_id: r.get(1)?,
-                        team: r.get(2)?,
-                        model: r.get(3)?,
-                        period: r.get(4)?,
-                        reserved: Credits::from_units(r.get(5)?),
-                        state: state.as_str(),
-                        request_id: r.get(6)?,
-                        created_at: from_millis(r.get(7)?),
-                    })
-                })
-                .map_err(unavailable)?;
-            rows.collect::<Result<_, _>>().map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            move_reservation(
-                conn,
-                id,
-                TaskState::UnknownOutcome,
-                TaskState::Released,
-                false,
-            )
-        })
-        .await
-    }
-
-    async fn usage(
-        &self,
-        team: Option<&str>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let team = team.map(str::to_owned);
-        self.read(move |conn| {
-            let mut statement = conn.prepare_cached(
-                    "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team, model,
-                            count(*),
-                            coalesce(sum(final_status = 'success'), 0),
-                            coalesce(sum(final_status = 'failed'), 0),
-                            coalesce(sum(state IN ('reserved', 'open')), 0),
-                            coalesce(sum(CASE WHEN state = 'settled' THEN consumed
-                                              WHEN state IN ('expired', 'unknown_outcome')
-                                              THEN reserved ELSE 0 END), 0)
-                     FROM reservations
-                     WHERE created_at >= ?1 AND created_at < ?2 AND state != 'released'
-                       AND (?3 IS NULL OR team = ?3)
-                     GROUP BY day, team, model ORDER BY day, team, model",
-                )
-                .map_err(unavailable)?;
-            let rows = statement
-                .query_map(params![millis(from), millis(to), team], |r| {
-                    let count = |i| r.get::<_, i64>(i).map(i64::unsigned_abs);
-                    Ok(UsageRow {
-                        day: r.get(0)?,
-                        team: r.get(1)?,
-                        model: r.get(2)?,
-                        tasks: count(3)?,
-                        succeeded: count(4)?,
-                        failed: count(5)?,
-                        unsettled: count(6)?,
-                        credits: Credits::from_units(r.get(7)?),
-                    })
-                })
-                .map_err(unavailable)?;
-            rows.collect::<Result<_, _>>().map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn callback_target(
-        &self,
-        token_digest: &str,
-    ) -> Result<Option<CallbackTarget>, StoreError> {
-        self.read_point(|conn| {
-            let row: Option<(String, Option<String>, String, Option<String>)> = query_row(
-                conn,
-                "SELECT id, task_id, team, forward_to FROM reservations
-                 WHERE callback_digest = ?1",
-                params![token_digest],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()
-            .map_err(unavailable)?;
-            row.map(|(id, task_id, team, forward_to)| {
-                let id = uuid::Uuid::parse_str(&id).map_err(unavailable)?;
-                Ok(CallbackTarget {
-                    reservation: ReservationId(id),
-                    task_id,
-                    team,
-                    forward_to,
-                })
-            })
-            .transpose()
-        })
-    }
-
+#[async_trait]
+impl Outbox for SqliteStore {
     async fn enqueue_delivery(&self, d: NewDelivery) -> Result<bool, StoreError> {
         self.write(move |conn| {
             let inserted = execute(
@@ -1075,6 +962,131 @@ impl LedgerStore for SqliteStore {
                 .map_err(unavailable)?;
             }
             Ok(deleted as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Reports for SqliteStore {
+    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError> {
+        let (team, period) = (team.to_owned(), period.to_owned());
+        self.read(move |conn| {
+            let totals: Option<(i64, i64)> = query_row(
+                conn,
+                "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
+                params![team, period],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            let (spent, reserved) = totals.unwrap_or((0, 0));
+            Ok(Standing {
+                spent: Credits::from_units(spent),
+                reserved: Credits::from_units(reserved),
+            })
+        })
+        .await
+    }
+
+    async fn in_flight(&self, team: &str) -> Result<u64, StoreError> {
+        let team = team.to_owned();
+        self.read(move |conn| {
+            let count: i64 = query_row(
+                conn,
+                "SELECT count(*) FROM reservations
+                     WHERE team = ?1 AND state IN ('reserved', 'open')",
+                params![team],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
+            Ok(count.unsigned_abs())
+        })
+        .await
+    }
+
+    async fn reservations(
+        &self,
+        state: TaskState,
+        limit: usize,
+    ) -> Result<Vec<ReservationRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, task_id, team, model, period, reserved, request_id, created_at
+                     FROM reservations WHERE state = ?1 ORDER BY created_at DESC LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![state.as_str(), limit as i64], |r| {
+                    Ok(ReservationRecord {
+                        id: r.get(0)?,
+                        task_id: r.get(1)?,
+                        team: r.get(2)?,
+                        model: r.get(3)?,
+                        period: r.get(4)?,
+                        reserved: Credits::from_units(r.get(5)?),
+                        state: state.as_str(),
+                        request_id: r.get(6)?,
+                        created_at: from_millis(r.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        team: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let team = team.map(str::to_owned);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                    "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team, model,
+                            count(*),
+                            coalesce(sum(final_status = 'success'), 0),
+                            coalesce(sum(final_status = 'failed'), 0),
+                            coalesce(sum(state IN ('reserved', 'open')), 0),
+                            coalesce(sum(CASE WHEN state = 'settled' THEN consumed
+                                              WHEN state IN ('expired', 'unknown_outcome')
+                                              THEN reserved ELSE 0 END), 0)
+                     FROM reservations
+                     WHERE created_at >= ?1 AND created_at < ?2 AND state != 'released'
+                       AND (?3 IS NULL OR team = ?3)
+                     GROUP BY day, team, model ORDER BY day, team, model",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![millis(from), millis(to), team], |r| {
+                    let count = |i| r.get::<_, i64>(i).map(i64::unsigned_abs);
+                    Ok(UsageRow {
+                        day: r.get(0)?,
+                        team: r.get(1)?,
+                        model: r.get(2)?,
+                        tasks: count(3)?,
+                        succeeded: count(4)?,
+                        failed: count(5)?,
+                        unsettled: count(6)?,
+                        credits: Credits::from_units(r.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Ledger for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn| {
+            query_row(conn, "SELECT count(*) FROM budget_periods", [], |_| Ok(()))
+                .map_err(unavailable)
         })
         .await
     }
