@@ -5,7 +5,7 @@
 //! [`Outbox`] (webhook deliveries) and [`Reports`] (what teams and admins read). Domain code takes
 //! the narrowest it needs (the settler [`Reservations`], the ownership index's fill [`Tasks`]);
 //! [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
-//! passes the same conformance suite (`conformance.rs`), so the gateway's guarantees do not depend
+//! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
 //! on which one runs.
 //!
 //! A generation moves through these states:

@@ -164,7 +164,8 @@ impl Outbox for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::conformance::{any, at, claim, deliveries_ended_three_ways, delivery};
+    use crate::ledger::conformance::at;
+    use crate::ledger::conformance::outbox::{any, claim, deliveries_ended_three_ways, delivery};
     use crate::ledger::redis::test_store;
 
     #[tokio::test]

@@ -322,7 +322,7 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
-    use crate::ledger::conformance::delivery;
+    use crate::ledger::conformance::outbox::delivery;
     use crate::ledger::{DeliveryState, Outbox, ReservationId, TaskState, Tasks};
 
     #[tokio::test]

@@ -233,7 +233,7 @@ impl Outbox for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::conformance::{deliveries_ended_three_ways, delivery};
+    use crate::ledger::conformance::outbox::{deliveries_ended_three_ways, delivery};
 
     #[tokio::test]
     async fn a_finished_delivery_keeps_no_body() {
