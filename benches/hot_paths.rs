@@ -19,7 +19,7 @@ use ketchup_domain::{
     config::{Config, KeyDigest},
     credits::Credits,
     ledger::{
-        ClaimLimits, FinalStatus, LedgerStore, NewDelivery, NewReservation, ReservationId,
+        ClaimLimits, FinalStatus, Ledger, NewDelivery, NewReservation, ReservationId, Reservations,
         Settlement, redis::RedisStore, sqlite::SqliteStore,
     },
     ownership::OwnershipIndex,
@@ -181,11 +181,7 @@ fn due_delivery(n: usize, team: &str, now: chrono::DateTime<chrono::Utc>) -> New
 
 /// Queues `backlog` due deliveries of `design` (written in parallel, so that group commit takes
 /// them in big batches) and one of `ads`, older than all of them.
-async fn seed_outbox(
-    store: Arc<dyn LedgerStore>,
-    backlog: usize,
-    now: chrono::DateTime<chrono::Utc>,
-) {
+async fn seed_outbox(store: Arc<dyn Ledger>, backlog: usize, now: chrono::DateTime<chrono::Utc>) {
     let mut oldest = due_delivery(0, "ads", now);
     oldest.created_at -= chrono::Duration::minutes(1);
     store.enqueue_delivery(oldest).await.expect("enqueue");
@@ -215,7 +211,7 @@ enum Engine {
 }
 
 impl Engine {
-    async fn open(&self) -> Arc<dyn LedgerStore> {
+    async fn open(&self) -> Arc<dyn Ledger> {
         match self {
             Engine::Sqlite(dir) => {
                 Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).expect("ledger opens"))

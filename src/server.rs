@@ -21,7 +21,7 @@ use crate::{
 use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest, RateLimitsWhenUnavailable, Secret, StoreConfig},
-    ledger::{LedgerStore, breaker::Breaker, redis::RedisStore, sqlite::SqliteStore},
+    ledger::{Ledger, redis::RedisStore, sqlite::SqliteStore},
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
     settlement::Settler,
@@ -296,7 +296,7 @@ async fn shared_statuses(config: &Config) -> Result<Option<SharedStatuses>, Stri
     Ok(Some(shared))
 }
 
-async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String> {
+async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn Ledger>, String> {
     Ok(match store {
         StoreConfig::Sqlite { path } => {
             Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?)
@@ -310,8 +310,9 @@ async fn open_ledger(store: &StoreConfig) -> Result<Arc<dyn LedgerStore>, String
             let redis = RedisStore::connect(&endpoint, key_prefix, *command_timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            // Over the network, an outage must cost clients fast errors, not a timeout each.
-            Arc::new(Breaker::new(Arc::new(redis)))
+            // Over the network, an outage must cost clients fast errors, not a timeout each: the
+            // store has its own circuit breaker.
+            Arc::new(redis)
         }
     })
 }

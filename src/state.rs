@@ -10,7 +10,7 @@ use crate::{
     metrics::Metrics, rate_limiter::RateLimits, status_cache::StatusCache, upstream::UpstreamClient,
 };
 use ketchup_domain::{
-    clock::SharedClock, config::Config, ledger::LedgerStore, ownership::OwnershipIndex,
+    clock::SharedClock, config::Config, ledger::Ledger, ownership::OwnershipIndex,
     settlement::Settler,
 };
 
@@ -18,7 +18,7 @@ use ketchup_domain::{
 pub struct AppState {
     /// Swapped whole on reload, so a request sees one consistent configuration.
     pub config: Arc<ArcSwap<Config>>,
-    pub ledger: Arc<dyn LedgerStore>,
+    pub ledger: Arc<dyn Ledger>,
     pub upstream: UpstreamClient,
     pub metrics: Arc<Metrics>,
     pub rate_limits: Arc<RateLimits>,

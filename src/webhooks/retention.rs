@@ -1,7 +1,7 @@
 //! Deletes finished webhook deliveries once `[webhooks] keep_finished` has passed.
 //!
 //! Without it the outbox would keep every delivery ever made. Their bodies go as soon as they
-//! finish (see `LedgerStore::finish_attempt`); this takes the rows, after admins have had time
+//! finish (see `Outbox::finish_attempt`); this takes the rows, after admins have had time
 //! to look at them in `GET /admin/webhooks`. Every replica runs it: deleting is idempotent.
 
 use std::sync::Arc;

@@ -23,7 +23,7 @@ use std::sync::{PoisonError, RwLock};
 
 use sha2::{Digest, Sha256};
 
-use crate::ledger::{LedgerStore, StoreError};
+use crate::ledger::{StoreError, Tasks};
 
 type Key = [u8; 12];
 
@@ -173,7 +173,7 @@ const FILL_PAGE: usize = 1_000;
 impl OwnershipIndex {
     /// Fills the index with the newest tasks of the ledger, as many as it holds, oldest first so
     /// that the newest end up in the young generation. Returns how many it read.
-    pub async fn fill_from(&self, ledger: &dyn LedgerStore) -> Result<u64, StoreError> {
+    pub async fn fill_from(&self, ledger: &dyn Tasks) -> Result<u64, StoreError> {
         if self.generation_size == 0 {
             return Ok(0);
         }

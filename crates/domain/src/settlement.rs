@@ -14,7 +14,7 @@ use crate::{
     config::Config,
     credits::Credits,
     ledger::{
-        FinalStatus, LedgerStore, SettleOutcome, SettledTask, Settlement, StoreError, TaskRecord,
+        FinalStatus, Reservations, SettleOutcome, SettledTask, Settlement, StoreError, TaskRecord,
     },
     ownership::OwnershipIndex,
 };
@@ -142,7 +142,7 @@ impl SettlementMetrics {
 /// and the metrics of what it cost. The one handle the status read, the callback and the
 /// reconciler share, so that each settles the same way.
 pub struct Settler {
-    ledger: Arc<dyn LedgerStore>,
+    ledger: Arc<dyn Reservations>,
     owners: Arc<OwnershipIndex>,
     clock: SharedClock,
     metrics: SettlementMetrics,
@@ -150,7 +150,7 @@ pub struct Settler {
 
 impl Settler {
     pub fn new(
-        ledger: Arc<dyn LedgerStore>,
+        ledger: Arc<dyn Reservations>,
         owners: Arc<OwnershipIndex>,
         clock: SharedClock,
         metrics: SettlementMetrics,

@@ -1,7 +1,12 @@
 //! The ledger: which team owns which task, and what each task reserved and cost.
 //!
-//! One trait, one file per engine. Every engine passes the same conformance suite
-//! (`conformance.rs`), so the gateway's guarantees do not depend on which one runs.
+//! Its operations are cut by concern, each trait with its own callers: [`Reservations`] (credits
+//! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
+//! [`Outbox`] (webhook deliveries) and [`Reports`] (what teams and admins read). Domain code takes
+//! the narrowest it needs (the settler [`Reservations`], the ownership index's fill [`Tasks`]);
+//! [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
+//! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
+//! on which one runs.
 //!
 //! A generation moves through these states:
 //! `reserved` (credits held, upstream not yet answered) → `open` (upstream gave a task id; the
@@ -339,11 +344,13 @@ pub enum StoreError {
     Conflict(String),
 }
 
+/// A reservation's way from held credits to charged ones: every change of its state, each one
+/// atomic step together with its team's totals for the period, so that the totals always equal
+/// the sum over the reservations. A generation reserves, records its task and releases; the
+/// settler and the reconciler close tasks and abandon what never got an answer; an admin releases
+/// an unknown outcome.
 #[async_trait]
-pub trait LedgerStore: Send + Sync + 'static {
-    /// Cheap round trip that proves the store can be used (for `/readyz`).
-    async fn ping(&self) -> Result<(), StoreError>;
-
+pub trait Reservations: Send + Sync + 'static {
     /// Atomically checks the team's budget and in-flight limit and, if both allow it, records the
     /// reservation. Two concurrent calls can never both take the last credits.
     async fn reserve(&self, reservation: NewReservation) -> Result<ReserveOutcome, StoreError>;
@@ -359,8 +366,39 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// kept and counted as spent.
     async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
 
+    /// Replaces an open task's reservation by what it consumed, atomically and once: of many
+    /// concurrent calls for one task, exactly one returns `Settled`.
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Closes an open task that never reached a final state, charging its reservation.
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError>;
+
+    /// Reservations still waiting for the upstream's answer that were made before `before`:
+    /// the gateway stopped between reserving and recording. They become `unknown_outcome`.
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// An admin gives back a reservation whose outcome is unknown (the upstream did not charge).
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
+}
+
+/// The tasks the ledger records, apart from their credits: who owns one (for a status read or a
+/// callback), where a callback token leads, the walk in the order they were recorded that fills
+/// the ownership index, and the open ones nobody has read lately (the reconciler's work). Nothing
+/// here moves credits.
+#[async_trait]
+pub trait Tasks: Send + Sync + 'static {
     /// The task, if the gateway created it.
     async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// The reservation whose callback token has this digest.
+    async fn callback_target(
+        &self,
+        token_digest: &str,
+    ) -> Result<Option<CallbackTarget>, StoreError>;
 
     /// Where a walk over the tasks, in the order they were recorded, starts so that (about) the
     /// `count` newest follow: fewer where some of the newest reservations never got a task.
@@ -375,17 +413,6 @@ pub trait LedgerStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<(Vec<TaskRecord>, Option<TaskCursor>), StoreError>;
 
-    /// Replaces an open task's reservation by what it consumed, atomically and once: of many
-    /// concurrent calls for one task, exactly one returns `Settled`.
-    async fn settle(
-        &self,
-        task_id: &str,
-        settlement: Settlement,
-    ) -> Result<SettleOutcome, StoreError>;
-
-    /// Closes an open task that never reached a final state, charging its reservation.
-    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError>;
-
     /// Notes that the task's status was read at `at`, so the reconciler leaves it alone a while.
     async fn mark_observed(&self, task_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
 
@@ -395,41 +422,13 @@ pub trait LedgerStore: Send + Sync + 'static {
         before: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, StoreError>;
+}
 
-    /// Reservations still waiting for the upstream's answer that were made before `before`:
-    /// the gateway stopped between reserving and recording. They become `unknown_outcome`.
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
-
-    /// What the team has spent and holds in `period`.
-    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError>;
-
-    /// Unsettled tasks of the team (reserved or open), across periods.
-    async fn in_flight(&self, team: &str) -> Result<u64, StoreError>;
-
-    /// Reservations in `state`, newest first.
-    async fn reservations(
-        &self,
-        state: TaskState,
-        limit: usize,
-    ) -> Result<Vec<ReservationRecord>, StoreError>;
-
-    /// An admin gives back a reservation whose outcome is unknown (the upstream did not charge).
-    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
-
-    /// Usage per UTC day, team and model for tasks started in `[from, to)`.
-    async fn usage(
-        &self,
-        team: Option<&str>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<Vec<UsageRow>, StoreError>;
-
-    /// The reservation whose callback token has this digest.
-    async fn callback_target(
-        &self,
-        token_digest: &str,
-    ) -> Result<Option<CallbackTarget>, StoreError>;
-
+/// The webhook outbox: deliveries to teams' own URLs, queued durably by the callback, leased one
+/// attempt at a time to the delivery worker, listed for admins, and deleted by retention once
+/// they ended.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
     /// Queues a delivery; durable when it returns. A task has at most one delivery: queueing
     /// another for the same task changes nothing and returns `false`.
     async fn enqueue_delivery(&self, delivery: NewDelivery) -> Result<bool, StoreError>;
@@ -472,4 +471,38 @@ pub trait LedgerStore: Send + Sync + 'static {
         finished_before: DateTime<Utc>,
         limit: usize,
     ) -> Result<u64, StoreError>;
+}
+
+/// What teams and admins read about credits: a team's standing and tasks in flight, reservations
+/// by state, usage. Reads only.
+#[async_trait]
+pub trait Reports: Send + Sync + 'static {
+    /// What the team has spent and holds in `period`.
+    async fn standing(&self, team: &str, period: &str) -> Result<Standing, StoreError>;
+
+    /// Unsettled tasks of the team (reserved or open), across periods.
+    async fn in_flight(&self, team: &str) -> Result<u64, StoreError>;
+
+    /// Reservations in `state`, newest first.
+    async fn reservations(
+        &self,
+        state: TaskState,
+        limit: usize,
+    ) -> Result<Vec<ReservationRecord>, StoreError>;
+
+    /// Usage per UTC day, team and model for tasks started in `[from, to)`.
+    async fn usage(
+        &self,
+        team: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
+/// worker uses its part of, and `/readyz`.
+#[async_trait]
+pub trait Ledger: Reservations + Tasks + Outbox + Reports {
+    /// Cheap round trip that proves the store can be used (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -1,0 +1,236 @@
+//! Reservations in Redis: each change of a reservation's state is one script, which changes the
+//! team's period totals in the same step.
+
+use std::sync::LazyLock;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::Script;
+
+use super::{
+    ABANDON_BATCH, RedisStore, accepted, conflict, credits, fields, flag, millis, optional, parse,
+    tagged, unexpected,
+};
+use crate::credits::Credits;
+use crate::ledger::{
+    FinalStatus, NewReservation, ReservationId, Reservations, ReserveOutcome, SettleOutcome,
+    SettledTask, Settlement, Standing, StoreError, TaskState,
+};
+
+static RESERVE: LazyLock<Script> = ledger_script!("reserve.lua");
+static ATTACH: LazyLock<Script> = ledger_script!("attach.lua");
+static MOVE: LazyLock<Script> = ledger_script!("move.lua");
+static ABANDON: LazyLock<Script> = ledger_script!("abandon.lua");
+static CLOSE: LazyLock<Script> = ledger_script!("close.lua");
+
+impl RedisStore {
+    /// Moves a reservation from one state to another (see `move.lua`).
+    async fn move_reservation(
+        &self,
+        id: ReservationId,
+        from: TaskState,
+        to: TaskState,
+        charge: bool,
+    ) -> Result<(), StoreError> {
+        let mut call = self.script(&MOVE);
+        call.arg(id.0.to_string())
+            .arg(from.as_str())
+            .arg(to.as_str())
+            .arg(flag(charge));
+        accepted(self.eval(&call).await?)
+    }
+
+    /// Settles or expires an open task (see `close.lua`); `consumed: None` charges the
+    /// reservation.
+    async fn close_open_task(
+        &self,
+        task_id: &str,
+        to: TaskState,
+        status: Option<FinalStatus>,
+        consumed: Option<Credits>,
+        at: DateTime<Utc>,
+    ) -> Result<SettleOutcome, StoreError> {
+        let mut call = self.script(&CLOSE);
+        call.arg(task_id)
+            .arg(to.as_str())
+            .arg(optional(consumed.map(Credits::units)))
+            .arg(status.map_or("", FinalStatus::as_str))
+            .arg(millis(at));
+        let (tag, details) = tagged(self.eval(&call).await?)?;
+        match tag.as_str() {
+            "settled" => {
+                let [team, model, reserved, consumed] = fields(details)?;
+                Ok(SettleOutcome::Settled(SettledTask {
+                    team: parse(team)?,
+                    model: parse(model)?,
+                    reserved: credits(reserved)?,
+                    consumed: credits(consumed)?,
+                }))
+            }
+            "already_closed" => Ok(SettleOutcome::AlreadyClosed),
+            "not_open" => Ok(SettleOutcome::NotOpen),
+            other => Err(unexpected(format!("close answered {other:?}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Reservations for RedisStore {
+    async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        let callback = r.callback.as_ref();
+        let forward_to = callback.and_then(|c| c.forward_to.as_deref());
+        let mut call = self.script(&RESERVE);
+        call.arg(r.id.0.to_string())
+            .arg(&r.team)
+            .arg(&r.model)
+            .arg(&r.period)
+            .arg(r.amount.units())
+            .arg(optional(r.limit.map(Credits::units)))
+            .arg(optional(r.max_in_flight))
+            .arg(&r.request_id)
+            .arg(millis(r.created_at))
+            .arg(flag(callback.is_some()))
+            .arg(callback.map_or("", |c| c.token_digest.as_str()))
+            .arg(flag(forward_to.is_some()))
+            .arg(forward_to.unwrap_or(""));
+        let (tag, details) = tagged(self.eval(&call).await?)?;
+        match tag.as_str() {
+            "reserved" => {
+                let [spent, reserved] = fields(details)?;
+                Ok(ReserveOutcome::Reserved(Standing {
+                    spent: credits(spent)?,
+                    reserved: credits(reserved)?,
+                }))
+            }
+            "budget_exhausted" => {
+                let [spent, reserved] = fields(details)?;
+                Ok(ReserveOutcome::BudgetExhausted {
+                    spent: credits(spent)?,
+                    reserved: credits(reserved)?,
+                })
+            }
+            "too_many_in_flight" => {
+                let [in_flight] = fields(details)?;
+                Ok(ReserveOutcome::TooManyInFlight {
+                    in_flight: parse(in_flight)?,
+                })
+            }
+            "conflict" => Err(conflict(details)),
+            other => Err(unexpected(format!("reserve answered {other:?}"))),
+        }
+    }
+
+    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
+        let mut call = self.script(&ATTACH);
+        call.arg(id.0.to_string()).arg(task_id);
+        accepted(self.eval(&call).await?)
+    }
+
+    async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.move_reservation(id, TaskState::Reserved, TaskState::Released, false)
+            .await
+    }
+
+    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.move_reservation(id, TaskState::Reserved, TaskState::UnknownOutcome, true)
+            .await
+    }
+
+    async fn settle(
+        &self,
+        task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.close_open_task(
+            task_id,
+            TaskState::Settled,
+            Some(settlement.status),
+            Some(settlement.consumed),
+            settlement.at,
+        )
+        .await
+    }
+
+    async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        self.close_open_task(task_id, TaskState::Expired, None, None, at)
+            .await
+    }
+
+    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut abandoned = 0;
+        loop {
+            let mut call = self.script(&ABANDON);
+            call.arg(millis(before)).arg(ABANDON_BATCH);
+            let (moved, looked_at): (u64, usize) = match self.eval(&call).await {
+                // The batches before this one were applied: the store has seen this call.
+                Err(StoreError::NotTried(why)) if abandoned > 0 => {
+                    return Err(StoreError::Unavailable(why));
+                }
+                answer => answer?,
+            };
+            abandoned += moved;
+            // A short batch was the last. A full one that moved nothing would only repeat.
+            if looked_at < ABANDON_BATCH || moved == 0 {
+                return Ok(abandoned);
+            }
+        }
+    }
+
+    async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+        self.move_reservation(id, TaskState::UnknownOutcome, TaskState::Released, false)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Reports;
+    use crate::ledger::conformance::{at, reservation};
+    use crate::ledger::redis::test_store;
+
+    #[tokio::test]
+    async fn amounts_beyond_double_precision_stay_exact() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        // 2^53 + 1 units: the first integer a Lua number (a double) cannot hold.
+        let amount = Credits::from_units((1 << 53) + 1);
+        let r = NewReservation {
+            amount,
+            ..reservation("design", "0", None)
+        };
+        let id = r.id;
+        assert_eq!(
+            store.reserve(r).await.unwrap(),
+            ReserveOutcome::Reserved(Standing {
+                spent: Credits::ZERO,
+                reserved: amount
+            })
+        );
+        store.attach_task(id, "ta-big").await.unwrap();
+        let consumed = Credits::from_units((1 << 60) + 3);
+        let settled = store
+            .settle(
+                "ta-big",
+                Settlement {
+                    status: FinalStatus::Success,
+                    consumed,
+                    at: at("2026-11-23T10:05:00Z"),
+                },
+            )
+            .await
+            .unwrap();
+        let SettleOutcome::Settled(task) = settled else {
+            panic!("{settled:?}")
+        };
+        assert_eq!((task.reserved, task.consumed), (amount, consumed));
+        assert_eq!(
+            store.standing("design", "2026-11").await.unwrap(),
+            Standing {
+                spent: consumed,
+                reserved: Credits::ZERO
+            }
+        );
+    }
+}
