@@ -12,6 +12,9 @@ use ketchup_domain::{
 };
 use ketchup_fake_upstream::FakeConfig;
 
+/// Every model the fake upstream renders, reserved as the example configuration does.
+const MODELS: &str = include_str!("demo_models.toml");
+
 pub async fn run(listen: SocketAddr) -> Result<(), String> {
     let upstream_token = Secret::new(keygen::new_key());
     let mut fake = FakeConfig::new(upstream_token.expose());
@@ -38,12 +41,7 @@ token_env = "UNUSED_IN_DEMO"
 [store]
 path = "{ledger}"
 
-[models."google/gempix2"]
-reserve = "0.50"
-
-[models."google/gemini-2.5-flash-image"]
-reserve = "0.50"
-
+{models}
 [[teams]]
 name = "demo"
 keys = [{key_line}]
@@ -52,6 +50,7 @@ budget = {{ credits = "10.00", period = "daily", max_in_flight = 5 }}
         upstream = fake.base_url(),
         ledger = ledger.display(),
         key_line = keygen::config_line(&team_key, "demo"),
+        models = MODELS,
     );
     let config = Config::parse(Path::new("<demo>"), &text).map_err(|e| e.to_string())?;
     let server = Server::bind(config, &upstream_token, clock::system()).await?;
@@ -59,7 +58,8 @@ budget = {{ credits = "10.00", period = "daily", max_in_flight = 5 }}
     println!(
         r#"
 ketchup-gateway demo: the gateway on {base}, in front of a fake upstream on {upstream}.
-Team "demo" has a budget of 10.00 credits a day; each image reserves 0.50.
+Team "demo" has a budget of 10.00 credits a day. Every model of the API is offered: images
+(google/gempix2 reserves 0.50), GPT-Image, Wan, Midjourney, Sora, Grok, Seedance, Veo and Suno.
 Its key (made for this run only):
 
   export KEY={team_key}
@@ -69,6 +69,11 @@ Start a render, then poll it (it takes about four seconds):
   curl -s {base}/api/image/gen -H "Authorization: Bearer $KEY" \
        -d '{{"model":"google/gempix2","prompt":"a red tomato on a white plate"}}'
   curl -s "{base}/api/task/query?task_id=<task_id from above>" -H "Authorization: Bearer $KEY"
+
+A video, reserved by its duration and polled the same way:
+
+  curl -s {base}/api/sora2/gen -H "Authorization: Bearer $KEY" \
+       -d '{{"model":"sora-2","prompt":"a tomato rolling downhill","duration":"10"}}'
 
 Health: curl -s {base}/healthz    Stop: Ctrl-C. Ledger for this run: {ledger}
 "#,

@@ -186,8 +186,11 @@ impl Metrics {
                 &["team"]
             )),
             tasks_started: register!(IntCounterVec::new(
-                opts("tasks_started_total", "Tasks the upstream accepted."),
-                &["team", "model"]
+                opts(
+                    "tasks_started_total",
+                    "Tasks the upstream accepted, by team, route family and model."
+                ),
+                &["team", "family", "model"]
             )),
             settlement: SettlementMetrics::register(&registry, PREFIX)
                 .expect("settlement metrics are valid and unique"),

@@ -20,6 +20,7 @@ use tower_http::{
 use crate::{
     error::GatewayError,
     middleware::{auth, rate_limit, request_id, request_metrics, trace},
+    rate_limiter::LimitKind,
     routes,
     state::AppState,
 };
@@ -31,9 +32,23 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
     let config = state.config.load();
     let request_timeout = config.server.request_timeout;
 
-    let mut routes = Router::new()
-        .route("/api/image/gen", post(routes::generate::generate))
-        .route("/api/task/query", get(routes::task_query::query))
+    // The team's limit of each kind, on the routes it applies to; inside the stack below, so
+    // it runs after authentication and before the handler spends anything on the request.
+    let limited =
+        |kind| middleware::from_fn_with_state((state.rate_limits.clone(), kind), rate_limit::limit);
+    // Every asynchronous endpoint of the route table, each at its upstream path.
+    let generations = config
+        .routes
+        .iter()
+        .fold(Router::new(), |router, route| {
+            router.route(&route.path, post(routes::generate::generate))
+        })
+        .route_layer(limited(LimitKind::Generate));
+    let mut routes = generations
+        .route(
+            "/api/task/query",
+            get(routes::task_query::query).route_layer(limited(LimitKind::Query)),
+        )
         .route("/api/user", get(routes::budget::user_balance))
         .route("/gateway/v1/budget", get(routes::budget::budget))
         .route("/admin/teams", get(routes::admin::teams))
@@ -85,15 +100,11 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
             move |_: tower::BoxError| async move { GatewayError::RequestTimeout(request_timeout) },
         ))
         .timeout(request_timeout)
-        // Everything above also protects unauthenticated requests.
+        // Everything above also protects unauthenticated requests; the rate limits on the
+        // routes above need the team it finds.
         .layer(middleware::from_fn_with_state(
             auth::Keys::new(state.config.clone(), admin_token_digest),
             auth::authenticate,
-        ))
-        // Needs the team, and must refuse before the handler spends anything on the request.
-        .layer(middleware::from_fn_with_state(
-            state.rate_limits.clone(),
-            rate_limit::limit,
         ));
 
     routes.layer(stack).with_state(state)

@@ -124,14 +124,15 @@ impl UpstreamClient {
             .with_jitter()
     }
 
-    /// `POST /api/image/gen` with the client's body, byte for byte.
+    /// A generation (`POST` to the route's path, the same as upstream) with the client's body.
     pub async fn generate(
         &self,
+        path: &str,
         body: Bytes,
         request_id: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let url = format!("{}/api/image/gen", self.base_url);
+        let url = format!("{}{path}", self.base_url);
         let attempts = AtomicU32::new(0);
         let attempt = || async {
             self.pace_retry(&attempts).await;

@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const MAX_LINES: usize = 800;
 
 /// Every crate's `src/`: the root package's and each one under `crates/`.
 fn source_dirs() -> Vec<PathBuf> {
@@ -227,4 +228,18 @@ fn the_domain_crate_has_no_http_framework() {
             "ketchup-domain depends on {framework}"
         );
     }
+}
+
+#[test]
+fn no_source_file_needs_more_than_800_lines() {
+    let mut long = Vec::new();
+    for src in source_dirs() {
+        for file in rust_files(&src) {
+            let lines = fs::read_to_string(&file).expect("readable").lines().count();
+            if lines > MAX_LINES {
+                long.push(format!("{} ({lines} lines)", file.display()));
+            }
+        }
+    }
+    assert!(long.is_empty(), "over {MAX_LINES} lines: {long:#?}");
 }

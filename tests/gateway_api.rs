@@ -192,15 +192,15 @@ async fn invalid_requests_get_the_upstream_envelope_and_never_reach_it() {
         ),
         (
             r#"{"model":"google/gempix2","prompt":"x","images":["http://a/1","http://a/2","http://a/3","http://a/4","http://a/5"]}"#,
-            "at most 4 reference images are allowed, got 5",
+            "at most 4 reference images are allowed in images, got 5",
         ),
         (
             r#"{"model":"google/gempix2","prompt":"x","images":["http://a/1","file:///etc/passwd"]}"#,
-            "images[1] must be an http(s) URL",
+            "images[1] must be an http(s) URL or a data URI",
         ),
         (
             r#"{"model":"google/gempix2","prompt":"x","images":{"a":1}}"#,
-            "images must be an array of http(s) URLs",
+            "images must be http(s) URLs or data URIs",
         ),
         (
             r#"{"model":"google/gempix2","prompt":"x","callback_url":"not a url"}"#,

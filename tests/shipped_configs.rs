@@ -34,3 +34,22 @@ fn the_shipped_container_configs_are_valid() {
         StoreConfig::Redis { url, password: Some(_), .. } if url.as_str() == "redis://redis:6379/0"
     ));
 }
+
+#[test]
+fn the_demo_offers_every_model_of_the_example_at_the_same_reserve() {
+    let example = parse(include_str!("../config/gateway.example.toml")).unwrap();
+    let demo = parse(&format!(
+        "[upstream]\ntoken_env = \"T\"\n{}",
+        include_str!("../src/demo_models.toml")
+    ))
+    .unwrap();
+    let reserves = |config: &Config| {
+        config
+            .models
+            .iter()
+            .map(|(id, model)| (id.clone(), model.reserve.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reserves(&demo), reserves(&example));
+    assert_eq!(example.models.len(), 18);
+}

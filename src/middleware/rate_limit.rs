@@ -1,15 +1,9 @@
 //! Per-team rate limits on generation and status reads, checked right after authentication so a
 //! refused request costs nothing further: no validation, no reservation, no upstream call.
-//! Every limited response carries the `RateLimit-*` headers of the limit that applied.
+//! Every limited response carries the `RateLimit-*` headers of the limit that applied. The
+//! router puts this layer on the routes a limit applies to, with that limit's kind.
 
 use std::sync::Arc;
-
-use axum::{
-    extract::{Request, State},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
-use http::Method;
 
 use super::auth::Caller;
 use crate::{
@@ -17,25 +11,18 @@ use crate::{
     headers,
     rate_limiter::{LimitKind, RateLimits},
 };
-
-/// The limit a route counts against, if any.
-fn limit_for(method: &Method, path: &str) -> Option<LimitKind> {
-    match (method, path) {
-        (&Method::POST, "/api/image/gen") => Some(LimitKind::Generate),
-        (&Method::GET, "/api/task/query") => Some(LimitKind::Query),
-        _ => None,
-    }
-}
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
 
 pub async fn limit(
-    State(limits): State<Arc<RateLimits>>,
+    State((limits, kind)): State<(Arc<RateLimits>, LimitKind)>,
     request: Request,
     next: Next,
 ) -> Response {
-    let (Some(kind), Some(Caller(team))) = (
-        limit_for(request.method(), request.uri().path()),
-        request.extensions().get::<Caller>(),
-    ) else {
+    let Some(Caller(team)) = request.extensions().get::<Caller>() else {
         return next.run(request).await;
     };
     match limits.check_team(&team.name, kind).await {

@@ -1,5 +1,6 @@
-//! `POST /api/image/gen`: validate locally, reserve credits, forward with the upstream token,
-//! record the task as the team's before answering.
+//! Every asynchronous generation (`POST /api/image/gen`, `/api/sora2/gen`, … one per route of
+//! the route table): validate locally, reserve the most it can cost, forward with the upstream
+//! token, record the task as the team's before answering.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderValue, Uri};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -30,13 +31,15 @@ use ketchup_domain::{
     period,
 };
 
-/// What the gateway itself needs from a generation request; everything else in the body is
+/// What the gateway itself takes from a generation request; everything else in the body is
 /// forwarded untouched.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Generation {
     pub model: String,
-    /// `n`: how many images the request asks for (1 when absent).
-    pub images: i64,
+    /// The route's family (`image`, `video`, …), for metrics.
+    pub family: String,
+    /// What the request reserves: the most it can cost under the configuration.
+    pub amount: Credits,
     pub callback_url: Option<String>,
 }
 
@@ -44,80 +47,39 @@ fn invalid(detail: impl Into<String>) -> GatewayError {
     GatewayError::InvalidRequest(detail.into())
 }
 
-fn is_http_url(text: &str) -> bool {
-    url::Url::parse(text)
-        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
-}
-
-/// Checks what the upstream would refuse, so a bad request costs neither a reservation nor an
-/// upstream call.
-pub fn validate(body: &[u8], config: &Config) -> Result<Generation, GatewayError> {
+/// Checks what the upstream would refuse, and prices the request, so a bad request costs
+/// neither a reservation nor an upstream call.
+pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, GatewayError> {
+    let route = config
+        .routes
+        .get(path)
+        .ok_or_else(|| GatewayError::NoSuchRoute {
+            method: "POST".into(),
+            path: path.chars().take(200).collect(),
+        })?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
     let Value::Object(fields) = value else {
         return Err(invalid("request body must be a JSON object"));
     };
-
-    let model = match fields.get("model") {
-        None | Some(Value::Null) => return Err(invalid("model is required")),
-        Some(Value::String(model)) => model,
-        Some(_) => return Err(invalid("model must be a string")),
-    };
-    if !config.models.contains_key(model) {
+    let submission = route.check(&fields).map_err(invalid)?;
+    let Some(model) = config.models.get(&submission.model) else {
         let offered: Vec<&str> = config.models.keys().map(String::as_str).collect();
         return Err(invalid(format!(
             "model {:?} is not offered; choose one of: {}",
-            model.chars().take(100).collect::<String>(),
+            submission.model.chars().take(100).collect::<String>(),
             offered.join(", ")
         )));
-    }
-
-    match fields.get("prompt") {
-        None | Some(Value::Null) => return Err(invalid("prompt is required")),
-        Some(Value::String(prompt)) if prompt.trim().is_empty() => {
-            return Err(invalid("prompt is required"));
-        }
-        Some(Value::String(_)) => {}
-        Some(_) => return Err(invalid("prompt must be a string")),
-    }
-
-    match fields.get("images") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(images)) => {
-            let max = config.upstream.max_reference_images;
-            if images.len() > max {
-                return Err(invalid(format!(
-                    "at most {max} reference images are allowed, got {}",
-                    images.len()
-                )));
-            }
-            for (i, image) in images.iter().enumerate() {
-                if !image.as_str().is_some_and(is_http_url) {
-                    return Err(invalid(format!("images[{i}] must be an http(s) URL")));
-                }
-            }
-        }
-        Some(_) => return Err(invalid("images must be an array of http(s) URLs")),
-    }
-
-    let callback_url = match fields.get("callback_url") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(url)) if is_http_url(url) => Some(url.clone()),
-        Some(_) => return Err(invalid("callback_url must be an http(s) URL")),
     };
-
-    let images = match fields.get("n") {
-        None | Some(Value::Null) => 1,
-        Some(n) => n
-            .as_i64()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| invalid("n must be a positive whole number"))?,
-    };
-
+    let amount = model
+        .reserve
+        .for_request(&submission.model, &fields, submission.count)
+        .map_err(invalid)?;
     Ok(Generation {
-        model: model.clone(),
-        images,
-        callback_url,
+        model: submission.model,
+        family: route.family.clone(),
+        amount,
+        callback_url: submission.callback_url,
     })
 }
 
@@ -165,11 +127,12 @@ pub async fn generate(
     Extension(Caller(team)): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
+    uri: Uri,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
-    let generation = validate(&body, &config)?;
+    let generation = validate(uri.path(), &body, &config)?;
     let (body, callback) =
         intercept_callback(body, generation.callback_url.clone(), &config, &team)?;
 
@@ -177,10 +140,7 @@ pub async fn generate(
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
 
-    let per_image = config.models[&generation.model].reserve;
-    let amount = per_image
-        .checked_mul(generation.images)
-        .ok_or_else(|| invalid("n is too large"))?;
+    let amount = generation.amount;
     let now = state.clock.now();
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     let reservation = NewReservation {
@@ -254,6 +214,8 @@ pub async fn generate(
         reservation: id,
         team: team.name.clone(),
         model: reservation_model,
+        family: generation.family,
+        path: uri.path().to_owned(),
     };
     let work = forward(state.clone(), started, body, request_id, facts);
     let forwarding = state
@@ -373,6 +335,9 @@ struct StartedTask {
     reservation: ReservationId,
     team: String,
     model: String,
+    family: String,
+    /// The upstream path it goes to: the route's own.
+    path: String,
 }
 
 async fn forward(
@@ -383,7 +348,11 @@ async fn forward(
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
-    let upstream = match state.upstream.generate(body, request_id.as_str()).await {
+    let upstream = match state
+        .upstream
+        .generate(&task.path, body, request_id.as_str())
+        .await
+    {
         Ok(upstream) => upstream,
         Err(error) => {
             match error {
@@ -441,7 +410,7 @@ async fn forward(
     state
         .metrics
         .tasks_started
-        .with_label_values(&[&task.team, &task.model])
+        .with_label_values(&[&task.team, &task.family, &task.model])
         .inc();
     Ok(pass_through(upstream))
 }
@@ -486,34 +455,58 @@ mod tests {
             token_env = "T"
             [models."google/gempix2"]
             reserve = "0.50"
+            [models."sora-2"]
+            reserve = { by = "duration", prices = { "10" = "1.00", "15" = "1.50" } }
             "#,
         )
         .unwrap()
     }
 
-    fn detail(body: &str) -> String {
-        match validate(body.as_bytes(), &config()) {
+    fn detail(path: &str, body: &str) -> String {
+        match validate(path, body.as_bytes(), &config()) {
             Err(GatewayError::InvalidRequest(detail)) => detail,
             other => panic!("expected a 400 for {body}, got {other:?}"),
         }
     }
 
     #[test]
-    fn accepts_a_full_request_and_reads_n() {
+    fn accepts_a_full_request_and_reserves_n_times_the_model() {
         let body = r#"{"model":"google/gempix2","prompt":"a cat","images":["https://x.example/a.png"],
             "callback_url":"http://hooks.example/cb","aspect_ratio":"16:9","n":3,"future_field":{"x":1}}"#;
         assert_eq!(
-            validate(body.as_bytes(), &config()).unwrap(),
+            validate("/api/image/gen", body.as_bytes(), &config()).unwrap(),
             Generation {
                 model: "google/gempix2".into(),
-                images: 3,
+                family: "image".into(),
+                amount: "1.50".parse().unwrap(),
                 callback_url: Some("http://hooks.example/cb".into()),
             }
         );
     }
 
     #[test]
+    fn a_video_reserves_by_its_duration() {
+        let sora = |duration: &str| {
+            let body = format!(r#"{{"model":"sora-2","prompt":"x","duration":{duration}}}"#);
+            validate("/api/sora2/gen", body.as_bytes(), &config())
+        };
+        assert_eq!(sora(r#""15""#).unwrap().amount, "1.50".parse().unwrap());
+        assert_eq!(sora(r#""15""#).unwrap().family, "video");
+        assert!(
+            matches!(sora("15"), Err(GatewayError::InvalidRequest(d)) if d == "duration must be a string here")
+        );
+        assert!(
+            matches!(sora(r#""30""#), Err(GatewayError::InvalidRequest(d)) if d.starts_with(r#"duration "30" is not priced for model sora-2"#))
+        );
+        assert!(matches!(
+            validate("/api/no/such", b"{}", &config()),
+            Err(GatewayError::NoSuchRoute { .. })
+        ));
+    }
+
+    #[test]
     fn refuses_each_invalid_field_with_a_clear_detail() {
+        let detail = |body: &str| detail("/api/image/gen", body);
         assert!(detail("{").starts_with("request body is not valid JSON"));
         assert_eq!(detail("[1]"), "request body must be a JSON object");
         assert_eq!(detail(r#"{"prompt":"x"}"#), "model is required");
@@ -523,7 +516,7 @@ mod tests {
         );
         assert_eq!(
             detail(r#"{"model":"acme/x","prompt":"x"}"#),
-            r#"model "acme/x" is not offered; choose one of: google/gempix2"#
+            r#"model "acme/x" is not offered; choose one of: google/gempix2, sora-2"#
         );
         assert_eq!(
             detail(r#"{"model":"google/gempix2"}"#),
@@ -540,15 +533,15 @@ mod tests {
         let five = r#"{"model":"google/gempix2","prompt":"x","images":["http://a/1","http://a/2","http://a/3","http://a/4","http://a/5"]}"#;
         assert_eq!(
             detail(five),
-            "at most 4 reference images are allowed, got 5"
+            "at most 4 reference images are allowed in images, got 5"
         );
         assert_eq!(
             detail(r#"{"model":"google/gempix2","prompt":"x","images":["ftp://a/1"]}"#),
-            "images[0] must be an http(s) URL"
+            "images[0] must be an http(s) URL or a data URI"
         );
         assert_eq!(
-            detail(r#"{"model":"google/gempix2","prompt":"x","images":"http://a/1"}"#),
-            "images must be an array of http(s) URLs"
+            detail(r#"{"model":"google/gempix2","prompt":"x","images":7}"#),
+            "images must be http(s) URLs or data URIs"
         );
         assert_eq!(
             detail(

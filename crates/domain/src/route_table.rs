@@ -444,6 +444,11 @@ impl RouteTable {
         self.routes.values()
     }
 
+    /// Whether both tables serve the same paths.
+    pub fn same_paths(&self, other: &RouteTable) -> bool {
+        self.routes.keys().eq(other.routes.keys())
+    }
+
     /// The families routes count under, for metrics created at zero.
     pub fn families(&self) -> std::collections::BTreeSet<&str> {
         self.routes.values().map(|r| r.family.as_str()).collect()

@@ -14,6 +14,7 @@ mod cache;
 mod location;
 mod models;
 mod reconciler;
+mod routes;
 mod server;
 mod store;
 mod teams;
@@ -30,6 +31,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::route_table::{RawRoute, RouteTable};
 
 pub use cache::CacheConfig;
 pub use models::Model;
@@ -119,6 +122,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub admin_token: Option<SecretSource>,
     pub models: BTreeMap<String, Model>,
+    /// The asynchronous endpoints served: the built-in ones and `[routes."…"]`.
+    pub routes: RouteTable,
     pub teams: Vec<Arc<Team>>,
     keys: HashMap<KeyDigest, KeyEntry>,
 }
@@ -142,6 +147,8 @@ struct RawFile {
     admin: admin::RawAdmin,
     #[serde(default)]
     models: BTreeMap<String, models::RawModel>,
+    #[serde(default)]
+    routes: BTreeMap<String, Spanned<RawRoute>>,
     #[serde(default)]
     defaults: teams::RawDefaults,
     #[serde(default)]
@@ -180,7 +187,8 @@ impl Config {
             teams: raw.teams.iter().map(Spanned::span).collect(),
         };
         let server = raw.server.try_into()?;
-        let upstream = raw.upstream.try_into()?;
+        let upstream: UpstreamConfig = raw.upstream.try_into()?;
+        let routes = routes::routes(raw.routes, upstream.max_reference_images)?;
         let store = raw.store.try_into()?;
         let cache = raw.cache.try_into()?;
         let reconciler = raw.reconciler.try_into()?;
@@ -197,6 +205,7 @@ impl Config {
             webhooks,
             admin_token,
             models,
+            routes,
             teams: teams.teams,
             keys: teams.keys,
         };
@@ -223,6 +232,7 @@ impl Config {
             admin_token,
             // Read by each request, or taken on by the rate limits and metrics at reload.
             models: _,
+            routes,
             teams: _,
             keys: _,
         } = self;
@@ -252,6 +262,9 @@ impl Config {
             in_part("webhooks", webhooks.restart_only_changes(&new.webhooks)),
             // The admin token is read once, at start.
             whole("admin", *admin_token != new.admin_token),
+            // The router is built once, at start: a reload changes what a route checks, but
+            // adds or removes no path.
+            whole("routes", !routes.same_paths(&new.routes)),
         ]
         .concat()
     }

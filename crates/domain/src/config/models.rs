@@ -5,19 +5,20 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::Invalid;
-use crate::credits::Credits;
+use crate::pricing::Reserve;
 
 /// One `[models."…"]` table as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModel {
-    reserve: Credits,
+    reserve: Reserve,
 }
 
 #[derive(Debug, Clone)]
 pub struct Model {
     pub name: String,
-    pub reserve: Credits,
+    /// The most a request for it may cost, from the request's fields (see [`Reserve`]).
+    pub reserve: Reserve,
 }
 
 /// The models by upstream id; at least one, since a gateway without one could serve nothing.
