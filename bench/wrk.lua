@@ -2,6 +2,8 @@
 --
 --   BENCH_MODE   "status": GET /api/task/query?task_id=… over the ids in BENCH_IDS, round robin
 --                "gen":    POST /api/image/gen with a small JSON body
+--                "mixed":  generations over five routes in turn (image, Sora video, Seedance
+--                          video, Midjourney, Suno), each with its own body
 --   BENCH_IDS    status mode: a file with one "TOKEN TASK_ID" pair per line (the bearer token
 --                may differ per line, so one run can spread over many teams); a line with only
 --                a task id uses BENCH_TOKEN
@@ -63,11 +65,24 @@ function init(args)
         tokens[#tokens + 1] = pair[2]
       end
     end
-    for i, t in ipairs(tokens) do
-      requests[i] = wrk.format("POST", "/api/image/gen", {
-        ["Authorization"] = "Bearer " .. t,
-        ["Content-Type"] = "application/json",
-      }, body)
+    local routes = { { "/api/image/gen", body } }
+    if mode == "mixed" then
+      routes = {
+        { "/api/image/gen", body },
+        { "/api/sora2/gen", '{"model":"sora-2","prompt":"bench","duration":"10"}' },
+        { "/api/video/seedance/gen",
+          '{"model":"seedance-2.0","duration":5,"content":[{"type":"text","text":"bench"}]}' },
+        { "/api/midjourney/imagine", '{"prompt":"bench","speed":"fast"}' },
+        { "/api/suno/generate", '{"mv":"chirp-v4-5","prompt":"bench"}' },
+      }
+    end
+    for _, t in ipairs(tokens) do
+      for _, route in ipairs(routes) do
+        requests[#requests + 1] = wrk.format("POST", route[1], {
+          ["Authorization"] = "Bearer " .. t,
+          ["Content-Type"] = "application/json",
+        }, route[2])
+      end
     end
     index = ((thread_no or 0) * 7919) % #requests + 1
   end

@@ -45,7 +45,7 @@ path = "{ledger}"
 [[teams]]
 name = "demo"
 keys = [{key_line}]
-budget = {{ credits = "10.00", period = "daily", max_in_flight = 5 }}
+budget = {{ credits = "50.00", period = "daily", max_in_flight = 5 }}
 "#,
         upstream = fake.base_url(),
         ledger = ledger.display(),
@@ -58,7 +58,7 @@ budget = {{ credits = "10.00", period = "daily", max_in_flight = 5 }}
     println!(
         r#"
 ketchup-gateway demo: the gateway on {base}, in front of a fake upstream on {upstream}.
-Team "demo" has a budget of 10.00 credits a day. Every model of the API is offered: images
+Team "demo" has a budget of 50.00 credits a day. Every model of the API is offered: images
 (google/gempix2 reserves 0.50), GPT-Image, Wan, Midjourney, Sora, Grok, Seedance, Veo and Suno.
 Its key (made for this run only):
 

@@ -407,7 +407,7 @@ impl RouteTable {
             },
             Route {
                 prompt: Some(FieldPath::parse("content[].text").expect("a valid path")),
-                references: refs(&[("content[].image_url.url", 4)]),
+                references: refs(&[("content[].image_url.url", 9)]),
                 types: typed("duration", JsonType::Integer),
                 ..route("/api/video/seedance/gen", "video", field("model"))
             },
@@ -560,7 +560,7 @@ mod tests {
             ])),
             Err("at most 4 reference images are allowed in images, got 5".into())
         );
-        let parts: Vec<Value> = (0..5)
+        let parts: Vec<Value> = (0..10)
             .map(|i| json!({"type": "image_url", "image_url": {"url": format!("https://a/{i}")}}))
             .chain([json!({"type": "text", "text": "x"})])
             .collect();
@@ -569,7 +569,7 @@ mod tests {
                 "/api/video/seedance/gen",
                 json!({"model": "seedance-2.0", "content": parts})
             ),
-            Err("at most 4 reference images are allowed in content[].image_url.url, got 5".into())
+            Err("at most 9 reference images are allowed in content[].image_url.url, got 10".into())
         );
         assert_eq!(
             check(

@@ -161,7 +161,7 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
         model: ModelSource::Field("model"),
         models: &["seedance-2.0"],
         prompt: PromptSource::ContentText,
-        references: &[("content[].image_url.url", 4)],
+        references: &[("content[].image_url.url", 9)],
         unit: Unit::Second {
             as_string: false,
             allowed: &[5, 10, 15],
