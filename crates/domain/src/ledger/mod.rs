@@ -50,6 +50,8 @@ pub struct NewReservation {
     pub id: ReservationId,
     pub team: String,
     pub model: String,
+    /// The family of the route the generation came through (`image`, `video`, …), for usage.
+    pub family: String,
     pub amount: Credits,
     /// The budget period the cost belongs to (e.g. `2026-11`); it is part of the key, so a new
     /// period starts from zero without any reset job.

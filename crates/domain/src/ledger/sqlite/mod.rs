@@ -98,6 +98,11 @@ const MIGRATIONS: &[&str] = &[
         WHERE state = 'pending';
     DROP INDEX deliveries_due;
     "#,
+    // The family of the route each generation came through, which usage groups by. Rows
+    // recorded before are all image generations, the only kind the gateway served then.
+    r#"
+    ALTER TABLE reservations ADD COLUMN family TEXT NOT NULL DEFAULT 'image';
+    "#,
 ];
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
