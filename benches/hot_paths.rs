@@ -141,6 +141,7 @@ fn ledger(c: &mut Criterion) {
                 id,
                 team: "team-57".into(),
                 model: "google/gempix2".into(),
+                family: "image".into(),
                 amount: Credits::from_units(50_000_000),
                 period: "lifetime".into(),
                 limit: None,

@@ -36,7 +36,7 @@ use ketchup_domain::{
 #[derive(Debug, PartialEq, Eq)]
 pub struct Generation {
     pub model: String,
-    /// The route's family (`image`, `video`, …), for metrics.
+    /// The route's family (`image`, `video`, …), for metrics and the usage report.
     pub family: String,
     /// What the request reserves: the most it can cost under the configuration.
     pub amount: Credits,
@@ -147,6 +147,7 @@ pub async fn generate(
         id: ReservationId::new(),
         team: team.name.clone(),
         model: generation.model,
+        family: generation.family.clone(),
         amount,
         period: period::period_key(period, now),
         limit: team.budget.map(|b| b.credits),

@@ -50,6 +50,8 @@ pub struct NewReservation {
     pub id: ReservationId,
     pub team: String,
     pub model: String,
+    /// The family of the route the generation came through (`image`, `video`, …), for usage.
+    pub family: String,
     pub amount: Credits,
     /// The budget period the cost belongs to (e.g. `2026-11`); it is part of the key, so a new
     /// period starts from zero without any reset job.
@@ -315,11 +317,12 @@ pub struct ReservationRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// One row of usage: a team's tasks of one model started on one UTC day.
+/// One row of usage: a team's tasks of one route family and model started on one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageRow {
     pub day: String,
     pub team: String,
+    pub family: String,
     pub model: String,
     pub tasks: u64,
     pub succeeded: u64,
@@ -490,7 +493,8 @@ pub trait Reports: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ReservationRecord>, StoreError>;
 
-    /// Usage per UTC day, team and model for tasks started in `[from, to)`.
+    /// Usage per UTC day, team, route family and model for tasks started in `[from, to)`, in
+    /// that order.
     async fn usage(
         &self,
         team: Option<&str>,

@@ -28,6 +28,7 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
         id: ReservationId::new(),
         team: team.into(),
         model: "google/gempix2".into(),
+        family: "image".into(),
         amount: credits(amount),
         period: "2026-11".into(),
         limit: limit.map(credits),

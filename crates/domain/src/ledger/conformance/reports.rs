@@ -1,6 +1,6 @@
-//! Reports: usage per day, team and model. The other reports (standing, tasks in flight,
-//! reservations by state) are checked throughout the other parts, against what each step there
-//! must have left.
+//! Reports: usage per day, team, route family and model. The other reports (standing, tasks in
+//! flight, reservations by state) are checked throughout the other parts, against what each step
+//! there must have left.
 
 use super::*;
 
@@ -40,6 +40,7 @@ pub async fn usage_is_reported_per_day_team_and_model(store: &dyn Ledger) {
         vec![UsageRow {
             day: "2026-11-23".into(),
             team: "design".into(),
+            family: "image".into(),
             model: "google/gempix2".into(),
             tasks: 3,
             succeeded: 1,
@@ -66,6 +67,63 @@ pub async fn usage_is_reported_per_day_team_and_model(store: &dyn Ledger) {
     );
 }
 
+pub async fn usage_keeps_route_families_apart(store: &dyn Ledger) {
+    let task = |family: &str, model: &str| NewReservation {
+        family: family.into(),
+        model: model.into(),
+        ..reservation("design", "1.50", None)
+    };
+    // One model under two families, and a family whose model sorts before the other family's.
+    let tasks = [
+        ("ta-image", task("image", "google/gempix2")),
+        ("ta-video-1", task("video", "google/gempix2")),
+        ("ta-video-2", task("video", "bytedance/seedance")),
+        ("ta-video-3", task("video", "bytedance/seedance")),
+    ];
+    for (task_id, r) in tasks {
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        store.attach_task(id, task_id).await.unwrap();
+    }
+    store
+        .settle("ta-video-2", settlement(FinalStatus::Success, "1.20"))
+        .await
+        .unwrap();
+    store
+        .settle("ta-image", settlement(FinalStatus::Failed, "0"))
+        .await
+        .unwrap();
+
+    let rows = store
+        .usage(
+            Some("design"),
+            at("2026-11-23T00:00:00Z"),
+            at("2026-11-24T00:00:00Z"),
+        )
+        .await
+        .unwrap();
+    let row = |family: &str, model: &str, tasks, succeeded, failed, unsettled, charged| UsageRow {
+        day: "2026-11-23".into(),
+        team: "design".into(),
+        family: family.into(),
+        model: model.into(),
+        tasks,
+        succeeded,
+        failed,
+        unsettled,
+        credits: credits(charged),
+    };
+    // Ordered by family before model: the image row comes first though its model sorts last.
+    assert_eq!(
+        rows,
+        vec![
+            row("image", "google/gempix2", 1, 0, 1, 0, "0"),
+            row("video", "bytedance/seedance", 2, 1, 0, 1, "1.20"),
+            row("video", "google/gempix2", 1, 0, 0, 1, "0"),
+        ]
+    );
+}
+
 /// The reports tests, for `conformance_suite!` to run against one engine.
 macro_rules! reports_suite {
     ($make:expr) => {
@@ -75,6 +133,12 @@ macro_rules! reports_suite {
         async fn usage_is_reported_per_day_team_and_model() {
             let store = $make;
             suite::usage_is_reported_per_day_team_and_model(&*store).await;
+        }
+
+        #[tokio::test]
+        async fn usage_keeps_route_families_apart() {
+            let store = $make;
+            suite::usage_keeps_route_families_apart(&*store).await;
         }
     };
 }

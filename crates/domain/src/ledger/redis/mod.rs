@@ -59,7 +59,7 @@ const RECONNECT_RETRIES: usize = 2;
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `P reservation:{id}` | hash | one reservation: `id team model period reserved state request_id created_at`, then as they become known `task_id consumed final_status settled_at observed_at callback_digest forward_to` |
+/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at` (no `family` on those recorded before routes had one: read as `image`), then as they become known `task_id consumed final_status settled_at observed_at callback_digest forward_to` |
 /// | `P task:{task_id}` | string | the id of the reservation that owns the task |
 /// | `P callback:{digest}` | string | the id of the reservation a callback token leads to |
 /// | `P period:{team}:{period}` | hash | `spent` and `reserved` of a team in a budget period (`%` and `:` in the team escaped as `%25`, `%3A`) |

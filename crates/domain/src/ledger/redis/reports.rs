@@ -14,6 +14,10 @@ use crate::ledger::{
     FinalStatus, Reports, ReservationRecord, Standing, StoreError, TaskState, UsageRow,
 };
 
+/// The family of a reservation recorded before reservations had one: every generation was an
+/// image generation then, as the SQLite engine's migration also says of its old rows.
+const FAMILY_BEFORE_ROUTES: &str = "image";
+
 /// Reservations read per round trip by `usage`: big enough to keep round trips few, small enough
 /// that no single answer holds Redis up.
 const USAGE_PAGE: usize = 512;
@@ -29,8 +33,9 @@ const RESERVATION_FIELDS: [&str; 9] = [
     "request_id",
     "created_at",
 ];
-const USAGE_FIELDS: [&str; 7] = [
+const USAGE_FIELDS: [&str; 8] = [
     "team",
+    "family",
     "model",
     "state",
     "final_status",
@@ -115,7 +120,7 @@ impl Reports for RedisStore {
         let end = format!("({}", millis(to));
         let mut start = millis(from).to_string();
         let mut page = USAGE_PAGE;
-        let mut rows: BTreeMap<(String, String, String), UsageRow> = BTreeMap::new();
+        let mut rows: BTreeMap<UsageKey, UsageRow> = BTreeMap::new();
         loop {
             let batch: Vec<(String, i64)> = self
                 .query(
@@ -159,13 +164,14 @@ impl Reports for RedisStore {
     }
 }
 
+/// A usage row's day, team, family and model: its group, and its place in the report.
+type UsageKey = (String, String, String, String);
+
 /// Adds one reservation to its usage row, as the SQLite engine's `GROUP BY` does.
-fn tally(
-    rows: &mut BTreeMap<(String, String, String), UsageRow>,
-    hash: Vec<Value>,
-) -> Result<(), StoreError> {
+fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<(), StoreError> {
     let [
         team,
+        family,
         model,
         state,
         final_status,
@@ -178,6 +184,7 @@ fn tally(
         return Ok(());
     }
     let team: String = parse(team)?;
+    let family = parse::<Option<String>>(family)?.unwrap_or_else(|| FAMILY_BEFORE_ROUTES.into());
     let model: String = parse(model)?;
     let final_status: Option<String> = parse(final_status)?;
     let charged = match state {
@@ -191,10 +198,11 @@ fn tally(
         .format("%Y-%m-%d")
         .to_string();
     let row = rows
-        .entry((day.clone(), team.clone(), model.clone()))
+        .entry((day.clone(), team.clone(), family.clone(), model.clone()))
         .or_insert_with(|| UsageRow {
             day,
             team,
+            family,
             model,
             tasks: 0,
             succeeded: 0,
@@ -224,6 +232,31 @@ mod tests {
     use crate::ledger::conformance::{at, open_task, reservation};
     use crate::ledger::redis::test_store;
     use crate::ledger::{NewReservation, Reservations};
+
+    #[tokio::test]
+    async fn a_reservation_recorded_without_a_family_counts_as_an_image() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let old = NewReservation {
+            family: "video".into(),
+            ..reservation("design", "0.50", None)
+        };
+        let key = store.keys.reservation(&old.id.0.to_string());
+        store.reserve(old).await.unwrap();
+        // As a version before route families wrote it.
+        let removed: u64 = store
+            .query(redis::cmd("HDEL").arg(&key).arg("family"))
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let families: Vec<&str> = rows.iter().map(|r| r.family.as_str()).collect();
+        assert_eq!(families, ["image"]);
+    }
 
     #[tokio::test]
     async fn usage_reads_past_a_page_of_equal_times() {

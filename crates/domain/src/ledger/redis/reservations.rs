@@ -83,6 +83,7 @@ impl Reservations for RedisStore {
         call.arg(r.id.0.to_string())
             .arg(&r.team)
             .arg(&r.model)
+            .arg(&r.family)
             .arg(&r.period)
             .arg(r.amount.units())
             .arg(optional(r.limit.map(Credits::units)))

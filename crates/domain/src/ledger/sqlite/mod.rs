@@ -98,6 +98,11 @@ const MIGRATIONS: &[&str] = &[
         WHERE state = 'pending';
     DROP INDEX deliveries_due;
     "#,
+    // The family of the route each generation came through, which usage groups by. Rows
+    // recorded before are all image generations, the only kind the gateway served then.
+    r#"
+    ALTER TABLE reservations ADD COLUMN family TEXT NOT NULL DEFAULT 'image';
+    "#,
 ];
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -322,8 +327,9 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
+    use crate::ledger::conformance::at;
     use crate::ledger::conformance::outbox::delivery;
-    use crate::ledger::{DeliveryState, Outbox, ReservationId, TaskState, Tasks};
+    use crate::ledger::{DeliveryState, Outbox, Reports, ReservationId, TaskState, Tasks};
 
     #[tokio::test]
     async fn a_ledger_from_before_webhooks_keeps_its_history_and_gains_the_outbox() {
@@ -365,5 +371,44 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn tasks_recorded_before_route_families_count_as_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let before_families = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("ADD COLUMN family"))
+            .unwrap();
+        {
+            // The schema as the version before families left it, with one open task.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for migration in &MIGRATIONS[..before_families] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before_families as i64)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO reservations (id, task_id, team, model, period, reserved, state,
+                                           request_id, created_at)
+                 VALUES (?1, 'ta-old', 'design', 'google/gempix2', '2026-11', 50000000, 'open',
+                         'req-old', ?2)",
+                params![
+                    ReservationId::new().0.to_string(),
+                    millis(at("2026-11-23T10:00:00Z"))
+                ],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let families: Vec<(&str, u64)> =
+            rows.iter().map(|r| (r.family.as_str(), r.tasks)).collect();
+        assert_eq!(families, [("image", 1)]);
     }
 }

@@ -87,8 +87,10 @@ impl Reports for SqliteStore {
     ) -> Result<Vec<UsageRow>, StoreError> {
         let team = team.map(str::to_owned);
         self.read(move |conn| {
-            let mut statement = conn.prepare_cached(
-                    "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team, model,
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team,
+                            family, model,
                             count(*),
                             coalesce(sum(final_status = 'success'), 0),
                             coalesce(sum(final_status = 'failed'), 0),
@@ -99,7 +101,7 @@ impl Reports for SqliteStore {
                      FROM reservations
                      WHERE created_at >= ?1 AND created_at < ?2 AND state != 'released'
                        AND (?3 IS NULL OR team = ?3)
-                     GROUP BY day, team, model ORDER BY day, team, model",
+                     GROUP BY day, team, family, model ORDER BY day, team, family, model",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -108,12 +110,13 @@ impl Reports for SqliteStore {
                     Ok(UsageRow {
                         day: r.get(0)?,
                         team: r.get(1)?,
-                        model: r.get(2)?,
-                        tasks: count(3)?,
-                        succeeded: count(4)?,
-                        failed: count(5)?,
-                        unsettled: count(6)?,
-                        credits: Credits::from_units(r.get(7)?),
+                        family: r.get(2)?,
+                        model: r.get(3)?,
+                        tasks: count(4)?,
+                        succeeded: count(5)?,
+                        failed: count(6)?,
+                        unsettled: count(7)?,
+                        credits: Credits::from_units(r.get(8)?),
                     })
                 })
                 .map_err(unavailable)?;

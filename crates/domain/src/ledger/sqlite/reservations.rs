@@ -151,13 +151,14 @@ impl Reservations for SqliteStore {
             }
             execute(
                 conn,
-                "INSERT INTO reservations (id, team, model, period, reserved, state, request_id,
-                                           created_at, callback_digest, forward_to)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7, ?8, ?9)",
+                "INSERT INTO reservations (id, team, model, family, period, reserved, state,
+                                           request_id, created_at, callback_digest, forward_to)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10)",
                 params![
                     r.id.0.to_string(),
                     r.team,
                     r.model,
+                    r.family,
                     r.period,
                     r.amount.units(),
                     r.request_id,
