@@ -496,7 +496,8 @@ fn a_value_outside_the_teams_names_its_table_and_key() {
         (
             MINIMAL.replace("\"0.50\"", "0.5"),
             "gateway.toml:6:11: [models.\"google/gempix2\"] reserve: invalid type: floating \
-             point `0.5`, expected a string",
+             point `0.5`, expected an amount such as \"0.50\", or a table such as { by = \"duration\", \
+             prices = { \"10\" = \"1.00\" } } or { by = \"duration\", per_unit = \"0.10\", max = 25 }",
         ),
         (
             format!("{MINIMAL}\n[defaults.limits]\nquery_burst = 0\n"),

@@ -23,6 +23,9 @@ token_env = "KETCHUP_UPSTREAM_TOKEN"
 [models."google/gempix2"]
 reserve = "0.50"
 
+[routes."/api/kling/gen"]
+family = "video"
+
 [defaults.limits]
 
 [[teams]]
@@ -178,7 +181,19 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
         "callback_hosts = [\"hooks.design.internal\"]",
         None,
     ),
+    (ROUTE, "family = \"film\"", None),
+    (ROUTE, "model_field = \"engine\"", None),
+    (ROUTE, "fixed_model = \"kling/v2\"", None),
+    (ROUTE, "prompt_field = \"text\"", None),
+    (ROUTE, "prompt_required = false", None),
+    (ROUTE, "references = { images = 2 }", None),
+    (ROUTE, "types = { duration = \"integer\" }", None),
+    (ROUTE, "accepts_callback = true", None),
 ];
+
+/// A route's checks are read by each request, so a reload applies them; a path added or removed
+/// needs a restart, as the router is built once.
+const ROUTE: &str = "[routes.\"/api/kling/gen\"]";
 
 /// `text` with `changes` made in `table`: each `key = value` line replaces the line of that key
 /// or is added after the header, each `-key` line removes it.
@@ -224,6 +239,22 @@ fn a_reload_names_each_setting_only_a_restart_applies_and_no_other() {
             "{table} {changes}"
         );
     }
+}
+
+#[test]
+fn a_route_path_added_or_removed_needs_a_restart() {
+    let running = parse(EVERY_TABLE).unwrap();
+    let added = format!("{EVERY_TABLE}\n[routes.\"/api/pika/gen\"]\nfamily = \"video\"\n");
+    assert_eq!(
+        running.restart_only_changes(&parse(&added).unwrap()),
+        ["[routes]"]
+    );
+    let removed = EVERY_TABLE.replace(&format!("{ROUTE}\nfamily = \"video\"\n"), "");
+    assert_ne!(removed, EVERY_TABLE);
+    assert_eq!(
+        running.restart_only_changes(&parse(&removed).unwrap()),
+        ["[routes]"]
+    );
 }
 
 #[test]
