@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::redis_server::{self, PrivateRedis};
 use common::tls::TestPki;
 use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
 use common::{DESIGN_KEY, Gateway, closed_port, fake_config};
 use ketchup_domain::credits::Credits;
 use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
+use ketchup_test_redis::{PrivateRedis, TlsFiles};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
@@ -252,8 +252,7 @@ async fn two_gateways(url: &str, setup: &Setup, prefixes: [&str; 2]) -> Replicas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     let env = two_replicas(&url, &Setup::default()).await;
@@ -841,7 +840,14 @@ async fn refused_at_start(config: &std::path::Path) -> String {
 async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let Some(redis) = PrivateRedis::start_with_tls(dir.path(), &pki) else {
+    let Some(redis) = PrivateRedis::start_with_tls(
+        dir.path(),
+        TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: pki.ca.clone(),
+        },
+    ) else {
         return;
     };
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
@@ -888,8 +894,7 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     let prefix = unique_prefix();
@@ -992,8 +997,7 @@ async fn generation_burst(http: &reqwest::Client, env: &Replicas) -> [u64; 2] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limit_holds_across_replicas() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     let http = reqwest::Client::new();
@@ -1038,8 +1042,7 @@ struct LoopTally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     // A budget no run reaches, and Redis calls that may be slow on a loaded machine: this test
@@ -1262,8 +1265,7 @@ async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_is_delivered_by_exactly_one_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     // Quick retries; and a worker attempts one delivery at a time, so each claim takes one

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use ketchup_fake_upstream::{FakeConfig, FakeHandle};
 
-pub mod redis_server;
 pub mod tls;
 pub mod webhook_receiver;
 use serde_json::Value;
