@@ -4,10 +4,7 @@
 //! Most tests run the real binary in front of the fake upstream; the malformed-`consumed` test
 //! uses a tiny stub upstream, and the rollover tests run the gateway in-process on a manual clock.
 
-mod common;
-
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,115 +12,20 @@ use std::time::{Duration, Instant};
 use axum::extract::{RawQuery, State};
 use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDate, Utc};
-use common::{
-    ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, closed_port, digest, fake_config,
-};
 use ketchup_domain::clock::{ManualClock, SharedClock};
-use ketchup_domain::config::{Config, Secret};
 use ketchup_domain::credits::Credits;
-use ketchup_fake_upstream::{FakeConfig, FakeHandle, Fault, TaskStatus};
-use ketchup_gateway::server::Server;
+use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
+use ketchup_testkit::api::statuses;
+use ketchup_testkit::{
+    ADMIN_TOKEN, ADS_KEY, DEADLINE, DESIGN_KEY, GEMPIX, Gateway, GatewayConfig, InProcess, Reply,
+    fake_config, free_port, rendering_at, until_a_generation_reached, upstream_reads,
+    wait_until_final,
+};
 use serde_json::{Value, json};
 
-const ADMIN_TOKEN: &str = "kgw-admin-test-token-0123456789";
-const GEMPIX: &str = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;
 const GEMPIX_FAILS: &str = r#"{"model":"google/gempix2","prompt":"a tomato [fail]"}"#;
 const INVALID_KEY: &str = r#"{"code":1,"message":"Invalid API key"}"#;
 const ZERO: &str = "0.00000000";
-
-/// How long any eventual condition is waited for.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// Configuration and processes
-// ---------------------------------------------------------------------------------------------
-
-/// What a test's gateway looks like. Teams: `design` (with `design_budget`, if any) and `ads`
-/// (never a budget). Models: `google/gempix2` reserves 0.50, `google/gemini-2.5-flash-image`
-/// 0.25. Rate limits are high enough never to answer 429 themselves.
-#[derive(Default)]
-struct Setup {
-    /// Inline TOML table for design's `budget`, e.g. `{ credits = "5.00", period = "lifetime" }`.
-    design_budget: Option<&'static str>,
-    /// Lines of a `[reconciler]` table; no table when `None` (defaults: settle_after 30 s, far
-    /// longer than any test waits, so the reconciler stays out of the way).
-    reconciler: Option<&'static str>,
-    /// Lines added to `[upstream]`.
-    upstream_extra: &'static str,
-    /// Adds `[admin]` with a `token_file` holding [`ADMIN_TOKEN`].
-    admin: bool,
-    /// Turns the status cache off, for tests that count every read reaching the upstream.
-    cache_off: bool,
-}
-
-fn config_text(setup: &Setup, upstream: &str, dir: &Path) -> String {
-    let budget = setup
-        .design_budget
-        .map(|b| format!("budget = {b}"))
-        .unwrap_or_default();
-    let reconciler = setup
-        .reconciler
-        .map(|r| format!("[reconciler]\n{r}\n"))
-        .unwrap_or_default();
-    let admin = if setup.admin {
-        let path = dir.join("admin_token");
-        std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).expect("admin token written");
-        format!("[admin]\ntoken_file = \"{}\"\n", path.display())
-    } else {
-        String::new()
-    };
-    let cache = if setup.cache_off {
-        "[cache]\nmax_entries = 0\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[upstream]
-base_url = "{upstream}"
-token_env = "KETCHUP_UPSTREAM_TOKEN"
-query_retries = 1
-max_requests_per_second = 10000
-{upstream_extra}
-
-{cache}
-
-[store]
-path = "{ledger}"
-
-{reconciler}
-{admin}
-
-[models."google/gempix2"]
-reserve = "0.50"
-
-[models."google/gemini-2.5-flash-image"]
-reserve = "0.25"
-
-[defaults.limits]
-generate = "1000/s"
-generate_burst = 1000
-query = "1000/s"
-query_burst = 1000
-
-[[teams]]
-name = "design"
-keys = [{{ sha256 = "{design}", label = "design-test" }}]
-{budget}
-
-[[teams]]
-name = "ads"
-keys = [{{ sha256 = "{ads}", label = "ads-test" }}]
-"#,
-        upstream_extra = setup.upstream_extra,
-        ledger = dir.join("ledger.db").display(),
-        design = digest(DESIGN_KEY),
-        ads = digest(ADS_KEY),
-    )
-}
 
 /// A fake whose tasks finish within 300 ms and whose `google/gempix2` images each consume
 /// `consumed` credits.
@@ -132,161 +34,14 @@ async fn start_fake(consumed: &str) -> FakeHandle {
 }
 
 async fn start_fake_with(consumed: &str, phase: Duration) -> FakeHandle {
-    let mut fake: FakeConfig = fake_config();
-    fake.pending_for = phase;
-    fake.submitted_for = phase;
-    fake.in_progress_for = phase;
-    fake.consumed
-        .insert("google/gempix2".into(), consumed.parse().expect("amount"));
-    ketchup_fake_upstream::start(fake)
-        .await
-        .expect("fake upstream starts")
+    ketchup_testkit::start_fake(rendering_at(phase, consumed)).await
 }
 
-/// A gateway process (the real binary) and a client for it.
-struct Env {
-    gateway: Gateway,
-    api: Api,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn start(upstream: &str, setup: &Setup) -> Env {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config_path = dir.path().join("gateway.toml");
-        std::fs::write(&config_path, config_text(setup, upstream, dir.path()))
-            .expect("config written");
-        let gateway = Gateway::start(config_path);
-        let api = Api::new(format!("http://{}", gateway.addr));
-        Env {
-            gateway,
-            api,
-            _dir: dir,
-        }
-    }
-
-    /// SIGKILL, then the same binary on the same config and ledger.
-    fn restart_after_kill(&mut self) {
-        self.gateway.kill();
-        self.gateway = Gateway::start(self.gateway.config_path.clone());
-        self.api = Api::new(format!("http://{}", self.gateway.addr));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP client
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Api {
-    fn new(base: String) -> Api {
-        Api {
-            http: reqwest::Client::new(),
-            base,
-        }
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("gateway answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        Reply {
-            status,
-            headers,
-            text,
-        }
-    }
-
-    async fn generate(&self, key: &str, body: &str) -> Reply {
-        self.send(
-            self.http
-                .post(format!("{}/api/image/gen", self.base))
-                .bearer_auth(key)
-                .header("content-type", "application/json")
-                .body(body.to_owned()),
-        )
-        .await
-    }
-
-    async fn query(&self, key: &str, task_id: &str) -> Reply {
-        self.send(
-            self.http
-                .get(format!("{}/api/task/query", self.base))
-                .query(&[("task_id", task_id)])
-                .bearer_auth(key),
-        )
-        .await
-    }
-
-    /// `GET path` with `bearer`, if any.
-    async fn get(&self, path: &str, bearer: Option<&str>) -> Reply {
-        let mut request = self.http.get(format!("{}{path}", self.base));
-        if let Some(token) = bearer {
-            request = request.bearer_auth(token);
-        }
-        self.send(request).await
-    }
-
-    async fn post(&self, path: &str, bearer: Option<&str>) -> Reply {
-        let mut request = self.http.post(format!("{}{path}", self.base));
-        if let Some(token) = bearer {
-            request = request.bearer_auth(token);
-        }
-        self.send(request).await
-    }
-
-    /// `GET /gateway/v1/budget` with the team's key; must answer 200.
-    async fn budget(&self, key: &str) -> Value {
-        let reply = self.get("/gateway/v1/budget", Some(key)).await;
-        assert_eq!(reply.status, 200, "budget: {}", reply.text);
-        assert_content_type_json(&reply);
-        reply.json()
-    }
-
-    /// `GET path` with the admin token; must answer 200.
-    async fn admin(&self, path: &str) -> Value {
-        let reply = self.get(path, Some(ADMIN_TOKEN)).await;
-        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
-        reply.json()
-    }
-
-    /// Polls the team's budget until `done` holds; returns that budget.
-    async fn wait_for_budget(&self, key: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let budget = self.budget(key).await;
-            if done(&budget) {
-                return budget;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; budget is {budget}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends `count` copies of a generation at once; returns the replies.
-    async fn generate_concurrently(&self, key: &str, body: &str, count: usize) -> Vec<Reply> {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..count {
-            let api = self.clone();
-            let key = key.to_owned();
-            let body = body.to_owned();
-            set.spawn(async move { api.generate(&key, &body).await });
-        }
-        let mut replies = Vec::with_capacity(count);
-        while let Some(reply) = set.join_next().await {
-            replies.push(reply.expect("request task"));
-        }
-        replies
-    }
+/// The base config, in front of `upstream`. Rate limits are high enough never to answer 429
+/// themselves; without a `[reconciler]` table its defaults (settle_after 30 s, far longer than
+/// any test waits) keep it out of the way.
+fn config(upstream: &str) -> GatewayConfig {
+    GatewayConfig::new().upstream_url(upstream)
 }
 
 fn assert_content_type_json(reply: &Reply) {
@@ -296,14 +51,6 @@ fn assert_content_type_json(reply: &Reply) {
         "{}",
         reply.text
     );
-}
-
-fn statuses(replies: &[Reply]) -> HashMap<u16, usize> {
-    let mut counts = HashMap::new();
-    for reply in replies {
-        *counts.entry(reply.status).or_default() += 1;
-    }
-    counts
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,31 +138,6 @@ fn rfc3339_midnight(day: NaiveDate) -> String {
     format!("{}T00:00:00Z", day.format("%Y-%m-%d"))
 }
 
-/// Waits until the fake says every one of `tasks` is final.
-async fn wait_until_final(fake: &FakeHandle, tasks: &[String]) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let stats = fake.stats();
-        let pending: Vec<&String> = tasks
-            .iter()
-            .filter(|id| {
-                !stats
-                    .tasks
-                    .get(*id)
-                    .is_some_and(|t| matches!(t.status, TaskStatus::Success | TaskStatus::Failed))
-            })
-            .collect();
-        if pending.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tasks never became final upstream: {pending:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Concurrency: the budget admits exactly what it covers
 // ---------------------------------------------------------------------------------------------
@@ -423,15 +145,14 @@ async fn wait_until_final(fake: &FakeHandle, tasks: &[String]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_concurrent_generations_get_exactly_the_ten_the_budget_covers() {
     let fake = start_fake("0.50").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url()).budget("design", r#"{ credits = "5.00", period = "lifetime" }"#),
     );
 
-    let replies = env.api.generate_concurrently(DESIGN_KEY, GEMPIX, 200).await;
+    let replies = gateway
+        .api
+        .generate_concurrently(DESIGN_KEY, GEMPIX, 200)
+        .await;
     let counts = statuses(&replies);
     assert_eq!(
         counts,
@@ -473,7 +194,7 @@ async fn two_hundred_concurrent_generations_get_exactly_the_ten_the_budget_cover
     assert_eq!(stats.generate_accepted, 10);
 
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, "5.00000000", ZERO, 10, None)
     );
 }
@@ -486,26 +207,26 @@ async fn two_hundred_concurrent_generations_get_exactly_the_ten_the_budget_cover
 async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     let today = avoid_midnight().await;
     let fake = start_fake("0.37").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            admin: true,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .admin(),
     );
 
-    let replies = env.api.generate_concurrently(DESIGN_KEY, GEMPIX, 10).await;
+    let replies = gateway
+        .api
+        .generate_concurrently(DESIGN_KEY, GEMPIX, 10)
+        .await;
     assert_eq!(statuses(&replies), HashMap::from([(200, 10)]));
     let tasks: Vec<String> = replies.iter().map(Reply::task_id).collect();
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, "5.00000000", ZERO, 10, None)
     );
 
     wait_until_final(&fake, &tasks).await;
     for task in &tasks {
-        let reply = env.api.query(DESIGN_KEY, task).await;
+        let reply = gateway.api.query(DESIGN_KEY, task).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         let body = reply.json();
         assert_eq!(body["data"]["status"], "success", "{body}");
@@ -514,7 +235,7 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
 
     // 10 × 0.37, not 10 × 0.50: each reservation was replaced by what its task consumed.
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "3.70000000", ZERO, "1.30000000", 0, None)
     );
 
@@ -533,14 +254,16 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     });
     let usage = json!({"from": from, "to": to, "rows": [row]});
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin(&format!("/admin/usage?team=design&from={from}&to={to}"))
             .await,
         usage
     );
     // Without `team`, every team: ads has no tasks, so no row.
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin(&format!("/admin/usage?from={from}&to={to}"))
             .await,
         usage
@@ -548,7 +271,8 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     // A range that ends where the tasks' day starts holds nothing.
     let yesterday = today.pred_opt().unwrap().format("%Y-%m-%d").to_string();
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin(&format!(
                 "/admin/usage?team=design&from={yesterday}&to={from}"
             ))
@@ -556,14 +280,15 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
         json!({"from": yesterday, "to": from, "rows": []})
     );
     // The same rows as CSV.
-    let csv = env
+    let csv = gateway
         .api
         .send(
-            env.api
+            gateway
+                .api
                 .http
                 .get(format!(
                     "{}/admin/usage?team=design&from={from}&to={to}",
-                    env.api.base
+                    gateway.api.base
                 ))
                 .bearer_auth(ADMIN_TOKEN)
                 .header("accept", "text/csv"),
@@ -585,19 +310,19 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     );
 
     // What is left (1.30) is what the next requests can reserve.
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(
         reply.header("x-budget-remaining").as_deref(),
         Some("0.80000000")
     );
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(
         reply.header("x-budget-remaining").as_deref(),
         Some("0.30000000")
     );
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 402, "{}", reply.text);
     assert_eq!(
         reply.json(),
@@ -606,7 +331,7 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
         )
     );
     // `n` images reserve n × the model's reserve.
-    let reply = env
+    let reply = gateway
         .api
         .generate(
             DESIGN_KEY,
@@ -621,7 +346,7 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
         )
     );
     // The cheaper model still fits (0.25 of 0.30).
-    let reply = env
+    let reply = gateway
         .api
         .generate(
             DESIGN_KEY,
@@ -643,30 +368,31 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_refusal_releases_the_reservation() {
     let fake = start_fake("0.50").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            admin: true,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .admin(),
     );
     let untouched = lifetime_budget("5.00000000", ZERO, ZERO, "5.00000000", 0, None);
 
     // A 500 is passed through (a generation is never retried once sent).
     fake.faults().inject_generate(Fault::Status500, 1);
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 500, "{}", reply.text);
     assert_eq!(
         reply.json(),
         json!({"code": 1, "message": "internal server error"})
     );
     assert_eq!(reply.header("x-budget-remaining"), None);
-    assert_eq!(env.api.budget(DESIGN_KEY).await, untouched, "after a 500");
+    assert_eq!(
+        gateway.api.budget(DESIGN_KEY).await,
+        untouched,
+        "after a 500"
+    );
 
     // A 400 the gateway does not check itself (the fake allows n up to 4): 5 × 0.50 reserved,
     // then released.
-    let reply = env
+    let reply = gateway
         .api
         .generate(
             DESIGN_KEY,
@@ -678,13 +404,18 @@ async fn an_upstream_refusal_releases_the_reservation() {
         reply.json(),
         json!({"code": 1, "message": "failed", "detail": "n must be an integer from 1 to 4"})
     );
-    assert_eq!(env.api.budget(DESIGN_KEY).await, untouched, "after a 400");
+    assert_eq!(
+        gateway.api.budget(DESIGN_KEY).await,
+        untouched,
+        "after a 400"
+    );
 
     let stats = fake.stats();
     assert_eq!(stats.generate_requests, 2);
     assert_eq!(stats.generate_accepted, 0);
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin("/admin/reservations?state=unknown_outcome")
             .await,
         json!({"reservations": []}),
@@ -692,7 +423,7 @@ async fn an_upstream_refusal_releases_the_reservation() {
     );
 
     // Nothing leaked: the whole budget is still there.
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(
         reply.header("x-budget-remaining").as_deref(),
@@ -702,14 +433,11 @@ async fn an_upstream_refusal_releases_the_reservation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_releases_the_reservation() {
-    let env = Env::start(
-        &format!("http://127.0.0.1:{}", closed_port()),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&format!("http://127.0.0.1:{}", free_port()))
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#),
     );
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 502, "{}", reply.text);
     assert_eq!(reply.json()["code"], 1, "{}", reply.text);
     assert_eq!(
@@ -719,7 +447,7 @@ async fn an_unreachable_upstream_releases_the_reservation() {
         reply.text
     );
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, ZERO, "5.00000000", 0, None)
     );
 }
@@ -731,19 +459,15 @@ async fn an_unreachable_upstream_releases_the_reservation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_pollers_of_a_finished_task_settle_it_once() {
     let fake = start_fake("0.37").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url()).budget("design", r#"{ credits = "5.00", period = "lifetime" }"#),
     );
-    let task = env.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     wait_until_final(&fake, std::slice::from_ref(&task)).await;
 
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..50 {
-        let api = env.api.clone();
+        let api = gateway.api.clone();
         let task = task.clone();
         set.spawn(async move { api.query(DESIGN_KEY, &task).await });
     }
@@ -756,14 +480,14 @@ async fn concurrent_pollers_of_a_finished_task_settle_it_once() {
     }
 
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "0.37000000", ZERO, "4.63000000", 0, None)
     );
     // Later reads change nothing either.
-    let reply = env.api.query(DESIGN_KEY, &task).await;
+    let reply = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "0.37000000", ZERO, "4.63000000", 0, None)
     );
 }
@@ -780,22 +504,25 @@ max_reads_per_second = 50"#;
 async fn the_reconciler_settles_tasks_nobody_polls() {
     let today = avoid_midnight().await;
     let fake = start_fake("0.37").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(FAST_RECONCILER),
-            admin: true,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(FAST_RECONCILER)
+            .admin(),
     );
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        tasks.push(env.api.generate(DESIGN_KEY, GEMPIX).await.task_id());
+        tasks.push(gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id());
     }
-    tasks.push(env.api.generate(DESIGN_KEY, GEMPIX_FAILS).await.task_id());
+    tasks.push(
+        gateway
+            .api
+            .generate(DESIGN_KEY, GEMPIX_FAILS)
+            .await
+            .task_id(),
+    );
 
-    let settled = env
+    let settled = gateway
         .api
         .wait_for_budget(DESIGN_KEY, "the reconciler to settle all five tasks", |b| {
             b["reserved"] == ZERO && b["in_flight"] == 0
@@ -816,7 +543,8 @@ async fn the_reconciler_settles_tasks_nobody_polls() {
     let from = today.format("%Y-%m-%d").to_string();
     let to = today.succ_opt().unwrap().format("%Y-%m-%d").to_string();
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin(&format!("/admin/usage?team=design&from={from}&to={to}"))
             .await,
         json!({"from": from, "to": to, "rows": [{
@@ -840,22 +568,25 @@ async fn the_reconciler_settles_tasks_nobody_polls() {
 async fn after_a_sigkill_the_reconciler_settles_the_tasks_left_open() {
     // Three seconds per task: they are all still rendering when the gateway dies.
     let fake = start_fake_with("0.37", Duration::from_secs(1)).await;
-    let mut env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(FAST_RECONCILER),
-            ..Setup::default()
-        },
+    let mut gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(FAST_RECONCILER),
     );
     let mut tasks = Vec::new();
     for _ in 0..3 {
-        tasks.push(env.api.generate(DESIGN_KEY, GEMPIX).await.task_id());
+        tasks.push(gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id());
     }
-    tasks.push(env.api.generate(DESIGN_KEY, GEMPIX_FAILS).await.task_id());
-    env.restart_after_kill();
+    tasks.push(
+        gateway
+            .api
+            .generate(DESIGN_KEY, GEMPIX_FAILS)
+            .await
+            .task_id(),
+    );
+    gateway.restart_after_kill();
 
-    let settled = env
+    let settled = gateway
         .api
         .wait_for_budget(DESIGN_KEY, "the restarted reconciler to settle", |b| {
             b["reserved"] == ZERO && b["in_flight"] == 0
@@ -879,11 +610,11 @@ async fn after_a_sigkill_the_reconciler_settles_the_tasks_left_open() {
     }
     // The owners still see their tasks, and reading them again charges nothing more.
     for task in &tasks {
-        let reply = env.api.query(DESIGN_KEY, task).await;
+        let reply = gateway.api.query(DESIGN_KEY, task).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
     }
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "1.11000000", ZERO, "3.89000000", 0, None)
     );
 }
@@ -895,17 +626,15 @@ async fn after_a_sigkill_the_reconciler_settles_the_tasks_left_open() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_in_flight_caps_unsettled_tasks_until_they_settle() {
     let fake = start_fake("0.50").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(
-                r#"{ credits = "100.00", period = "lifetime", max_in_flight = 2 }"#,
-            ),
-            ..Setup::default()
-        },
-    );
+    let gateway = Gateway::start(&config(&fake.base_url()).budget(
+        "design",
+        r#"{ credits = "100.00", period = "lifetime", max_in_flight = 2 }"#,
+    ));
 
-    let replies = env.api.generate_concurrently(DESIGN_KEY, GEMPIX, 10).await;
+    let replies = gateway
+        .api
+        .generate_concurrently(DESIGN_KEY, GEMPIX, 10)
+        .await;
     assert_eq!(statuses(&replies), HashMap::from([(200, 2), (429, 8)]));
     for reply in replies.iter().filter(|r| r.status == 429) {
         assert_eq!(reply.json(), too_many_in_flight("design", 2));
@@ -921,7 +650,7 @@ async fn max_in_flight_caps_unsettled_tasks_until_they_settle() {
         "a 429 never reaches the upstream"
     );
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget(
             "100.00000000",
             ZERO,
@@ -934,24 +663,24 @@ async fn max_in_flight_caps_unsettled_tasks_until_they_settle() {
 
     // Finished upstream is not settled: until someone reads the result, the cap holds.
     wait_until_final(&fake, &tasks).await;
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 429, "{}", reply.text);
     assert_eq!(reply.json(), too_many_in_flight("design", 2));
 
     // One settles: one more may start, and then the cap holds again.
-    assert_eq!(env.api.query(DESIGN_KEY, &tasks[0]).await.status, 200);
-    assert_eq!(env.api.budget(DESIGN_KEY).await["in_flight"], 1);
-    let third = env.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    assert_eq!(gateway.api.query(DESIGN_KEY, &tasks[0]).await.status, 200);
+    assert_eq!(gateway.api.budget(DESIGN_KEY).await["in_flight"], 1);
+    let third = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 429, "{}", reply.text);
     assert_eq!(reply.json(), too_many_in_flight("design", 2));
 
     // All settle: generation is allowed again.
     wait_until_final(&fake, std::slice::from_ref(&third)).await;
-    assert_eq!(env.api.query(DESIGN_KEY, &tasks[1]).await.status, 200);
-    assert_eq!(env.api.query(DESIGN_KEY, &third).await.status, 200);
+    assert_eq!(gateway.api.query(DESIGN_KEY, &tasks[1]).await.status, 200);
+    assert_eq!(gateway.api.query(DESIGN_KEY, &third).await.status, 200);
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget(
             "100.00000000",
             "1.50000000",
@@ -961,7 +690,7 @@ async fn max_in_flight_caps_unsettled_tasks_until_they_settle() {
             Some(2)
         )
     );
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(fake.stats().generate_requests, 4);
 }
@@ -1027,12 +756,8 @@ async fn start_stub() -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_or_missing_consumed_settles_at_the_reservation() {
     let stub = start_stub().await;
-    let env = Env::start(
-        &stub,
-        &Setup {
-            design_budget: Some(r#"{ credits = "100.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&stub).budget("design", r#"{ credits = "100.00", period = "lifetime" }"#),
     );
     // (what the upstream's final answer carries, what the task is charged)
     let cases: Vec<(Value, &str)> = vec![
@@ -1060,8 +785,8 @@ async fn a_malformed_or_missing_consumed_settles_at_the_reservation() {
     let mut spent = Credits::ZERO;
     for (data, charged) in cases {
         let body = json!({"model": "google/gempix2", "prompt": data.to_string()}).to_string();
-        let task = env.api.generate(DESIGN_KEY, &body).await.task_id();
-        let reply = env.api.query(DESIGN_KEY, &task).await;
+        let task = gateway.api.generate(DESIGN_KEY, &body).await.task_id();
+        let reply = gateway.api.query(DESIGN_KEY, &task).await;
         assert_eq!(reply.status, 200, "{data}: {}", reply.text);
         let mut expected = data.clone();
         expected["task_id"] = json!(task);
@@ -1086,11 +811,11 @@ async fn a_malformed_or_missing_consumed_settles_at_the_reservation() {
             0,
             None,
         );
-        assert_eq!(env.api.budget(DESIGN_KEY).await, want, "after {data}");
+        assert_eq!(gateway.api.budget(DESIGN_KEY).await, want, "after {data}");
         // A second read settles nothing again.
-        assert_eq!(env.api.query(DESIGN_KEY, &task).await.status, 200);
+        assert_eq!(gateway.api.query(DESIGN_KEY, &task).await.status, 200);
         assert_eq!(
-            env.api.budget(DESIGN_KEY).await,
+            gateway.api.budget(DESIGN_KEY).await,
             want,
             "after re-reading {data}"
         );
@@ -1104,25 +829,23 @@ async fn a_malformed_or_missing_consumed_settles_at_the_reservation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generation_timeout_is_an_unknown_outcome_until_an_admin_releases_it() {
     let fake = start_fake("0.50").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            upstream_extra: r#"timeout = "300ms""#,
-            admin: true,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .upstream(r#"timeout = "300ms""#)
+            .admin(),
     );
 
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
     let before = Utc::now();
-    let reply = env
+    let reply = gateway
         .api
         .send(
-            env.api
+            gateway
+                .api
                 .http
-                .post(format!("{}/api/image/gen", env.api.base))
+                .post(format!("{}/api/image/gen", gateway.api.base))
                 .bearer_auth(DESIGN_KEY)
                 .header("content-type", "application/json")
                 .header("x-request-id", "budget-timeout-0001")
@@ -1142,11 +865,11 @@ async fn a_generation_timeout_is_an_unknown_outcome_until_an_admin_releases_it()
 
     // Counted as spent: the upstream may well have started (and will charge) the render.
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "0.50000000", ZERO, "4.50000000", 0, None)
     );
 
-    let listed = env
+    let listed = gateway
         .api
         .admin("/admin/reservations?state=unknown_outcome")
         .await;
@@ -1182,26 +905,27 @@ async fn a_generation_timeout_is_an_unknown_outcome_until_an_admin_releases_it()
 
     // Only an admin may release it.
     let path = format!("/admin/reservations/{id}/release");
-    let reply = env.api.post(&path, Some(DESIGN_KEY)).await;
+    let reply = gateway.api.post(&path, Some(DESIGN_KEY)).await;
     assert_eq!((reply.status, reply.text.as_str()), (401, INVALID_KEY));
-    assert_eq!(env.api.budget(DESIGN_KEY).await["spent"], "0.50000000");
+    assert_eq!(gateway.api.budget(DESIGN_KEY).await["spent"], "0.50000000");
 
-    let reply = env.api.post(&path, Some(ADMIN_TOKEN)).await;
+    let reply = gateway.api.post(&path, Some(ADMIN_TOKEN)).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(reply.json(), json!({"released": id}));
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, ZERO, "5.00000000", 0, None)
     );
     assert_eq!(
-        env.api
+        gateway
+            .api
             .admin("/admin/reservations?state=unknown_outcome")
             .await,
         json!({"reservations": []})
     );
 
     // Twice is a conflict, and changes nothing.
-    let reply = env.api.post(&path, Some(ADMIN_TOKEN)).await;
+    let reply = gateway.api.post(&path, Some(ADMIN_TOKEN)).await;
     assert_eq!(reply.status, 409, "{}", reply.text);
     let body = reply.json();
     assert_eq!(body["code"], 1, "{body}");
@@ -1212,7 +936,7 @@ async fn a_generation_timeout_is_an_unknown_outcome_until_an_admin_releases_it()
     );
     assert_eq!(body.as_object().map(|o| o.len()), Some(3), "{body}");
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, ZERO, "5.00000000", 0, None)
     );
 }
@@ -1226,13 +950,13 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
     let today = avoid_midnight().await;
     let tomorrow = today.succ_opt().unwrap();
     let fake = start_fake("0.50").await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "daily", max_in_flight = 2 }"#),
-            admin: true,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget(
+                "design",
+                r#"{ credits = "5.00", period = "daily", max_in_flight = 2 }"#,
+            )
+            .admin(),
     );
     let design = |spent: &str, reserved: &str, remaining: &str, in_flight: u64| {
         json!({
@@ -1250,10 +974,10 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
     };
 
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         design(ZERO, ZERO, "5.00000000", 0)
     );
-    let user = env.api.get("/api/user", Some(DESIGN_KEY)).await;
+    let user = gateway.api.get("/api/user", Some(DESIGN_KEY)).await;
     assert_eq!(user.status, 200, "{}", user.text);
     assert_eq!(
         user.json(),
@@ -1261,7 +985,7 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
     );
 
     // A model that is not configured costs nothing and never reaches the upstream.
-    let reply = env
+    let reply = gateway
         .api
         .generate(DESIGN_KEY, r#"{"model":"acme/x","prompt":"a tomato"}"#)
         .await;
@@ -1272,7 +996,7 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
             "model \"acme/x\" is not offered; choose one of: google/gemini-2.5-flash-image, google/gempix2"})
     );
 
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(
         reply.header("x-budget-remaining").as_deref(),
@@ -1282,7 +1006,7 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
         reply.header("x-budget-reset"),
         Some(rfc3339_midnight(tomorrow))
     );
-    let reply = env
+    let reply = gateway
         .api
         .generate(
             DESIGN_KEY,
@@ -1298,13 +1022,13 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
         reply.header("x-budget-reset"),
         Some(rfc3339_midnight(tomorrow))
     );
-    let reply = env.api.generate(DESIGN_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(reply.status, 429, "{}", reply.text);
     assert_eq!(reply.json(), too_many_in_flight("design", 2));
 
     let design_now = design(ZERO, "1.50000000", "3.50000000", 2);
-    assert_eq!(env.api.budget(DESIGN_KEY).await, design_now);
-    let user = env.api.get("/api/user", Some(DESIGN_KEY)).await;
+    assert_eq!(gateway.api.budget(DESIGN_KEY).await, design_now);
+    let user = gateway.api.get("/api/user", Some(DESIGN_KEY)).await;
     assert_eq!(user.status, 200, "{}", user.text);
     assert_eq!(
         user.json(),
@@ -1314,16 +1038,16 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
 
     // A team without a budget: no headers, nulls where a budget would be.
     assert_eq!(
-        env.api.budget(ADS_KEY).await,
+        gateway.api.budget(ADS_KEY).await,
         unbudgeted("ads", ZERO, ZERO, 0)
     );
-    let reply = env.api.generate(ADS_KEY, GEMPIX).await;
+    let reply = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(reply.header("x-budget-remaining"), None);
     assert_eq!(reply.header("x-budget-reset"), None);
     let ads_now = unbudgeted("ads", ZERO, "0.50000000", 1);
-    assert_eq!(env.api.budget(ADS_KEY).await, ads_now);
-    let user = env.api.get("/api/user", Some(ADS_KEY)).await;
+    assert_eq!(gateway.api.budget(ADS_KEY).await, ads_now);
+    let user = gateway.api.get("/api/user", Some(ADS_KEY)).await;
     assert_eq!(user.status, 200, "{}", user.text);
     assert_eq!(
         user.json(),
@@ -1336,7 +1060,7 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
     );
 
     // Admin views.
-    let mut teams = env.api.admin("/admin/teams").await;
+    let mut teams = gateway.api.admin("/admin/teams").await;
     let list = teams["teams"].as_array_mut().expect("teams");
     list.sort_by(|a, b| a["team"].as_str().cmp(&b["team"].as_str()));
     assert_eq!(teams, json!({"teams": [ads_now, design_now]}));
@@ -1357,7 +1081,7 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
         ),
         ("/admin/reservations?state=unknown_outcome", None),
     ] {
-        let reply = env.api.get(path, token).await;
+        let reply = gateway.api.get(path, token).await;
         assert_eq!(
             (reply.status, reply.text.as_str()),
             (401, INVALID_KEY),
@@ -1371,12 +1095,8 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
     );
 
     // Without [admin], there is no admin API.
-    let bare = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "daily" }"#),
-            ..Setup::default()
-        },
+    let bare = Gateway::start(
+        &config(&fake.base_url()).budget("design", r#"{ credits = "5.00", period = "daily" }"#),
     );
     for token in [ADMIN_TOKEN, DESIGN_KEY] {
         for path in [
@@ -1395,40 +1115,14 @@ async fn budget_headers_user_balance_budget_and_admin_views() {
 // 11. Period rollover on a manual clock (gateway in-process)
 // ---------------------------------------------------------------------------------------------
 
-struct InProcess {
-    api: Api,
-    _dir: tempfile::TempDir,
-}
-
-/// Runs the gateway in this process on `clock`, with design's `budget` and a reconciler that
-/// leaves tasks alone (the manual clock jumps).
-async fn start_in_process(
-    upstream: &str,
-    design_budget: &'static str,
-    clock: SharedClock,
-) -> InProcess {
-    let setup = Setup {
-        design_budget: Some(design_budget),
-        reconciler: Some(r#"settle_after = "1h""#),
-        admin: true,
-        ..Setup::default()
-    };
-    start_in_process_with(upstream, &setup, clock).await
-}
-
-async fn start_in_process_with(upstream: &str, setup: &Setup, clock: SharedClock) -> InProcess {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let text = config_text(setup, upstream, dir.path());
-    let config = Config::parse(Path::new("t.toml"), &text).expect("config parses");
-    let server = Server::bind(config, &Secret::new(UPSTREAM_TOKEN), clock)
-        .await
-        .expect("gateway binds");
-    let addr = server.local_addr();
-    tokio::spawn(server.run(None::<PathBuf>));
-    InProcess {
-        api: Api::new(format!("http://{addr}")),
-        _dir: dir,
-    }
+/// The gateway in this process on `clock`, in front of `upstream`, with design's `budget` and a
+/// reconciler that leaves tasks alone (the manual clock jumps).
+async fn start_in_process(upstream: &str, design_budget: &str, clock: SharedClock) -> InProcess {
+    let config = config(upstream)
+        .budget("design", design_budget)
+        .reconciler(r#"settle_after = "1h""#)
+        .admin();
+    InProcess::start(&config, clock).await
 }
 
 fn at(text: &str) -> DateTime<Utc> {
@@ -1636,11 +1330,6 @@ async fn weekly_and_monthly_budgets_name_their_period_and_reset() {
 // Reconciler details: client reads count, failed reads, expiry, abandoned reservations
 // ---------------------------------------------------------------------------------------------
 
-/// Queries of `task` the fake has answered so far.
-fn upstream_reads(fake: &FakeHandle, task: &str) -> u64 {
-    fake.stats().queries_by_task.get(task).copied().unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_its_client_keeps_reading_is_left_to_the_client() {
     // Gateway and fake share one manual clock: the task renders for 30 s of it.
@@ -1655,14 +1344,11 @@ async fn a_task_its_client_keeps_reading_is_left_to_the_client() {
     let fake = ketchup_fake_upstream::start(fake)
         .await
         .expect("fake starts");
-    let gw = start_in_process_with(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(FAST_RECONCILER),
-            cache_off: true,
-            ..Setup::default()
-        },
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(FAST_RECONCILER)
+            .cache("max_entries = 0"),
         clock.clone(),
     )
     .await;
@@ -1703,14 +1389,11 @@ async fn a_failed_reconciler_read_is_not_repeated_before_settle_after() {
     // again until settle_after passes on it, however its read ended.
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
     let fake = start_fake_with("0.37", Duration::from_secs(3600)).await;
-    let gw = start_in_process_with(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(FAST_RECONCILER),
-            upstream_extra: r#"timeout = "300ms""#,
-            ..Setup::default()
-        },
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(FAST_RECONCILER)
+            .upstream(r#"timeout = "300ms""#),
         clock.clone(),
     )
     .await;
@@ -1742,18 +1425,15 @@ async fn a_task_older_than_max_task_age_expires_at_its_reservation() {
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
     // Renders for three hours of real time: never final during the test.
     let fake = start_fake_with("0.37", Duration::from_secs(3600)).await;
-    let gw = start_in_process_with(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(
                 r#"interval = "100ms"
 settle_after = "1s"
 max_task_age = "24h""#,
-            ),
-            admin: true,
-            ..Setup::default()
-        },
+            )
+            .admin(),
         clock.clone(),
     )
     .await;
@@ -1810,42 +1490,39 @@ max_task_age = "24h""#,
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reservation_left_by_a_killed_gateway_becomes_unknown_outcome() {
     let fake = start_fake("0.50").await;
-    let mut env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            reconciler: Some(
+    let mut gateway = Gateway::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .reconciler(
                 r#"interval = "100ms"
 settle_after = "1s"
 abandon_after = "4s""#,
-            ),
-            upstream_extra: "timeout = \"3s\"\nconnect_timeout = \"200ms\"",
-            admin: true,
-            cache_off: false,
-        },
+            )
+            .upstream("timeout = \"3s\"\nconnect_timeout = \"200ms\"")
+            .admin(),
     );
     // The upstream takes its time; the gateway dies while it waits.
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(30)), 1);
-    let request = env
+    let request = gateway
         .api
         .http
-        .post(format!("{}/api/image/gen", env.api.base))
+        .post(format!("{}/api/image/gen", gateway.api.base))
         .bearer_auth(DESIGN_KEY)
         .header("content-type", "application/json")
         .header("x-request-id", "budget-abandoned-0001")
         .body(GEMPIX)
         .send();
     let client = tokio::spawn(request);
-    common::until_a_generation_reached(&fake, DEADLINE).await;
-    env.restart_after_kill();
+    until_a_generation_reached(&fake).await;
+    gateway.restart_after_kill();
     let answer = client.await.expect("client task");
     assert!(
         answer.is_err(),
         "the gateway must have died before its 3 s upstream timeout: {answer:?}"
     );
 
-    let abandoned = env
+    let abandoned = gateway
         .api
         .wait_for_budget(DESIGN_KEY, "the reservation to be given up", |b| {
             b["reserved"] == ZERO
@@ -1855,7 +1532,7 @@ abandon_after = "4s""#,
         abandoned,
         lifetime_budget("5.00000000", "0.50000000", ZERO, "4.50000000", 0, None)
     );
-    let listed = env
+    let listed = gateway
         .api
         .admin("/admin/reservations?state=unknown_outcome")
         .await;

@@ -1,24 +1,20 @@
 //! The `ketchup-gateway` command line, run as an admin runs it: `keygen`, `check-config`,
 //! `serve` (secret resolution) and `healthcheck`.
 
-mod common;
-
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use common::{ADS_KEY, DESIGN_KEY, Env, UPSTREAM_TOKEN, closed_port, config_text, digest};
 use ketchup_domain::config::KeyDigest;
+use ketchup_testkit::gateway::binary;
+use ketchup_testkit::{
+    ADS_KEY, DESIGN_KEY, Env, GatewayConfig, GatewayProcess, Launch, UPSTREAM_TOKEN, fake_config,
+    free_port, start_fake,
+};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ketchup-gateway");
 
 /// Runs the binary to completion with a clean environment for the variables it reads.
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(binary())
         .args(args)
         .env_remove("KETCHUP_UPSTREAM_TOKEN")
         .env_remove("KETCHUP_LOG_FORMAT")
@@ -38,14 +34,9 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// The harness's config text, for a fake upstream that is never called.
-fn base_config(dir: &Path) -> String {
-    config_text(
-        &format!("http://127.0.0.1:{}", closed_port()),
-        &dir.join("ledger.db"),
-        "",
-        "",
-    )
+/// The base config, for an upstream that is never called.
+fn base_config() -> GatewayConfig {
+    GatewayConfig::new().upstream_url(&format!("http://127.0.0.1:{}", free_port()))
 }
 
 /// The 1-based line of `text` that contains `needle` (which must occur exactly once).
@@ -109,13 +100,9 @@ fn keygen_prints_a_fresh_key_and_the_line_that_admits_it() {
 
     // The printed line, pasted into a team's keys, validates...
     let dir = tempfile::tempdir().unwrap();
-    let config = base_config(dir.path()).replace(
-        &format!(
-            "keys = [{{ sha256 = \"{}\", label = \"design-test\" }}]",
-            digest(DESIGN_KEY)
-        ),
-        &format!("keys = [{}]", first.line),
-    );
+    let config = base_config()
+        .key_entry("design", &first.line)
+        .render(dir.path());
     assert!(config.contains(&first.line));
     let path = write(dir.path(), "gateway.toml", &config);
     let output = run(&["check-config", path.to_str().unwrap()]);
@@ -131,29 +118,20 @@ async fn a_keygen_line_pasted_into_the_config_admits_its_key() {
     // ...and the gateway then accepts the key for that team.
     let generated = keygen("design", "design-new");
     let mut env = Env::start().await;
-    let config = std::fs::read_to_string(&env.gateway.config_path).unwrap();
-    let design_keys = format!(
-        "keys = [{{ sha256 = \"{}\", label = \"design-test\" }}]",
-        digest(DESIGN_KEY)
-    );
-    assert!(config.contains(&design_keys));
-    let config = config.replace(
-        &design_keys,
-        &format!(
-            "keys = [{{ sha256 = \"{}\", label = \"design-test\" }}, {}]",
-            digest(DESIGN_KEY),
-            generated.line
-        ),
-    );
-    std::fs::write(&env.gateway.config_path, config).unwrap();
-    env.restart_after_kill();
+    let config = env
+        .gateway
+        .config()
+        .clone()
+        .key_entry("design", &generated.line);
+    env.gateway.set_config(config);
+    env.gateway.restart_after_kill();
 
-    let task = env.start_task(&generated.key).await;
-    let (status, body) = env.query(DESIGN_KEY, &task).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["data"]["task_id"], task.as_str());
-    let (status, body) = env.query(ADS_KEY, &task).await;
-    assert_eq!(status, 404, "{body}");
+    let task = env.api().start_task(&generated.key).await;
+    let reply = env.api().query(DESIGN_KEY, &task).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json()["data"]["task_id"], task.as_str());
+    let reply = env.api().query(ADS_KEY, &task).await;
+    assert_eq!(reply.status, 404, "{}", reply.text);
 }
 
 #[test]
@@ -179,10 +157,12 @@ fn check_config_fails(path: &Path) -> String {
 #[test]
 fn check_config_names_file_line_and_column_of_a_typo() {
     let dir = tempfile::tempdir().unwrap();
-    let config = base_config(dir.path()).replace(
-        "name = \"ads\"\n",
-        "name = \"ads\"\nbudjet = { credits = \"10.00\", period = \"monthly\" }\n",
-    );
+    let config = base_config()
+        .team_lines(
+            "ads",
+            "budjet = { credits = \"10.00\", period = \"monthly\" }",
+        )
+        .render(dir.path());
     let line = line_of(&config, "budjet");
     let path = write(dir.path(), "typo.toml", &config);
     let stderr = check_config_fails(&path);
@@ -195,26 +175,13 @@ fn check_config_names_file_line_and_column_of_a_typo() {
 #[test]
 fn check_config_refuses_a_team_that_could_get_unsigned_webhooks() {
     let dir = tempfile::tempdir().unwrap();
-    let secret = write(
-        dir.path(),
-        "design_webhook_secret",
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
-    );
-    let config = base_config(dir.path())
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\npublic_url = \"https://gateway.example\"",
-        )
-        .replace(
-            "label = \"design-test\" }]",
-            &format!(
-                "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"",
-                secret.display()
-            ),
-        );
+    let config = base_config()
+        .server("public_url = \"https://gateway.example\"")
+        .signed_webhooks("design");
+    let text = config.render(dir.path());
     // The error points at the `[[teams]]` line of the team without a secret.
-    let line = line_of(&config, "name = \"ads\"") - 1;
-    let path = write(dir.path(), "unsigned.toml", &config);
+    let line = line_of(&text, "name = \"ads\"") - 1;
+    let path = write(dir.path(), "unsigned.toml", &text);
     let stderr = check_config_fails(&path);
     let at = format!("ketchup-gateway: {}:{line}:1: ", path.display());
     assert!(stderr.starts_with(&at), "expected {at:?} in {stderr:?}");
@@ -225,13 +192,7 @@ fn check_config_refuses_a_team_that_could_get_unsigned_webhooks() {
     );
 
     // Given one too, the file is fine.
-    let signed = config.replace(
-        "label = \"ads-test\" }]",
-        &format!(
-            "label = \"ads-test\" }}]\nwebhook_secret_file = \"{}\"",
-            secret.display()
-        ),
-    );
+    let signed = config.signed_webhooks("ads").render(dir.path());
     let path = write(dir.path(), "signed.toml", &signed);
     let output = run(&["check-config", path.to_str().unwrap()]);
     assert!(output.status.success(), "{output:?}");
@@ -240,32 +201,33 @@ fn check_config_refuses_a_team_that_could_get_unsigned_webhooks() {
 #[test]
 fn check_config_names_the_line_of_a_bad_value() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_config(dir.path());
-    let with_budget = base.replace(
-        "name = \"ads\"\n",
-        "name = \"ads\"\nbudget = { credits = \"10.00\", period = \"monthly\" }\n",
-    );
+    let base = base_config();
+    let with_budget = base
+        .clone()
+        .budget("ads", r#"{ credits = "10.00", period = "monthly" }"#);
     let cases = [
         (
             "period",
-            with_budget.replace("\"monthly\"", "\"yearly\""),
+            base.clone()
+                .budget("ads", r#"{ credits = "10.00", period = "yearly" }"#),
             "period = \"yearly\"",
             "unknown variant `yearly`",
         ),
         (
             "reserve",
-            base.replacen("reserve = \"0.50\"", "reserve = \"0.5x\"", 1),
+            base.clone().model("google/gempix2", "0.5x"),
             "reserve = \"0.5x\"",
             "not a plain decimal",
         ),
         (
             "listen",
-            base.replace("listen = \"127.0.0.1:0\"", "listen = 8080"),
+            base.clone().server("listen = 8080"),
             "listen = 8080",
             "invalid type",
         ),
     ];
     for (name, config, needle, what) in cases {
+        let config = config.render(dir.path());
         let line = line_of(&config, needle);
         let path = write(dir.path(), &format!("{name}.toml"), &config);
         let stderr = check_config_fails(&path);
@@ -279,8 +241,8 @@ fn check_config_names_the_line_of_a_bad_value() {
             "{name}: expected {what:?} in {stderr:?}"
         );
     }
-    // The unmodified text is valid, so each failure above is the one change's.
-    let path = write(dir.path(), "base.toml", &with_budget);
+    // The unmodified config is valid, so each failure above is the one change's.
+    let path = with_budget.write(dir.path());
     assert!(
         run(&["check-config", path.to_str().unwrap()])
             .status
@@ -298,91 +260,23 @@ fn check_config_reports_a_missing_file() {
     assert!(stderr.contains("No such file or directory"), "{stderr}");
 }
 
-/// A `serve` process whose stderr (JSON log lines) is collected.
-struct Served {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-    addr: std::sync::mpsc::Receiver<SocketAddr>,
-}
-
-impl Served {
-    fn start(config: &Path, token_env: Option<&str>) -> Served {
-        let mut command = Command::new(BIN);
-        command
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
-            .env_remove("KETCHUP_UPSTREAM_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(token) = token_env {
-            command.env("KETCHUP_UPSTREAM_TOKEN", token);
-        }
-        let mut child = command.spawn().expect("binary starts");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, addr) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(event) = serde_json::from_str::<Value>(&line)
-                    && event["message"] == "ketchup-gateway listening"
-                    && let Some(address) = event["address"].as_str()
-                {
-                    let _ = tx.send(address.parse().expect("socket address"));
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Served { child, logs, addr }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-
-    /// Waits for the process to exit by itself (up to 30 s) and returns its exit code.
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("serve did not exit; log:\n{}", self.logs());
-    }
-
-    fn listening(&mut self) -> SocketAddr {
-        match self.addr.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = self.child.kill();
-                panic!("gateway did not start; log:\n{}", self.logs());
-            }
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `serve` on `config`, without `KETCHUP_UPSTREAM_TOKEN` in its environment.
+fn serve_without_token_env(config: &Path) -> GatewayProcess {
+    GatewayProcess::spawn(
+        config,
+        Launch {
+            without_upstream_token: true,
+            ..Launch::default()
+        },
+    )
 }
 
 #[test]
 fn serve_refuses_to_start_without_the_upstream_token() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "gateway.toml", &base_config(dir.path()));
-    let mut served = Served::start(&path, None);
-    assert_eq!(served.wait_exit(), Some(1));
-    // The reader thread may still be draining the pipe: wait for the line.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !served.logs().contains("ketchup-gateway:") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let path = base_config().write(dir.path());
+    let mut served = serve_without_token_env(&path);
+    assert_eq!(served.wait_exit().code(), Some(1));
     assert_eq!(
         served.logs(),
         "ketchup-gateway: upstream token: environment variable KETCHUP_UPSTREAM_TOKEN is not set"
@@ -395,11 +289,7 @@ fn serve_refuses_to_start_without_the_upstream_token() {
 fn serve_refuses_an_empty_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let token = write(dir.path(), "token", "\n");
-    let config = base_config(dir.path()).replace(
-        "token_env = \"KETCHUP_UPSTREAM_TOKEN\"",
-        &format!("token_file = \"{}\"", token.display()),
-    );
-    let path = write(dir.path(), "gateway.toml", &config);
+    let path = base_config().upstream_token_file(&token).write(dir.path());
     let output = run(&["serve", "--config", path.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(
@@ -410,21 +300,22 @@ fn serve_refuses_an_empty_token_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_the_upstream_token_from_a_file() {
-    let fake = ketchup_fake_upstream::start(common::fake_config())
-        .await
-        .expect("fake starts");
+    let fake = start_fake(fake_config()).await;
     let dir = tempfile::tempdir().unwrap();
     // As a Docker secret is written: with a trailing newline, which is not part of the token.
     let token = write(dir.path(), "upstream_token", &format!("{UPSTREAM_TOKEN}\n"));
-    let config = config_text(&fake.base_url(), &dir.path().join("ledger.db"), "", "").replace(
-        "token_env = \"KETCHUP_UPSTREAM_TOKEN\"",
-        &format!("token_file = \"{}\"", token.display()),
+    let path = GatewayConfig::new()
+        .upstream_url(&fake.base_url())
+        .upstream_token_file(&token)
+        .write(dir.path());
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("token_file")
     );
-    assert!(config.contains("token_file"));
-    let path = write(dir.path(), "gateway.toml", &config);
     // A token in the environment too would hide a bug: it is removed.
-    let mut served = Served::start(&path, None);
-    let addr = tokio::task::block_in_place(|| served.listening());
+    let mut served = serve_without_token_env(&path);
+    let addr = tokio::task::block_in_place(|| served.wait_listening());
 
     let http = reqwest::Client::new();
     let health = http
@@ -482,7 +373,7 @@ async fn healthcheck_passes_against_a_running_gateway_and_fails_otherwise() {
         format!("ketchup-gateway: {url} answered 401 Unauthorized\n")
     );
 
-    let url = format!("http://127.0.0.1:{}/healthz", closed_port());
+    let url = format!("http://127.0.0.1:{}/healthz", free_port());
     let output = tokio::task::spawn_blocking({
         let url = url.clone();
         move || run(&["healthcheck", "--url", &url])

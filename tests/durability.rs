@@ -2,54 +2,25 @@
 //! with (or recorded for a client that left) stays its team's, and a reload changes keys
 //! without a restart but never with a broken file.
 
-mod common;
-
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ADS_KEY, DESIGN_KEY, Env, Gateway, UPSTREAM_TOKEN};
-use ketchup_domain::config::KeyDigest;
 use ketchup_fake_upstream::Fault;
-use serde_json::{Value, json};
+use ketchup_testkit::{
+    ADS_KEY, DESIGN_KEY, Env, GEMPIX as GENERATION, GatewayProcess, Launch, wait_until,
+};
+use serde_json::json;
 
-const GENERATION: &str = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;
 const NOT_FOUND: &str = r#"{"code":1,"message":"task not found"}"#;
-
-/// Sends a generation to the gateway at `addr` and returns the status and body.
-async fn generate_at(http: &reqwest::Client, addr: SocketAddr, key: &str) -> (u16, Value) {
-    let response = http
-        .post(format!("http://{addr}/api/image/gen"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(GENERATION)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("JSON body"))
-}
 
 /// Queries `task_id` and returns the status and the body as text, for exact comparisons.
 async fn query_text(env: &Env, key: &str, task_id: &str) -> (u16, String) {
-    let response = env
-        .http
-        .get(env.gateway.url("/api/task/query"))
-        .query(&[("task_id", task_id)])
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
+    let reply = env.api().query(key, task_id).await;
+    (reply.status, reply.text)
 }
 
 /// Asserts that `task_id` is design's: design reads it, ads gets the same 404 as for an unknown id.
 async fn assert_owned_by_design(env: &Env, task_id: &str) {
-    let (status, body) = env.query(DESIGN_KEY, task_id).await;
+    let (status, body) = env.api().query(DESIGN_KEY, task_id).await.status_json();
     assert_eq!(status, 200, "design's query for {task_id}: {body}");
     assert_eq!(body["code"], 0, "{body}");
     assert_eq!(body["data"]["task_id"], task_id, "{body}");
@@ -60,46 +31,13 @@ async fn assert_owned_by_design(env: &Env, task_id: &str) {
     );
 }
 
-/// Polls `condition` every 20 ms until it holds, panicking with `what` after 30 s.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the gateway has logged `needle` at least `count` times.
-async fn wait_for_log_count(gateway: &Gateway, needle: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while gateway.logs().matches(needle).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {count} log lines with {needle:?}; log:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The JSON log events that contain `needle`.
-fn log_events(gateway: &Gateway, needle: &str) -> Vec<Value> {
-    gateway
-        .logs()
-        .lines()
-        .filter(|line| line.contains(needle))
-        .map(|line| serde_json::from_str(line).expect("JSON log line"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_answered_right_before_a_sigkill_stay_owned() {
     let mut env = Env::start().await;
-    let addr = env.gateway.addr;
     let mut requests = tokio::task::JoinSet::new();
     for _ in 0..20 {
-        let http = env.http.clone();
-        requests.spawn(async move { generate_at(&http, addr, DESIGN_KEY).await });
+        let api = env.api().clone();
+        requests.spawn(async move { api.generate(DESIGN_KEY, GENERATION).await.status_json() });
     }
     let mut task_ids = Vec::new();
     while let Some(answer) = requests.join_next().await {
@@ -113,7 +51,7 @@ async fn tasks_answered_right_before_a_sigkill_stay_owned() {
         );
     }
     // Every answer came back before the kill, so every one must have been durable.
-    env.restart_after_kill();
+    env.gateway.restart_after_kill();
 
     task_ids.sort();
     task_ids.dedup();
@@ -127,18 +65,13 @@ async fn tasks_answered_right_before_a_sigkill_stay_owned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_request_in_flight_and_records_its_task() {
-    let Env {
-        fake,
-        mut gateway,
-        dir,
-        http,
-    } = Env::start().await;
+    let Env { fake, mut gateway } = Env::start().await;
     let addr = gateway.addr;
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_millis(1500)), 1);
     let in_flight = tokio::spawn({
-        let http = http.clone();
-        async move { generate_at(&http, addr, DESIGN_KEY).await }
+        let api = gateway.api.clone();
+        async move { api.generate(DESIGN_KEY, GENERATION).await.status_json() }
     });
     wait_until("the upstream to receive the generation", || {
         fake.stats().generate_requests == 1
@@ -159,7 +92,7 @@ async fn sigterm_finishes_the_request_in_flight_and_records_its_task() {
     let upstream: Vec<String> = fake.stats().tasks.into_keys().collect();
     assert_eq!(upstream, vec![task_id.clone()]);
 
-    let (ok, gateway) = exited_cleanly.await.expect("terminate");
+    let (ok, mut gateway) = exited_cleanly.await.expect("terminate");
     assert!(ok, "exit status after SIGTERM; log:\n{}", gateway.logs());
     let logs = gateway.logs();
     assert!(
@@ -180,30 +113,21 @@ async fn sigterm_finishes_the_request_in_flight_and_records_its_task() {
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 
     // A new gateway on the same config and ledger knows whose the task is.
-    let env = Env {
-        gateway: Gateway::start(gateway.config_path.clone()),
-        fake,
-        dir,
-        http,
-    };
+    gateway.restart();
+    let env = Env { fake, gateway };
     assert_owned_by_design(&env, &task_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_before_the_in_flight_request_ends() {
-    let Env {
-        fake,
-        mut gateway,
-        dir: _dir,
-        http,
-    } = Env::start().await;
+    let Env { fake, mut gateway } = Env::start().await;
     let addr = gateway.addr;
     // Long enough that the listener's closing cannot be mistaken for the process's exit.
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(6)), 1);
     let in_flight = tokio::spawn({
-        let http = http.clone();
-        async move { generate_at(&http, addr, DESIGN_KEY).await }
+        let api = gateway.api.clone();
+        async move { api.generate(DESIGN_KEY, GENERATION).await.status_json() }
     });
     wait_until("the upstream to receive the generation", || {
         fake.stats().generate_requests == 1
@@ -285,7 +209,7 @@ async fn a_task_whose_client_gave_up_is_still_recorded_as_the_teams() {
     }
     assert_owned_by_design(&env, task_id).await;
 
-    env.restart_after_kill();
+    env.gateway.restart_after_kill();
     assert_owned_by_design(&env, task_id).await;
     assert_eq!(env.fake.stats().generate_requests, 1, "sent once");
 }
@@ -333,7 +257,7 @@ async fn a_task_whose_connection_closed_mid_request_is_still_recorded() {
     }
     assert_owned_by_design(&env, task_id).await;
 
-    env.restart_after_kill();
+    env.gateway.restart_after_kill();
     assert_owned_by_design(&env, task_id).await;
     assert_eq!(env.fake.stats().generate_requests, 1, "sent once");
 }
@@ -341,30 +265,25 @@ async fn a_task_whose_connection_closed_mid_request_is_still_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_keys_and_refuses_a_broken_file() {
     const ML_KEY: &str = "kgw_ml_test_key_5555555555";
-    let env = Env::start().await;
-    let path = env.gateway.config_path.clone();
-    let original = std::fs::read_to_string(&path).unwrap();
+    let mut env = Env::start().await;
+    let path = env.gateway.config_path().to_owned();
+    let original = env.gateway.config().clone();
 
     // Before the reload the new key is unknown.
     assert_eq!(
-        env.generate(ML_KEY, GENERATION).await,
+        env.api().generate(ML_KEY, GENERATION).await.status_json(),
         (401, json!({"code": 1, "message": "Invalid API key"}))
     );
 
-    let with_ml = format!(
-        "{original}\n[[teams]]\nname = \"ml\"\nkeys = [{{ sha256 = \"{}\", label = \"ml-test\" }}]\n",
-        KeyDigest::of(ML_KEY).to_hex()
-    );
-    std::fs::write(&path, &with_ml).unwrap();
-    env.gateway.hangup();
-    wait_for_log_count(&env.gateway, "configuration reloaded", 1).await;
-    let reloaded = log_events(&env.gateway, "configuration reloaded");
+    let with_ml = original.clone().team("ml", ML_KEY);
+    env.gateway.reload(with_ml.clone()).await;
+    let reloaded = env.gateway.log_events("configuration reloaded");
     assert_eq!(reloaded.len(), 1);
     assert_eq!(reloaded[0]["teams"], 3, "{}", reloaded[0]);
     assert_eq!(reloaded[0]["models"], 2, "{}", reloaded[0]);
 
-    let ml_task = env.start_task(ML_KEY).await;
-    let (status, body) = env.query(ML_KEY, &ml_task).await;
+    let ml_task = env.api().start_task(ML_KEY).await;
+    let (status, body) = env.api().query(ML_KEY, &ml_task).await.status_json();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["task_id"], ml_task.as_str());
     assert_eq!(
@@ -373,11 +292,14 @@ async fn sighup_reloads_keys_and_refuses_a_broken_file() {
     );
 
     // A broken file is refused and the running configuration, ml included, is kept.
-    let broken = with_ml.replace("name = \"ml\"", "name = \"ml\"\nbudjet = 3");
-    std::fs::write(&path, &broken).unwrap();
+    env.gateway
+        .set_config(with_ml.team_lines("ml", "budjet = 3"));
+    let broken = std::fs::read_to_string(&path).unwrap();
     env.gateway.hangup();
-    wait_for_log_count(&env.gateway, "configuration reload refused", 1).await;
-    let refused = log_events(&env.gateway, "configuration reload refused");
+    env.gateway
+        .wait_for_log_count("configuration reload refused", 1)
+        .await;
+    let refused = env.gateway.log_events("configuration reload refused");
     assert_eq!(refused.len(), 1);
     let error = refused[0]["error"].as_str().expect("error field");
     let line = broken
@@ -395,90 +317,36 @@ async fn sighup_reloads_keys_and_refuses_a_broken_file() {
         1
     );
     for key in [DESIGN_KEY, ADS_KEY, ML_KEY] {
-        let (status, body) = env.generate(key, GENERATION).await;
+        let (status, body) = env.api().generate(key, GENERATION).await.status_json();
         assert_eq!(status, 200, "{body}");
     }
 
     // Removing a team by reload revokes its key at once; the others keep working.
-    std::fs::write(&path, &original).unwrap();
-    env.gateway.hangup();
-    wait_for_log_count(&env.gateway, "configuration reloaded", 2).await;
+    env.gateway.reload(original).await;
     assert_eq!(
-        env.generate(ML_KEY, GENERATION).await,
+        env.gateway.logs().matches("configuration reloaded").count(),
+        2
+    );
+    assert_eq!(
+        env.api().generate(ML_KEY, GENERATION).await.status_json(),
         (401, json!({"code": 1, "message": "Invalid API key"}))
     );
-    assert_eq!(env.generate(DESIGN_KEY, GENERATION).await.0, 200);
+    assert_eq!(env.api().generate(DESIGN_KEY, GENERATION).await.status, 200);
 }
 
 /// How many fresh gateways each early-signal test tries: the race it guards against is lost by
 /// only some of the starts (about half, on a 2-core machine).
 const EARLY_SIGNAL_ATTEMPTS: usize = 20;
 
-/// A gateway that was sent a signal the moment it logged that it listens.
-struct Signalled {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Signalled {
-    /// Starts `serve` on `config` and sends `signal` as soon as the "listening" line arrives,
-    /// from a shell started beforehand and waiting for a line on its stdin: the harness's
-    /// `kill` command takes milliseconds to start, which mostly hides the race.
-    fn start(config: &Path, signal: &str) -> Signalled {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ketchup-gateway"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
-            .env("KETCHUP_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("gateway binary starts");
-        let mut trigger = Command::new("sh")
-            .args(["-c", &format!("read _ && kill -{signal} {}", child.id())])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("sh starts");
-        let mut trigger_input = trigger.stdin.take();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        let stderr = child.stderr.take().expect("piped stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ketchup-gateway listening")
-                    && let Some(mut input) = trigger_input.take()
-                {
-                    let _ = input.write_all(b"go\n");
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let sent = trigger.wait().expect("sh runs");
-        let signalled = Signalled { child, logs };
-        assert!(
-            sent.success(),
-            "the signal was not sent; log:\n{}",
-            signalled.logs()
-        );
-        signalled
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-
-    /// The exit status, if the process has exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-}
-
-impl Drop for Signalled {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A gateway on `config` that is sent `signal` the moment it logs that it listens.
+fn signalled_when_listening(config: &std::path::Path, signal: &str) -> GatewayProcess {
+    GatewayProcess::spawn(
+        config,
+        Launch {
+            signal_when_listening: Some(signal),
+            ..Launch::default()
+        },
+    )
 }
 
 // KNOWN GATEWAY BUG (fails until `Server::run` installs its SIGTERM and SIGHUP handlers before it
@@ -487,9 +355,9 @@ impl Drop for Signalled {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_right_after_startup_is_a_graceful_stop() {
     let env = Env::start().await;
-    let path = env.gateway.config_path.clone();
+    let path = env.gateway.config_path();
     for attempt in 1..=EARLY_SIGNAL_ATTEMPTS {
-        let mut gateway = Signalled::start(&path, "TERM");
+        let mut gateway = signalled_when_listening(path, "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(status) = gateway.exited() {
@@ -515,9 +383,9 @@ async fn sigterm_right_after_startup_is_a_graceful_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_right_after_startup_reloads_instead_of_killing() {
     let env = Env::start().await;
-    let path = env.gateway.config_path.clone();
+    let path = env.gateway.config_path();
     for attempt in 1..=EARLY_SIGNAL_ATTEMPTS {
-        let mut gateway = Signalled::start(&path, "HUP");
+        let mut gateway = signalled_when_listening(path, "HUP");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !gateway.logs().contains("configuration reloaded") {
             if let Some(status) = gateway.exited() {

@@ -1,22 +1,25 @@
 //! The gateway's HTTP API, end to end: the real binary in front of the fake upstream.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use ketchup_fake_upstream::Fault;
+use ketchup_testkit::{
+    ADS_KEY, DESIGN_KEY, Env, Gateway, GatewayConfig, UPSTREAM_TOKEN, digest, fake_config,
+    free_port,
+};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_is_started_and_followed_to_success() {
     let env = Env::start().await;
     let (status, body) = env
+        .api()
         .generate(
             DESIGN_KEY,
             r#"{"model":"google/gempix2","prompt":"a tomato"}"#,
         )
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 200);
     assert_eq!(body["code"], 0);
     assert_eq!(body["message"], "ok");
@@ -25,7 +28,7 @@ async fn a_task_is_started_and_followed_to_success() {
 
     let mut seen = Vec::new();
     for _ in 0..100 {
-        let (status, body) = env.query(DESIGN_KEY, &task_id).await;
+        let (status, body) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
         assert_eq!(status, 200, "{body}");
         let state = body["data"]["status"].as_str().unwrap().to_owned();
         if seen.last() != Some(&state) {
@@ -42,6 +45,7 @@ async fn a_task_is_started_and_followed_to_success() {
 
     // Once final, the gateway's answer is the upstream's, byte for byte.
     let direct = env
+        .api()
         .http
         .get(format!("{}/api/task/query", env.fake.base_url()))
         .query(&[("task_id", &task_id)])
@@ -53,6 +57,7 @@ async fn a_task_is_started_and_followed_to_success() {
         .await
         .unwrap();
     let through = env
+        .api()
         .http
         .get(env.gateway.url("/api/task/query"))
         .query(&[("task_id", &task_id)])
@@ -81,10 +86,14 @@ async fn the_upstream_sees_its_token_and_the_request_untouched() {
         "n": 2,
         "some_future_field": {"nested": [1, 2, 3]}
     });
-    let (status, body) = env.generate(DESIGN_KEY, &sent.to_string()).await;
+    let (status, body) = env
+        .api()
+        .generate(DESIGN_KEY, &sent.to_string())
+        .await
+        .status_json();
     assert_eq!(status, 200, "{body}");
     let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let (status, _) = env.query(DESIGN_KEY, &task_id).await;
+    let (status, _) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(status, 200);
 
     let stats = env.fake.stats();
@@ -100,21 +109,31 @@ async fn the_upstream_sees_its_token_and_the_request_untouched() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_team_sees_only_its_own_tasks() {
     let env = Env::start().await;
-    let design_task = env.start_task(DESIGN_KEY).await;
+    let design_task = env.api().start_task(DESIGN_KEY).await;
     let not_found = json!({"code": 1, "message": "task not found"});
 
-    let (status, body) = env.query(ADS_KEY, &design_task).await;
+    let (status, body) = env.api().query(ADS_KEY, &design_task).await.status_json();
     assert_eq!((status, &body), (404, &not_found), "another team's task");
     let (status, body) = env
+        .api()
         .query(ADS_KEY, "ta00000000-0000-0000-0000-000000000000")
-        .await;
+        .await
+        .status_json();
     assert_eq!((status, &body), (404, &not_found), "a task nobody created");
-    let (status, body) = env.query(ADS_KEY, &"x".repeat(10_000)).await;
+    let (status, body) = env
+        .api()
+        .query(ADS_KEY, &"x".repeat(10_000))
+        .await
+        .status_json();
     assert_eq!((status, &body), (404, &not_found), "an absurd id");
 
     // None of these reached the upstream; the owner's read does.
     assert_eq!(env.fake.stats().query_requests, 0);
-    let (status, _) = env.query(DESIGN_KEY, &design_task).await;
+    let (status, _) = env
+        .api()
+        .query(DESIGN_KEY, &design_task)
+        .await
+        .status_json();
     assert_eq!(status, 200);
     assert_eq!(env.fake.stats().query_requests, 1);
 }
@@ -124,43 +143,69 @@ async fn after_a_restart_the_newest_owners_come_from_memory_and_older_ones_from_
     // Room for the owners of four tasks; the cache off, so every read checks ownership afresh.
     let mut env = Env::start_with(
         fake_config(),
-        "\n[cache]\nmax_entries = 0\nmax_owners = 4\n",
-        "",
+        GatewayConfig::new().cache("max_entries = 0\nmax_owners = 4"),
     )
     .await;
     let mut design = Vec::new();
     for _ in 0..5 {
-        design.push(env.start_task(DESIGN_KEY).await);
+        design.push(env.api().start_task(DESIGN_KEY).await);
     }
-    let ads = env.start_task(ADS_KEY).await;
-    env.restart_after_kill();
+    let ads = env.api().start_task(ADS_KEY).await;
+    env.gateway.restart_after_kill();
     env.gateway
         .wait_for_log("ownership index filled from the ledger")
         .await;
     let from = |source: &'static str| {
-        let (http, gateway) = (&env.http, &env.gateway);
+        let api = env.api();
         async move {
             let series = format!("ketchup_gateway_ownership_lookups_total{{source=\"{source}\"}}");
-            metric(http, gateway, &series).await
+            api.metric(&series).await
         }
     };
     let held = "ketchup_gateway_owners_in_memory";
-    assert_eq!(metric(&env.http, &env.gateway, held).await, 4.0);
+    assert_eq!(env.api().metric(held).await, 4.0);
 
     // The four newest tasks: their owners are known without the ledger, a stranger refused.
-    assert_eq!(env.query(DESIGN_KEY, &design[4]).await.0, 200);
-    assert_eq!(env.query(ADS_KEY, &ads).await.0, 200);
-    assert_eq!(env.query(DESIGN_KEY, &ads).await.0, 404);
-    assert_eq!(env.query(ADS_KEY, &design[2]).await.0, 404);
+    assert_eq!(
+        env.api()
+            .query(DESIGN_KEY, &design[4])
+            .await
+            .status_json()
+            .0,
+        200
+    );
+    assert_eq!(env.api().query(ADS_KEY, &ads).await.status_json().0, 200);
+    assert_eq!(env.api().query(DESIGN_KEY, &ads).await.status_json().0, 404);
+    assert_eq!(
+        env.api().query(ADS_KEY, &design[2]).await.status_json().0,
+        404
+    );
     assert_eq!((from("memory").await, from("ledger").await), (4.0, 0.0));
 
     // An older task is read from the ledger once, then known; still nobody else's.
-    assert_eq!(env.query(DESIGN_KEY, &design[0]).await.0, 200);
+    assert_eq!(
+        env.api()
+            .query(DESIGN_KEY, &design[0])
+            .await
+            .status_json()
+            .0,
+        200
+    );
     assert_eq!((from("memory").await, from("ledger").await), (4.0, 1.0));
-    assert_eq!(env.query(ADS_KEY, &design[0]).await.0, 404);
-    assert_eq!(env.query(DESIGN_KEY, &design[0]).await.0, 200);
+    assert_eq!(
+        env.api().query(ADS_KEY, &design[0]).await.status_json().0,
+        404
+    );
+    assert_eq!(
+        env.api()
+            .query(DESIGN_KEY, &design[0])
+            .await
+            .status_json()
+            .0,
+        200
+    );
     assert_eq!((from("memory").await, from("ledger").await), (6.0, 1.0));
-    assert!(metric(&env.http, &env.gateway, held).await <= 4.0);
+    assert!(env.api().metric(held).await <= 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -212,7 +257,7 @@ async fn invalid_requests_get_the_upstream_envelope_and_never_reach_it() {
         ),
     ];
     for (body, detail) in cases {
-        let (status, answer) = env.generate(DESIGN_KEY, body).await;
+        let (status, answer) = env.api().generate(DESIGN_KEY, body).await.status_json();
         assert_eq!(status, 400, "{body}");
         assert_eq!(
             answer,
@@ -222,6 +267,7 @@ async fn invalid_requests_get_the_upstream_envelope_and_never_reach_it() {
     }
 
     let missing = env
+        .api()
         .http
         .get(env.gateway.url("/api/task/query"))
         .bearer_auth(DESIGN_KEY)
@@ -243,6 +289,7 @@ async fn keys_are_required_except_for_probes() {
     let invalid = json!({"code": 1, "message": "Invalid API key"});
     for key in [None, Some("kgw_unknown"), Some("")] {
         let mut request = env
+            .api()
             .http
             .post(env.gateway.url("/api/image/gen"))
             .body(r#"{"model":"google/gempix2","prompt":"x"}"#);
@@ -255,6 +302,7 @@ async fn keys_are_required_except_for_probes() {
     }
     // Unknown paths are not revealed to callers without a key either.
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/api/internal"))
         .send()
@@ -263,6 +311,7 @@ async fn keys_are_required_except_for_probes() {
     assert_eq!(response.status(), 401);
     // Without an admin token in the config, the admin API does not exist for anyone.
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/admin/teams"))
         .bearer_auth(DESIGN_KEY)
@@ -272,7 +321,13 @@ async fn keys_are_required_except_for_probes() {
     assert_eq!(response.status(), 404);
 
     for probe in ["/healthz", "/readyz"] {
-        let response = env.http.get(env.gateway.url(probe)).send().await.unwrap();
+        let response = env
+            .api()
+            .http
+            .get(env.gateway.url(probe))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{probe}");
     }
     assert_eq!(env.fake.stats().generate_requests, 0);
@@ -282,6 +337,7 @@ async fn keys_are_required_except_for_probes() {
 async fn unknown_routes_and_methods_answer_in_the_envelope() {
     let env = Env::start().await;
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/api/nothing"))
         .bearer_auth(DESIGN_KEY)
@@ -294,6 +350,7 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
         json!({"code": 1, "message": "not found", "detail": "no such endpoint: GET /api/nothing"})
     );
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/api/image/gen"))
         .bearer_auth(DESIGN_KEY)
@@ -309,14 +366,20 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_bodies_are_refused_with_413() {
-    let env = Env::start_with(fake_config(), "max_body_bytes = 1024", "").await;
+    let env = Env::start_with(
+        fake_config(),
+        GatewayConfig::new().server("max_body_bytes = 1024"),
+    )
+    .await;
     let prompt = "x".repeat(2000);
     let (status, body) = env
+        .api()
         .generate(
             DESIGN_KEY,
             &json!({"model": "google/gempix2", "prompt": prompt}).to_string(),
         )
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 413);
     assert_eq!(
         body,
@@ -349,7 +412,7 @@ async fn oversized_bodies_are_refused_with_413() {
     );
     assert_eq!(env.fake.stats().generate_requests, 0);
     // The gateway is still fine.
-    assert!(env.start_task(DESIGN_KEY).await.starts_with("ta"));
+    assert!(env.api().start_task(DESIGN_KEY).await.starts_with("ta"));
 }
 
 /// Writes raw bytes to the gateway and returns what it answered (the write may be cut short by
@@ -393,28 +456,38 @@ async fn hostile_bytes_get_an_answer_not_a_crash() {
     });
     assert!(bad_utf8.starts_with("HTTP/1.1 400"), "{bad_utf8}");
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let (status, body) = env.generate(DESIGN_KEY, &deep).await;
+    let (status, body) = env.api().generate(DESIGN_KEY, &deep).await.status_json();
     assert_eq!(status, 400);
     assert_eq!(body["message"], "failed");
     let (status, _) = env
+        .api()
         .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 200, "still serving");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_errors_pass_through_unchanged() {
     // The upstream refuses more than five images; the gateway is configured to allow six.
-    let env = Env::start_with(fake_config(), CACHE_OFF, "max_reference_images = 6").await;
+    let env = Env::start_with(
+        fake_config(),
+        GatewayConfig::new()
+            .cache("max_entries = 0")
+            .upstream("max_reference_images = 6"),
+    )
+    .await;
     let six: Vec<String> = (0..6)
         .map(|i| format!("https://cdn.example.com/{i}.png"))
         .collect();
     let (status, body) = env
+        .api()
         .generate(
             DESIGN_KEY,
             &json!({"model": "google/gempix2", "prompt": "x", "images": six}).to_string(),
         )
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 400);
     assert_eq!(body["code"], 1);
     assert_eq!(body["message"], "failed");
@@ -422,8 +495,10 @@ async fn upstream_errors_pass_through_unchanged() {
 
     env.fake.faults().inject_generate(Fault::Status500, 1);
     let (status, body) = env
+        .api()
         .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await;
+        .await
+        .status_json();
     assert_eq!(
         (status, body),
         (500, json!({"code": 1, "message": "internal server error"}))
@@ -435,12 +510,12 @@ async fn upstream_errors_pass_through_unchanged() {
     );
 
     // Status reads are retried once (query_retries = 1): one 500 is absorbed, two pass through.
-    let task_id = env.start_task(DESIGN_KEY).await;
+    let task_id = env.api().start_task(DESIGN_KEY).await;
     env.fake.faults().inject_query(Fault::Status500, 1);
-    let (status, _) = env.query(DESIGN_KEY, &task_id).await;
+    let (status, _) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(status, 200);
     env.fake.faults().inject_query(Fault::Status500, 2);
-    let (status, body) = env.query(DESIGN_KEY, &task_id).await;
+    let (status, body) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(
         (status, body),
         (500, json!({"code": 1, "message": "internal server error"}))
@@ -452,10 +527,12 @@ async fn upstream_errors_pass_through_unchanged() {
 async fn an_upstream_that_rejects_the_token_is_passed_through() {
     let mut fake = fake_config();
     fake.token = "dk-some-other-token".into();
-    let env = Env::start_with(fake, "", "").await;
+    let env = Env::start_with(fake, GatewayConfig::new()).await;
     let (status, body) = env
+        .api()
         .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await;
+        .await
+        .status_json();
     assert_eq!(
         (status, body),
         (401, json!({"code": 1, "message": "Invalid API key"}))
@@ -466,9 +543,9 @@ async fn an_upstream_that_rejects_the_token_is_passed_through() {
 async fn a_young_task_unknown_upstream_reads_as_pending_and_an_old_one_as_not_found() {
     let mut fake = fake_config();
     fake.unknown_for = Duration::from_secs(3600);
-    let env = Env::start_with(fake, "", "").await;
-    let task_id = env.start_task(DESIGN_KEY).await;
-    let (status, body) = env.query(DESIGN_KEY, &task_id).await;
+    let env = Env::start_with(fake, GatewayConfig::new()).await;
+    let task_id = env.api().start_task(DESIGN_KEY).await;
+    let (status, body) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["code"], 0);
     assert_eq!(body["data"]["status"], "pending");
@@ -477,9 +554,13 @@ async fn a_young_task_unknown_upstream_reads_as_pending_and_an_old_one_as_not_fo
 
     let mut fake = fake_config();
     fake.unknown_for = Duration::from_secs(3600);
-    let env = Env::start_with(fake, "", "new_task_grace = \"0s\"").await;
-    let task_id = env.start_task(DESIGN_KEY).await;
-    let (status, body) = env.query(DESIGN_KEY, &task_id).await;
+    let env = Env::start_with(
+        fake,
+        GatewayConfig::new().upstream("new_task_grace = \"0s\""),
+    )
+    .await;
+    let task_id = env.api().start_task(DESIGN_KEY).await;
+    let (status, body) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(
         (status, body),
         (404, json!({"code": 1, "message": "task not found"}))
@@ -488,19 +569,12 @@ async fn a_young_task_unknown_upstream_reads_as_pending_and_an_old_one_as_not_fo
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_gives_502_quickly() {
-    let fake = fake_config();
-    let env = Env::start_with(fake, "", "").await;
-    // Point a second gateway at a port where nothing listens.
-    let config_path = env.dir.path().join("down.toml");
-    let text = config_text(
-        &format!("http://127.0.0.1:{}", closed_port()),
-        &env.dir.path().join("down.db"),
-        "",
-        "",
+    // A gateway in front of a port where nothing listens.
+    let down = Gateway::start(
+        &GatewayConfig::new().upstream_url(&format!("http://127.0.0.1:{}", free_port())),
     );
-    std::fs::write(&config_path, text).unwrap();
-    let down = Gateway::start(config_path);
-    let response = env
+    let response = down
+        .api
         .http
         .post(down.url("/api/image/gen"))
         .bearer_auth(DESIGN_KEY)
@@ -522,13 +596,19 @@ async fn an_unreachable_upstream_gives_502_quickly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_or_broken_upstream_gives_504_or_502() {
-    let env = Env::start_with(fake_config(), "", "timeout = \"300ms\"").await;
+    let env = Env::start_with(
+        fake_config(),
+        GatewayConfig::new().upstream("timeout = \"300ms\""),
+    )
+    .await;
     env.fake
         .faults()
         .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
     let (status, body) = env
+        .api()
         .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 504);
     assert_eq!(
         body,
@@ -538,22 +618,24 @@ async fn a_slow_or_broken_upstream_gives_504_or_502() {
 
     env.fake.faults().inject_generate(Fault::DropConnection, 1);
     let (status, body) = env
+        .api()
         .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await;
+        .await
+        .status_json();
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["message"], "upstream unavailable");
 
-    let task_id = env.start_task(DESIGN_KEY).await;
+    let task_id = env.api().start_task(DESIGN_KEY).await;
     env.fake
         .faults()
         .inject_query(Fault::Slow(Duration::from_secs(2)), 1);
-    let (status, body) = env.query(DESIGN_KEY, &task_id).await;
+    let (status, body) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(
         (status, body["message"].as_str()),
         (504, Some("upstream timeout"))
     );
     // The gateway keeps serving.
-    let (status, _) = env.query(DESIGN_KEY, &task_id).await;
+    let (status, _) = env.api().query(DESIGN_KEY, &task_id).await.status_json();
     assert_eq!(status, 200);
 }
 
@@ -561,6 +643,7 @@ async fn a_slow_or_broken_upstream_gives_504_or_502() {
 async fn request_ids_round_trip_and_reach_the_upstream() {
     let env = Env::start().await;
     let response = env
+        .api()
         .http
         .post(env.gateway.url("/api/image/gen"))
         .bearer_auth(DESIGN_KEY)
@@ -577,6 +660,7 @@ async fn request_ids_round_trip_and_reach_the_upstream() {
 
     // An unusable id is replaced by one of the gateway's own.
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/healthz"))
         .header("x-request-id", "x".repeat(500))
@@ -587,6 +671,7 @@ async fn request_ids_round_trip_and_reach_the_upstream() {
     assert_eq!(id.len(), 36, "{id}");
     // And a request without one gets one, also on errors.
     let response = env
+        .api()
         .http
         .get(env.gateway.url("/api/x"))
         .send()
@@ -599,22 +684,36 @@ async fn request_ids_round_trip_and_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_and_tokens_never_reach_logs_or_answers() {
-    let env = Env::start_with(fake_config(), CACHE_OFF, "timeout = \"300ms\"").await;
-    let task_id = env.start_task(DESIGN_KEY).await;
+    let env = Env::start_with(
+        fake_config(),
+        GatewayConfig::new()
+            .cache("max_entries = 0")
+            .upstream("timeout = \"300ms\""),
+    )
+    .await;
+    let task_id = env.api().start_task(DESIGN_KEY).await;
     let mut answers = Vec::new();
-    answers.push(env.query(DESIGN_KEY, &task_id).await.1);
-    answers.push(env.query(ADS_KEY, &task_id).await.1);
+    answers.push(env.api().query(DESIGN_KEY, &task_id).await.status_json().1);
+    answers.push(env.api().query(ADS_KEY, &task_id).await.status_json().1);
     env.fake
         .faults()
         .inject_generate(Fault::Slow(Duration::from_secs(1)), 1);
     answers.push(
-        env.generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
+        env.api()
+            .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
             .await
+            .status_json()
             .1,
     );
-    answers.push(env.generate("kgw_wrong_key_for_log_test", "{}").await.1);
+    answers.push(
+        env.api()
+            .generate("kgw_wrong_key_for_log_test", "{}")
+            .await
+            .status_json()
+            .1,
+    );
     env.fake.faults().inject_query(Fault::DropConnection, 2);
-    answers.push(env.query(DESIGN_KEY, &task_id).await.1);
+    answers.push(env.api().query(DESIGN_KEY, &task_id).await.status_json().1);
     env.gateway.wait_for_log("upstream_unreachable").await;
 
     let logs = env.gateway.logs();

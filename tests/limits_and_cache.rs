@@ -6,27 +6,22 @@
 //! The tests of this file run one at a time (see [`serial`]): the 100-poller test would otherwise
 //! starve the timing-sensitive rate-limit tests of CPU.
 
-mod common;
-
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
-use ketchup_domain::clock::{ManualClock, SharedClock};
-use ketchup_domain::config::{Config, Secret};
+use ketchup_domain::clock::ManualClock;
 use ketchup_domain::credits::Credits;
-use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
-use ketchup_gateway::server::Server;
+use ketchup_fake_upstream::{FakeHandle, Fault};
+use ketchup_testkit::api::statuses;
+use ketchup_testkit::{
+    ADS_KEY, DEADLINE, DESIGN_KEY, GEMPIX, Gateway, GatewayConfig, InProcess, Reply, fake_config,
+    rendering_at, start_fake, upstream_reads, wait_until_final,
+};
 use serde_json::{Value, json};
 
-const GEMPIX: &str = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;
 const ZERO: &str = "0.00000000";
 const TASK_NOT_FOUND: &str = r#"{"code":1,"message":"task not found"}"#;
-
-/// How long any eventual condition is waited for.
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Limits no test reaches by accident.
 const GENEROUS: &str = r#"{ generate = "100000/s", generate_burst = 100000, query = "100000/s", query_burst = 100000 }"#;
@@ -37,183 +32,18 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
-// ---------------------------------------------------------------------------------------------
-// Configuration and processes
-// ---------------------------------------------------------------------------------------------
-
-/// A test's gateway: teams `design` and `ads`, models `google/gempix2` (reserves 0.50) and
-/// `google/gemini-2.5-flash-image` (0.25).
-struct Setup {
-    /// `[upstream] max_requests_per_second`.
-    global_rps: u32,
-    /// `[upstream] query_retries`.
-    query_retries: u32,
-    /// Further lines of `[upstream]`.
-    upstream_extra: &'static str,
-    /// Lines of `[cache]`.
-    cache: &'static str,
-    /// Lines of `[reconciler]`.
-    reconciler: &'static str,
-    /// Inline tables of design's and ads's `limits`.
-    design_limits: &'static str,
-    ads_limits: &'static str,
-    /// Inline table of design's `budget`, if any.
-    design_budget: Option<&'static str>,
-}
-
-impl Default for Setup {
-    fn default() -> Self {
-        Setup {
-            global_rps: 10_000,
-            query_retries: 1,
-            upstream_extra: "",
-            cache: "",
-            reconciler: "",
-            design_limits: GENEROUS,
-            ads_limits: GENEROUS,
-            design_budget: None,
-        }
-    }
-}
-
-fn config_text(setup: &Setup, upstream: &str, dir: &Path) -> String {
-    let budget = setup
-        .design_budget
-        .map(|b| format!("budget = {b}"))
-        .unwrap_or_default();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[upstream]
-base_url = "{upstream}"
-token_env = "KETCHUP_UPSTREAM_TOKEN"
-query_retries = {query_retries}
-max_requests_per_second = {global_rps}
-{upstream_extra}
-
-[cache]
-{cache}
-
-[reconciler]
-{reconciler}
-
-[store]
-path = "{ledger}"
-
-[models."google/gempix2"]
-reserve = "0.50"
-
-[models."google/gemini-2.5-flash-image"]
-reserve = "0.25"
-
-[defaults.limits]
-generate = "1000/s"
-generate_burst = 1000
-query = "1000/s"
-query_burst = 1000
-
-[[teams]]
-name = "design"
-keys = [{{ sha256 = "{design}", label = "design-test" }}]
-limits = {design_limits}
-{budget}
-
-[[teams]]
-name = "ads"
-keys = [{{ sha256 = "{ads}", label = "ads-test" }}]
-limits = {ads_limits}
-"#,
-        global_rps = setup.global_rps,
-        query_retries = setup.query_retries,
-        upstream_extra = setup.upstream_extra,
-        cache = setup.cache,
-        reconciler = setup.reconciler,
-        ledger = dir.join("ledger.db").display(),
-        design = digest(DESIGN_KEY),
-        ads = digest(ADS_KEY),
-        design_limits = setup.design_limits,
-        ads_limits = setup.ads_limits,
-    )
-}
-
 /// A fake whose tasks spend `phase` in each of pending, submitted and in_progress, and whose
 /// `google/gempix2` images consume 0.37 credits each.
-async fn start_fake(phase: Duration) -> FakeHandle {
-    let mut fake = fake_config();
-    fake.pending_for = phase;
-    fake.submitted_for = phase;
-    fake.in_progress_for = phase;
-    fake.consumed
-        .insert("google/gempix2".into(), "0.37".parse().expect("amount"));
-    ketchup_fake_upstream::start(fake)
-        .await
-        .expect("fake upstream starts")
+async fn start_fake_with_phase(phase: Duration) -> FakeHandle {
+    start_fake(rendering_at(phase, "0.37")).await
 }
 
-/// The real binary and a client for it.
-struct Env {
-    gateway: Gateway,
-    api: Api,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn start(upstream: &str, setup: &Setup) -> Env {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config_path = dir.path().join("gateway.toml");
-        std::fs::write(&config_path, config_text(setup, upstream, dir.path()))
-            .expect("config written");
-        let gateway = Gateway::start(config_path);
-        let api = Api::new(format!("http://{}", gateway.addr));
-        Env { gateway, api, dir }
-    }
-
-    /// Writes a new configuration (same ledger) and has the gateway reload it with SIGHUP.
-    async fn reload(&self, upstream: &str, setup: &Setup) {
-        std::fs::write(
-            &self.gateway.config_path,
-            config_text(setup, upstream, self.dir.path()),
-        )
-        .expect("config written");
-        self.gateway.hangup();
-        self.gateway.wait_for_log("configuration reloaded").await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP client
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Reply {
-    fn x_cache(&self) -> String {
-        self.header("x-cache")
-            .unwrap_or_else(|| panic!("no X-Cache on {} {}", self.status, self.text))
-    }
-
-    /// `RateLimit-Limit`, `-Remaining`, `-Reset`.
-    fn rate_limit(&self) -> (Option<String>, Option<String>, Option<String>) {
-        (
-            self.header("ratelimit-limit"),
-            self.header("ratelimit-remaining"),
-            self.header("ratelimit-reset"),
-        )
-    }
-
-    fn task_status(&self) -> String {
-        assert_eq!(self.status, 200, "{}", self.text);
-        self.json()["data"]["status"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no status in {}", self.text))
-            .to_owned()
-    }
+/// The base config in front of `upstream`, both teams with limits no test reaches by accident.
+fn config(upstream: &str) -> GatewayConfig {
+    GatewayConfig::new()
+        .upstream_url(upstream)
+        .limits("design", GENEROUS)
+        .limits("ads", GENEROUS)
 }
 
 /// `RateLimit-*` header values as a test writes them.
@@ -229,144 +59,12 @@ fn limit_headers(
     )
 }
 
-impl Api {
-    fn new(base: String) -> Api {
-        Api {
-            http: reqwest::Client::new(),
-            base,
-        }
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("gateway answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        Reply {
-            status,
-            headers,
-            text,
-        }
-    }
-
-    async fn generate(&self, key: &str) -> Reply {
-        self.send(
-            self.http
-                .post(format!("{}/api/image/gen", self.base))
-                .bearer_auth(key)
-                .header("content-type", "application/json")
-                .body(GEMPIX),
-        )
-        .await
-    }
-
-    async fn query(&self, key: &str, task_id: &str) -> Reply {
-        self.send(
-            self.http
-                .get(format!("{}/api/task/query", self.base))
-                .query(&[("task_id", task_id)])
-                .bearer_auth(key),
-        )
-        .await
-    }
-
-    /// `GET /gateway/v1/budget` with the team's key; must answer 200.
-    async fn budget(&self, key: &str) -> Value {
-        let reply = self
-            .send(
-                self.http
-                    .get(format!("{}/gateway/v1/budget", self.base))
-                    .bearer_auth(key),
-            )
-            .await;
-        assert_eq!(reply.status, 200, "budget: {}", reply.text);
-        reply.json()
-    }
-
-    /// Opens `count` connections to the gateway and leaves them idle in the client's pool, so
-    /// that a burst sent next reaches the gateway at once instead of one handshake at a time.
-    async fn warm_up(&self, count: usize) {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..count {
-            let api = self.clone();
-            set.spawn(async move {
-                api.send(api.http.get(format!("{}/healthz", api.base)))
-                    .await
-            });
-        }
-        while let Some(reply) = set.join_next().await {
-            assert_eq!(reply.expect("request task").status, 200);
-        }
-    }
-
-    /// Sends all `requests` (key, task id or `None` for a generation) at once; replies in the
-    /// same order.
-    async fn concurrently(&self, requests: &[(&'static str, Option<String>)]) -> Vec<Reply> {
-        let mut set = tokio::task::JoinSet::new();
-        for (i, (key, task)) in requests.iter().cloned().enumerate() {
-            let api = self.clone();
-            set.spawn(async move {
-                let reply = match task {
-                    Some(task) => api.query(key, &task).await,
-                    None => api.generate(key).await,
-                };
-                (i, reply)
-            });
-        }
-        let mut replies: Vec<Option<Reply>> = (0..requests.len()).map(|_| None).collect();
-        while let Some(joined) = set.join_next().await {
-            let (i, reply) = joined.expect("request task");
-            replies[i] = Some(reply);
-        }
-        replies.into_iter().map(|r| r.expect("a reply")).collect()
-    }
-}
-
-fn statuses(replies: &[Reply]) -> HashMap<u16, usize> {
-    let mut counts = HashMap::new();
-    for reply in replies {
-        *counts.entry(reply.status).or_default() += 1;
-    }
-    counts
-}
-
 fn x_caches(replies: &[Reply]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for reply in replies {
         *counts.entry(reply.x_cache()).or_default() += 1;
     }
     counts
-}
-
-/// Queries of `task` the fake has answered (faults that stop a query before it is looked up,
-/// such as an injected 500, are not counted here).
-fn upstream_reads(fake: &FakeHandle, task: &str) -> u64 {
-    fake.stats().queries_by_task.get(task).copied().unwrap_or(0)
-}
-
-/// Waits until the fake says every one of `tasks` is final.
-async fn wait_until_final(fake: &FakeHandle, tasks: &[String]) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let stats = fake.stats();
-        let pending: Vec<&String> = tasks
-            .iter()
-            .filter(|id| {
-                !stats
-                    .tasks
-                    .get(*id)
-                    .is_some_and(|t| matches!(t.status, TaskStatus::Success | TaskStatus::Failed))
-            })
-            .collect();
-        if pending.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tasks never became final upstream: {pending:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The `rate limited` envelope.
@@ -420,22 +118,16 @@ async fn a_hundred_pollers_of_a_running_task_cost_one_upstream_read_per_ttl() {
     let fake = ketchup_fake_upstream::start(fake)
         .await
         .expect("fake starts");
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "1s""#,
-            ..Setup::default()
-        },
-    );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
+    let gateway = Gateway::start(&config(&fake.base_url()).cache(r#"status_ttl = "1s""#));
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(upstream_reads(&fake, &task), 0);
-    env.api.warm_up(100).await;
+    gateway.api.warm_up(100).await;
 
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..100 {
-        let (api, task) = (env.api.clone(), task.clone());
+        let (api, task) = (gateway.api.clone(), task.clone());
         set.spawn(async move {
             let mut served: HashMap<String, u64> = HashMap::new();
             while Instant::now() < deadline {
@@ -486,23 +178,17 @@ async fn a_hundred_pollers_of_a_running_task_cost_one_upstream_read_per_ttl() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_misses_wait_on_one_upstream_read() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "60s""#,
-            ..Setup::default()
-        },
-    );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
-    env.api.warm_up(50).await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(&config(&fake.base_url()).cache(r#"status_ttl = "60s""#));
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
+    gateway.api.warm_up(50).await;
     // The one read that reaches the upstream takes half a second: every other poll sent
     // meanwhile waits for it.
     fake.faults()
         .inject_query(Fault::Slow(Duration::from_millis(500)), 1);
     let polls: Vec<(&'static str, Option<String>)> =
         (0..50).map(|_| (DESIGN_KEY, Some(task.clone()))).collect();
-    let replies = env.api.concurrently(&polls).await;
+    let replies = gateway.api.concurrently(&polls).await;
     assert_eq!(statuses(&replies), HashMap::from([(200, 50)]));
     let served = x_caches(&replies);
     eprintln!("50 concurrent misses: {served:?}");
@@ -528,25 +214,22 @@ async fn concurrent_misses_wait_on_one_upstream_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_final_status_is_read_once_then_served_from_the_cache_and_settled_once() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_millis(300)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "1s""#,
-            design_budget: Some(r#"{ credits = "5.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_millis(300)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .cache(r#"status_ttl = "1s""#)
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#),
     );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", ZERO, "0.50000000", 1)
     );
 
     // Poll through the running phases until the gateway shows the final state.
     let deadline = Instant::now() + DEADLINE;
     let first_success = loop {
-        let reply = env.api.query(DESIGN_KEY, &task).await;
+        let reply = gateway.api.query(DESIGN_KEY, &task).await;
         if reply.task_status() == "success" {
             break reply;
         }
@@ -565,7 +248,7 @@ async fn a_final_status_is_read_once_then_served_from_the_cache_and_settled_once
     // 200 pollers at once: all from the cache, none reaches the upstream.
     let requests: Vec<(&'static str, Option<String>)> =
         (0..200).map(|_| (DESIGN_KEY, Some(task.clone()))).collect();
-    let replies = env.api.concurrently(&requests).await;
+    let replies = gateway.api.concurrently(&requests).await;
     assert_eq!(statuses(&replies), HashMap::from([(200, 200)]));
     assert_eq!(x_caches(&replies), HashMap::from([("hit".to_owned(), 200)]));
     for reply in &replies {
@@ -579,7 +262,7 @@ async fn a_final_status_is_read_once_then_served_from_the_cache_and_settled_once
     // A final status outlives the TTL of running ones.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for _ in 0..20 {
-        let reply = env.api.query(DESIGN_KEY, &task).await;
+        let reply = gateway.api.query(DESIGN_KEY, &task).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         assert_eq!(reply.x_cache(), "hit", "a final status stays until evicted");
         assert_eq!(reply.text, first_success.text);
@@ -588,7 +271,7 @@ async fn a_final_status_is_read_once_then_served_from_the_cache_and_settled_once
 
     // Settled exactly once, at what the task consumed.
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("5.00000000", "0.37000000", ZERO, 0)
     );
 }
@@ -600,19 +283,13 @@ async fn a_final_status_is_read_once_then_served_from_the_cache_and_settled_once
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cached_task_is_still_not_found_for_another_team() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "60s""#,
-            ..Setup::default()
-        },
-    );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
-    let first = env.api.query(DESIGN_KEY, &task).await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(&config(&fake.base_url()).cache(r#"status_ttl = "60s""#));
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
+    let first = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(first.status, 200, "{}", first.text);
     assert_eq!(first.x_cache(), "miss");
-    let second = env.api.query(DESIGN_KEY, &task).await;
+    let second = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(second.x_cache(), "hit");
     assert_eq!(
         second.header("ratelimit-limit").as_deref(),
@@ -625,7 +302,7 @@ async fn a_cached_task_is_still_not_found_for_another_team() {
     // Ads asks for design's cached task: the same 404 as for an id that does not exist, and
     // nothing that tells it the task is cached.
     for _ in 0..3 {
-        let foreign = env.api.query(ADS_KEY, &task).await;
+        let foreign = gateway.api.query(ADS_KEY, &task).await;
         assert_eq!(foreign.status, 404, "{}", foreign.text);
         assert_eq!(
             foreign.json(),
@@ -637,7 +314,7 @@ async fn a_cached_task_is_still_not_found_for_another_team() {
             "a 404 says nothing about the cache"
         );
     }
-    let unknown = env.api.query(ADS_KEY, "ta-no-such-task").await;
+    let unknown = gateway.api.query(ADS_KEY, "ta-no-such-task").await;
     assert_eq!(unknown.status, 404);
     assert_eq!(
         unknown.json(),
@@ -651,7 +328,7 @@ async fn a_cached_task_is_still_not_found_for_another_team() {
     assert_eq!(fake.stats().query_requests, 1);
 
     // The owner is still served from the cache.
-    let again = env.api.query(DESIGN_KEY, &task).await;
+    let again = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(again.x_cache(), "hit");
     assert_eq!(upstream_reads(&fake, &task), 1);
 }
@@ -663,20 +340,17 @@ async fn a_cached_task_is_still_not_found_for_another_team() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_errors_and_timeouts_are_not_cached() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "60s""#,
-            upstream_extra: r#"timeout = "500ms""#,
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .cache(r#"status_ttl = "60s""#)
+            .upstream(r#"timeout = "500ms""#),
     );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
 
     // Two 500s: the first try and its one retry (query_retries = 1).
     fake.faults().inject_query(Fault::Status500, 2);
-    let failed = env.api.query(DESIGN_KEY, &task).await;
+    let failed = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(failed.status, 500, "{}", failed.text);
     assert_eq!(
         failed.json(),
@@ -687,43 +361,27 @@ async fn upstream_errors_and_timeouts_are_not_cached() {
     assert_eq!(upstream_reads(&fake, &task), 0);
 
     // The next poll goes upstream again and its status is cached.
-    let ok = env.api.query(DESIGN_KEY, &task).await;
+    let ok = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     assert_eq!(ok.x_cache(), "miss");
     assert_eq!(upstream_reads(&fake, &task), 1);
     assert_eq!(fake.stats().query_requests, 3);
-    let cached = env.api.query(DESIGN_KEY, &task).await;
+    let cached = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(cached.x_cache(), "hit");
     assert_eq!(upstream_reads(&fake, &task), 1);
 
     // A timeout is not cached either (a second task, so nothing is cached for it yet).
-    let slow_task = env.api.generate(DESIGN_KEY).await.task_id();
+    let slow_task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     fake.faults()
         .inject_query(Fault::Slow(Duration::from_secs(2)), 1);
-    let timed_out = env.api.query(DESIGN_KEY, &slow_task).await;
+    let timed_out = gateway.api.query(DESIGN_KEY, &slow_task).await;
     assert_eq!(timed_out.status, 504, "{}", timed_out.text);
     assert_eq!(timed_out.json()["message"], "upstream timeout");
     assert_eq!(upstream_reads(&fake, &slow_task), 1);
-    let after = env.api.query(DESIGN_KEY, &slow_task).await;
+    let after = gateway.api.query(DESIGN_KEY, &slow_task).await;
     assert_eq!(after.status, 200, "{}", after.text);
     assert_eq!(after.x_cache(), "miss");
     assert_eq!(upstream_reads(&fake, &slow_task), 2);
-}
-
-async fn start_in_process(
-    upstream: &str,
-    setup: &Setup,
-    clock: SharedClock,
-) -> (Api, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let text = config_text(setup, upstream, dir.path());
-    let config = Config::parse(Path::new("t.toml"), &text).expect("config parses");
-    let server = Server::bind(config, &Secret::new(UPSTREAM_TOKEN), clock)
-        .await
-        .expect("gateway binds");
-    let addr = server.local_addr();
-    tokio::spawn(server.run(None::<PathBuf>));
-    (Api::new(format!("http://{addr}")), dir)
 }
 
 fn at(text: &str) -> DateTime<Utc> {
@@ -740,20 +398,18 @@ async fn an_upstream_404_is_cached_as_pending_only_while_the_task_is_young() {
         .await
         .expect("fake starts");
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
-    let (api, _dir) = start_in_process(
-        &fake.base_url(),
-        &Setup {
-            cache: r#"status_ttl = "60s""#,
-            upstream_extra: r#"new_task_grace = "30s""#,
-            reconciler: r#"settle_after = "10h""#,
-            ..Setup::default()
-        },
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .cache(r#"status_ttl = "60s""#)
+            .upstream(r#"new_task_grace = "30s""#)
+            .reconciler(r#"settle_after = "10h""#),
         clock.clone(),
     )
     .await;
+    let api = &gw.api;
 
     // Young: the gateway answers pending, and caches it like any running status.
-    let young = api.generate(DESIGN_KEY).await.task_id();
+    let young = api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     let first = api.query(DESIGN_KEY, &young).await;
     assert_eq!(first.task_status(), "pending");
     assert_eq!(first.x_cache(), "miss");
@@ -763,7 +419,7 @@ async fn an_upstream_404_is_cached_as_pending_only_while_the_task_is_young() {
     assert_eq!(upstream_reads(&fake, &young), 1);
 
     // Past the grace period, the upstream's 404 passes through and is never cached.
-    let old = api.generate(DESIGN_KEY).await.task_id();
+    let old = api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     clock.advance(Duration::from_secs(3600));
     for read in 1..=3 {
         let reply = api.query(DESIGN_KEY, &old).await;
@@ -788,19 +444,13 @@ async fn an_upstream_404_is_cached_as_pending_only_while_the_task_is_young() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cache_holds_at_most_max_entries() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_millis(50)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: "max_entries = 50",
-            ..Setup::default()
-        },
-    );
+    let fake = start_fake_with_phase(Duration::from_millis(50)).await;
+    let gateway = Gateway::start(&config(&fake.base_url()).cache("max_entries = 50"));
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let requests: Vec<(&'static str, Option<String>)> =
             (0..20).map(|_| (DESIGN_KEY, None)).collect();
-        for reply in env.api.concurrently(&requests).await {
+        for reply in gateway.api.concurrently(&requests).await {
             tasks.push(reply.task_id());
         }
     }
@@ -809,7 +459,7 @@ async fn the_cache_holds_at_most_max_entries() {
     wait_until_final(&fake, &tasks).await;
 
     for task in &tasks {
-        let reply = env.api.query(DESIGN_KEY, task).await;
+        let reply = gateway.api.query(DESIGN_KEY, task).await;
         assert_eq!(reply.task_status(), "success", "{}", reply.text);
         assert_eq!(reply.x_cache(), "miss");
     }
@@ -818,7 +468,7 @@ async fn the_cache_holds_at_most_max_entries() {
 
     let mut served: HashMap<String, u64> = HashMap::new();
     for task in &tasks {
-        let reply = env.api.query(DESIGN_KEY, task).await;
+        let reply = gateway.api.query(DESIGN_KEY, task).await;
         assert_eq!(reply.task_status(), "success", "{}", reply.text);
         *served.entry(reply.x_cache()).or_default() += 1;
     }
@@ -837,17 +487,11 @@ async fn the_cache_holds_at_most_max_entries() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_entries_zero_sends_every_read_upstream() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            cache: "max_entries = 0",
-            ..Setup::default()
-        },
-    );
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(&config(&fake.base_url()).cache("max_entries = 0"));
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     for read in 1..=5 {
-        let reply = env.api.query(DESIGN_KEY, &task).await;
+        let reply = gateway.api.query(DESIGN_KEY, &task).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         assert_eq!(reply.x_cache(), "miss");
         assert_eq!(upstream_reads(&fake, &task), read);
@@ -874,23 +518,20 @@ fn retry_in(detail: &str, prefix: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_team_over_its_generation_limit_gets_429_and_costs_nothing() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_limits: r#"{ generate = "60/min", generate_burst = 3 }"#,
-            design_budget: Some(r#"{ credits = "100.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .limits("design", r#"{ generate = "60/min", generate_burst = 3 }"#)
+            .budget("design", r#"{ credits = "100.00", period = "lifetime" }"#),
     );
     let started = Instant::now();
     for (remaining, reset) in [("2", "1"), ("1", "2"), ("0", "3")] {
-        let reply = env.api.generate(DESIGN_KEY).await;
+        let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         assert_eq!(reply.rate_limit(), limit_headers("3", remaining, reset));
         assert_eq!(reply.header("retry-after"), None);
     }
-    let refused = env.api.generate(DESIGN_KEY).await;
+    let refused = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     let elapsed = started.elapsed();
     assert!(
         elapsed < Duration::from_millis(900),
@@ -919,7 +560,7 @@ async fn a_team_over_its_generation_limit_gets_429_and_costs_nothing() {
     let stats = fake.stats();
     assert_eq!(stats.generate_requests, 3, "the refused one never left");
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("100.00000000", ZERO, "1.50000000", 3),
         "three reservations, none for the refused request"
     );
@@ -928,41 +569,38 @@ async fn a_team_over_its_generation_limit_gets_429_and_costs_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn generation_and_status_limits_are_independent() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
     let limits = r#"{ generate = "60/min", generate_burst = 2, query = "1/min", query_burst = 2 }"#;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_limits: limits,
-            ads_limits: limits,
-            ..Setup::default()
-        },
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .limits("design", limits)
+            .limits("ads", limits),
     );
 
     // Design spends its generations; its status reads are untouched.
-    let first = env.api.generate(DESIGN_KEY).await;
+    let first = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(first.rate_limit(), limit_headers("2", "1", "1"));
     let task = first.task_id();
-    let second = env.api.generate(DESIGN_KEY).await;
+    let second = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(second.rate_limit(), limit_headers("2", "0", "2"));
-    let refused = env.api.generate(DESIGN_KEY).await;
+    let refused = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(refused.status, 429, "{}", refused.text);
-    let query = env.api.query(DESIGN_KEY, &task).await;
+    let query = gateway.api.query(DESIGN_KEY, &task).await;
     assert_eq!(query.status, 200, "{}", query.text);
     assert_eq!(query.rate_limit(), limit_headers("2", "1", "60"));
 
     // Ads spends its status reads; its generations are untouched.
     let started = Instant::now();
-    let first = env.api.generate(ADS_KEY).await;
+    let first = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(first.rate_limit(), limit_headers("2", "1", "1"));
     let task = first.task_id();
-    let read = env.api.query(ADS_KEY, &task).await;
+    let read = gateway.api.query(ADS_KEY, &task).await;
     assert_eq!(read.status, 200, "{}", read.text);
     assert_eq!(read.rate_limit(), limit_headers("2", "1", "60"));
-    let read = env.api.query(ADS_KEY, &task).await;
+    let read = gateway.api.query(ADS_KEY, &task).await;
     assert_eq!(read.status, 200, "{}", read.text);
     assert_eq!(read.rate_limit(), limit_headers("2", "0", "120"));
-    let refused = env.api.query(ADS_KEY, &task).await;
+    let refused = gateway.api.query(ADS_KEY, &task).await;
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(refused.status, 429, "{}", refused.text);
     assert_eq!(
@@ -974,7 +612,7 @@ async fn generation_and_status_limits_are_independent() {
     assert_eq!(refused.header("x-cache"), None);
     let reads = upstream_reads(&fake, &task);
 
-    let generated = env.api.generate(ADS_KEY).await;
+    let generated = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(generated.status, 200, "{}", generated.text);
     assert_eq!(generated.rate_limit(), limit_headers("2", "0", "2"));
     assert_eq!(fake.stats().generate_requests, 4);
@@ -988,17 +626,14 @@ async fn generation_and_status_limits_are_independent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_teams_flood_does_not_touch_another_team() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            design_limits: r#"{ generate = "60/min", generate_burst = 2 }"#,
-            ads_limits: r#"{ generate = "10/min", generate_burst = 5 }"#,
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .limits("design", r#"{ generate = "60/min", generate_burst = 2 }"#)
+            .limits("ads", r#"{ generate = "10/min", generate_burst = 5 }"#),
     );
     let flood: Vec<(&'static str, Option<String>)> = (0..12).map(|_| (DESIGN_KEY, None)).collect();
-    let replies = env.api.concurrently(&flood).await;
+    let replies = gateway.api.concurrently(&flood).await;
     assert_eq!(statuses(&replies), HashMap::from([(200, 2), (429, 10)]));
     for reply in replies.iter().filter(|r| r.status == 429) {
         let detail = reply.json()["detail"].as_str().unwrap().to_owned();
@@ -1009,13 +644,13 @@ async fn one_teams_flood_does_not_touch_another_team() {
         assert_eq!(reply.header("ratelimit-limit").as_deref(), Some("2"));
     }
 
-    let ads = env.api.generate(ADS_KEY).await;
+    let ads = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(ads.status, 200, "{}", ads.text);
     assert_eq!(ads.rate_limit(), limit_headers("5", "4", "6"));
-    let ads = env.api.generate(ADS_KEY).await;
+    let ads = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(ads.status, 200, "{}", ads.text);
     assert_eq!(ads.rate_limit(), limit_headers("5", "3", "12"));
-    assert_eq!(env.api.generate(DESIGN_KEY).await.status, 429);
+    assert_eq!(gateway.api.generate(DESIGN_KEY, GEMPIX).await.status, 429);
     assert_eq!(fake.stats().generate_requests, 4);
 }
 
@@ -1032,23 +667,20 @@ fn global_allowance(rate: u32, window: Duration) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_upstream_accounts_limit_caps_all_teams_but_not_cache_hits() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_millis(100)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            global_rps: 3,
-            design_budget: Some(r#"{ credits = "100.00", period = "lifetime" }"#),
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_millis(100)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .upstream("max_requests_per_second = 3")
+            .budget("design", r#"{ credits = "100.00", period = "lifetime" }"#),
     );
-    env.api.warm_up(20).await;
+    gateway.api.warm_up(20).await;
 
     // Ten generations from each team at once.
     let burst: Vec<(&'static str, Option<String>)> = (0..20)
         .map(|i| (if i % 2 == 0 { DESIGN_KEY } else { ADS_KEY }, None))
         .collect();
     let started = Instant::now();
-    let replies = env.api.concurrently(&burst).await;
+    let replies = gateway.api.concurrently(&burst).await;
     let window = started.elapsed();
     eprintln!("global burst: {:?} within {window:?}", statuses(&replies));
     let accepted: Vec<(&'static str, String)> = burst
@@ -1089,7 +721,7 @@ async fn the_upstream_accounts_limit_caps_all_teams_but_not_cache_hits() {
         .unwrap()
         .format_places(8);
     assert_eq!(
-        env.api.budget(DESIGN_KEY).await,
+        gateway.api.budget(DESIGN_KEY).await,
         lifetime_budget("100.00000000", ZERO, &reserved, design_accepted as u64),
         "refused generations reserved nothing"
     );
@@ -1099,12 +731,12 @@ async fn the_upstream_accounts_limit_caps_all_teams_but_not_cache_hits() {
     let mut unread: Vec<(&'static str, String)> = accepted[1..].to_vec();
     wait_until_final(&fake, std::slice::from_ref(&task)).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let read = env.api.query(key, &task).await;
+    let read = gateway.api.query(key, &task).await;
     assert_eq!(read.task_status(), "success");
     assert_eq!(read.x_cache(), "miss");
     let polls: Vec<(&'static str, Option<String>)> =
         (0..20).map(|_| (key, Some(task.clone()))).collect();
-    let replies = env.api.concurrently(&polls).await;
+    let replies = gateway.api.concurrently(&polls).await;
     assert_eq!(
         statuses(&replies),
         HashMap::from([(200, 20)]),
@@ -1117,7 +749,7 @@ async fn the_upstream_accounts_limit_caps_all_teams_but_not_cache_hits() {
     // Reads that miss do count: more unread tasks than the limit allows at once.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {
-        let reply = env.api.generate(DESIGN_KEY).await;
+        let reply = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
         unread.push((DESIGN_KEY, reply.task_id()));
     }
     let unread_ids: Vec<String> = unread.iter().map(|(_, t)| t.clone()).collect();
@@ -1128,7 +760,7 @@ async fn the_upstream_accounts_limit_caps_all_teams_but_not_cache_hits() {
         .map(|(key, task)| (*key, Some(task.clone())))
         .collect();
     let started = Instant::now();
-    let replies = env.api.concurrently(&reads).await;
+    let replies = gateway.api.concurrently(&reads).await;
     let window = started.elapsed();
     let passed = replies.iter().filter(|r| r.status == 200).count();
     assert!(
@@ -1169,17 +801,15 @@ async fn waiters_on_an_uncached_answer_are_not_counted_as_misses() {
         .await
         .expect("fake starts");
     let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
-    let (api, _dir) = start_in_process(
-        &fake.base_url(),
-        &Setup {
-            upstream_extra: r#"new_task_grace = "30s""#,
-            reconciler: r#"settle_after = "10h""#,
-            ..Setup::default()
-        },
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .upstream(r#"new_task_grace = "30s""#)
+            .reconciler(r#"settle_after = "10h""#),
         clock.clone(),
     )
     .await;
-    let task = api.generate(DESIGN_KEY).await.task_id();
+    let api = &gw.api;
+    let task = api.generate(DESIGN_KEY, GEMPIX).await.task_id();
     clock.advance(Duration::from_secs(3600));
     api.warm_up(10).await;
 
@@ -1212,24 +842,23 @@ async fn waiters_on_an_uncached_answer_are_not_counted_as_misses() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_applies_changed_team_limits_and_keeps_the_state_of_unchanged_ones() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
     let one_per_hour = r#"{ generate = "1/h", generate_burst = 1 }"#;
-    let mut setup = Setup {
-        design_limits: one_per_hour,
-        ads_limits: one_per_hour,
-        ..Setup::default()
-    };
-    let env = Env::start(&fake.base_url(), &setup);
+    let config = config(&fake.base_url())
+        .limits("design", one_per_hour)
+        .limits("ads", one_per_hour);
+    let mut gateway = Gateway::start(&config);
     for key in [DESIGN_KEY, ADS_KEY] {
-        assert_eq!(env.api.generate(key).await.status, 200);
-        assert_eq!(env.api.generate(key).await.status, 429);
+        assert_eq!(gateway.api.generate(key, GEMPIX).await.status, 200);
+        assert_eq!(gateway.api.generate(key, GEMPIX).await.status, 429);
     }
 
-    setup.ads_limits = r#"{ generate = "1/h", generate_burst = 3 }"#;
-    env.reload(&fake.base_url(), &setup).await;
+    gateway
+        .reload(config.limits("ads", r#"{ generate = "1/h", generate_burst = 3 }"#))
+        .await;
 
     // Design's limit did not change: its spent burst stays spent.
-    let design = env.api.generate(DESIGN_KEY).await;
+    let design = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
     assert_eq!(design.status, 429, "{}", design.text);
     let detail = design.json()["detail"].as_str().unwrap().to_owned();
     let wait = retry_in(
@@ -1238,7 +867,7 @@ async fn a_reload_applies_changed_team_limits_and_keeps_the_state_of_unchanged_o
     );
     assert!((3500..=3600).contains(&wait), "{detail}");
     // Ads's did: the new burst applies.
-    let ads = env.api.generate(ADS_KEY).await;
+    let ads = gateway.api.generate(ADS_KEY, GEMPIX).await;
     assert_eq!(ads.status, 200, "{}", ads.text);
     assert_eq!(ads.rate_limit(), limit_headers("3", "2", "3600"));
     assert_eq!(fake.stats().generate_requests, 3);
@@ -1247,23 +876,21 @@ async fn a_reload_applies_changed_team_limits_and_keeps_the_state_of_unchanged_o
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_applies_a_changed_upstream_account_limit() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let mut setup = Setup {
-        global_rps: 1000,
-        ..Setup::default()
-    };
-    let env = Env::start(&fake.base_url(), &setup);
-    setup.global_rps = 2;
-    env.reload(&fake.base_url(), &setup).await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let config = config(&fake.base_url()).upstream("max_requests_per_second = 1000");
+    let mut gateway = Gateway::start(&config);
+    gateway
+        .reload(config.upstream("max_requests_per_second = 2"))
+        .await;
     assert!(
-        !env.gateway.logs().contains("change only on restart"),
+        !gateway.logs().contains("change only on restart"),
         "the gateway did not say the new limit needs a restart"
     );
 
-    env.api.warm_up(8).await;
+    gateway.api.warm_up(8).await;
     let burst: Vec<(&'static str, Option<String>)> = (0..8).map(|_| (DESIGN_KEY, None)).collect();
     let started = Instant::now();
-    let replies = env.api.concurrently(&burst).await;
+    let replies = gateway.api.concurrently(&burst).await;
     let window = started.elapsed();
     let accepted = replies.iter().filter(|r| r.status == 200).count();
     assert!(
@@ -1280,26 +907,23 @@ async fn a_reload_applies_a_changed_upstream_account_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_changes_the_cache_says_it_needs_a_restart() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let mut setup = Setup {
-        cache: "max_entries = 0",
-        ..Setup::default()
-    };
-    let env = Env::start(&fake.base_url(), &setup);
-    let task = env.api.generate(DESIGN_KEY).await.task_id();
-    assert_eq!(env.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let config = config(&fake.base_url()).cache("max_entries = 0");
+    let mut gateway = Gateway::start(&config);
+    let task = gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id();
+    assert_eq!(gateway.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
 
     // The cache is built once at start: a reload says so, and the running cache stays as it was.
-    setup.cache = "max_entries = 100000\nstatus_ttl = \"60s\"";
-    env.reload(&fake.base_url(), &setup).await;
+    gateway
+        .reload(config.cache("max_entries = 100000\nstatus_ttl = \"60s\""))
+        .await;
     assert!(
-        env.gateway.logs().contains("[cache]")
-            && env.gateway.logs().contains("change only on restart"),
+        gateway.logs().contains("[cache]") && gateway.logs().contains("change only on restart"),
         "the gateway must say that the cache settings need a restart; log:\n{}",
-        env.gateway.logs()
+        gateway.logs()
     );
-    assert_eq!(env.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
-    assert_eq!(env.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
+    assert_eq!(gateway.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
+    assert_eq!(gateway.api.query(DESIGN_KEY, &task).await.x_cache(), "miss");
     assert_eq!(upstream_reads(&fake, &task), 3);
 }
 
@@ -1310,22 +934,19 @@ async fn a_reload_that_changes_the_cache_says_it_needs_a_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retried_status_reads_stay_within_the_upstream_accounts_limit() {
     let _serial = serial().await;
-    let fake = start_fake(Duration::from_secs(60)).await;
-    let env = Env::start(
-        &fake.base_url(),
-        &Setup {
-            global_rps: 2,
-            query_retries: 2,
-            ..Setup::default()
-        },
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .upstream("max_requests_per_second = 2")
+            .upstream("query_retries = 2"),
     );
     // Two tasks, started a second apart so each generation finds the limit whole.
     let mut tasks = Vec::new();
     for _ in 0..2 {
-        tasks.push(env.api.generate(DESIGN_KEY).await.task_id());
+        tasks.push(gateway.api.generate(DESIGN_KEY, GEMPIX).await.task_id());
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    env.api.warm_up(2).await;
+    gateway.api.warm_up(2).await;
 
     // The upstream fails every read; each client read is tried 1 + query_retries times.
     fake.faults().inject_query(Fault::Status500, 1000);
@@ -1334,7 +955,7 @@ async fn retried_status_reads_stay_within_the_upstream_accounts_limit() {
         .map(|t| (DESIGN_KEY, Some(t.clone())))
         .collect();
     let started = Instant::now();
-    let replies = env.api.concurrently(&reads).await;
+    let replies = gateway.api.concurrently(&reads).await;
     let window = started.elapsed();
     assert_eq!(statuses(&replies), HashMap::from([(500, 2)]));
     let sent = fake.stats().query_requests;

@@ -5,16 +5,17 @@
 //! Every number asserted here is computed from what the test itself sent and saw (status codes,
 //! `X-Cache` headers), never from timing.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, UPSTREAM_TOKEN, digest, fake_config};
-use ketchup_fake_upstream::FakeHandle;
+use ketchup_testkit::prometheus::{Labels, Scrape, labels};
+use ketchup_testkit::{
+    ADS_KEY, DEADLINE, DESIGN_KEY, Env, GatewayConfig, Reply, UPSTREAM_TOKEN, digest, free_port,
+    rendering_at,
+};
 use serde_json::{Value, json};
 
 const GEN: &str = "/api/image/gen";
@@ -22,350 +23,53 @@ const QUERY: &str = "/api/task/query";
 const MODEL: &str = "google/gempix2";
 /// A prompt distinctive enough to be found if it ever leaked into a label.
 const PROMPT: &str = "a ketchup bottle prompt-7f3a9c";
-const DEADLINE: Duration = Duration::from_secs(20);
-const EPSILON: f64 = 1e-9;
 
 fn gempix_body() -> String {
     json!({"model": MODEL, "prompt": PROMPT}).to_string()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Configuration and processes
-// ---------------------------------------------------------------------------------------------
-
 /// The gateway's config: `design` with a lifetime budget of 2.00 and a generate burst of 5 (at
-/// one per hour afterwards), `ads` without budget and with generous limits, `google/gempix2`
-/// reserving 0.50. The reconciler waits 10 minutes before reading a task, so within a test only
-/// the test's own reads settle tasks and fill the cache.
-fn config_text(upstream: &str, dir: &Path, server_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{server_extra}
+/// one per hour afterwards), `ads` without budget, `google/gempix2` reserving 0.50, `server`
+/// lines added to `[server]`. The reconciler waits 10 minutes before reading a task, so within a
+/// test only the test's own reads settle tasks and fill the cache.
+fn config(server: &str) -> GatewayConfig {
+    GatewayConfig::new()
+        .server(server)
+        .cache(r#"status_ttl = "50ms""#)
+        .reconciler(r#"settle_after = "10m""#)
+        .only_model(MODEL, "0.50")
+        .budget("design", r#"{ credits = "2.00", period = "lifetime" }"#)
+        .limits(
+            "design",
+            r#"{ generate = "1/h", generate_burst = 5, query = "1000/s", query_burst = 1000 }"#,
+        )
+}
 
-[upstream]
-base_url = "{upstream}"
-token_env = "KETCHUP_UPSTREAM_TOKEN"
-query_retries = 1
-max_requests_per_second = 10000
-
-[cache]
-status_ttl = "50ms"
-
-[store]
-path = "{ledger}"
-
-[reconciler]
-settle_after = "10m"
-
-[models."google/gempix2"]
-reserve = "0.50"
-
-[defaults.limits]
-generate = "1000/s"
-generate_burst = 1000
-query = "1000/s"
-query_burst = 1000
-
-[[teams]]
-name = "design"
-keys = [{{ sha256 = "{design}", label = "design-test" }}]
-budget = {{ credits = "2.00", period = "lifetime" }}
-limits = {{ generate = "1/h", generate_burst = 5, query = "1000/s", query_burst = 1000 }}
-
-[[teams]]
-name = "ads"
-keys = [{{ sha256 = "{ads}", label = "ads-test" }}]
-"#,
-        ledger = dir.join("ledger.db").display(),
-        design = digest(DESIGN_KEY),
-        ads = digest(ADS_KEY),
+/// [`config`] in front of a fake upstream whose phases last 50 ms each and whose
+/// `google/gempix2` images consume 0.37.
+async fn start(server: &str) -> Env {
+    Env::start_with(
+        rendering_at(Duration::from_millis(50), "0.37"),
+        config(server),
     )
+    .await
 }
 
-/// A fake upstream whose phases last 50 ms each and whose `google/gempix2` images consume 0.37.
-async fn start_fake() -> FakeHandle {
-    let mut fake = fake_config();
-    fake.pending_for = Duration::from_millis(50);
-    fake.submitted_for = Duration::from_millis(50);
-    fake.in_progress_for = Duration::from_millis(50);
-    fake.consumed
-        .insert(MODEL.into(), "0.37".parse().expect("amount"));
-    ketchup_fake_upstream::start(fake)
-        .await
-        .expect("fake upstream starts")
-}
-
-struct Env {
-    fake: FakeHandle,
-    gateway: Gateway,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    async fn start(server_extra: &str) -> Env {
-        let fake = start_fake().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config_path = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config_path,
-            config_text(&fake.base_url(), dir.path(), server_extra),
-        )
-        .expect("config written");
-        let gateway = Gateway::start(config_path);
-        Env {
-            fake,
-            gateway,
-            http: reqwest::Client::new(),
-            _dir: dir,
-        }
+/// A generation of [`gempix_body`], with `key` and `request_id` if any.
+async fn generate(env: &Env, key: Option<&str>, request_id: Option<&str>) -> Reply {
+    let mut request = env
+        .api()
+        .http
+        .post(env.gateway.url(GEN))
+        .header("content-type", "application/json")
+        .body(gempix_body());
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
     }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("gateway answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        Reply {
-            status,
-            headers,
-            text,
-        }
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
     }
-
-    async fn generate(&self, key: Option<&str>, request_id: Option<&str>) -> Reply {
-        let mut request = self
-            .http
-            .post(self.gateway.url(GEN))
-            .header("content-type", "application/json")
-            .body(gempix_body());
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        if let Some(id) = request_id {
-            request = request.header("x-request-id", id);
-        }
-        self.send(request).await
-    }
-
-    async fn query(&self, key: &str, task_id: &str) -> Reply {
-        self.send(
-            self.http
-                .get(self.gateway.url(QUERY))
-                .query(&[("task_id", task_id)])
-                .bearer_auth(key),
-        )
-        .await
-    }
-
-    /// `GET /metrics` on the main listener, without a key.
-    async fn scrape(&self) -> Scrape {
-        scrape_at(&self.http, &self.gateway.url("/metrics")).await
-    }
-}
-
-impl Reply {
-    fn task_status(&self) -> String {
-        assert_eq!(self.status, 200, "{}", self.text);
-        self.json()["data"]["status"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no status in {}", self.text))
-            .to_owned()
-    }
-}
-
-async fn scrape_at(http: &reqwest::Client, url: &str) -> Scrape {
-    let response = http.get(url).send().await.expect("metrics answer");
-    assert_eq!(response.status().as_u16(), 200, "GET {url}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(
-        content_type.as_deref(),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
-    Scrape::parse(response.text().await.expect("metrics body"))
-}
-
-/// A free port on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The Prometheus text format, minimally
-// ---------------------------------------------------------------------------------------------
-
-type Labels = BTreeMap<String, String>;
-
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: Labels,
-    value: f64,
-}
-
-struct Scrape {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-fn parse_value(text: &str) -> f64 {
-    match text {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        _ => text
-            .parse()
-            .unwrap_or_else(|e| panic!("bad sample value {text:?}: {e}")),
-    }
-}
-
-/// `name{a="x",b="y"} value` (label values with `\\`, `\"` and `\n` escapes).
-fn parse_line(line: &str) -> Sample {
-    let name_end = line
-        .find(['{', ' '])
-        .unwrap_or_else(|| panic!("no value in {line:?}"));
-    let name = line[..name_end].to_owned();
-    let mut labels = Labels::new();
-    let mut rest = &line[name_end..];
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices().peekable();
-        let end;
-        loop {
-            // Skip separators, find `key="`.
-            while let Some((_, c)) = chars.peek() {
-                if *c == ',' || *c == ' ' {
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-            match chars.peek() {
-                Some((i, '}')) => {
-                    end = *i;
-                    break;
-                }
-                None => panic!("unterminated labels in {line:?}"),
-                _ => {}
-            }
-            let mut key = String::new();
-            for (_, c) in chars.by_ref() {
-                if c == '=' {
-                    break;
-                }
-                key.push(c);
-            }
-            assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line:?}");
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, c)) => value.push(c),
-                        None => panic!("bad escape in {line:?}"),
-                    },
-                    Some((_, '"')) => break,
-                    Some((_, c)) => value.push(c),
-                    None => panic!("unterminated label value in {line:?}"),
-                }
-            }
-            assert!(
-                labels.insert(key.clone(), value).is_none(),
-                "label {key} twice in {line:?}"
-            );
-        }
-        rest = &inner[end + 1..];
-    }
-    let mut fields = rest.split_whitespace();
-    let value = parse_value(
-        fields
-            .next()
-            .unwrap_or_else(|| panic!("no value: {line:?}")),
-    );
-    Sample {
-        name,
-        labels,
-        value,
-    }
-}
-
-impl Scrape {
-    fn parse(text: String) -> Scrape {
-        let samples = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(parse_line)
-            .collect();
-        Scrape { text, samples }
-    }
-
-    /// Every sample of `name`.
-    fn series(&self, name: &str) -> Vec<&Sample> {
-        self.samples.iter().filter(|s| s.name == name).collect()
-    }
-
-    /// The value of the series with exactly these labels, if it exists.
-    fn find(&self, name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
-        let wanted = labels(pairs);
-        let mut found = self
-            .samples
-            .iter()
-            .filter(|s| s.name == name && s.labels == wanted);
-        let value = found.next().map(|s| s.value);
-        assert!(found.next().is_none(), "{name}{wanted:?} appears twice");
-        value
-    }
-
-    /// The value of the series with exactly these labels; it must exist.
-    fn get(&self, name: &str, pairs: &[(&str, &str)]) -> f64 {
-        self.find(name, pairs).unwrap_or_else(|| {
-            panic!(
-                "no series {name}{pairs:?}; the series of that name are:\n{:#?}",
-                self.series(name)
-            )
-        })
-    }
-
-    /// Asserts an exact value (counters, integer gauges).
-    fn assert_eq(&self, name: &str, pairs: &[(&str, &str)], expected: f64) {
-        let value = self.get(name, pairs);
-        assert!(
-            value == expected,
-            "{name}{pairs:?} is {value}, expected {expected}"
-        );
-    }
-
-    /// Asserts a float value within [`EPSILON`] (credit sums).
-    fn assert_close(&self, name: &str, pairs: &[(&str, &str)], expected: f64) {
-        let value = self.get(name, pairs);
-        assert!(
-            (value - expected).abs() < EPSILON,
-            "{name}{pairs:?} is {value}, expected {expected} (± {EPSILON})"
-        );
-    }
-
-    /// Asserts that the series of `name` are exactly `expected` (labels → value), no more.
-    fn assert_series(&self, name: &str, expected: &BTreeMap<Labels, f64>) {
-        let actual: BTreeMap<Labels, f64> = self
-            .series(name)
-            .into_iter()
-            .map(|s| (s.labels.clone(), s.value))
-            .collect();
-        assert_eq!(&actual, expected, "series of {name}");
-    }
+    env.api().send(request).await
 }
 
 /// Requests the test sent, by (team, route, status), as requests_total should count them.
@@ -407,7 +111,7 @@ impl Tally {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scripted_workload_gives_exact_metric_values() {
-    let env = Env::start("").await;
+    let env = start("").await;
     let mut requests = Tally::default();
     let mut cache: BTreeMap<String, u64> = BTreeMap::new();
 
@@ -415,7 +119,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     // budget, the sixth by the generate limit (burst of 5, all five counted).
     let mut design_tasks = Vec::new();
     for i in 0..5 {
-        let reply = env.generate(Some(DESIGN_KEY), None).await;
+        let reply = generate(&env, Some(DESIGN_KEY), None).await;
         requests.count("design", GEN, reply.status);
         if i < 4 {
             design_tasks.push(reply.task_id());
@@ -424,7 +128,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
             assert_eq!(reply.json()["message"], "budget exhausted");
         }
     }
-    let limited = env.generate(Some(DESIGN_KEY), None).await;
+    let limited = generate(&env, Some(DESIGN_KEY), None).await;
     requests.count("design", GEN, limited.status);
     assert_eq!(limited.status, 429, "{}", limited.text);
     assert_eq!(limited.json()["message"], "rate limited");
@@ -432,13 +136,13 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     // ads: no budget, two renders.
     let mut ads_tasks = Vec::new();
     for _ in 0..2 {
-        let reply = env.generate(Some(ADS_KEY), None).await;
+        let reply = generate(&env, Some(ADS_KEY), None).await;
         requests.count("ads", GEN, reply.status);
         ads_tasks.push(reply.task_id());
     }
 
     // No key.
-    let anonymous = env.generate(None, None).await;
+    let anonymous = generate(&env, None, None).await;
     requests.count("unknown", GEN, anonymous.status);
     assert_eq!(anonymous.status, 401, "{}", anonymous.text);
 
@@ -446,7 +150,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     for task_id in &design_tasks {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let reply = env.query(DESIGN_KEY, task_id).await;
+            let reply = env.api().query(DESIGN_KEY, task_id).await;
             requests.count("design", QUERY, reply.status);
             let served = reply
                 .header("x-cache")
@@ -467,7 +171,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     }
     // A finished task stays in the cache: three more reads are hits.
     for _ in 0..3 {
-        let reply = env.query(DESIGN_KEY, &design_tasks[0]).await;
+        let reply = env.api().query(DESIGN_KEY, &design_tasks[0]).await;
         requests.count("design", QUERY, reply.status);
         assert_eq!(reply.task_status(), "success");
         assert_eq!(reply.header("x-cache").as_deref(), Some("hit"));
@@ -476,7 +180,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     let misses = cache.get("miss").copied().unwrap_or(0);
     assert!(misses >= 4, "{cache:?}");
 
-    let m = env.scrape().await;
+    let m = env.api().scrape().await;
 
     // --- Requests, by team, route and status: exactly what was sent, nothing else (this scrape
     // is counted once it has been answered).
@@ -785,7 +489,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     );
 
     // The first scrape is counted after it was answered: the second one sees it, unauthenticated.
-    let again = env.scrape().await;
+    let again = env.api().scrape().await;
     again.assert_eq(
         "ketchup_gateway_requests_total",
         &[
@@ -800,7 +504,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
 #[tokio::test]
 async fn connections_are_dealt_to_the_workers_in_turn() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let env = Env::start("workers = 3").await;
+    let env = start("workers = 3").await;
     let accepted = |scrape: &Scrape| -> Vec<f64> {
         (0..3)
             .map(|worker| {
@@ -813,7 +517,7 @@ async fn connections_are_dealt_to_the_workers_in_turn() {
             })
             .collect()
     };
-    let before = accepted(&env.scrape().await);
+    let before = accepted(&env.api().scrape().await);
 
     // Six connections, each kept open with one request answered on it.
     let mut open = Vec::new();
@@ -834,7 +538,8 @@ async fn connections_are_dealt_to_the_workers_in_turn() {
         open.push(connection);
     }
     // A new client, so the scrape is a seventh connection.
-    let after = accepted(&scrape_at(&reqwest::Client::new(), &env.gateway.url("/metrics")).await);
+    let after =
+        accepted(&Scrape::fetch(&reqwest::Client::new(), &env.gateway.url("/metrics")).await);
 
     let mut added: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     added.sort_by(f64::total_cmp);
@@ -903,19 +608,16 @@ fn run_promtool(promtool: &Path, args: &[&str], dir: &Path, stdin: Option<&str>)
 #[tokio::test(flavor = "multi_thread")]
 async fn promtool_accepts_a_real_scrape() {
     let Some(promtool) = promtool() else { return };
-    let env = Env::start("").await;
+    let env = start("").await;
     // Some of everything: an accepted render read to the end, a budget refusal, a rate-limit
     // refusal, a 401, so that every kind of series is present.
-    let task = env.generate(Some(DESIGN_KEY), None).await.task_id();
-    let deadline = Instant::now() + DEADLINE;
-    while env.query(DESIGN_KEY, &task).await.task_status() != "success" {
-        assert!(Instant::now() < deadline, "task never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    env.query(DESIGN_KEY, &task).await;
-    env.generate(Some(ADS_KEY), None).await.task_id();
-    assert_eq!(env.generate(None, None).await.status, 401);
-    let scrape = env.scrape().await;
+    let task = generate(&env, Some(DESIGN_KEY), None).await.task_id();
+    let read = env.api().wait_for_final(DESIGN_KEY, &task).await;
+    assert_eq!(read.task_status(), "success", "{}", read.text);
+    env.api().query(DESIGN_KEY, &task).await;
+    generate(&env, Some(ADS_KEY), None).await.task_id();
+    assert_eq!(generate(&env, None, None).await.status, 401);
+    let scrape = env.api().scrape().await;
     assert!(scrape.text.contains("ketchup_gateway_tasks_finished_total"));
     run_promtool(
         &promtool,
@@ -965,13 +667,16 @@ fn the_alert_rules_pass_their_unit_tests() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_metrics_listen_metrics_are_served_only_there() {
     let port = free_port();
-    let env = Env::start(&format!("metrics_listen = \"127.0.0.1:{port}\"")).await;
+    let env = start(&format!("metrics_listen = \"127.0.0.1:{port}\"")).await;
     env.gateway.wait_for_log("metrics listening").await;
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
 
     // The main listener has no /metrics: it is a public path, so no key is asked for, and the
     // router answers "no such endpoint" in the envelope.
-    let main = env.send(env.http.get(env.gateway.url("/metrics"))).await;
+    let main = env
+        .api()
+        .send(env.api().http.get(env.gateway.url("/metrics")))
+        .await;
     assert_eq!(main.status, 404, "{}", main.text);
     assert_eq!(
         main.json(),
@@ -980,8 +685,10 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
     assert!(!main.text.contains("ketchup_gateway_"), "{}", main.text);
     // With a key it is no different.
     let keyed = env
+        .api()
         .send(
-            env.http
+            env.api()
+                .http
                 .get(env.gateway.url("/metrics"))
                 .bearer_auth(DESIGN_KEY),
         )
@@ -990,8 +697,8 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
     assert!(!keyed.text.contains("ketchup_gateway_"), "{}", keyed.text);
 
     // Traffic on the main listener shows up on the metrics listener.
-    let task = env.generate(Some(DESIGN_KEY), None).await.task_id();
-    let m = scrape_at(&env.http, &metrics_url).await;
+    let task = generate(&env, Some(DESIGN_KEY), None).await.task_id();
+    let m = Scrape::fetch(&env.api().http, &metrics_url).await;
     m.assert_eq(
         "ketchup_gateway_build_info",
         &[
@@ -1025,8 +732,10 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
     // The metrics listener serves nothing else: not the API, not the probes.
     for path in ["/healthz", GEN, QUERY] {
         let reply = env
+            .api()
             .send(
-                env.http
+                env.api()
+                    .http
                     .get(format!("http://127.0.0.1:{port}{path}"))
                     .bearer_auth(DESIGN_KEY),
             )
@@ -1034,8 +743,10 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
         assert_eq!(reply.status, 404, "{path} on the metrics listener");
     }
     let post = env
+        .api()
         .send(
-            env.http
+            env.api()
+                .http
                 .post(format!("http://127.0.0.1:{port}{GEN}"))
                 .bearer_auth(DESIGN_KEY)
                 .body(gempix_body()),
@@ -1043,7 +754,7 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
         .await;
     assert_eq!(post.status, 404, "{}", post.text);
     // Nothing reached the upstream through the metrics listener.
-    let m = scrape_at(&env.http, &metrics_url).await;
+    let m = Scrape::fetch(&env.api().http, &metrics_url).await;
     m.assert_eq(
         "ketchup_gateway_upstream_requests_total",
         &[("route", "generate"), ("status", "200")],
@@ -1060,18 +771,19 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
 /// log is read again every line arrives, whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_log_reader_does_not_stall_requests_and_loses_no_line() {
-    let env = Env::start("").await;
+    let env = start("").await;
     env.gateway.pause_log_reading();
     // About 300 bytes a line: a pipe holds 64 KiB, so 2,000 lines are ten pipes' worth.
     const REQUESTS: usize = 2000;
     for n in 0..REQUESTS {
         let request = env
+            .api()
             .http
             .get(env.gateway.url("/api/user"))
             .bearer_auth(DESIGN_KEY)
             .header("x-request-id", format!("stalled-log-{n}"))
             .timeout(DEADLINE);
-        assert_eq!(env.send(request).await.status, 200, "request {n}");
+        assert_eq!(env.api().send(request).await.status, 200, "request {n}");
     }
     env.gateway.resume_log_reading();
 
@@ -1095,8 +807,8 @@ async fn a_stalled_log_reader_does_not_stall_requests_and_loses_no_line() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_request_ends_with_one_log_line_with_its_facts() {
-    let env = Env::start("").await;
-    let reply = env.generate(Some(DESIGN_KEY), Some("metrics-test-1")).await;
+    let env = start("").await;
+    let reply = generate(&env, Some(DESIGN_KEY), Some("metrics-test-1")).await;
     let task_id = reply.task_id();
     assert_eq!(
         reply.header("x-request-id").as_deref(),
@@ -1145,7 +857,7 @@ async fn each_request_ends_with_one_log_line_with_its_facts() {
     assert_eq!(line.get("error"), None, "a success has no error: {line}");
 
     // A refused request has its line too, with the error kind and without a team.
-    let anonymous = env.generate(None, Some("metrics-test-2")).await;
+    let anonymous = generate(&env, None, Some("metrics-test-2")).await;
     assert_eq!(anonymous.status, 401);
     let deadline = Instant::now() + DEADLINE;
     let refused = loop {
@@ -1179,14 +891,14 @@ async fn each_request_ends_with_one_log_line_with_its_facts() {
 /// of freezing at their last values (which would keep budget alerts firing).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_drops_the_budget_gauges_it_made_meaningless() {
-    let env = Env::start("").await;
+    let mut env = start("").await;
     let has = |scrape: &Scrape, name: &str, team: &str| {
         scrape
             .samples
             .iter()
             .any(|s| s.name == name && s.labels.get("team").map(String::as_str) == Some(team))
     };
-    let before = env.scrape().await;
+    let before = env.api().scrape().await;
     assert!(has(
         &before,
         "ketchup_gateway_budget_limit_credits",
@@ -1200,17 +912,15 @@ async fn a_reload_drops_the_budget_gauges_it_made_meaningless() {
     assert!(has(&before, "ketchup_gateway_budget_spent_credits", "ads"));
 
     // design loses its budget; ads is removed.
-    let text = std::fs::read_to_string(&env.gateway.config_path).expect("config");
-    let start = text.find("[[teams]]\nname = \"ads\"").expect("ads table");
-    let text = text[..start].replace(
-        "budget = { credits = \"2.00\", period = \"lifetime\" }\n",
-        "",
-    );
-    std::fs::write(&env.gateway.config_path, text).expect("config rewritten");
-    env.gateway.hangup();
-    env.gateway.wait_for_log("configuration reloaded").await;
+    let reduced = env
+        .gateway
+        .config()
+        .clone()
+        .without_budget("design")
+        .without_team("ads");
+    env.gateway.reload(reduced).await;
 
-    let after = env.scrape().await;
+    let after = env.api().scrape().await;
     assert!(!has(
         &after,
         "ketchup_gateway_budget_limit_credits",

@@ -2,205 +2,102 @@
 //! ownership, one settlement per task, one delivery per webhook; a replica killed under load
 //! loses and double counts no credit; and a Redis outage costs fast 503s, never credits.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::redis_server::{self, PrivateRedis};
-use common::tls::TestPki;
-use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
-use common::{DESIGN_KEY, Gateway, closed_port, fake_config};
 use ketchup_domain::credits::Credits;
 use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
+use ketchup_test_redis::PrivateRedis;
+use ketchup_testkit::pki::TestPki;
+use ketchup_testkit::webhooks::{Receiver, verify};
+use ketchup_testkit::{
+    ADMIN_TOKEN, ADS_KEY, Api, DEADLINE, DESIGN_KEY, GEMPIX, Gateway, GatewayConfig,
+    GatewayProcess, Launch, fake_config, start_fake, until_a_generation_reached,
+};
 use serde_json::{Value, json};
 
-const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// What a test changes in its replicas' configs; [`Setup::default`] for none of it.
-struct Setup {
-    /// `design`'s lifetime budget, in credits.
-    budget: &'static str,
-    /// Lines added to `[upstream]`.
-    upstream: &'static str,
-    /// `[store] command_timeout`: the bound on every Redis call.
-    command_timeout: &'static str,
-    /// Lines added to `[store]`.
-    store: &'static str,
-    /// Tables added to the config, such as `[reconciler]` or `[webhooks]`.
-    tables: &'static str,
-    /// Each replica listens on a port of its own and names it as its `public_url`, and `design`
-    /// takes webhooks on loopback, signed with [`WEBHOOK_SECRET`].
-    webhooks: bool,
+/// A replica's config, on the Redis at `url` under `prefix`, in front of `upstream`. `design`
+/// may spend 5.00 credits in all: ten reservations of 0.50. `ads` has no budget but may start
+/// 10 tasks an hour, burst 10: within a test, 10 in all. Every Redis call may take 2 s, which is
+/// generous: a loaded CI machine must not turn a slow Redis reply into an outage.
+fn replica_config(upstream: &str, url: &str, prefix: &str) -> GatewayConfig {
+    GatewayConfig::new()
+        .upstream_url(upstream)
+        .redis(url, prefix)
+        .store(r#"command_timeout = "2s""#)
+        .admin()
+        .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+        .limits("ads", r#"{ generate = "10/h", generate_burst = 10 }"#)
 }
 
-impl Default for Setup {
-    fn default() -> Self {
-        Setup {
-            budget: "5.00",
-            upstream: "",
-            // Generous: a loaded CI machine must not turn a slow Redis reply into an outage.
-            command_timeout: "2s",
-            store: "",
-            tables: "",
-            webhooks: false,
-        }
-    }
+/// Each replica listens on a port of its own and names it as its `public_url`; `design` takes
+/// webhooks on loopback; both teams sign them.
+fn with_webhooks(config: GatewayConfig) -> GatewayConfig {
+    config
+        .public_url_on_own_port()
+        .signed_webhooks("design")
+        .callback_hosts("design", &["127.0.0.1"])
+        .signed_webhooks("ads")
 }
 
-/// A config for a replica on the Redis at `url`, under a key prefix of its own test run, changed
-/// by `setup`. By default `design` may spend 5.00 credits in all: ten reservations of 0.50.
-/// `ads` has no budget but may start 10 tasks an hour, burst 10: within a test, 10 in all.
-fn write_config(
-    dir: &std::path::Path,
-    upstream: &str,
+/// One gateway on the Redis at `url` in front of `fake`, under a key prefix of its own, its
+/// [`replica_config`] changed by `change`.
+fn one_gateway(
+    fake: &FakeHandle,
     url: &str,
-    prefix: &str,
-    setup: &Setup,
-) -> std::path::PathBuf {
-    let ledger = dir.join("unused.db");
-    let admin = dir.join("admin_token");
-    std::fs::write(&admin, ADMIN_TOKEN).unwrap();
-    let mut listen = "127.0.0.1:0".to_owned();
-    let mut server = String::new();
-    let mut design = format!(
-        "budget = {{ credits = \"{}\", period = \"lifetime\" }}",
-        setup.budget
-    );
-    let mut ads = "limits = { generate = \"10/h\", generate_burst = 10 }".to_owned();
-    if setup.webhooks {
-        listen = format!("127.0.0.1:{}", closed_port());
-        server = format!("public_url = \"http://{listen}\"\n");
-        let secret = dir.join("design_webhook_secret");
-        std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
-        design.push_str(&format!(
-            "\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
-            secret.display()
-        ));
-        // With public_url set every team must sign its deliveries.
-        ads.push_str(&format!("\nwebhook_secret_file = \"{}\"", secret.display()));
-    }
-    let text = common::config_text(
-        upstream,
-        &ledger,
-        &format!(
-            "{server}\n[admin]\ntoken_file = \"{}\"\n{}",
-            admin.display(),
-            setup.tables
-        ),
-        setup.upstream,
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{listen}\""),
-    )
-    .replace(
-        &format!("path = \"{}\"", ledger.display()),
-        &format!(
-            "kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
-             command_timeout = \"{}\"\n{}",
-            setup.command_timeout, setup.store
-        ),
-    )
-    .replace(
-        "label = \"design-test\" }]",
-        &format!("label = \"design-test\" }}]\n{design}"),
-    )
-    .replace(
-        "label = \"ads-test\" }]",
-        &format!("label = \"ads-test\" }}]\n{ads}"),
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// One gateway on the Redis at `url` in front of `fake`, under a key prefix of its own; the
-/// directory holding its config lives as long as the returned guard.
-fn one_gateway(fake: &FakeHandle, url: &str, setup: &Setup) -> (Gateway, tempfile::TempDir) {
-    let config_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(write_config(
-        config_dir.path(),
+    change: impl Fn(GatewayConfig) -> GatewayConfig,
+) -> Gateway {
+    Gateway::start(&change(replica_config(
         &fake.base_url(),
         url,
         &unique_prefix(),
-        setup,
-    ));
-    (gateway, config_dir)
+    )))
 }
 
 fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::now_v7().simple())
 }
 
-fn tomato() -> Value {
-    json!({"model": "google/gempix2", "prompt": "a tomato"})
+/// A generation of `body` for `design` through `api`; an error when the gateway could not be
+/// reached or did not answer in full.
+async fn try_generate(api: &Api, body: &str) -> reqwest::Result<(u16, Value)> {
+    let reply = api.try_send(api.generate_request(DESIGN_KEY, body)).await?;
+    Ok(reply.status_json())
 }
 
-/// A generation for `design` through the gateway at `base` (its URL without a path); an error
-/// when the gateway could not be reached or did not answer in full.
-async fn try_generate(
-    http: &reqwest::Client,
-    base: &str,
-    body: &Value,
-) -> reqwest::Result<(u16, Value)> {
-    let response = http
-        .post(format!("{base}/api/image/gen"))
-        .bearer_auth(DESIGN_KEY)
-        .json(body)
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    Ok((status, response.json().await?))
+async fn generate(gateway: &Gateway) -> (u16, Value) {
+    gateway.api.generate(DESIGN_KEY, GEMPIX).await.status_json()
 }
 
-async fn generate(http: &reqwest::Client, gateway: &Gateway) -> (u16, Value) {
-    try_generate(http, &gateway.url(""), &tomato())
-        .await
-        .expect("gateway answers")
-}
-
-async fn get(http: &reqwest::Client, gateway: &Gateway, path: &str, key: &str) -> (u16, Value) {
-    let response = http
-        .get(gateway.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+/// `GET path` with `key`, if any: the status, and the body if it is JSON.
+async fn get(gateway: &Gateway, path: &str, key: Option<&str>) -> (u16, Value) {
+    let reply = gateway.api.get(path, key).await;
+    (
+        reply.status,
+        serde_json::from_str(&reply.text).unwrap_or(Value::Null),
+    )
 }
 
 /// `design`'s budget once nothing is reserved any more: every task it started has settled.
-async fn settled_budget(http: &reqwest::Client, gateway: &Gateway) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let (_, budget) = get(http, gateway, "/gateway/v1/budget", DESIGN_KEY).await;
-        if budget["reserved"] == "0.00000000" {
-            return budget;
-        }
-        assert!(Instant::now() < deadline, "never settled: {budget}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn settled_budget(gateway: &Gateway) -> Value {
+    gateway
+        .api
+        .wait_for_budget(DESIGN_KEY, "every task to settle", |budget| {
+            budget["reserved"] == "0.00000000"
+        })
+        .await
 }
 
-async fn wait_until_settled(http: &reqwest::Client, gateway: &Gateway, spent: &str) {
-    let budget = settled_budget(http, gateway).await;
+async fn wait_until_settled(gateway: &Gateway, spent: &str) {
+    let budget = settled_budget(gateway).await;
     assert_eq!(budget["spent"], spent, "{budget}");
 }
 
 /// An admin listing: `path`'s `field` array, which must not have been cut at its limit.
-async fn admin_list(
-    http: &reqwest::Client,
-    gateway: &Gateway,
-    path: &str,
-    field: &str,
-) -> Vec<Value> {
-    let (status, body) = get(http, gateway, path, ADMIN_TOKEN).await;
-    assert_eq!(status, 200, "{body}");
+async fn admin_list(gateway: &Gateway, path: &str, field: &str) -> Vec<Value> {
+    let body = gateway.api.admin(path).await;
     let list = body[field]
         .as_array()
         .unwrap_or_else(|| panic!("{body}"))
@@ -224,58 +121,41 @@ struct Replicas {
     fake: FakeHandle,
     a: Gateway,
     b: Gateway,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-async fn two_replicas(url: &str, setup: &Setup) -> Replicas {
+/// Two replicas on the Redis at `url`, their [`replica_config`] changed by `change`.
+async fn two_replicas(url: &str, change: impl Fn(GatewayConfig) -> GatewayConfig) -> Replicas {
     let prefix = unique_prefix();
-    two_gateways(url, setup, [&prefix, &prefix]).await
+    two_gateways(url, change, [&prefix, &prefix]).await
 }
 
 /// Two gateways on one Redis, each under its own key prefix: what two replicas would be if
 /// they shared nothing.
-async fn two_gateways(url: &str, setup: &Setup, prefixes: [&str; 2]) -> Replicas {
-    let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let config = |dir: &tempfile::TempDir, prefix: &str| {
-        write_config(dir.path(), &fake.base_url(), url, prefix, setup)
-    };
-    let a = Gateway::start(config(&dir_a, prefixes[0]));
-    let b = Gateway::start(config(&dir_b, prefixes[1]));
-    Replicas {
-        fake,
-        a,
-        b,
-        _dirs: (dir_a, dir_b),
-    }
+async fn two_gateways(
+    url: &str,
+    change: impl Fn(GatewayConfig) -> GatewayConfig,
+    prefixes: [&str; 2],
+) -> Replicas {
+    let fake = start_fake(fake_config()).await;
+    let start =
+        |prefix: &str| Gateway::start(&change(replica_config(&fake.base_url(), url, prefix)));
+    let (a, b) = (start(prefixes[0]), start(prefixes[1]));
+    Replicas { fake, a, b }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
-    let env = two_replicas(&url, &Setup::default()).await;
-    let http = reqwest::Client::new();
+    let env = two_replicas(&url, std::convert::identity).await;
 
     // 200 requests at once, half through each replica, for a budget of exactly 10.
     let attempts: Vec<_> = (0..200)
         .map(|i| {
-            let http = http.clone();
             let gateway = if i % 2 == 0 { &env.a } else { &env.b };
-            let url = gateway.url("");
-            tokio::spawn(async move {
-                let response = http
-                    .post(format!("{url}/api/image/gen"))
-                    .bearer_auth(DESIGN_KEY)
-                    .json(&json!({"model": "google/gempix2", "prompt": "a tomato"}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status().as_u16();
-                (status, response.json::<Value>().await.unwrap())
-            })
+            let api = gateway.api.clone();
+            tokio::spawn(async move { api.generate(DESIGN_KEY, GEMPIX).await.status_json() })
         })
         .collect();
     let mut accepted = Vec::new();
@@ -294,19 +174,17 @@ async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
     for task_id in &accepted {
         for gateway in [&env.a, &env.b] {
             let (status, body) = get(
-                &http,
                 gateway,
                 &format!("/api/task/query?task_id={task_id}"),
-                DESIGN_KEY,
+                Some(DESIGN_KEY),
             )
             .await;
             assert_eq!(status, 200, "{body}");
         }
         let (status, _) = get(
-            &http,
             &env.b,
             &format!("/api/task/query?task_id={task_id}"),
-            common::ADS_KEY,
+            Some(ADS_KEY),
         )
         .await;
         assert_eq!(status, 404);
@@ -316,17 +194,15 @@ async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
     for task_id in &accepted {
         loop {
             let (_, a) = get(
-                &http,
                 &env.a,
                 &format!("/api/task/query?task_id={task_id}"),
-                DESIGN_KEY,
+                Some(DESIGN_KEY),
             )
             .await;
             let (_, b) = get(
-                &http,
                 &env.b,
                 &format!("/api/task/query?task_id={task_id}"),
-                DESIGN_KEY,
+                Some(DESIGN_KEY),
             )
             .await;
             if a["data"]["status"] == "success" && b["data"]["status"] == "success" {
@@ -336,12 +212,12 @@ async fn two_replicas_share_one_budget_and_one_view_of_tasks() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    wait_until_settled(&http, &env.a, "5.00000000").await;
-    let (_, usage) = get(&http, &env.b, "/admin/usage", ADMIN_TOKEN).await;
+    wait_until_settled(&env.a, "5.00000000").await;
+    let (_, usage) = get(&env.b, "/admin/usage", Some(ADMIN_TOKEN)).await;
     assert_eq!(usage["rows"][0]["tasks"], 10, "{usage}");
     assert_eq!(usage["rows"][0]["succeeded"], 10, "{usage}");
     assert_eq!(usage["rows"][0]["credits"], "5.00000000", "{usage}");
-    let (status, refused) = generate(&http, &env.b).await;
+    let (status, refused) = generate(&env.b).await;
     assert_eq!(
         (status, refused["message"].as_str()),
         (402, Some("budget exhausted"))
@@ -356,27 +232,20 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         return;
     };
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
-    let (gateway, _config) = one_gateway(
-        &fake,
-        &redis.url(),
-        &Setup {
-            // Short, as in production: an outage must cost fast errors.
-            command_timeout: "500ms",
-            ..Setup::default()
-        },
-    );
-    let http = reqwest::Client::new();
+    let gateway = one_gateway(&fake, &redis.url(), |config| {
+        config.store(r#"command_timeout = "500ms""#)
+    });
 
     // One task finished and cached, one still running, before the outage.
-    let finished = a_settled_task(&http, &gateway).await;
-    let (status, body) = generate(&http, &gateway).await;
+    let finished = a_settled_task(&gateway).await;
+    let (status, body) = generate(&gateway).await;
     assert_eq!(status, 200, "{body}");
     let running = body["data"]["task_id"].as_str().unwrap().to_owned();
 
     redis.kill();
     let started = Instant::now();
     for _ in 0..10 {
-        let (status, body) = generate(&http, &gateway).await;
+        let (status, body) = generate(&gateway).await;
         assert_eq!(status, 503, "{body}");
         assert_eq!(
             (&body["code"], &body["message"]),
@@ -389,14 +258,13 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
         "refusals were slow: {:?}",
         started.elapsed()
     );
-    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    let (status, _) = get(&gateway, "/readyz", None).await;
     assert_eq!(status, 503);
     // A cached final status is still served.
     let (status, read) = get(
-        &http,
         &gateway,
         &format!("/api/task/query?task_id={finished}"),
-        DESIGN_KEY,
+        Some(DESIGN_KEY),
     )
     .await;
     assert_eq!((status, &read["data"]["status"]), (200, &json!("success")));
@@ -410,7 +278,7 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     redis.restart();
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let (status, _) = get(&http, &gateway, "/readyz", "").await;
+        let (status, _) = get(&gateway, "/readyz", None).await;
         if status == 200 {
             break;
         }
@@ -419,7 +287,7 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     }
     // Each Redis client's breaker probes on its own schedule: generations resume within seconds.
     let after = loop {
-        let (status, body) = generate(&http, &gateway).await;
+        let (status, body) = generate(&gateway).await;
         if status == 200 {
             break body["data"]["task_id"].as_str().unwrap().to_owned();
         }
@@ -435,10 +303,9 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
     for task_id in [&running, &after] {
         loop {
             let (_, read) = get(
-                &http,
                 &gateway,
                 &format!("/api/task/query?task_id={task_id}"),
-                DESIGN_KEY,
+                Some(DESIGN_KEY),
             )
             .await;
             if read["data"]["status"] == "success" {
@@ -448,7 +315,7 @@ async fn a_redis_outage_costs_fast_503s_and_no_credits_and_heals_by_itself() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    wait_until_settled(&http, &gateway, "1.50000000").await;
+    wait_until_settled(&gateway, "1.50000000").await;
     assert!(
         !gateway.logs().contains("panicked"),
         "no panic during the outage"
@@ -471,49 +338,30 @@ fn ledger_unavailable() -> Value {
 
 /// A task of `design`'s, started and read until it finished, with the budget settled at its
 /// 0.50 (the only task of the test so far): it is in the gateway's status cache.
-async fn a_settled_task(http: &reqwest::Client, gateway: &Gateway) -> String {
-    let (status, body) = generate(http, gateway).await;
+async fn a_settled_task(gateway: &Gateway) -> String {
+    let (status, body) = generate(gateway).await;
     assert_eq!(status, 200, "{body}");
     let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + DEADLINE;
-    while read_status(http, gateway, &task_id).await.2["data"]["status"] != "success" {
-        assert!(Instant::now() < deadline, "never finished");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    wait_until_settled(http, gateway, "0.50000000").await;
+    let read = gateway.api.wait_for_final(DESIGN_KEY, &task_id).await;
+    assert_eq!(read.task_status(), "success", "{}", read.text);
+    wait_until_settled(gateway, "0.50000000").await;
     task_id
 }
 
 /// A status read through `gateway`: its status, `X-Cache` header and body.
-async fn read_status(
-    http: &reqwest::Client,
-    gateway: &Gateway,
-    task_id: &str,
-) -> (u16, Option<String>, Value) {
-    let response = http
-        .get(gateway.url("/api/task/query"))
-        .query(&[("task_id", task_id)])
-        .bearer_auth(DESIGN_KEY)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = response.status().as_u16();
-    let cache = response
-        .headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_owned());
-    (status, cache, response.json().await.expect("JSON body"))
+async fn read_status(gateway: &Gateway, task_id: &str) -> (u16, Option<String>, Value) {
+    let reply = gateway.api.query(DESIGN_KEY, task_id).await;
+    (reply.status, reply.header("x-cache"), reply.json())
 }
 
 /// Reads `task_id` through `gateway` until the answer is not a local cache hit, and returns it.
 async fn read_past_the_local_cache(
-    http: &reqwest::Client,
     gateway: &Gateway,
     task_id: &str,
 ) -> (u16, Option<String>, Value) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let read = read_status(http, gateway, task_id).await;
+        let read = read_status(gateway, task_id).await;
         if read.1.as_deref() != Some("hit") {
             return read;
         }
@@ -534,33 +382,25 @@ async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
     fake.in_progress_for = Duration::from_secs(600);
     let fake = ketchup_fake_upstream::start(fake).await.unwrap();
     let prefix = unique_prefix();
-    let (refusing_dir, allowing_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let replica = |dir: &tempfile::TempDir, store: &'static str| {
-        Gateway::start(write_config(
-            dir.path(),
-            &fake.base_url(),
-            &redis.url(),
-            &prefix,
-            &Setup {
-                command_timeout: "500ms",
-                store,
+    let replica = |store: &str| {
+        Gateway::start(
+            &replica_config(&fake.base_url(), &redis.url(), &prefix)
+                .store(r#"command_timeout = "500ms""#)
+                .store(store)
                 // A running status stays in the local cache for 100 ms only.
-                tables: "\n[cache]\nstatus_ttl = \"100ms\"\n",
-                ..Setup::default()
-            },
-        ))
+                .cache(r#"status_ttl = "100ms""#),
+        )
     };
-    let refusing = replica(&refusing_dir, "");
-    let allowing = replica(&allowing_dir, "rate_limits_when_unavailable = \"allow\"");
-    let http = reqwest::Client::new();
+    let refusing = replica("");
+    let allowing = replica("rate_limits_when_unavailable = \"allow\"");
 
     // A running task through each, read once, so each replica knows its owner without Redis.
     let mut running = Vec::new();
     for gateway in [&refusing, &allowing] {
-        let (status, body) = generate(&http, gateway).await;
+        let (status, body) = generate(gateway).await;
         assert_eq!(status, 200, "{body}");
         let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-        let (status, _, read) = read_status(&http, gateway, &task_id).await;
+        let (status, _, read) = read_status(gateway, &task_id).await;
         assert_eq!(status, 200, "{read}");
         running.push(task_id);
     }
@@ -569,10 +409,10 @@ async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
     let started = Instant::now();
     for _ in 0..5 {
         // Refused by the limiter, before anything else.
-        let (status, body) = generate(&http, &refusing).await;
+        let (status, body) = generate(&refusing).await;
         assert_eq!((status, body), (503, limits_unavailable()));
         // Past the limits (each replica's own stand in), refused by the ledger's reservation.
-        let (status, body) = generate(&http, &allowing).await;
+        let (status, body) = generate(&allowing).await;
         assert_eq!((status, body), (503, ledger_unavailable()));
     }
     // Redis refuses connections at once: ten refusals cost a few timeouts at most.
@@ -590,14 +430,14 @@ async fn with_redis_down_rate_limits_refuse_or_allow_as_configured() {
     // A status read the local cache cannot answer needs an upstream read, which counts against
     // the upstream account's limit: refused by one replica, served by the other.
     let queries = fake.stats().query_requests;
-    let (status, _, body) = read_past_the_local_cache(&http, &refusing, &running[0]).await;
+    let (status, _, body) = read_past_the_local_cache(&refusing, &running[0]).await;
     assert_eq!((status, body), (503, limits_unavailable()));
     assert_eq!(
         fake.stats().query_requests,
         queries,
         "refused before the upstream"
     );
-    let (status, cache, body) = read_past_the_local_cache(&http, &allowing, &running[1]).await;
+    let (status, cache, body) = read_past_the_local_cache(&allowing, &running[1]).await;
     assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{body}");
     assert_eq!(body["data"]["task_id"], running[1].as_str(), "{body}");
     assert_eq!(
@@ -617,19 +457,14 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     };
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     // Rate limits fall back to the replica's own, so generations reach the ledger.
-    let (gateway, _config) = one_gateway(
-        &fake,
-        &redis.url(),
-        &Setup {
-            command_timeout: "1s",
-            store: "rate_limits_when_unavailable = \"allow\"",
-            ..Setup::default()
-        },
-    );
-    let http = reqwest::Client::new();
+    let gateway = one_gateway(&fake, &redis.url(), |config| {
+        config
+            .store(r#"command_timeout = "1s""#)
+            .store("rate_limits_when_unavailable = \"allow\"")
+    });
 
     // One task finished, settled and cached before Redis hangs.
-    let finished = a_settled_task(&http, &gateway).await;
+    let finished = a_settled_task(&gateway).await;
 
     redis.pause();
     // Until five in a row come back fast: every breaker in front of Redis is open by then.
@@ -637,7 +472,7 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     while took.iter().rev().take_while(|t| **t < TIMEOUT / 2).count() < 5 {
         assert!(took.len() < 20, "the breakers never opened: {took:?}");
         let started = Instant::now();
-        let (status, body) = generate(&http, &gateway).await;
+        let (status, body) = generate(&gateway).await;
         took.push(started.elapsed());
         assert_eq!((status, body), (503, ledger_unavailable()));
     }
@@ -649,9 +484,9 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
             .all(|t| *t < 3 * TIMEOUT + Duration::from_secs(2)),
         "{took:?}"
     );
-    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    let (status, _) = get(&gateway, "/readyz", None).await;
     assert_eq!(status, 503);
-    let (status, cache, read) = read_status(&http, &gateway, &finished).await;
+    let (status, cache, read) = read_status(&gateway, &finished).await;
     assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
     assert_eq!(read["data"]["status"], "success");
     assert_eq!(
@@ -664,7 +499,7 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
     redis.resume();
     let deadline = Instant::now() + DEADLINE;
     let after = loop {
-        let (status, body) = generate(&http, &gateway).await;
+        let (status, body) = generate(&gateway).await;
         if status == 200 {
             break body["data"]["task_id"].as_str().unwrap().to_owned();
         }
@@ -672,14 +507,14 @@ async fn a_hung_redis_costs_each_request_a_few_timeouts_then_nothing_and_heals_b
         assert!(Instant::now() < deadline, "generations never resumed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (status, _) = get(&http, &gateway, "/readyz", "").await;
+    let (status, _) = get(&gateway, "/readyz", None).await;
     assert_eq!(status, 200);
-    while read_status(&http, &gateway, &after).await.2["data"]["status"] != "success" {
+    while read_status(&gateway, &after).await.2["data"]["status"] != "success" {
         assert!(Instant::now() < deadline, "never finished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Exact totals: the two tasks, and none of the reservations refused during the hang.
-    wait_until_settled(&http, &gateway, "1.00000000").await;
+    wait_until_settled(&gateway, "1.00000000").await;
     assert!(!gateway.logs().contains("panicked"));
 }
 
@@ -696,22 +531,16 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
     fake.faults()
         .inject_generate(Fault::Slow(Duration::from_secs(2)), 1);
-    let (gateway, _config) = one_gateway(
-        &fake,
-        &redis.url(),
-        &Setup {
-            command_timeout: "1s",
-            ..Setup::default()
-        },
-    );
-    let http = reqwest::Client::new();
+    let gateway = one_gateway(&fake, &redis.url(), |config| {
+        config.store(r#"command_timeout = "1s""#)
+    });
 
     let generation = tokio::spawn({
-        let (http, base) = (http.clone(), gateway.url(""));
-        async move { try_generate(&http, &base, &tomato()).await }
+        let api = gateway.api.clone();
+        async move { try_generate(&api, GEMPIX).await }
     });
     // Reserved, and now waiting on the upstream: Redis hangs before the task can be recorded.
-    common::until_a_generation_reached(&fake, DEADLINE).await;
+    until_a_generation_reached(&fake).await;
     redis.pause();
     let (status, body) = generation.await.unwrap().expect("gateway answers");
     assert_eq!(status, 503, "{body}");
@@ -731,7 +560,7 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     redis.resume();
     let deadline = Instant::now() + DEADLINE;
     let final_read = loop {
-        let (status, _, read) = read_status(&http, &gateway, &task_id).await;
+        let (status, _, read) = read_status(&gateway, &task_id).await;
         if status == 200 && read["data"]["status"] == "success" {
             break read;
         }
@@ -747,7 +576,7 @@ async fn a_task_accepted_while_redis_hangs_is_recorded_once_redis_is_back() {
     };
     assert_eq!(final_read["data"]["task_id"], task_id.as_str());
     // Settled at what the upstream says it consumed, once.
-    wait_until_settled(&http, &gateway, "0.50000000").await;
+    wait_until_settled(&gateway, "0.50000000").await;
     assert_eq!(fake.stats().generate_requests, 1);
     assert!(!gateway.logs().contains("panicked"));
 }
@@ -764,73 +593,44 @@ async fn a_redis_password_comes_from_password_file_and_stays_secret() {
         return;
     };
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
-    let http = reqwest::Client::new();
-    let config = |config_dir: &std::path::Path, password: &str| {
-        let file = config_dir.join("redis_password");
+    let config = |password: &str| {
+        let file = dir.path().join(format!("password-{password}"));
         std::fs::write(&file, format!("{password}\n")).unwrap();
-        let store = format!("password_file = \"{}\"", file.display());
-        config_with_store(config_dir, &fake, &redis, store)
+        replica_config(&fake.base_url(), &redis.url(), &unique_prefix())
+            .store(&format!("password_file = \"{}\"", file.display()))
     };
 
-    let config_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(config(config_dir.path(), PASSWORD));
-    starts_and_reads_a_task(&http, &gateway).await;
+    let gateway = Gateway::start(&config(PASSWORD));
+    starts_and_reads_a_task(&gateway).await;
     assert!(!gateway.logs().contains(PASSWORD), "{}", gateway.logs());
 
-    let wrong_dir = tempfile::tempdir().unwrap();
-    let said = refused_at_start(&config(wrong_dir.path(), WRONG)).await;
+    let said = refused_at_start(&config(WRONG));
     assert!(said.contains("Password authentication failed"), "{said}");
     assert!(!said.contains(WRONG) && !said.contains(PASSWORD), "{said}");
     assert_eq!(fake.stats().generate_requests, 1);
 }
 
-/// A replica's config on `redis` in front of `fake`, with `store` lines added to `[store]`.
-fn config_with_store(
-    config_dir: &std::path::Path,
-    fake: &FakeHandle,
-    redis: &PrivateRedis,
-    store: String,
-) -> std::path::PathBuf {
-    write_config(
-        config_dir,
-        &fake.base_url(),
-        &redis.url(),
-        &unique_prefix(),
-        &Setup {
-            // Setup's fields are literals; a test's own lines may live as long as the test.
-            store: Box::leak(store.into_boxed_str()),
-            ..Setup::default()
-        },
-    )
-}
-
 /// The gateway is ready, starts a task and reads its status back.
-async fn starts_and_reads_a_task(http: &reqwest::Client, gateway: &Gateway) {
-    assert_eq!(get(http, gateway, "/readyz", "").await.0, 200);
-    let (status, body) = generate(http, gateway).await;
+async fn starts_and_reads_a_task(gateway: &Gateway) {
+    assert_eq!(get(gateway, "/readyz", None).await.0, 200);
+    let (status, body) = generate(gateway).await;
     assert_eq!(status, 200, "{body}");
     let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
-    let (status, _, read) = read_status(http, gateway, &task_id).await;
+    let (status, _, read) = read_status(gateway, &task_id).await;
     assert_eq!(status, 200, "{read}");
 }
 
 /// What a gateway started on `config` says on stderr as it refuses to start.
-async fn refused_at_start(config: &std::path::Path) -> String {
-    let refused = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ketchup-gateway"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("KETCHUP_UPSTREAM_TOKEN", common::UPSTREAM_TOKEN)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the gateway stops at start")
-    .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
-    assert!(!refused.status.success(), "{said}");
-    said
+fn refused_at_start(config: &GatewayConfig) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config.write(dir.path());
+    tokio::task::block_in_place(|| {
+        let mut refused = GatewayProcess::spawn(&path, Launch::default());
+        let status = refused.wait_exit();
+        let said = refused.logs();
+        assert!(!status.success(), "{said}");
+        said
+    })
 }
 
 /// A Redis that speaks only TLS, with a certificate from a private CA, and takes only clients
@@ -841,14 +641,12 @@ async fn refused_at_start(config: &std::path::Path) -> String {
 async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let Some(redis) = PrivateRedis::start_with_tls(dir.path(), &pki) else {
+    let Some(redis) = PrivateRedis::start_with_tls(dir.path(), pki.redis_tls()) else {
         return;
     };
     let fake = ketchup_fake_upstream::start(fake_config()).await.unwrap();
-    let http = reqwest::Client::new();
-    let config = |config_dir: &std::path::Path, store: String| {
-        config_with_store(config_dir, &fake, &redis, store)
-    };
+    let config =
+        |store: &str| replica_config(&fake.base_url(), &redis.url(), &unique_prefix()).store(store);
     let ca = format!("ca_file = \"{}\"\n", pki.ca.display());
     let client = format!(
         "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
@@ -856,29 +654,25 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
         pki.client_key.display()
     );
 
-    let config_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(config(config_dir.path(), format!("{ca}{client}")));
-    starts_and_reads_a_task(&http, &gateway).await;
-    let budget = get(&http, &gateway, "/gateway/v1/budget", DESIGN_KEY)
+    let gateway = Gateway::start(&config(&format!("{ca}{client}")));
+    starts_and_reads_a_task(&gateway).await;
+    let budget = get(&gateway, "/gateway/v1/budget", Some(DESIGN_KEY))
         .await
         .1;
     assert_eq!(budget["reserved"], "0.50000000", "{budget}");
 
     let key = std::fs::read_to_string(&pki.client_key).unwrap();
     let key_body = key.lines().nth(1).unwrap();
-    let untrusted_dir = tempfile::tempdir().unwrap();
-    let said = refused_at_start(&config(untrusted_dir.path(), client.clone())).await;
+    let said = refused_at_start(&config(&client));
     assert!(said.contains("UnknownIssuer"), "{said}");
     assert!(!said.contains(key_body), "{said}");
-    let anonymous_dir = tempfile::tempdir().unwrap();
-    let said = refused_at_start(&config(anonymous_dir.path(), ca.clone())).await;
+    let said = refused_at_start(&config(&ca));
     assert!(said.contains("CertificateRequired"), "{said}");
-    let missing_dir = tempfile::tempdir().unwrap();
     let missing = format!(
         "{ca}client_cert_file = \"/nonexistent/client.pem\"\nclient_key_file = \"{}\"\n",
         pki.client_key.display()
     );
-    let said = refused_at_start(&config(missing_dir.path(), missing)).await;
+    let said = refused_at_start(&config(&missing));
     assert!(
         said.contains("cannot read [store] client_cert_file /nonexistent/client.pem"),
         "{said}"
@@ -888,21 +682,19 @@ async fn a_redis_over_tls_with_a_private_ca_and_client_certificates_holds_the_le
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     let prefix = unique_prefix();
-    let env = two_gateways(&url, &Setup::default(), [&prefix, &prefix]).await;
-    let http = reqwest::Client::new();
+    let env = two_gateways(&url, std::convert::identity, [&prefix, &prefix]).await;
 
     // A starts a task and polls it to its final state; B has never read it.
-    let (status, body) = generate(&http, &env.a).await;
+    let (status, body) = generate(&env.a).await;
     assert_eq!(status, 200, "{body}");
     let task_id = body["data"]["task_id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + DEADLINE;
     let final_read = loop {
-        let (status, cache, read) = read_status(&http, &env.a, &task_id).await;
+        let (status, cache, read) = read_status(&env.a, &task_id).await;
         assert_eq!(status, 200, "{read}");
         if read["data"]["status"] == "success" {
             assert_eq!(
@@ -935,7 +727,7 @@ async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
 
     let queries = env.fake.stats().query_requests;
     for _ in 0..3 {
-        let (status, cache, read) = read_status(&http, &env.b, &task_id).await;
+        let (status, cache, read) = read_status(&env.b, &task_id).await;
         assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{read}");
         assert_eq!(read, final_read);
     }
@@ -948,30 +740,18 @@ async fn a_status_one_replica_read_serves_the_other_without_the_upstream() {
 
 /// 40 generations for `ads` at once, alternating between the two gateways: how many each
 /// accepted. Every other answer must be a 429 with `Retry-After`.
-async fn generation_burst(http: &reqwest::Client, env: &Replicas) -> [u64; 2] {
+async fn generation_burst(env: &Replicas) -> [u64; 2] {
     let attempts: Vec<_> = (0..40)
         .map(|i| {
-            let http = http.clone();
-            let url = if i % 2 == 0 {
-                env.a.url("")
-            } else {
-                env.b.url("")
-            };
+            let gateway = if i % 2 == 0 { &env.a } else { &env.b };
+            let api = gateway.api.clone();
             tokio::spawn(async move {
-                let response = http
-                    .post(format!("{url}/api/image/gen"))
-                    .bearer_auth(common::ADS_KEY)
-                    .json(&json!({"model": "google/gempix2", "prompt": "a tomato"}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status().as_u16();
-                let retry_after = response.headers().get("retry-after").cloned();
+                let reply = api.generate(ADS_KEY, GEMPIX).await;
                 (
                     i % 2,
-                    status,
-                    retry_after,
-                    response.json::<Value>().await.unwrap(),
+                    reply.status,
+                    reply.header("retry-after"),
+                    reply.json(),
                 )
             })
         })
@@ -992,15 +772,13 @@ async fn generation_burst(http: &reqwest::Client, env: &Replicas) -> [u64; 2] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limit_holds_across_replicas() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
-    let http = reqwest::Client::new();
     // ads may start 10 an hour, burst 10: nothing refills while the test runs, so the count is
     // exact whatever the machine's speed.
-    let env = two_replicas(&url, &Setup::default()).await;
-    let [by_a, by_b] = generation_burst(&http, &env).await;
+    let env = two_replicas(&url, std::convert::identity).await;
+    let [by_a, by_b] = generation_burst(&env).await;
     assert_eq!(by_a + by_b, 10, "ten in all: {by_a} by A, {by_b} by B");
     assert_eq!(env.fake.stats().generate_requests, 10);
 
@@ -1008,11 +786,11 @@ async fn a_rate_limit_holds_across_replicas() {
     // above could not come from replicas limiting each on its own.
     let apart = two_gateways(
         &url,
-        &Setup::default(),
+        std::convert::identity,
         [&unique_prefix(), &unique_prefix()],
     )
     .await;
-    assert_eq!(generation_burst(&http, &apart).await, [10, 10]);
+    assert_eq!(generation_burst(&apart).await, [10, 10]);
     assert_eq!(apart.fake.stats().generate_requests, 20);
 }
 
@@ -1038,25 +816,26 @@ struct LoopTally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     // A budget no run reaches, and Redis calls that may be slow on a loaded machine: this test
     // is not about outages. The reconciler settles what nobody polls a second after it
     // starts, and turns a reservation left waiting for the upstream (its replica died
     // mid-request) into unknown_outcome after six, longer than any upstream call may take.
-    let mut env = two_replicas(
-        &url,
-        &Setup {
-            budget: "100000.00",
-            upstream: "timeout = \"5s\"\nconnect_timeout = \"200ms\"",
-            command_timeout: "2s",
-            tables: "\n[reconciler]\ninterval = \"200ms\"\nsettle_after = \"1s\"\n\
+    let mut env = two_replicas(&url, |config| {
+        config
+            .budget(
+                "design",
+                r#"{ credits = "100000.00", period = "lifetime" }"#,
+            )
+            .upstream("timeout = \"5s\"\nconnect_timeout = \"200ms\"")
+            .store(r#"command_timeout = "2s""#)
+            .reconciler(
+                "interval = \"200ms\"\nsettle_after = \"1s\"\n\
                      abandon_after = \"6s\"\nmax_reads_per_second = 1000\n",
-            ..Setup::default()
-        },
-    )
+            )
+    })
     .await;
     let http = reqwest::Client::builder()
         .timeout(DEADLINE)
@@ -1072,16 +851,17 @@ async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
         Arc::new((0..LOOPS).map(|_| AtomicU64::new(IDLE)).collect());
     let loops: Vec<_> = (0..LOOPS)
         .map(|i| {
-            let (http, killing, stop) = (http.clone(), killing.clone(), stop.clone());
+            let (killing, stop) = (killing.clone(), stop.clone());
             let busy_since = busy_since.clone();
             let to_b = i >= LOOPS / 2;
-            let base = if to_b { env.b.url("") } else { env.a.url("") };
+            let replica = if to_b { &env.b } else { &env.a };
+            let api = Api::with_client(http.clone(), replica.api.base.clone());
             tokio::spawn(async move {
                 let mut tally = LoopTally::default();
                 while !stop.load(Ordering::SeqCst) {
                     let sent_after_kill = killing.load(Ordering::SeqCst);
                     busy_since[i].store(origin.elapsed().as_millis() as u64, Ordering::SeqCst);
-                    let result = try_generate(&http, &base, &tomato()).await;
+                    let result = try_generate(&api, GEMPIX).await;
                     busy_since[i].store(IDLE, Ordering::SeqCst);
                     match (to_b, result) {
                         (false, Ok((200, body))) => tally
@@ -1167,12 +947,12 @@ async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
 
     // Every reservation closes, with nobody polling: open tasks are settled by B's reconciler,
     // and those A left waiting for the upstream become unknown_outcome.
-    let budget = settled_budget(&http, &env.b).await;
+    let budget = settled_budget(&env.b).await;
     let listing = |state: &str| format!("/admin/reservations?state={state}");
-    let settled = admin_list(&http, &env.b, &listing("settled"), "reservations").await;
-    let unknown = admin_list(&http, &env.b, &listing("unknown_outcome"), "reservations").await;
+    let settled = admin_list(&env.b, &listing("settled"), "reservations").await;
+    let unknown = admin_list(&env.b, &listing("unknown_outcome"), "reservations").await;
     for state in ["reserved", "open", "released", "expired"] {
-        let left = admin_list(&http, &env.b, &listing(state), "reservations").await;
+        let left = admin_list(&env.b, &listing(state), "reservations").await;
         assert!(left.is_empty(), "{state}: {left:?}");
     }
     let stats = env.fake.stats();
@@ -1250,7 +1030,7 @@ async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
     // No credit lost, none counted twice: spent is the upstream's charges plus the unknown
     // outcomes' reservations, and the usage report agrees.
     assert_eq!(units(&budget["spent"]), expected_spent, "{budget}");
-    let (_, usage) = get(&http, &env.b, "/admin/usage", ADMIN_TOKEN).await;
+    let (_, usage) = get(&env.b, "/admin/usage", Some(ADMIN_TOKEN)).await;
     let row = &usage["rows"][0];
     assert_eq!(usage["rows"].as_array().unwrap().len(), 1, "{usage}");
     assert_eq!(row["tasks"], settled.len() + unknown.len(), "{usage}");
@@ -1262,25 +1042,21 @@ async fn a_replica_killed_under_load_loses_and_double_counts_no_credit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_is_delivered_by_exactly_one_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _server)) = redis_server::url(dir.path()) else {
+    let Some(url) = ketchup_test_redis::url() else {
         return;
     };
     // Quick retries; and a worker attempts one delivery at a time, so each claim takes one
     // delivery and the two replicas' workers keep claiming from the same due retries (with the
     // default, the first worker to poll would claim all ten at once).
-    let env = two_replicas(
-        &url,
-        &Setup {
-            webhooks: true,
-            command_timeout: "2s",
-            tables: "\n[webhooks]\nfirst_retry = \"200ms\"\nmax_retry_delay = \"400ms\"\n\
+    let env = two_replicas(&url, |config| {
+        with_webhooks(config)
+            .store(r#"command_timeout = "2s""#)
+            .webhooks(
+                "first_retry = \"200ms\"\nmax_retry_delay = \"400ms\"\n\
                      max_concurrent_deliveries = 1\n",
-            ..Setup::default()
-        },
-    )
+            )
+    })
     .await;
-    let http = reqwest::Client::new();
     // Every delivery fails its first attempt, so each goes through the outbox's retries, which
     // both replicas' workers race to claim.
     let receiver = Receiver::failing_each_first_attempt();
@@ -1290,9 +1066,9 @@ async fn a_webhook_is_delivered_by_exactly_one_replica() {
     let mut tasks = BTreeSet::new();
     for i in 0..10 {
         let gateway = if i % 2 == 0 { &env.a } else { &env.b };
-        let mut body = tomato();
+        let mut body: Value = serde_json::from_str(GEMPIX).unwrap();
         body["callback_url"] = json!(hook);
-        let (status, body) = try_generate(&http, &gateway.url(""), &body)
+        let (status, body) = try_generate(&gateway.api, &body.to_string())
             .await
             .expect("gateway answers");
         assert_eq!(status, 200, "{body}");
@@ -1325,8 +1101,7 @@ async fn a_webhook_is_delivered_by_exactly_one_replica() {
         .await;
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let delivered =
-            admin_list(&http, &env.b, "/admin/webhooks?state=delivered", "webhooks").await;
+        let delivered = admin_list(&env.b, "/admin/webhooks?state=delivered", "webhooks").await;
         if delivered.len() >= 10 {
             break;
         }
@@ -1360,7 +1135,7 @@ async fn a_webhook_is_delivered_by_exactly_one_replica() {
     );
     assert_eq!(receiver.delivered().len(), 10);
     // The ledger agrees, and only one replica recorded each delivery.
-    let delivered = admin_list(&http, &env.a, "/admin/webhooks?state=delivered", "webhooks").await;
+    let delivered = admin_list(&env.a, "/admin/webhooks?state=delivered", "webhooks").await;
     assert_eq!(delivered.len(), 10, "{delivered:?}");
     for delivery in &delivered {
         assert_eq!(delivery["attempts"], 2, "{delivery}");
@@ -1371,11 +1146,7 @@ async fn a_webhook_is_delivered_by_exactly_one_replica() {
     }
     for state in ["pending", "dead"] {
         let path = format!("/admin/webhooks?state={state}");
-        assert!(
-            admin_list(&http, &env.a, &path, "webhooks")
-                .await
-                .is_empty()
-        );
+        assert!(admin_list(&env.a, &path, "webhooks").await.is_empty());
     }
     let delivered_by = |gateway: &Gateway| -> Vec<String> {
         gateway
@@ -1400,5 +1171,5 @@ async fn a_webhook_is_delivered_by_exactly_one_replica() {
         "each delivery was made by one replica"
     );
     // The callbacks settled each task once.
-    wait_until_settled(&http, &env.b, "5.00000000").await;
+    wait_until_settled(&env.b, "5.00000000").await;
 }

@@ -2,34 +2,30 @@
 //! `public_url`, settle credits without any status poll, and are delivered, signed, to the teams'
 //! receivers (real HTTP servers on loopback) from the durable outbox.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::webhook_receiver::{Receiver, WEBHOOK_SECRET, verify};
-use common::{ADS_KEY, DESIGN_KEY, Gateway, Reply, closed_port, fake_config};
-use ketchup_fake_upstream::{FakeConfig, FakeHandle};
+use ketchup_testkit::webhooks::{Receiver, verify};
+use ketchup_testkit::{
+    ADS_KEY, DEADLINE, DESIGN_KEY, Env, GatewayConfig, Reply, fake_config, free_port,
+};
 use serde_json::{Value, json};
 
-const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
-const DEADLINE: Duration = Duration::from_secs(20);
-
-struct Env {
-    fake: FakeHandle,
-    gateway: Gateway,
-    _dir: tempfile::TempDir,
-    http: reqwest::Client,
+/// A gateway with `public_url` pointing at itself, both teams signing webhooks (which
+/// `public_url` requires), `design` allowed to receive them on loopback, quick retries and an
+/// admin API. `webhooks` holds lines of the `[webhooks]` table.
+fn config(webhooks: &str) -> GatewayConfig {
+    GatewayConfig::new()
+        .public_url_on_own_port()
+        .webhooks("first_retry = \"200ms\"\nmax_retry_delay = \"400ms\"")
+        .webhooks(webhooks)
+        .admin()
+        .signed_webhooks("design")
+        .callback_hosts("design", &["127.0.0.1"])
+        .signed_webhooks("ads")
 }
 
-/// A gateway with `public_url` pointing at itself, both teams signing webhooks with
-/// [`WEBHOOK_SECRET`] (which `public_url` requires), and `design` allowed to receive them on
-/// loopback. `webhooks` holds lines of the `[webhooks]` table.
 async fn start(webhooks: &str) -> Env {
-    start_with(fake_config(), webhooks).await
-}
-
-async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
-    start_teams(fake, webhooks, "").await
+    Env::start_with(fake_config(), config(webhooks)).await
 }
 
 /// [`start`], with a fake that renders for ten minutes: its own callback stays out of the way,
@@ -37,159 +33,66 @@ async fn start_with(fake: FakeConfig, webhooks: &str) -> Env {
 async fn start_long_render(webhooks: &str) -> Env {
     let mut fake = fake_config();
     fake.in_progress_for = Duration::from_secs(600);
-    start_with(fake, webhooks).await
+    Env::start_with(fake, config(webhooks)).await
 }
 
-/// [`start_with`], with `ads_team` lines added to the `ads` team.
-async fn start_teams(fake: FakeConfig, webhooks: &str, ads_team: &str) -> Env {
-    let fake = ketchup_fake_upstream::start(fake).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("design_webhook_secret");
-    std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
-    let admin = dir.path().join("admin_token");
-    std::fs::write(&admin, ADMIN_TOKEN).unwrap();
-    let port = closed_port();
-    let server_extra = format!(
-        "public_url = \"http://127.0.0.1:{port}\"\n\n[webhooks]\nfirst_retry = \"200ms\"\n\
-         max_retry_delay = \"400ms\"\n{webhooks}\n\n[admin]\ntoken_file = \"{}\"\n",
-        admin.display()
-    );
-    let text = common::config_text(
-        &fake.base_url(),
-        &dir.path().join("ledger.db"),
-        &server_extra,
-        "",
+async fn generate(env: &Env, key: &str, body: Value) -> Reply {
+    env.api().generate(key, &body.to_string()).await
+}
+
+/// Starts a render whose callback goes to `receiver_port`; returns its task id.
+async fn start_task(env: &Env, receiver_port: u16) -> String {
+    generate(
+        env,
+        DESIGN_KEY,
+        json!({"model": "google/gempix2", "prompt": "a tomato",
+               "callback_url": format!("http://127.0.0.1:{receiver_port}/hook")}),
     )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    )
-    .replace(
-        "label = \"design-test\" }]",
-        &format!(
-            "label = \"design-test\" }}]\nwebhook_secret_file = \"{}\"\ncallback_hosts = [\"127.0.0.1\"]",
-            secret.display()
-        ),
-    )
-    .replace(
-        "label = \"ads-test\" }]",
-        &format!(
-            "label = \"ads-test\" }}]\nwebhook_secret_file = \"{}\"\n{ads_team}",
-            secret.display()
-        ),
-    );
-    let config_path = dir.path().join("gateway.toml");
-    std::fs::write(&config_path, text).unwrap();
-    Env {
-        fake,
-        gateway: Gateway::start(config_path),
-        _dir: dir,
-        http: reqwest::Client::new(),
+    .await
+    .task_id()
+}
+
+/// The callback URL the upstream was given for the most recent generation.
+fn callback_url_given_upstream(env: &Env) -> String {
+    let bodies = env.fake.stats().generate_bodies;
+    bodies.last().expect("a generation reached the upstream")["callback_url"]
+        .as_str()
+        .expect("a callback_url")
+        .to_owned()
+}
+
+/// `GET /admin/webhooks?state=dead` once it lists a delivery.
+async fn wait_for_dead(env: &Env) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let dead = env.api().admin("/admin/webhooks?state=dead").await;
+        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+            return dead;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
-impl Env {
-    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("gateway answers");
-        Reply {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            text: response.text().await.unwrap(),
-        }
-    }
-
-    async fn generate(&self, key: &str, body: Value) -> Reply {
-        self.send(
-            self.http
-                .post(self.gateway.url("/api/image/gen"))
-                .bearer_auth(key)
-                .json(&body),
-        )
-        .await
-    }
-
-    /// Starts a render whose callback goes to `receiver_port`; returns its task id.
-    async fn start_task(&self, receiver_port: u16) -> String {
-        self.generate(
-            DESIGN_KEY,
-            json!({"model": "google/gempix2", "prompt": "a tomato",
-                   "callback_url": format!("http://127.0.0.1:{receiver_port}/hook")}),
-        )
-        .await
-        .task_id()
-    }
-
-    /// The callback URL the upstream was given for the most recent generation.
-    fn callback_url_given_upstream(&self) -> String {
-        let bodies = self.fake.stats().generate_bodies;
-        bodies.last().expect("a generation reached the upstream")["callback_url"]
-            .as_str()
-            .expect("a callback_url")
-            .to_owned()
-    }
-
-    async fn budget(&self, key: &str) -> Value {
-        let reply = self
-            .send(
-                self.http
-                    .get(self.gateway.url("/gateway/v1/budget"))
-                    .bearer_auth(key),
-            )
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.text);
-        reply.json()
-    }
-
-    /// `GET /admin/webhooks?state=dead` once it lists a delivery.
-    async fn wait_for_dead(&self) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let dead = self.admin("/admin/webhooks?state=dead").await;
-            if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
-                return dead;
-            }
-            assert!(Instant::now() < deadline, "never dead-lettered");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn admin(&self, path: &str) -> Value {
-        let reply = self
-            .send(
-                self.http
-                    .get(self.gateway.url(path))
-                    .bearer_auth(ADMIN_TOKEN),
-            )
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.text);
-        reply.json()
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        common::metric(&self.http, &self.gateway, series).await
-    }
-
-    async fn post_callback(&self, url: &str, body: impl Into<reqwest::Body>) -> Reply {
-        self.send(
-            self.http
+async fn post_callback(env: &Env, url: &str, body: impl Into<reqwest::Body>) -> Reply {
+    env.api()
+        .send(
+            env.api()
+                .http
                 .post(url)
                 .header("content-type", "application/json")
                 .body(body),
         )
         .await
-    }
+}
 
-    async fn wait_for_spent(&self, spent: &str) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let budget = self.budget(DESIGN_KEY).await;
-            if budget["spent"] == spent && budget["reserved"] == "0.00000000" {
-                return;
-            }
-            assert!(Instant::now() < deadline, "budget never settled: {budget}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// Waits until design has spent `spent` and has nothing reserved.
+async fn wait_for_spent(env: &Env, spent: &str) {
+    env.api()
+        .wait_for_budget(DESIGN_KEY, &format!("design to have spent {spent}"), |b| {
+            b["spent"] == spent && b["reserved"] == "0.00000000"
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,10 +100,10 @@ async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
     let env = start("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
-    let task_id = env.start_task(listening.port).await;
+    let task_id = start_task(&env, listening.port).await;
 
     // The upstream was given the gateway's callback, never the team's URL.
-    let given = env.callback_url_given_upstream();
+    let given = callback_url_given_upstream(&env);
     assert!(
         given.starts_with(&format!("{}/callbacks/", env.gateway.url(""))),
         "{given}"
@@ -219,18 +122,11 @@ async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
     assert_eq!(payload["consumed"], "0.500000");
     assert!(headers["webhook-id"].to_str().unwrap().starts_with("msg_"));
 
-    env.wait_for_spent("0.50000000").await;
+    wait_for_spent(&env, "0.50000000").await;
     assert_eq!(env.fake.stats().query_requests, 0, "settled by push alone");
 
     // The final status is in the cache: a read costs the upstream nothing.
-    let reply = env
-        .send(
-            env.http
-                .get(env.gateway.url("/api/task/query"))
-                .query(&[("task_id", &task_id)])
-                .bearer_auth(DESIGN_KEY),
-        )
-        .await;
+    let reply = env.api().query(DESIGN_KEY, &task_id).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-cache").as_deref(), Some("hit"));
     assert_eq!(reply.json()["data"]["status"], "success");
@@ -241,13 +137,14 @@ async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(receiver.seen().len(), 1);
     assert_eq!(
-        env.metric(
-            "ketchup_gateway_webhook_deliveries_total{outcome=\"delivered\",team=\"design\"}"
-        )
-        .await,
+        env.api()
+            .metric(
+                "ketchup_gateway_webhook_deliveries_total{outcome=\"delivered\",team=\"design\"}"
+            )
+            .await,
         1.0
     );
-    let delivered = env.admin("/admin/webhooks?state=delivered").await;
+    let delivered = env.api().admin("/admin/webhooks?state=delivered").await;
     assert_eq!(delivered["webhooks"][0]["task_id"], task_id);
     assert_eq!(delivered["webhooks"][0]["attempts"], 1);
 }
@@ -257,18 +154,21 @@ async fn delivered_webhooks_are_listed_for_keep_finished_then_deleted_and_pendin
     let env = start("keep_finished = \"3s\"").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
-    let delivered_task = env.start_task(listening.port).await;
+    let delivered_task = start_task(&env, listening.port).await;
     receiver
         .wait_for("one delivery", |r| r.delivered().len() == 1)
         .await;
     let delivered_at = Instant::now();
     // Nobody listens here: this one stays pending, retried, for the whole test.
-    let pending_task = env.start_task(closed_port()).await;
+    let pending_task = start_task(&env, free_port()).await;
 
     let listed = |state: &'static str| {
         let env = &env;
         async move {
-            let page = env.admin(&format!("/admin/webhooks?state={state}")).await;
+            let page = env
+                .api()
+                .admin(&format!("/admin/webhooks?state={state}"))
+                .await;
             page["webhooks"]
                 .as_array()
                 .unwrap()
@@ -292,14 +192,15 @@ async fn delivered_webhooks_are_listed_for_keep_finished_then_deleted_and_pendin
         delivered_at.elapsed()
     );
     assert_eq!(
-        env.metric("ketchup_gateway_webhook_deliveries_deleted_total")
+        env.api()
+            .metric("ketchup_gateway_webhook_deliveries_deleted_total")
             .await,
         1.0
     );
 
     // The pending delivery is still there, and still tried.
     assert_eq!(listed("pending").await, [pending_task]);
-    let page = env.admin("/admin/webhooks?state=pending").await;
+    let page = env.api().admin("/admin/webhooks?state=pending").await;
     assert!(
         page["webhooks"][0]["attempts"].as_u64().unwrap() > 1,
         "{page}"
@@ -314,14 +215,14 @@ async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() 
     let listening = receiver.listen(0).await;
     // The fake's own callback comes after a few hundred milliseconds; ours first, twice, in a
     // form no serializer would produce, so byte-for-byte forwarding shows.
-    let task_id = env.start_task(listening.port).await;
-    let url = env.callback_url_given_upstream();
+    let task_id = start_task(&env, listening.port).await;
+    let url = callback_url_given_upstream(&env);
     let odd = format!(
         "{{ \"task_id\" : \"{task_id}\",\n  \"status\":\"success\", \"consumed\":\"0.400000\", \"result\":[{{\"image\":\"https://x/1.png\"}}] ,\"status_reason\":{{\"message\":null}} }}"
     );
     let (first, second) = tokio::join!(
-        env.post_callback(&url, odd.clone()),
-        env.post_callback(&url, odd.clone())
+        post_callback(&env, &url, odd.clone()),
+        post_callback(&env, &url, odd.clone())
     );
     assert_eq!((first.status, second.status), (200, 200), "{}", first.text);
 
@@ -341,18 +242,20 @@ async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() 
     assert_eq!(delivered[0].1, odd.as_bytes(), "the payload, byte for byte");
     verify(&delivered[0].0, &delivered[0].1);
     // Settled once, at the first callback's amount.
-    env.wait_for_spent("0.40000000").await;
+    wait_for_spent(&env, "0.40000000").await;
     assert_eq!(
-        env.metric("ketchup_gateway_callbacks_total{outcome=\"settled\"}")
+        env.api()
+            .metric("ketchup_gateway_callbacks_total{outcome=\"settled\"}")
             .await,
         1.0
     );
     assert_eq!(
-        env.metric("ketchup_gateway_callbacks_total{outcome=\"repeated\"}")
+        env.api()
+            .metric("ketchup_gateway_callbacks_total{outcome=\"repeated\"}")
             .await,
         2.0
     );
-    let usage = env.admin("/admin/usage").await;
+    let usage = env.api().admin("/admin/usage").await;
     assert_eq!(usage["rows"][0]["tasks"], 1, "{usage}");
     assert_eq!(usage["rows"][0]["credits"], "0.40000000", "{usage}");
 }
@@ -364,7 +267,7 @@ async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sig
     // receiver is back.
     let receiver = Receiver::answering(&[500]);
     let listening = receiver.listen(0).await;
-    env.start_task(listening.port).await;
+    start_task(&env, listening.port).await;
     receiver
         .wait_for("the first attempt", |r| r.seen().len() == 1)
         .await;
@@ -373,7 +276,7 @@ async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sig
     // a kill in between would leave the attempt's lease standing past this test's deadline.
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let pending = env.admin("/admin/webhooks?state=pending").await;
+        let pending = env.api().admin("/admin/webhooks?state=pending").await;
         let recorded = pending["webhooks"][0]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("could not reach the receiver"));
@@ -387,8 +290,7 @@ async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sig
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
-    env.gateway.kill();
-    env.gateway = Gateway::start(env.gateway.config_path.clone());
+    env.gateway.restart_after_kill();
     let listening = receiver.listen(port).await;
     receiver
         .wait_for("the delivery", |r| r.delivered().len() == 1)
@@ -404,7 +306,7 @@ async fn a_failing_receiver_gets_the_delivery_once_it_recovers_even_across_a_sig
         .collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]));
     verify(&seen.last().unwrap().0, &seen.last().unwrap().1);
-    let delivered = env.admin("/admin/webhooks?state=delivered").await;
+    let delivered = env.api().admin("/admin/webhooks?state=delivered").await;
     assert!(
         delivered["webhooks"][0]["attempts"].as_u64().unwrap() >= 3,
         "{delivered}"
@@ -417,8 +319,8 @@ async fn a_receiver_that_never_recovers_is_dead_lettered_at_the_deadline() {
     let env = start("delivery_deadline = \"3s\"").await;
     let receiver = Receiver::answering(&[500; 100]);
     let listening = receiver.listen(0).await;
-    let task_id = env.start_task(listening.port).await;
-    let dead = env.wait_for_dead().await;
+    let task_id = start_task(&env, listening.port).await;
+    let dead = wait_for_dead(&env).await;
     let entry = &dead["webhooks"][0];
     assert_eq!(entry["task_id"], task_id);
     assert_eq!(entry["team"], "design");
@@ -435,12 +337,13 @@ async fn a_receiver_that_never_recovers_is_dead_lettered_at_the_deadline() {
         "{entry}"
     );
     assert_eq!(
-        env.metric("ketchup_gateway_webhook_deliveries_total{outcome=\"dead\",team=\"design\"}")
+        env.api()
+            .metric("ketchup_gateway_webhook_deliveries_total{outcome=\"dead\",team=\"design\"}")
             .await,
         1.0
     );
     // The credits settled regardless.
-    env.wait_for_spent("0.50000000").await;
+    wait_for_spent(&env, "0.50000000").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,45 +351,47 @@ async fn bad_callbacks_change_nothing() {
     let env = start_long_render("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
-    let task_id = env.start_task(listening.port).await;
-    let url = env.callback_url_given_upstream();
+    let task_id = start_task(&env, listening.port).await;
+    let url = callback_url_given_upstream(&env);
     let token_less = format!("{}/callbacks/", env.gateway.url(""));
     let payload =
         json!({"task_id": task_id, "status": "success", "consumed": "0.100000"}).to_string();
 
-    let unknown = env
-        .post_callback(&format!("{token_less}{}", "0".repeat(64)), payload.clone())
-        .await;
+    let unknown = post_callback(
+        &env,
+        &format!("{token_less}{}", "0".repeat(64)),
+        payload.clone(),
+    )
+    .await;
     assert_eq!(unknown.status, 404);
     assert_eq!(
         unknown.json(),
         json!({"code": 1, "message": "callback not found"})
     );
-    let huge_token = env
-        .post_callback(
-            &format!("{token_less}{}", "x".repeat(5000)),
-            payload.clone(),
-        )
-        .await;
+    let huge_token = post_callback(
+        &env,
+        &format!("{token_less}{}", "x".repeat(5000)),
+        payload.clone(),
+    )
+    .await;
     assert_eq!(huge_token.status, 404);
 
-    let malformed = env.post_callback(&url, "{\"task_id\": ").await;
+    let malformed = post_callback(&env, &url, "{\"task_id\": ").await;
     assert_eq!(malformed.status, 400, "{}", malformed.text);
     assert_eq!(malformed.json()["code"], 1);
-    let not_final = env
-        .post_callback(
-            &url,
-            json!({"task_id": task_id, "status": "in_progress"}).to_string(),
-        )
-        .await;
+    let not_final = post_callback(
+        &env,
+        &url,
+        json!({"task_id": task_id, "status": "in_progress"}).to_string(),
+    )
+    .await;
     assert_eq!(not_final.status, 400);
-    let other_task = env
-        .post_callback(
-            &url,
-            json!({"task_id": "ta-someone-else", "status": "success", "consumed": "0.1"})
-                .to_string(),
-        )
-        .await;
+    let other_task = post_callback(
+        &env,
+        &url,
+        json!({"task_id": "ta-someone-else", "status": "success", "consumed": "0.1"}).to_string(),
+    )
+    .await;
     assert_eq!(other_task.status, 400);
     assert!(
         other_task.json()["detail"]
@@ -496,12 +401,12 @@ async fn bad_callbacks_change_nothing() {
     );
 
     // Nothing was settled or sent.
-    let budget = env.budget(DESIGN_KEY).await;
+    let budget = env.api().budget(DESIGN_KEY).await;
     assert_eq!(budget["spent"], "0.00000000", "{budget}");
     assert_eq!(budget["reserved"], "0.50000000", "{budget}");
     assert!(receiver.seen().is_empty());
     assert!(
-        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+        env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -516,17 +421,17 @@ async fn callback_urls_to_internal_addresses_are_refused_before_anything_is_spen
     let env = start("").await;
     for url in [
         // `ads` has no callback_hosts: loopback is off limits.
-        format!("http://127.0.0.1:{}/hook", closed_port()),
+        format!("http://127.0.0.1:{}/hook", free_port()),
         "http://localhost/hook".to_owned(),
         "http://169.254.169.254/latest/meta-data/".to_owned(),
         "http://[::1]:8080/hook".to_owned(),
     ] {
-        let reply = env
-            .generate(
-                ADS_KEY,
-                json!({"model": "google/gempix2", "prompt": "x", "callback_url": url}),
-            )
-            .await;
+        let reply = generate(
+            &env,
+            ADS_KEY,
+            json!({"model": "google/gempix2", "prompt": "x", "callback_url": url}),
+        )
+        .await;
         assert_eq!(reply.status, 400, "{url}: {}", reply.text);
         assert!(
             reply.json()["detail"]
@@ -538,34 +443,34 @@ async fn callback_urls_to_internal_addresses_are_refused_before_anything_is_spen
         );
     }
     // Even design's allow-list opens only the hosts it names.
-    let metadata = env
-        .generate(
-            DESIGN_KEY,
-            json!({"model": "google/gempix2", "prompt": "x",
+    let metadata = generate(
+        &env,
+        DESIGN_KEY,
+        json!({"model": "google/gempix2", "prompt": "x",
                    "callback_url": "http://169.254.169.254/"}),
-        )
-        .await;
+    )
+    .await;
     assert_eq!(metadata.status, 400);
     assert_eq!(env.fake.stats().generate_requests, 0);
-    assert_eq!(env.budget(DESIGN_KEY).await["reserved"], "0.00000000");
+    assert_eq!(env.api().budget(DESIGN_KEY).await["reserved"], "0.00000000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_intercept_settles_tasks_that_gave_no_callback() {
     let env = start("always_intercept = true").await;
-    let reply = env
-        .generate(
-            DESIGN_KEY,
-            json!({"model": "google/gempix2", "prompt": "a tomato"}),
-        )
-        .await;
+    let reply = generate(
+        &env,
+        DESIGN_KEY,
+        json!({"model": "google/gempix2", "prompt": "a tomato"}),
+    )
+    .await;
     reply.task_id();
-    assert!(env.callback_url_given_upstream().contains("/callbacks/"));
-    env.wait_for_spent("0.50000000").await;
+    assert!(callback_url_given_upstream(&env).contains("/callbacks/"));
+    wait_for_spent(&env, "0.50000000").await;
     assert_eq!(env.fake.stats().query_requests, 0);
     // Nothing to deliver: the team asked for no webhook.
     assert!(
-        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+        env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -589,8 +494,8 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
     let listening = receiver.listen(0).await;
 
     let started = Instant::now();
-    env.start_task(silent_port).await;
-    let task_id = env.start_task(listening.port).await;
+    start_task(&env, silent_port).await;
+    let task_id = start_task(&env, listening.port).await;
     receiver
         .wait_for("the other team's delivery", |r| r.delivered().len() == 1)
         .await;
@@ -604,7 +509,7 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
     assert_eq!(payload["task_id"], task_id);
     // Only the silent receiver's delivery is pending (the other one may not be recorded as
     // delivered yet when its receiver has it).
-    let pending = env.admin("/admin/webhooks?state=pending").await;
+    let pending = env.api().admin("/admin/webhooks?state=pending").await;
     let waiting: Vec<_> = pending["webhooks"]
         .as_array()
         .unwrap()
@@ -622,11 +527,13 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() {
-    let env = start_teams(
+    let env = Env::start_with(
         fake_config(),
-        "attempt_timeout = \"30s\"\nmax_concurrent_deliveries = 4\n\
-         max_concurrent_deliveries_per_team = 2",
-        "callback_hosts = [\"127.0.0.1\"]",
+        config(
+            "attempt_timeout = \"30s\"\nmax_concurrent_deliveries = 4\n\
+             max_concurrent_deliveries_per_team = 2",
+        )
+        .callback_hosts("ads", &["127.0.0.1"]),
     )
     .await;
     // Accepts connections, counts them, reads nothing and answers nothing.
@@ -648,10 +555,10 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
     // More of design's deliveries to the silent receiver than there are slots in all, every one
     // queued before ads has anything to deliver.
     for _ in 0..6 {
-        env.start_task(silent_port).await;
+        start_task(&env, silent_port).await;
     }
     let deadline = Instant::now() + DEADLINE;
-    while env.admin("/admin/webhooks?state=pending").await["webhooks"]
+    while env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
         .as_array()
         .unwrap()
         .len()
@@ -662,14 +569,14 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
     }
 
     let started = Instant::now();
-    let task_id = env
-        .generate(
-            ADS_KEY,
-            json!({"model": "google/gempix2", "prompt": "a tomato",
+    let task_id = generate(
+        &env,
+        ADS_KEY,
+        json!({"model": "google/gempix2", "prompt": "a tomato",
                    "callback_url": format!("http://127.0.0.1:{}/hook", listening.port)}),
-        )
-        .await
-        .task_id();
+    )
+    .await
+    .task_id();
     receiver
         .wait_for("ads' delivery", |r| r.delivered().len() == 1)
         .await;
@@ -687,7 +594,7 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
     // design holds its two slots; its other deliveries wait unattempted.
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     // (ads' delivery may still be pending here: recorded just after its receiver answered.)
-    let pending = env.admin("/admin/webhooks?state=pending").await;
+    let pending = env.api().admin("/admin/webhooks?state=pending").await;
     let mut attempts: Vec<u64> = pending["webhooks"]
         .as_array()
         .unwrap()
@@ -706,8 +613,8 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
     let env = start_long_render(&format!("max_callback_bytes = {cap}")).await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
-    let task_id = env.start_task(listening.port).await;
-    let url = env.callback_url_given_upstream();
+    let task_id = start_task(&env, listening.port).await;
+    let url = callback_url_given_upstream(&env);
     let callback = |image_len: usize| {
         format!(
             "{{\"task_id\":\"{task_id}\",\"status\":\"success\",\"consumed\":\"0.400000\",\
@@ -717,7 +624,7 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
         )
     };
 
-    let over = env.post_callback(&url, callback(cap)).await;
+    let over = post_callback(&env, &url, callback(cap)).await;
     assert_eq!(over.status, 413, "{}", over.text);
     assert_eq!(
         over.json(),
@@ -725,11 +632,11 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
                "detail": format!("request body exceeds {cap} bytes")})
     );
     assert_eq!(over.headers["connection"], "close");
-    let budget = env.budget(DESIGN_KEY).await;
+    let budget = env.api().budget(DESIGN_KEY).await;
     assert_eq!(budget["spent"], "0.00000000", "{budget}");
     assert_eq!(budget["reserved"], "0.50000000", "{budget}");
     assert!(
-        env.admin("/admin/webhooks?state=pending").await["webhooks"]
+        env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -738,14 +645,14 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
     // Three times server.max_body_bytes, which still bounds what teams send.
     let body = callback(3 << 20);
     assert!(body.len() > 3 << 20);
-    let too_big_a_request = env
-        .generate(
-            DESIGN_KEY,
-            json!({"model": "google/gempix2", "prompt": body}),
-        )
-        .await;
+    let too_big_a_request = generate(
+        &env,
+        DESIGN_KEY,
+        json!({"model": "google/gempix2", "prompt": body}),
+    )
+    .await;
     assert_eq!(too_big_a_request.status, 413, "{}", too_big_a_request.text);
-    let accepted = env.post_callback(&url, body.clone()).await;
+    let accepted = post_callback(&env, &url, body.clone()).await;
     assert_eq!(accepted.status, 200, "{}", accepted.text);
     receiver
         .wait_for("the delivery", |r| r.delivered().len() == 1)
@@ -753,7 +660,7 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
     let (headers, delivered) = receiver.delivered().remove(0);
     assert!(delivered == body.as_bytes(), "the payload, byte for byte");
     verify(&headers, &delivered);
-    env.wait_for_spent("0.40000000").await;
+    wait_for_spent(&env, "0.40000000").await;
     assert_eq!(
         receiver.seen().len(),
         1,
@@ -764,25 +671,21 @@ async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
     // The only callback is the one this test sends, after the reload.
-    let env = start_long_render("").await;
+    let mut env = start_long_render("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
     // Allowed when the generation came in.
-    let task_id = env.start_task(listening.port).await;
-    let url = env.callback_url_given_upstream();
+    let task_id = start_task(&env, listening.port).await;
+    let url = callback_url_given_upstream(&env);
 
-    let config = std::fs::read_to_string(&env.gateway.config_path).unwrap();
-    let without = config.replace("callback_hosts = [\"127.0.0.1\"]", "");
-    assert_ne!(without, config);
-    std::fs::write(&env.gateway.config_path, without).unwrap();
-    env.gateway.hangup();
-    env.gateway.wait_for_log("configuration reloaded").await;
+    let without = env.gateway.config().clone().callback_hosts("design", &[]);
+    env.gateway.reload(without).await;
 
     let payload = json!({"task_id": task_id, "status": "success", "consumed": "0.400000",
                          "result": [{"image": "https://x/1.png"}]});
-    let reply = env.post_callback(&url, payload.to_string()).await;
+    let reply = post_callback(&env, &url, payload.to_string()).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
-    let dead = env.wait_for_dead().await;
+    let dead = wait_for_dead(&env).await;
     let entry = &dead["webhooks"][0];
     assert_eq!(entry["task_id"], task_id, "{entry}");
     // Dead at the first attempt: no retry can make the address allowed.
@@ -794,6 +697,6 @@ async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
     );
     assert!(receiver.seen().is_empty(), "the receiver got nothing");
     // The credits settled regardless.
-    env.wait_for_spent("0.40000000").await;
+    wait_for_spent(&env, "0.40000000").await;
     drop(listening);
 }

@@ -3,11 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
+use ketchup_test_redis::TlsFiles;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
 
+/// The PEM files of a private CA: its certificate, a server certificate it signed for
+/// 127.0.0.1, and a client certificate it signed, each with its key.
 pub struct TestPki {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
@@ -17,6 +20,7 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// Makes the CA and its certificates, written into `dir`.
     pub fn create(dir: &Path) -> TestPki {
         let ca_key = KeyPair::generate().expect("a CA key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
@@ -62,6 +66,16 @@ impl TestPki {
             server_key: write("server-key.pem", &server_key),
             client_cert: write("client.pem", &client_cert),
             client_key: write("client-key.pem", &client_key),
+        }
+    }
+
+    /// The files a Redis speaking only TLS serves with: the server certificate, and the CA its
+    /// clients must present a certificate of.
+    pub fn redis_tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            ca: self.ca.clone(),
         }
     }
 }

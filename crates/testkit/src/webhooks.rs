@@ -14,10 +14,7 @@ use axum::{
     routing::post,
 };
 
-/// The secret the tests give `design` for signing its webhooks.
-pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-const DEADLINE: Duration = Duration::from_secs(30);
+use crate::{DEADLINE, WEBHOOK_SECRET};
 
 /// Records every request and answers from a script (then 200); or, made with
 /// [`Receiver::failing_each_first_attempt`], answers 500 to the first attempt of every delivery
@@ -29,6 +26,7 @@ pub struct Receiver {
     fail_first_attempts: bool,
 }
 
+/// A [`Receiver`] listening on a port.
 pub struct Listening {
     pub port: u16,
     server: tokio::task::JoinHandle<()>,
@@ -43,12 +41,14 @@ impl Listening {
 }
 
 impl Receiver {
+    /// Answers each request with the next status of `script`, then 200.
     pub fn answering(script: &[u16]) -> Receiver {
         let receiver = Receiver::default();
         receiver.script.lock().unwrap().extend(script);
         receiver
     }
 
+    /// Answers 500 to the first attempt of every delivery, 200 to the ones after.
     pub fn failing_each_first_attempt() -> Receiver {
         Receiver {
             fail_first_attempts: true,
@@ -56,6 +56,7 @@ impl Receiver {
         }
     }
 
+    /// Serves `POST /hook` on `port` of 127.0.0.1 (a free one for 0).
     pub async fn listen(&self, port: u16) -> Listening {
         async fn record(
             State(receiver): State<Receiver>,
@@ -107,6 +108,7 @@ impl Receiver {
             .collect()
     }
 
+    /// Waits until `done` holds of what the receiver has seen.
     pub async fn wait_for(&self, what: &str, done: impl Fn(&Receiver) -> bool) {
         let deadline = Instant::now() + DEADLINE;
         while !done(self) {

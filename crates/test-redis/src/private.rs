@@ -1,28 +1,33 @@
-//! Redis for the tests that need one: `REDIS_URL` if set, else a private `redis-server` on a free
-//! port. Where neither is possible the test is skipped, loudly, unless `KETCHUP_REQUIRE_REDIS=1`
-//! (set by `.ci/run`), which turns the skip into a failure.
+//! A `redis-server` of one test's own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::tls::TestPki;
-
-/// A `redis-server` this test started and may stop and start again.
+/// A `redis-server` a test started and may stop, pause and start again, with append-only
+/// persistence fsynced on every write (what production should run) in a directory of the test's.
 pub struct PrivateRedis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
     /// What `requirepass` asks of clients, if anything.
     password: Option<String>,
-    /// TLS only, with this server certificate, taking clients with a certificate of the same CA.
-    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files for a Redis that speaks only TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The server's certificate and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA whose certificates clients must present (Redis's default `tls-auth-clients yes`).
+    pub ca: PathBuf,
 }
 
 impl PrivateRedis {
-    /// Starts one with append-only persistence fsynced on every write (what production should
-    /// run), keeping its files in `dir`; `None` (after a loud warning) when `redis-server` is
-    /// not installed.
+    /// Starts one keeping its files in `dir`; `None` (after a loud warning, or a failure under
+    /// `KETCHUP_REQUIRE_REDIS=1`) when `redis-server` cannot be run.
     pub fn start(dir: &Path) -> Option<PrivateRedis> {
         Self::start_with(dir, None, None)
     }
@@ -32,34 +37,27 @@ impl PrivateRedis {
         Self::start_with(dir, Some(password.to_owned()), None)
     }
 
-    /// Like [`PrivateRedis::start`], speaking only TLS with `pki`'s server certificate, and
-    /// taking only clients that present a certificate of `pki`'s CA (Redis's default).
-    pub fn start_with_tls(dir: &Path, pki: &TestPki) -> Option<PrivateRedis> {
-        let files = (
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-            pki.ca.clone(),
-        );
-        Self::start_with(dir, None, Some(files))
+    /// Like [`PrivateRedis::start`], speaking only TLS with `tls`'s server certificate, and
+    /// taking only clients that present a certificate of `tls`'s CA.
+    pub fn start_with_tls(dir: &Path, tls: TlsFiles) -> Option<PrivateRedis> {
+        Self::start_with(dir, None, Some(tls))
     }
 
     fn start_with(
         dir: &Path,
         password: Option<String>,
-        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+        tls: Option<TlsFiles>,
     ) -> Option<PrivateRedis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            skip("redis-server is not installed");
-            return None;
-        }
+        let port = match crate::redis_server_installed().and_then(|()| crate::free_port()) {
+            Ok(port) => port,
+            Err(why) => {
+                crate::skip(&why);
+                return None;
+            }
+        };
         let mut redis = PrivateRedis {
             child: None,
-            port: super::closed_port(),
+            port,
             dir: dir.to_owned(),
             password,
             tls,
@@ -83,14 +81,14 @@ impl PrivateRedis {
         command.args(["--bind", "127.0.0.1"]);
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
-            Some((cert, key, ca)) => command
+            Some(tls) => command
                 .args(["--port", "0", "--tls-port", &self.port.to_string()])
                 .arg("--tls-cert-file")
-                .arg(cert)
+                .arg(&tls.cert)
                 .arg("--tls-key-file")
-                .arg(key)
+                .arg(&tls.key)
                 .arg("--tls-ca-cert-file")
-                .arg(ca),
+                .arg(&tls.ca),
         };
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
@@ -151,20 +149,4 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A Redis URL to use, with a private server kept alive by the returned guard when needed.
-pub fn url(dir: &Path) -> Option<(String, Option<PrivateRedis>)> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return Some((url, None));
-    }
-    let private = PrivateRedis::start(dir)?;
-    Some((private.url(), Some(private)))
-}
-
-fn skip(why: &str) {
-    if std::env::var("KETCHUP_REQUIRE_REDIS").as_deref() == Ok("1") {
-        panic!("{why}, and KETCHUP_REQUIRE_REDIS=1: Redis tests must not be skipped here");
-    }
-    eprintln!("\n!!! SKIPPING a Redis test: {why} and REDIS_URL is not set !!!\n");
 }
