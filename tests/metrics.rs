@@ -300,8 +300,14 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     m.assert_series(
         "ketchup_gateway_tasks_started_total",
         &BTreeMap::from([
-            (labels(&[("team", "design"), ("model", MODEL)]), 4.0),
-            (labels(&[("team", "ads"), ("model", MODEL)]), 2.0),
+            (
+                labels(&[("team", "design"), ("family", "image"), ("model", MODEL)]),
+                4.0,
+            ),
+            (
+                labels(&[("team", "ads"), ("family", "image"), ("model", MODEL)]),
+                2.0,
+            ),
         ]),
     );
     m.assert_series(
@@ -480,6 +486,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "git_commit",
         "worker",
         "source",
+        "family",
     ]
     .into();
     assert!(
@@ -712,7 +719,7 @@ async fn with_metrics_listen_metrics_are_served_only_there() {
     );
     m.assert_eq(
         "ketchup_gateway_tasks_started_total",
-        &[("model", MODEL), ("team", "design")],
+        &[("family", "image"), ("model", MODEL), ("team", "design")],
         1.0,
     );
     m.assert_eq(

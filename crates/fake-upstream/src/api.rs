@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, RawQuery, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use http::{HeaderMap, Uri};
@@ -38,6 +38,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     submissions
         .route("/api/task/query", get(query))
         .route("/api/user", get(user))
+        .route("/_fake/files/{*file}", get(file))
         .route("/_fake/stats", get(control_stats))
         .route(
             "/_fake/faults",
@@ -199,7 +200,7 @@ fn answer_query(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Re
         return wire::task_not_found();
     }
     let status = task.status(now, &shared.schedule);
-    wire::ok(TaskData::new(task.key(), &task, status))
+    wire::ok(TaskData::new(&shared.files_url, task.key(), &task, status))
 }
 
 /// `GET /api/user`: the account balance, lowered by every task that has finished.
@@ -217,6 +218,18 @@ async fn user(State(shared): SharedState, headers: HeaderMap) -> Response {
     wire::ok(Balance {
         credit: shared.balance(shared.clock.now()).format_places(8),
     })
+}
+
+/// `GET /_fake/files/…`: a result's file, a few bytes of its type, for clients that download
+/// what a task returned.
+async fn file(uri: Uri) -> Response {
+    let (content_type, bytes): (&str, &[u8]) = match uri.path().rsplit('.').next() {
+        Some("png") => ("image/png", b"\x89PNG\r\n\x1a\n"),
+        Some("mp4") => ("video/mp4", b"\0\0\0\x18ftypmp42"),
+        Some("mp3") => ("audio/mpeg", b"ID3\x04\0\0"),
+        _ => return wire::route_not_found(),
+    };
+    ([(http::header::CONTENT_TYPE, content_type)], bytes).into_response()
 }
 
 /// `GET /_fake/stats`, or `/_fake/stats?summary=true` for counters only (no task map, no

@@ -53,7 +53,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 fn payload(shared: &Shared, task_id: &str) -> Option<Bytes> {
     let task = shared.tasks.get(task_id)?;
     let status = task.status(shared.clock.now(), &shared.schedule);
-    let payload = CallbackPayload::new(task_id, &task, status)?;
+    let payload = CallbackPayload::new(&shared.files_url, task_id, &task, status)?;
     serde_json::to_vec(&payload).ok().map(Bytes::from)
 }
 

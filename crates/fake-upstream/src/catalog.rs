@@ -268,11 +268,10 @@ impl Endpoint {
         }
     }
 
-    /// The `result` of a successful task.
-    pub fn result(&self, task_id: &str, images: u32) -> Value {
-        let url = |kind: &str, i: u32, ext: &str| {
-            format!("https://fake-upstream.invalid/{kind}/{task_id}/{i}.{ext}")
-        };
+    /// The `result` of a successful task, its files under `files` (the fake's own
+    /// `/_fake/files`, so clients can download what they were given).
+    pub fn result(&self, files: &str, task_id: &str, images: u32) -> Value {
+        let url = |kind: &str, i: u32, ext: &str| format!("{files}/{kind}/{task_id}/{i}.{ext}");
         match self.result {
             ResultShape::ImageList => Value::Array(
                 (0..images)
@@ -455,7 +454,7 @@ mod tests {
 
     #[test]
     fn results_take_the_shape_of_their_endpoint() {
-        let shape = |path: &str| endpoint(path).unwrap().result("ta1", 2);
+        let shape = |path: &str| endpoint(path).unwrap().result("http://fake.test", "ta1", 2);
         assert_eq!(shape("/api/image/gen").as_array().map(Vec::len), Some(2));
         assert!(shape("/api/wan-image/gen")["image"].is_string());
         assert!(shape("/api/midjourney/edits")["big_image_url"].is_string());

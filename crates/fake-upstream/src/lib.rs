@@ -177,7 +177,10 @@ pub async fn start(config: FakeConfig) -> io::Result<FakeHandle> {
 /// Serves a fake on `listener` in background tasks. Must run inside a tokio runtime.
 pub async fn serve(config: FakeConfig, listener: TcpListener) -> io::Result<FakeHandle> {
     let addr = listener.local_addr()?;
-    let shared = Arc::new(state::Shared::new(config));
+    let shared = Arc::new(state::Shared::new(
+        config,
+        format!("http://{addr}/_fake/files"),
+    ));
     let server = tokio::spawn(accept_loop(listener, api::router(shared.clone())));
     let callbacks = tokio::spawn(callbacks::run(shared.clone()));
     Ok(FakeHandle {

@@ -208,11 +208,14 @@ pub(crate) struct Shared {
     callbacks: Mutex<BTreeMap<(DateTime<Utc>, String), Uri>>,
     pub stats: Recorder,
     pub faults: Faults,
+    /// Where results' files are served: the fake's own `/_fake/files`.
+    pub files_url: String,
 }
 
 impl Shared {
-    pub fn new(config: FakeConfig) -> Self {
+    pub fn new(config: FakeConfig, files_url: String) -> Self {
         Shared {
+            files_url,
             authorization: format!("Bearer {}", config.token),
             schedule: Schedule::new(&config),
             prices: config.consumed,
@@ -474,7 +477,7 @@ mod tests {
 
     #[test]
     fn only_due_callbacks_are_taken_earliest_first() {
-        let shared = Shared::new(FakeConfig::new("t"));
+        let shared = Shared::new(FakeConfig::new("t"), "http://fake.test/_fake/files".into());
         let start = DateTime::UNIX_EPOCH;
         let callback = |id: &str, secs: i64| PendingCallback {
             task_id: id.into(),

@@ -120,9 +120,10 @@ pub(crate) struct CallbackPayload<'a> {
 }
 
 impl<'a> TaskData<'a> {
-    pub fn new(task_id: &'a str, task: &Task, status: TaskStatus) -> Self {
+    /// `files`: where the result's files are served.
+    pub fn new(files: &str, task_id: &'a str, task: &Task, status: TaskStatus) -> Self {
         TaskData {
-            result: result(task_id, task, status),
+            result: result(files, task_id, task, status),
             status,
             task_id,
             consumed: task.consumed(status).map(|c| c.format_places(8)),
@@ -134,9 +135,9 @@ impl<'a> TaskData<'a> {
 
 impl<'a> CallbackPayload<'a> {
     /// The payload for a task that is final; `None` while it is not.
-    pub fn new(task_id: &'a str, task: &Task, status: TaskStatus) -> Option<Self> {
+    pub fn new(files: &str, task_id: &'a str, task: &Task, status: TaskStatus) -> Option<Self> {
         Some(CallbackPayload {
-            result: result(task_id, task, status),
+            result: result(files, task_id, task, status),
             status,
             task_id,
             consumed: task.consumed(status)?.format_places(6),
@@ -146,8 +147,8 @@ impl<'a> CallbackPayload<'a> {
 }
 
 /// The result of a success, in its endpoint's shape; null before the end and on failure.
-fn result(task_id: &str, task: &Task, status: TaskStatus) -> Option<Value> {
-    (status == TaskStatus::Success).then(|| task.endpoint.result(task_id, task.images))
+fn result(files: &str, task_id: &str, task: &Task, status: TaskStatus) -> Option<Value> {
+    (status == TaskStatus::Success).then(|| task.endpoint.result(files, task_id, task.images))
 }
 
 fn status_reason(status: TaskStatus) -> StatusReason {
@@ -166,6 +167,8 @@ mod tests {
     use super::*;
     use ketchup_domain::credits::Credits;
 
+    const FILES: &str = "https://fake-upstream.invalid";
+
     fn task(fails: bool) -> Task {
         let created = "2025-09-10T10:22:20.010Z".parse().expect("valid time");
         let endpoint = crate::catalog::endpoint("/api/image/gen").unwrap();
@@ -181,15 +184,24 @@ mod tests {
 
     #[test]
     fn query_data_matches_the_captured_shape() {
-        let json = serde_json::to_string(&TaskData::new("ta1", &task(false), TaskStatus::Success))
-            .expect("serializes");
+        let json = serde_json::to_string(&TaskData::new(
+            FILES,
+            "ta1",
+            &task(false),
+            TaskStatus::Success,
+        ))
+        .expect("serializes");
         assert_eq!(
             json,
             r#"{"result":[{"image":"https://fake-upstream.invalid/images/ta1/0.png"},{"image":"https://fake-upstream.invalid/images/ta1/1.png"}],"status":"success","task_id":"ta1","consumed":"0.00100000","created_at":"2025-09-10T10:22:20.010Z","status_reason":{"message":null}}"#
         );
-        let json =
-            serde_json::to_string(&TaskData::new("ta1", &task(false), TaskStatus::InProgress))
-                .expect("serializes");
+        let json = serde_json::to_string(&TaskData::new(
+            FILES,
+            "ta1",
+            &task(false),
+            TaskStatus::InProgress,
+        ))
+        .expect("serializes");
         assert_eq!(
             json,
             r#"{"result":null,"status":"in_progress","task_id":"ta1","created_at":"2025-09-10T10:22:20.010Z","status_reason":{"message":null}}"#
@@ -198,12 +210,12 @@ mod tests {
 
     #[test]
     fn callback_payload_has_six_places_and_only_exists_when_final() {
-        let failed = CallbackPayload::new("ta1", &task(true), TaskStatus::Failed);
+        let failed = CallbackPayload::new(FILES, "ta1", &task(true), TaskStatus::Failed);
         let json = serde_json::to_string(&failed).expect("serializes");
         assert_eq!(
             json,
             r#"{"result":null,"status":"failed","task_id":"ta1","consumed":"0.000000","status_reason":{"message":"content policy violation"}}"#
         );
-        assert!(CallbackPayload::new("ta1", &task(false), TaskStatus::Submitted).is_none());
+        assert!(CallbackPayload::new(FILES, "ta1", &task(false), TaskStatus::Submitted).is_none());
     }
 }

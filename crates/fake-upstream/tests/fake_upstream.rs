@@ -267,8 +267,9 @@ async fn a_task_moves_through_every_status_on_the_clock() {
         (StatusCode::OK, not_final("in_progress"))
     );
     clock.advance(Duration::from_millis(1));
+    let files = format!("{}/_fake/files", fake.base_url());
     let success = format!(
-        r#"{{"code":0,"message":"ok","data":{{"result":[{{"image":"https://fake-upstream.invalid/images/{id}/0.png"}},{{"image":"https://fake-upstream.invalid/images/{id}/1.png"}}],"status":"success","task_id":"{id}","consumed":"1.00000000","created_at":"{CREATED_AT}","status_reason":{{"message":null}}}}}}"#
+        r#"{{"code":0,"message":"ok","data":{{"result":[{{"image":"{files}/images/{id}/0.png"}},{{"image":"{files}/images/{id}/1.png"}}],"status":"success","task_id":"{id}","consumed":"1.00000000","created_at":"{CREATED_AT}","status_reason":{{"message":null}}}}}}"#
     );
     assert_eq!(
         send(query(&client, &fake, &id)).await,
@@ -536,8 +537,9 @@ async fn a_callback_is_posted_once_when_the_task_is_final() {
     );
 
     clock.advance(Duration::from_millis(1));
+    let files = format!("{}/_fake/files", fake.base_url());
     let expected = format!(
-        r#"{{"result":[{{"image":"https://fake-upstream.invalid/images/{id}/0.png"}}],"status":"success","task_id":"{id}","consumed":"0.500000","status_reason":{{"message":null}}}}"#
+        r#"{{"result":[{{"image":"{files}/images/{id}/0.png"}}],"status":"success","task_id":"{id}","consumed":"0.500000","status_reason":{{"message":null}}}}"#
     );
     assert_eq!(next_callback(&mut received).await, expected);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -905,6 +907,15 @@ async fn every_asynchronous_endpoint_renders_with_its_own_result_and_cost() {
             "{path}: {data}"
         );
         assert_eq!(data["consumed"], *consumed, "{path}");
+        // What a task returns can be downloaded, as clients do.
+        let url = data.pointer(pointer).and_then(Value::as_str).unwrap();
+        let file = client
+            .get(url)
+            .send()
+            .await
+            .expect("the fake serves its files");
+        assert_eq!(file.status(), StatusCode::OK, "{url}");
+        assert!(!file.bytes().await.unwrap().is_empty(), "{url}");
     }
     let (status, text) = send(
         client

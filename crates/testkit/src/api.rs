@@ -120,11 +120,21 @@ impl Api {
 
     /// `POST /api/image/gen` of `body` (JSON) with a team's key.
     pub fn generate_request(&self, key: &str, body: &str) -> reqwest::RequestBuilder {
+        self.submit_request(key, "/api/image/gen", body)
+    }
+
+    /// `POST path` of `body` (JSON) with a team's key: a generation on any route.
+    pub fn submit_request(&self, key: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
         self.http
-            .post(self.url("/api/image/gen"))
+            .post(self.url(path))
             .bearer_auth(key)
             .header("content-type", "application/json")
             .body(body.to_owned())
+    }
+
+    /// A generation of `body` (JSON) on the route at `path`, with a team's key.
+    pub async fn submit(&self, key: &str, path: &str, body: &str) -> Reply {
+        self.send(self.submit_request(key, path, body)).await
     }
 
     /// A generation of `body` (JSON) with a team's key.

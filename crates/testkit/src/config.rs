@@ -25,7 +25,10 @@ pub struct GatewayConfig {
     reconciler: Table,
     webhooks: Table,
     admin: bool,
+    /// Model ids with their `reserve` as a TOML value.
     models: Vec<(String, String)>,
+    /// `[routes."…"]` tables, as written.
+    routes: String,
     teams: Vec<Team>,
 }
 
@@ -113,9 +116,10 @@ impl GatewayConfig {
             webhooks: Table::default(),
             admin: false,
             models: vec![
-                ("google/gempix2".into(), "0.50".into()),
-                ("google/gemini-2.5-flash-image".into(), "0.25".into()),
+                ("google/gempix2".into(), r#""0.50""#.into()),
+                ("google/gemini-2.5-flash-image".into(), r#""0.25""#.into()),
             ],
+            routes: String::new(),
             teams: vec![Team::new("design", DESIGN_KEY), Team::new("ads", ADS_KEY)],
         };
         config.server.set(r#"listen = "127.0.0.1:0""#);
@@ -198,12 +202,25 @@ impl GatewayConfig {
         self
     }
 
-    /// Offers `model` at `reserve` (a raw TOML string's contents), replacing its earlier reserve.
-    pub fn model(mut self, model: &str, reserve: &str) -> Self {
+    /// Offers `model` at a flat `reserve` (an amount such as `0.50`), replacing its earlier one.
+    pub fn model(self, model: &str, reserve: &str) -> Self {
+        self.model_reserve(model, &format!("\"{reserve}\""))
+    }
+
+    /// Offers `model` with `reserve` written as a TOML value (`"0.50"`, or a table pricing a
+    /// field), replacing its earlier one.
+    pub fn model_reserve(mut self, model: &str, reserve: &str) -> Self {
         match self.models.iter_mut().find(|(name, _)| name == model) {
             Some(entry) => entry.1 = reserve.to_owned(),
             None => self.models.push((model.to_owned(), reserve.to_owned())),
         }
+        self
+    }
+
+    /// Adds `[routes."…"]` tables, as written.
+    pub fn routes(mut self, tables: &str) -> Self {
+        self.routes.push_str(tables);
+        self.routes.push('\n');
         self
     }
 
@@ -309,8 +326,9 @@ impl GatewayConfig {
             let _ = writeln!(out, "[admin]\ntoken_file = \"{}\"\n", path.display());
         }
         for (model, reserve) in &self.models {
-            let _ = writeln!(out, "[models.\"{model}\"]\nreserve = \"{reserve}\"\n");
+            let _ = writeln!(out, "[models.\"{model}\"]\nreserve = {reserve}\n");
         }
+        out.push_str(&self.routes);
         out.push_str(
             "[defaults.limits]\ngenerate = \"1000/s\"\ngenerate_burst = 1000\n\
              query = \"1000/s\"\nquery_burst = 1000\n",
