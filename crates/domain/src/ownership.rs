@@ -13,10 +13,9 @@
 //! Memory is bounded by two generations of at most half the capacity each: new entries go to
 //! the young one, and when it is full the old one is dropped and the young one takes its place.
 //! Each generation's table is sized for a full one when it starts, so it never grows (a growing
-//! table leaves its old copies behind in the allocator): 18 MiB a generation at the default,
-//! taken as entries are written. A general-purpose cache (quick_cache) takes 73 bytes for an
-//! entry of this size, with none of the gateway's use for its eviction policy: the owners worth
-//! keeping are the newest.
+//! table leaves its old copies behind in the allocator); memory is taken as entries are written.
+//! A general-purpose cache would spend several times as much on each entry for an eviction
+//! policy the gateway has no use for: the owners worth keeping are simply the newest.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
