@@ -478,6 +478,39 @@ async fn always_intercept_settles_tasks_that_gave_no_callback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_intercept_adds_a_callback_only_where_the_route_takes_one() {
+    let config = config("always_intercept = true").model_reserve(
+        "sora-2",
+        r#"{ by = "duration", prices = { "10" = "1.00" } }"#,
+    );
+    let env = Env::start_with(fake_config(), config).await;
+    // Sora is not known to take callback_url: the body goes as the client wrote it.
+    let video = env
+        .api()
+        .submit(
+            DESIGN_KEY,
+            "/api/sora2/gen",
+            r#"{"model":"sora-2","prompt":"a tomato","duration":"10"}"#,
+        )
+        .await;
+    video.task_id();
+    let bodies = env.fake.stats().generate_bodies;
+    assert_eq!(bodies.len(), 1);
+    assert!(bodies[0].get("callback_url").is_none(), "{}", bodies[0]);
+    // A callback the client asked for is still taken over, on any route.
+    let asked = env
+        .api()
+        .submit(
+            DESIGN_KEY,
+            "/api/sora2/gen",
+            r#"{"model":"sora-2","prompt":"a tomato","duration":"10","callback_url":"http://127.0.0.1:9/hook"}"#,
+        )
+        .await;
+    asked.task_id();
+    assert!(callback_url_given_upstream(&env).contains("/callbacks/"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
     let env = start("attempt_timeout = \"30s\"").await;
     // Accepts connections and reads nothing, answers nothing.

@@ -41,6 +41,8 @@ pub struct Generation {
     /// What the request reserves: the most it can cost under the configuration.
     pub amount: Credits,
     pub callback_url: Option<String>,
+    /// Whether the route's upstream endpoint takes a `callback_url` the client did not send.
+    pub accepts_callback: bool,
 }
 
 fn invalid(detail: impl Into<String>) -> GatewayError {
@@ -80,6 +82,7 @@ pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, 
         family: route.family.clone(),
         amount,
         callback_url: submission.callback_url,
+        accepts_callback: route.accepts_callback,
     })
 }
 
@@ -89,14 +92,17 @@ pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, 
 /// delivery. Without `public_url`, or without a callback to take over, the body goes unchanged.
 fn intercept_callback(
     body: Bytes,
-    callback_url: Option<String>,
+    generation: &Generation,
     config: &Config,
     team: &Team,
 ) -> Result<(Bytes, Option<CallbackRoute>), GatewayError> {
     let Some(public_url) = &config.server.public_url else {
         return Ok((body, None));
     };
-    if callback_url.is_none() && !config.webhooks.always_intercept {
+    let callback_url = generation.callback_url.clone();
+    // Without the client's own, the gateway adds one only where the upstream is known to take it.
+    if callback_url.is_none() && !(config.webhooks.always_intercept && generation.accepts_callback)
+    {
         return Ok((body, None));
     }
     if let Some(url) = &callback_url {
@@ -133,8 +139,7 @@ pub async fn generate(
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
     let generation = validate(uri.path(), &body, &config)?;
-    let (body, callback) =
-        intercept_callback(body, generation.callback_url.clone(), &config, &team)?;
+    let (body, callback) = intercept_callback(body, &generation, &config, &team)?;
 
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
@@ -481,6 +486,7 @@ mod tests {
                 family: "image".into(),
                 amount: "1.50".parse().unwrap(),
                 callback_url: Some("http://hooks.example/cb".into()),
+                accepts_callback: true,
             }
         );
     }
