@@ -455,6 +455,35 @@ async fn callback_urls_to_internal_addresses_are_refused_before_anything_is_spen
     assert_eq!(env.api().budget(DESIGN_KEY).await["reserved"], "0.00000000");
 }
 
+/// Internal addresses in the forms that carry an IPv4 address inside an IPv6 one
+/// (IPv4-compatible, NAT64, 6to4), and in 0.0.0.0/8, "this network".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_to_internal_addresses_in_other_forms_are_refused() {
+    let env = start("").await;
+    for (url, reason) in [
+        ("http://[::7f00:1]/hook", "loopback"),
+        ("http://[64:ff9b::7f00:1]/hook", "loopback"),
+        ("http://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "metadata"),
+        ("http://[2002:7f00:1::]/hook", "loopback"),
+        ("http://0.1.2.3/hook", "this network"),
+    ] {
+        let reply = generate(
+            &env,
+            ADS_KEY,
+            json!({"model": "google/gempix2", "prompt": "x", "callback_url": url}),
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{url}: {}", reply.text);
+        let detail = reply.json()["detail"].as_str().unwrap().to_owned();
+        assert!(
+            detail.contains("callback_url host") && detail.contains(reason),
+            "{url}: {detail}"
+        );
+    }
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    assert_eq!(env.api().budget(ADS_KEY).await["reserved"], "0.00000000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_intercept_settles_tasks_that_gave_no_callback() {
     let env = start("always_intercept = true").await;

@@ -15,12 +15,12 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{Request, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use super::signing::SigningKey;
-use super::target::{self, Allowed, GuardedResolver};
+use super::target::{self, Allowed, GuardedConnector};
 use crate::state::AppState;
 use ketchup_domain::config::Team;
 use ketchup_domain::ledger::{AttemptOutcome, ClaimLimits, Delivery};
@@ -302,21 +302,18 @@ async fn post(
 fn client_for(
     allowed: Allowed,
     timeout: Duration,
-) -> Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>> {
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(allowed));
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(timeout));
+) -> Client<hyper_rustls::HttpsConnector<GuardedConnector>, Full<Bytes>> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(GuardedConnector::new(allowed, timeout));
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build(https)
 }
 
-/// The resolver's refusal, if that is why the request failed.
+/// The guarded connector's refusal, if that is why the request failed.
 fn permission_denied(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cause = Some(error);
     while let Some(error) = cause {

@@ -2,46 +2,134 @@
 //!
 //! A `callback_url` comes from a team's request, so it must not turn the gateway into a way to
 //! reach what only the gateway can: itself and its neighbours on loopback, link-local addresses,
-//! or a cloud's metadata service (which hands out credentials). Hosts a team's `callback_hosts`
-//! lists are exempt. The check runs twice: on the URL when the request arrives (a clear 400), and
-//! on the addresses the host resolves to when a delivery connects, so a DNS answer that changes
-//! in between cannot slip past.
+//! "this network" (0.0.0.0/8), or a cloud's metadata service (which hands out credentials).
+//! Private ranges stay callable: that is where teams' own receivers often live. An IPv6 address
+//! that carries an IPv4 one (IPv4-mapped or -compatible, NAT64, 6to4) is judged by the IPv4
+//! address it reaches; Teredo and local-use NAT64 addresses, whose IPv4 address cannot be read
+//! off the address alone, are refused whole. Hosts a team's `callback_hosts` lists are exempt.
+//! The check runs twice: on the URL when the request arrives (a clear 400), and when a delivery
+//! connects, on the addresses the host resolves to or on the IP literal it is, so a DNS answer
+//! that changes in between cannot slip past.
 
+use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use http::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
-/// Addresses cloud providers serve instance metadata on, beyond link-local 169.254.169.254.
-const METADATA: [IpAddr; 2] = [
+/// Addresses cloud providers serve instance metadata on.
+const METADATA_V4: [Ipv4Addr; 2] = [
+    // AWS, GCP, Azure and most others (also link-local).
+    Ipv4Addr::new(169, 254, 169, 254),
     // Alibaba Cloud.
-    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
-    // AWS over IPv6.
-    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    Ipv4Addr::new(100, 100, 100, 200),
 ];
+/// AWS's metadata service over IPv6.
+const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
-/// Why the address may not be called, if it may not.
-pub fn blocked(ip: IpAddr) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    if METADATA.contains(&ip) {
-        return Some("a cloud metadata address");
-    }
-    match ip {
-        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
-        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
-        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-            Some("not a unicast address")
+/// Why an address may not be called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// What the address is or reaches, e.g. "a loopback address".
+    what: &'static str,
+    /// When the refusal is of an IPv4 address an IPv6 one carries: the IPv6 form, and that
+    /// IPv4 address.
+    carried: Option<(&'static str, Ipv4Addr)>,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.carried {
+            Some((form, v4)) => write!(f, "{form} of {v4}, {}", self.what),
+            None => f.write_str(self.what),
         }
-        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
-        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
-        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => Some("not a unicast address"),
-        _ => None,
+    }
+}
+
+/// Why the address may not be called, if it may not: the one classification both checks use.
+/// An IPv6 address is refused for what it is, then for the IPv4 address it carries, if any.
+pub fn blocked(ip: IpAddr) -> Option<Refused> {
+    let own = |what| Refused {
+        what,
+        carried: None,
+    };
+    match ip {
+        IpAddr::V4(v4) => blocked_v4(v4).map(own),
+        IpAddr::V6(v6) => blocked_v6(v6).map(own).or_else(|| {
+            let (form, v4) = carried_ipv4(v6)?;
+            blocked_v4(v4).map(|what| Refused {
+                what,
+                carried: Some((form, v4)),
+            })
+        }),
+    }
+}
+
+fn blocked_v4(v4: Ipv4Addr) -> Option<&'static str> {
+    if METADATA_V4.contains(&v4) {
+        Some("a cloud metadata address")
+    } else if v4.octets()[0] == 0 {
+        Some("a \"this network\" address (0.0.0.0/8)")
+    } else if v4.is_loopback() {
+        Some("a loopback address")
+    } else if v4.is_link_local() {
+        Some("a link-local address")
+    } else if v4.is_broadcast() || v4.is_multicast() {
+        Some("not a unicast address")
+    } else {
+        None
+    }
+}
+
+fn blocked_v6(v6: Ipv6Addr) -> Option<&'static str> {
+    let [first, second, third, ..] = v6.segments();
+    if v6 == METADATA_V6 {
+        Some("a cloud metadata address")
+    } else if v6.is_loopback() {
+        Some("a loopback address")
+    } else if v6.is_unicast_link_local() {
+        Some("a link-local address")
+    } else if v6.is_unspecified() || v6.is_multicast() {
+        Some("not a unicast address")
+    } else if (first, second) == (0x2001, 0) {
+        // 2001::/32: the client's IPv4 address is obfuscated, and the tunnel runs through a
+        // server and a relay besides; nothing a webhook needs.
+        Some("a Teredo address (2001::/32)")
+    } else if (first, second, third) == (0x64, 0xff9b, 1) {
+        // 64:ff9b:1::/48: where the IPv4 address sits depends on the network's prefix length.
+        Some("a local-use NAT64 address (64:ff9b:1::/48)")
+    } else {
+        None
+    }
+}
+
+/// The IPv4 address an IPv6 address carries and reaches, with the form that carries it.
+fn carried_ipv4(v6: Ipv6Addr) -> Option<(&'static str, Ipv4Addr)> {
+    let segments = v6.segments();
+    let last_32 = Ipv4Addr::from_bits(v6.to_bits() as u32);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        Some(("an IPv4-mapped address", v4))
+    } else if let Some(v4) = v6.to_ipv4() {
+        // `::a.b.c.d`; `to_ipv4` also takes the mapped form, matched above.
+        Some(("an IPv4-compatible address", v4))
+    } else if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(("a NAT64 address", last_32))
+    } else if segments[0] == 0x2002 {
+        // 2002:AABB:CCDD::/48 carries AA.BB.CC.DD.
+        Some((
+            "a 6to4 address",
+            Ipv4Addr::from_bits((v6.to_bits() >> 80) as u32),
+        ))
+    } else {
+        None
     }
 }
 
@@ -82,7 +170,10 @@ pub fn check_url(text: &str, allowed: &Allowed) -> Result<url::Url, String> {
         url::Host::Ipv6(v6) => blocked(IpAddr::V6(v6)),
         url::Host::Domain(name) => {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            (name == "localhost" || name.ends_with(".localhost")).then_some("a loopback address")
+            (name == "localhost" || name.ends_with(".localhost")).then_some(Refused {
+                what: "a loopback address",
+                carried: None,
+            })
         }
     };
     match reason {
@@ -127,13 +218,13 @@ impl tower::Service<Name> for GuardedResolver {
             if allowed.contains(host) {
                 return Ok(found.into_iter());
             }
-            let reasons: Vec<&str> = found.iter().filter_map(|a| blocked(a.ip())).collect();
+            let first_refused = found.iter().find_map(|a| blocked(a.ip()));
             let usable: Vec<SocketAddr> = found
                 .into_iter()
                 .filter(|a| blocked(a.ip()).is_none())
                 .collect();
             if usable.is_empty() {
-                let reason = reasons.first().copied().unwrap_or("unresolvable");
+                let reason = first_refused.map_or("unresolvable".to_owned(), |r| r.to_string());
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
                     format!("{host} resolves only to {reason}, which webhooks may not be sent to"),
@@ -141,6 +232,58 @@ impl tower::Service<Name> for GuardedResolver {
             }
             Ok(usable.into_iter())
         })
+    }
+}
+
+/// The deliveries' connector. A host name goes through [`GuardedResolver`]; an IP literal,
+/// which the resolver never sees, is checked here before anything connects.
+#[derive(Clone)]
+pub struct GuardedConnector {
+    allowed: Allowed,
+    http: HttpConnector<GuardedResolver>,
+}
+
+impl GuardedConnector {
+    pub fn new(allowed: Allowed, connect_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(allowed.clone()));
+        // The TLS connector around this one takes https URLs.
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        GuardedConnector { allowed, http }
+    }
+}
+
+type Connecting = Pin<
+    Box<
+        dyn Future<Output = Result<TokioIo<TcpStream>, Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+impl tower::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default();
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = literal.parse::<IpAddr>()
+            && !self.allowed.contains(host)
+            && let Some(reason) = blocked(ip)
+        {
+            let refused = std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{host} is {reason}, which webhooks may not be sent to"),
+            );
+            return Box::pin(std::future::ready(Err(refused.into())));
+        }
+        let connecting = self.http.call(uri);
+        Box::pin(async move { connecting.await.map_err(Into::into) })
     }
 }
 
@@ -152,35 +295,116 @@ mod tests {
         text.parse().unwrap()
     }
 
-    #[test]
-    fn internal_addresses_are_blocked_and_ordinary_ones_are_not() {
-        for address in [
-            "127.0.0.1",
-            "127.9.9.9",
-            "::1",
-            "169.254.169.254",
-            "169.254.1.1",
-            "fe80::1",
-            "0.0.0.0",
-            "::",
-            "100.100.100.200",
-            "fd00:ec2::254",
+    /// Every form of address, with what its refusal must say, or `None` where it is allowed.
+    const ADDRESSES: &[(&str, Option<&str>)] = &[
+        // IPv4.
+        ("127.0.0.1", Some("a loopback address")),
+        ("127.9.9.9", Some("a loopback address")),
+        ("169.254.1.1", Some("a link-local address")),
+        ("169.254.169.254", Some("a cloud metadata address")),
+        ("100.100.100.200", Some("a cloud metadata address")),
+        ("0.0.0.0", Some("this network")),
+        ("0.1.2.3", Some("this network")),
+        ("224.0.0.1", Some("not a unicast address")),
+        ("255.255.255.255", Some("not a unicast address")),
+        // Private ranges are where teams' own receivers live.
+        ("10.1.2.3", None),
+        ("172.16.0.5", None),
+        ("192.168.1.10", None),
+        ("8.8.8.8", None),
+        // IPv6.
+        ("::1", Some("a loopback address")),
+        ("::", Some("not a unicast address")),
+        ("fe80::1", Some("a link-local address")),
+        ("fd00:ec2::254", Some("a cloud metadata address")),
+        ("ff02::1", Some("not a unicast address")),
+        ("2001:db8::1", None),
+        ("fd12:3456::1", None),
+        ("2606:4700::1111", None),
+        // IPv4-mapped.
+        (
             "::ffff:127.0.0.1",
+            Some("an IPv4-mapped address of 127.0.0.1, a loopback"),
+        ),
+        (
             "::ffff:169.254.169.254",
-            "224.0.0.1",
-            "255.255.255.255",
-        ] {
-            assert!(blocked(ip(address)).is_some(), "{address} must be blocked");
+            Some("of 169.254.169.254, a cloud metadata"),
+        ),
+        ("::ffff:0.1.2.3", Some("of 0.1.2.3, a \"this network\"")),
+        ("::ffff:8.8.8.8", None),
+        ("::ffff:10.0.0.7", None),
+        // IPv4-compatible.
+        (
+            "::7f00:1",
+            Some("an IPv4-compatible address of 127.0.0.1, a loopback"),
+        ),
+        ("::a9fe:a9fe", Some("of 169.254.169.254, a cloud metadata")),
+        ("::a9fe:101", Some("of 169.254.1.1, a link-local")),
+        ("::808:808", None),
+        // NAT64, well-known prefix: the last 32 bits.
+        (
+            "64:ff9b::7f00:1",
+            Some("a NAT64 address of 127.0.0.1, a loopback"),
+        ),
+        (
+            "64:ff9b::a9fe:a9fe",
+            Some("of 169.254.169.254, a cloud metadata"),
+        ),
+        ("64:ff9b::a9fe:101", Some("of 169.254.1.1, a link-local")),
+        ("64:ff9b::1:203", Some("of 0.1.2.3, a \"this network\"")),
+        ("64:ff9b::808:808", None),
+        // NAT64, local-use prefix: refused whole.
+        ("64:ff9b:1::7f00:1", Some("a local-use NAT64 address")),
+        ("64:ff9b:1:808:8::", Some("a local-use NAT64 address")),
+        // 6to4: bits 16 to 48.
+        (
+            "2002:7f00:1::",
+            Some("a 6to4 address of 127.0.0.1, a loopback"),
+        ),
+        (
+            "2002:a9fe:a9fe::1",
+            Some("of 169.254.169.254, a cloud metadata"),
+        ),
+        ("2002:a9fe:101:1::1", Some("of 169.254.1.1, a link-local")),
+        ("2002:1:203::", Some("of 0.1.2.3, a \"this network\"")),
+        ("2002:808:808::1", None),
+        // Teredo: refused whole.
+        (
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
+            Some("a Teredo address"),
+        ),
+        ("2001::1", Some("a Teredo address")),
+    ];
+
+    #[test]
+    fn every_form_of_an_internal_address_is_blocked_and_public_ones_are_not() {
+        for &(address, expected) in ADDRESSES {
+            let reason = blocked(ip(address)).map(|r| r.to_string());
+            match expected {
+                None => assert_eq!(reason, None, "{address} must be allowed"),
+                Some(part) => {
+                    let reason = reason.unwrap_or_else(|| panic!("{address} must be blocked"));
+                    assert!(reason.contains(part), "{address}: {reason}");
+                }
+            }
         }
-        // Private ranges are where internal services live: allowed.
-        for address in [
-            "10.1.2.3",
-            "192.168.1.10",
-            "172.16.0.5",
-            "8.8.8.8",
-            "2001:db8::1",
-        ] {
-            assert_eq!(blocked(ip(address)), None, "{address} must be allowed");
+    }
+
+    #[test]
+    fn every_blocked_form_is_refused_as_a_url_literal() {
+        let none = Allowed::default();
+        for &(address, expected) in ADDRESSES {
+            let url = match ip(address) {
+                IpAddr::V4(_) => format!("http://{address}/cb"),
+                IpAddr::V6(_) => format!("http://[{address}]/cb"),
+            };
+            match expected {
+                None => assert!(check_url(&url, &none).is_ok(), "{url}"),
+                Some(part) => {
+                    let error = check_url(&url, &none).unwrap_err();
+                    assert!(error.contains(part), "{url}: {error}");
+                }
+            }
         }
     }
 
@@ -235,5 +459,32 @@ mod tests {
             .await
             .unwrap();
         assert!(allowed.into_iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[tokio::test]
+    async fn the_connector_refuses_blocked_ip_literals_unless_the_host_is_allowed() {
+        use tower::ServiceExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let timeout = Duration::from_secs(5);
+        for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::7f00:1]", "0.0.0.0"] {
+            let uri: Uri = format!("http://{host}:{port}/").parse().unwrap();
+            let refused = GuardedConnector::new(Allowed::default(), timeout)
+                .oneshot(uri)
+                .await
+                .unwrap_err();
+            let refused = refused.downcast_ref::<std::io::Error>().unwrap();
+            assert_eq!(
+                refused.kind(),
+                std::io::ErrorKind::PermissionDenied,
+                "{host}"
+            );
+            assert!(refused.to_string().contains(host), "{refused}");
+        }
+        let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+        GuardedConnector::new(Allowed::new(&["127.0.0.1".into()]), timeout)
+            .oneshot(uri)
+            .await
+            .unwrap();
     }
 }
