@@ -415,6 +415,40 @@ async fn oversized_bodies_are_refused_with_413() {
     assert!(env.api().start_task(DESIGN_KEY).await.starts_with("ta"));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declared_length_over_the_limit_is_refused_before_the_body_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start().await;
+    let mut stream = tokio::net::TcpStream::connect(env.gateway.addr)
+        .await
+        .unwrap();
+    // 2,000,000 bytes declared, 8 sent: the gateway must not wait for the rest.
+    let head = format!(
+        "POST /api/image/gen HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {DESIGN_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 2000000\r\n\r\n{{\"model\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered at once, not after the request timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#"{"code":1,"message":"payload too large","detail":"request body exceeds 1048576 bytes"}"#),
+        "{answer}"
+    );
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    assert!(env.api().start_task(DESIGN_KEY).await.starts_with("ta"));
+}
+
 /// Writes raw bytes to the gateway and returns what it answered (the write may be cut short by
 /// the gateway closing the connection, which is fine).
 fn raw_exchange(

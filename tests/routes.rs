@@ -291,6 +291,98 @@ async fn bad_input_on_any_route_is_refused_locally_and_reserves_nothing() {
     );
 }
 
+/// The body is forwarded byte for byte, so one the upstream could read otherwise than the
+/// gateway (a key twice, or a case variant of a field the gateway reads) never leaves it.
+#[tokio::test]
+async fn a_body_with_two_readings_is_refused_on_any_route_and_reserves_nothing() {
+    let env = Env::start_with(fake_config(), every_model(GatewayConfig::new())).await;
+    let api = env.api();
+    let with = |body: &str, extra: &str| format!("{},{extra}}}", body.strip_suffix('}').unwrap());
+    let mut cases = Vec::new();
+    for (path, body, _) in ROUTES {
+        cases.push((
+            path,
+            with(body, r#""extra":[{"k":1,"k":2}]"#),
+            r#"duplicate key "k" in the request body"#,
+        ));
+        cases.push((
+            path,
+            with(body, r#""N":4"#),
+            r#""N" differs from "n" only in case"#,
+        ));
+    }
+    let image = ROUTES[0].1;
+    let sora = ROUTES[5].1;
+    cases.extend([
+        (
+            "/api/image/gen",
+            r#"{"model":"google/nano-banana-2","prompt":"x","model":"google/gempix2"}"#.into(),
+            r#"duplicate key "model" in the request body"#,
+        ),
+        (
+            "/api/image/gen",
+            r#"{"model":"google/nano-banana-2","prompt":"x","n":1,"n":4}"#.into(),
+            r#"duplicate key "n" in the request body"#,
+        ),
+        (
+            "/api/image/gen",
+            with(image, r#""Model":"google/gempix2""#),
+            r#""Model" differs from "model" only in case"#,
+        ),
+        (
+            "/api/image/gen",
+            with(image, r#""IMAGES":["https://img.example/t.png"]"#),
+            r#""IMAGES" differs from "images" only in case"#,
+        ),
+        (
+            "/api/image/gen",
+            with(image, r#""Callback_Url":"https://hooks.example/x""#),
+            r#""Callback_Url" differs from "callback_url" only in case"#,
+        ),
+        // The model's reserve is by `image_size`, which the route itself does not read.
+        (
+            "/api/image/gen",
+            with(image, r#""Image_Size":"4k""#),
+            r#""Image_Size" differs from "image_size" only in case"#,
+        ),
+        (
+            "/api/sora2/gen",
+            with(sora, r#""Duration":"25""#),
+            r#""Duration" differs from "duration" only in case"#,
+        ),
+        (
+            "/api/midjourney/imagine",
+            r#"{"Prompt":"a tomato"}"#.into(),
+            r#""Prompt" differs from "prompt" only in case"#,
+        ),
+        (
+            "/api/video/seedance/gen",
+            with(ROUTES[7].1, r#""Content":[]"#),
+            r#""Content" differs from "content" only in case"#,
+        ),
+        (
+            "/api/suno/generate",
+            with(ROUTES[9].1, r#""MV":"chirp-v5""#),
+            r#""MV" differs from "mv" only in case"#,
+        ),
+    ]);
+    for (path, body, detail) in cases {
+        let (status, answer) = api.submit(DESIGN_KEY, path, &body).await.status_json();
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert_eq!(
+            (&answer["code"], &answer["message"]),
+            (&1.into(), &"failed".into())
+        );
+        let said = answer["detail"].as_str().unwrap();
+        assert!(said.starts_with(detail), "{path} {body}: {said}");
+    }
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    assert_eq!(
+        spent(api).await,
+        ("0.00000000".to_owned(), "0.00000000".to_owned())
+    );
+}
+
 #[tokio::test]
 async fn an_admin_adds_an_endpoint_with_config_alone() {
     // The fake serves Seedance at its path; an admin who learns of a second path for it (as

@@ -25,6 +25,7 @@ use crate::{
     webhooks::{self, target},
 };
 use ketchup_domain::{
+    body::{check_case, check_unique_keys},
     config::{BudgetPeriod, Config, Team},
     credits::Credits,
     ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome, StoreError},
@@ -61,9 +62,12 @@ pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, 
         })?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+    // The body is forwarded as sent, so it must mean to the upstream what it means here.
+    check_unique_keys(body).map_err(invalid)?;
     let Value::Object(fields) = value else {
         return Err(invalid("request body must be a JSON object"));
     };
+    check_case(&fields, route.fields_read()).map_err(invalid)?;
     let submission = route.check(&fields).map_err(invalid)?;
     let Some(model) = config.models.get(&submission.model) else {
         let offered: Vec<&str> = config.models.keys().map(String::as_str).collect();
@@ -73,6 +77,7 @@ pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, 
             offered.join(", ")
         )));
     };
+    check_case(&fields, model.reserve.field()).map_err(invalid)?;
     let amount = model
         .reserve
         .for_request(&submission.model, &fields, submission.count)
@@ -509,6 +514,46 @@ mod tests {
             validate("/api/no/such", b"{}", &config()),
             Err(GatewayError::NoSuchRoute { .. })
         ));
+    }
+
+    #[test]
+    fn a_body_the_upstream_could_read_otherwise_is_refused() {
+        assert!(
+            detail(
+                "/api/image/gen",
+                r#"{"model":"google/gempix2","prompt":"x","n":1,"n":4}"#
+            )
+            .starts_with(r#"duplicate key "n" in the request body"#)
+        );
+        for (path, body, expected) in [
+            (
+                "/api/image/gen",
+                r#"{"model":"google/gempix2","prompt":"x","Images":[]}"#,
+                r#""Images" differs from "images" only in case"#,
+            ),
+            (
+                "/api/video/seedance/gen",
+                r#"{"model":"seedance-2.0","content":[{"text":"x"}],"CONTENT":[]}"#,
+                r#""CONTENT" differs from "content" only in case"#,
+            ),
+            // `duration` prices sora-2: a variant of the reserve's field is refused as well.
+            (
+                "/api/image/gen",
+                r#"{"model":"sora-2","prompt":"x","duration":"10","DURATION":"15"}"#,
+                r#""DURATION" differs from "duration" only in case"#,
+            ),
+        ] {
+            assert_eq!(detail(path, body), expected, "{body}");
+        }
+        // A case variant of a field the gateway does not read is the upstream's business.
+        assert!(
+            validate(
+                "/api/image/gen",
+                br#"{"model":"google/gempix2","prompt":"x","Size":"1k","size":"4k"}"#,
+                &config()
+            )
+            .is_ok()
+        );
     }
 
     #[test]

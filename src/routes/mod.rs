@@ -18,8 +18,12 @@ pub mod health;
 pub mod scrape;
 pub mod task_query;
 
-/// Reads a request body, refusing it as soon as it passes `limit` bytes.
+/// Reads a request body, refusing it as soon as it passes `limit` bytes, and before reading
+/// any of it when its declared `Content-Length` (the body's exact size hint) is already over.
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());

@@ -5,6 +5,7 @@
 //! The web layer (the root package) depends on this crate and never the other way round, so
 //! everything here can be tested and benchmarked without a server.
 
+pub mod body;
 pub mod clock;
 pub mod config;
 pub mod credits;

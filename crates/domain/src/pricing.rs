@@ -153,6 +153,14 @@ impl Reserve {
         }
     }
 
+    /// The request field the price depends on, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Reserve::Flat(_) => None,
+            Reserve::ByValue { field, .. } | Reserve::PerUnit { field, .. } => Some(field),
+        }
+    }
+
     /// The reservation of a request for `model` with these fields and this count (`n`); `Err`
     /// is a 400's detail naming the field.
     pub fn for_request(

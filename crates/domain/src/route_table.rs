@@ -90,6 +90,11 @@ impl FieldPath {
         &self.text
     }
 
+    /// The top-level field the path starts at.
+    pub fn first(&self) -> &str {
+        &self.steps[0].0
+    }
+
     /// The present, non-null values at this path.
     fn values<'a>(&self, fields: &'a Map<String, Value>) -> Vec<&'a Value> {
         let mut values: Vec<&Value> = Vec::new();
@@ -153,6 +158,20 @@ pub struct Submission {
 }
 
 impl Route {
+    /// The top-level fields [`Route::check`] reads (present or not).
+    pub fn fields_read(&self) -> impl Iterator<Item = &str> {
+        let model = match &self.model {
+            ModelSource::Field(name) => Some(name.as_str()),
+            ModelSource::Fixed(_) => None,
+        };
+        model
+            .into_iter()
+            .chain(self.prompt.iter().map(FieldPath::first))
+            .chain(self.references.iter().map(|(path, _)| path.first()))
+            .chain(self.types.keys().map(String::as_str))
+            .chain(["n", "callback_url"])
+    }
+
     /// Checks what the upstream would refuse, so a bad request costs neither a reservation nor
     /// an upstream call; `Err` is a 400's detail naming the field.
     pub fn check(&self, fields: &Map<String, Value>) -> Result<Submission, String> {
