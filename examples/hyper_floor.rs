@@ -22,7 +22,10 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use ketchup_gateway::workers::Workers;
+use ketchup_domain::config::{
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+};
+use ketchup_gateway::workers::{ConnectionLimits, Workers};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[global_allocator]
@@ -96,7 +99,12 @@ fn main() -> Result<(), String> {
         let mut workers = Workers::start(
             workers,
             app,
-            listen,
+            // The gateway's defaults: the floor serves each connection as the gateway does.
+            ConnectionLimits {
+                max_connections: DEFAULT_MAX_CONNECTIONS.get(),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                keep_alive_timeout: DEFAULT_KEEP_ALIVE_TIMEOUT,
+            },
             CancellationToken::new(),
             TaskTracker::new(),
             &accepted,
