@@ -25,7 +25,7 @@ use hyper_util::{
 use ketchup_domain::config::{
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
 };
-use ketchup_gateway::workers::{ConnectionLimits, Workers};
+use ketchup_gateway::workers::{ConnectionCounts, ConnectionLimits, Workers};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[global_allocator]
@@ -96,6 +96,8 @@ fn main() -> Result<(), String> {
         let accepted =
             prometheus::IntCounterVec::new(prometheus::Opts::new("accepted", "-"), &["worker"])
                 .map_err(|e| e.to_string())?;
+        let open = prometheus::IntGauge::new("open", "-").map_err(|e| e.to_string())?;
+        let refused = prometheus::IntCounter::new("refused", "-").map_err(|e| e.to_string())?;
         let mut workers = Workers::start(
             workers,
             app,
@@ -107,7 +109,11 @@ fn main() -> Result<(), String> {
             },
             CancellationToken::new(),
             TaskTracker::new(),
-            &accepted,
+            ConnectionCounts {
+                accepted,
+                open,
+                refused,
+            },
         )
         .map_err(|e| e.to_string())?;
         loop {

@@ -16,7 +16,7 @@ use crate::{
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
-    workers::{ConnectionLimits, Workers},
+    workers::{ConnectionCounts, ConnectionLimits, Workers},
 };
 use ketchup_domain::{
     clock::SharedClock,
@@ -174,7 +174,11 @@ impl Server {
             limits,
             stop.clone(),
             state.background.clone(),
-            &state.metrics.connections,
+            ConnectionCounts {
+                accepted: state.metrics.connections.clone(),
+                open: state.metrics.open_connections.clone(),
+                refused: state.metrics.refused_connections.clone(),
+            },
         )
         .map_err(|e| format!("cannot start the HTTP workers: {e}"))?;
         tracing::info!(

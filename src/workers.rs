@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -48,7 +48,19 @@ pub fn current() -> Option<usize> {
 }
 
 /// A connection, and its place among the `server.max_connections` open ones (freed on close).
-type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
+type Handoff = (std::net::TcpStream, Place);
+
+/// An open connection's place under `server.max_connections`, counted in the open gauge.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
 
 /// How long a connection may take over its parts, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +73,16 @@ pub struct ConnectionLimits {
     pub keep_alive_timeout: Duration,
 }
 
+/// Where the workers count their connections.
+pub struct ConnectionCounts {
+    /// Accepted, by the worker that serves them.
+    pub accepted: IntCounterVec,
+    /// Open now.
+    pub open: IntGauge,
+    /// Closed unread at `server.max_connections`.
+    pub refused: IntCounter,
+}
+
 /// Between HTTP/2 pings to a connection that has gone quiet, and the longest wait for each
 /// answer: a peer that vanished without closing is found within both.
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -70,13 +92,15 @@ const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Workers {
     handoffs: Vec<mpsc::UnboundedSender<Handoff>>,
     accepted: Vec<IntCounter>,
-    open: Arc<Semaphore>,
+    places: Arc<Semaphore>,
+    open: IntGauge,
+    refused: IntCounter,
     next: usize,
     finished: Vec<oneshot::Receiver<()>>,
 }
 
 impl Workers {
-    /// Starts `count` workers serving `app`. When `stop` is cancelled each stops taking
+    /// Starts `count` workers serving `app`, counting their connections in `counts`. When `stop` is cancelled each stops taking
     /// connections, finishes the requests it has, then waits until `background` (closed by then)
     /// is empty, since work spawned by its handlers runs on its runtime.
     pub fn start(
@@ -85,12 +109,14 @@ impl Workers {
         limits: ConnectionLimits,
         stop: CancellationToken,
         background: TaskTracker,
-        accepted: &IntCounterVec,
+        counts: ConnectionCounts,
     ) -> io::Result<Workers> {
         let mut workers = Workers {
             handoffs: Vec::with_capacity(count.get()),
             accepted: Vec::with_capacity(count.get()),
-            open: Arc::new(Semaphore::new(limits.max_connections)),
+            places: Arc::new(Semaphore::new(limits.max_connections)),
+            open: counts.open,
+            refused: counts.refused,
             next: 0,
             finished: Vec::with_capacity(count.get()),
         };
@@ -117,7 +143,7 @@ impl Workers {
             workers.handoffs.push(handoff);
             workers
                 .accepted
-                .push(accepted.with_label_values(&[&index.to_string()]));
+                .push(counts.accepted.with_label_values(&[&index.to_string()]));
             workers.finished.push(finished);
         }
         Ok(workers)
@@ -125,12 +151,18 @@ impl Workers {
 
     /// Gives a newly accepted connection to the next worker.
     pub fn hand(&mut self, stream: TcpStream, remote: SocketAddr) {
-        let Ok(place) = self.open.clone().try_acquire_owned() else {
+        let Ok(permit) = self.places.clone().try_acquire_owned() else {
+            self.refused.inc();
             // Closed unread: the client sees the connection end and may retry later, and the
             // process keeps the descriptors it needs for the connections it serves. Debug: a
             // flood would otherwise be a flood of log lines too.
             tracing::debug!(%remote, "at server.max_connections; closing a new connection");
             return;
+        };
+        self.open.inc();
+        let place = Place {
+            _permit: permit,
+            open: self.open.clone(),
         };
         // Off this runtime's poller, to be registered with the worker's.
         let stream = match stream.into_std() {
@@ -226,7 +258,7 @@ async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: ConnectionLimits,
     stop: CancellationToken,
-    _place: OwnedSemaphorePermit,
+    _place: Place,
 ) {
     // Requests in flight: from the call until the response body is dropped (sent, or abandoned
     // with the connection), so a slow download is not taken for idleness.

@@ -127,4 +127,14 @@ async fn a_connection_over_max_connections_is_refused_until_one_closes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served, "no connection was served after one of three closed");
+
+    drop(held);
+    assert!(
+        env.api()
+            .metric("ketchup_gateway_connections_refused_total")
+            .await
+            >= 1.0
+    );
+    let open = env.api().metric("ketchup_gateway_connections_open").await;
+    assert!((1.0..=3.0).contains(&open), "{open}");
 }
