@@ -22,7 +22,10 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use ketchup_gateway::workers::Workers;
+use ketchup_domain::config::{
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+};
+use ketchup_gateway::workers::{ConnectionCounts, ConnectionLimits, Workers};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[global_allocator]
@@ -93,13 +96,24 @@ fn main() -> Result<(), String> {
         let accepted =
             prometheus::IntCounterVec::new(prometheus::Opts::new("accepted", "-"), &["worker"])
                 .map_err(|e| e.to_string())?;
+        let open = prometheus::IntGauge::new("open", "-").map_err(|e| e.to_string())?;
+        let refused = prometheus::IntCounter::new("refused", "-").map_err(|e| e.to_string())?;
         let mut workers = Workers::start(
             workers,
             app,
-            listen,
+            // The gateway's defaults: the floor serves each connection as the gateway does.
+            ConnectionLimits {
+                max_connections: DEFAULT_MAX_CONNECTIONS.get(),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                keep_alive_timeout: DEFAULT_KEEP_ALIVE_TIMEOUT,
+            },
             CancellationToken::new(),
             TaskTracker::new(),
-            &accepted,
+            ConnectionCounts {
+                accepted,
+                open,
+                refused,
+            },
         )
         .map_err(|e| e.to_string())?;
         loop {

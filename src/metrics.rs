@@ -32,6 +32,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     pub connections: IntCounterVec,
+    pub open_connections: IntGauge,
+    pub refused_connections: IntCounter,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub overhead: HistogramVec,
@@ -217,6 +219,14 @@ impl Metrics {
                 ),
                 &["worker"]
             )),
+            open_connections: register!(IntGauge::with_opts(opts(
+                "connections_open",
+                "Client connections open now, at most server.max_connections."
+            ))),
+            refused_connections: register!(IntCounter::with_opts(opts(
+                "connections_refused_total",
+                "New client connections closed unread because server.max_connections were open."
+            ))),
             cache_requests: register!(IntCounterVec::new(
                 opts(
                     "cache_requests_total",

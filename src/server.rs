@@ -16,7 +16,7 @@ use crate::{
     status_cache::{StatusCache, shared::SharedStatuses},
     upstream::UpstreamClient,
     webhooks,
-    workers::Workers,
+    workers::{ConnectionCounts, ConnectionLimits, Workers},
 };
 use ketchup_domain::{
     clock::SharedClock,
@@ -151,9 +151,14 @@ impl Server {
             let app = router::metrics_router(state.clone());
             tokio::spawn(async move { axum::serve(listener, app).await })
         });
-        let (shutdown_timeout, worker_count) = {
-            let config = state.config.load();
-            (config.server.shutdown_timeout, config.server.workers)
+        let (shutdown_timeout, worker_count, limits) = {
+            let server = &state.config.load().server;
+            let limits = ConnectionLimits {
+                max_connections: server.max_connections.get(),
+                header_read_timeout: server.header_read_timeout,
+                keep_alive_timeout: server.keep_alive_timeout,
+            };
+            (server.shutdown_timeout, server.workers, limits)
         };
         let address = listener.local_addr().map_err(|e| e.to_string())?;
         let stop = CancellationToken::new();
@@ -166,10 +171,14 @@ impl Server {
         let mut workers = Workers::start(
             worker_count,
             router::router(state.clone(), admin_token_digest),
-            address,
+            limits,
             stop.clone(),
             state.background.clone(),
-            &state.metrics.connections,
+            ConnectionCounts {
+                accepted: state.metrics.connections.clone(),
+                open: state.metrics.open_connections.clone(),
+                refused: state.metrics.refused_connections.clone(),
+            },
         )
         .map_err(|e| format!("cannot start the HTTP workers: {e}"))?;
         tracing::info!(

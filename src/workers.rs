@@ -7,18 +7,34 @@
 //! wake-ups tokio's scheduler makes to share work between its threads (a futex call and an
 //! inter-processor interrupt each), which on a small machine cost more than the work they share.
 //! Round robin gives every worker an equal share of the connections, whatever their addresses.
+//!
+//! Every connection is bounded (see [`ConnectionLimits`]): at most `server.max_connections` are
+//! open at once, a client that is slow to send a request head is dropped, and so is a connection
+//! idle for `server.keep_alive_timeout`, or an HTTP/2 one that stops answering pings. Without these, silent or half-sent connections pile up until file descriptors or memory
+//! run out for everyone.
 
 use std::cell::Cell;
+use std::convert::Infallible;
 use std::future::pending;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use prometheus::{IntCounter, IntCounterVec};
+use axum::body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 
 use crate::logging;
 
@@ -31,31 +47,76 @@ pub fn current() -> Option<usize> {
     WORKER.with(Cell::get)
 }
 
-type Handoff = (std::net::TcpStream, SocketAddr);
+/// A connection, and its place among the `server.max_connections` open ones (freed on close).
+type Handoff = (std::net::TcpStream, Place);
+
+/// An open connection's place under `server.max_connections`, counted in the open gauge.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// How long a connection may take over its parts, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Most open connections; above it new ones are closed at once.
+    pub max_connections: usize,
+    /// Longest wait for a complete request head.
+    pub header_read_timeout: Duration,
+    /// Longest a connection stays open with no request in flight.
+    pub keep_alive_timeout: Duration,
+}
+
+/// Where the workers count their connections.
+pub struct ConnectionCounts {
+    /// Accepted, by the worker that serves them.
+    pub accepted: IntCounterVec,
+    /// Open now.
+    pub open: IntGauge,
+    /// Closed unread at `server.max_connections`.
+    pub refused: IntCounter,
+}
+
+/// Between HTTP/2 pings to a connection that has gone quiet, and the longest wait for each
+/// answer: a peer that vanished without closing is found within both.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The running workers and the acceptor's end of their hand-off queues.
 pub struct Workers {
     handoffs: Vec<mpsc::UnboundedSender<Handoff>>,
     accepted: Vec<IntCounter>,
+    places: Arc<Semaphore>,
+    open: IntGauge,
+    refused: IntCounter,
     next: usize,
     finished: Vec<oneshot::Receiver<()>>,
 }
 
 impl Workers {
-    /// Starts `count` workers serving `app`. When `stop` is cancelled each stops taking
+    /// Starts `count` workers serving `app`, counting their connections in `counts`. When `stop` is cancelled each stops taking
     /// connections, finishes the requests it has, then waits until `background` (closed by then)
     /// is empty, since work spawned by its handlers runs on its runtime.
     pub fn start(
         count: NonZeroUsize,
         app: Router,
-        local_addr: SocketAddr,
+        limits: ConnectionLimits,
         stop: CancellationToken,
         background: TaskTracker,
-        accepted: &IntCounterVec,
+        counts: ConnectionCounts,
     ) -> io::Result<Workers> {
         let mut workers = Workers {
             handoffs: Vec::with_capacity(count.get()),
             accepted: Vec::with_capacity(count.get()),
+            places: Arc::new(Semaphore::new(limits.max_connections)),
+            open: counts.open,
+            refused: counts.refused,
             next: 0,
             finished: Vec::with_capacity(count.get()),
         };
@@ -66,10 +127,6 @@ impl Workers {
                 .build()?;
             let (handoff, incoming) = mpsc::unbounded_channel();
             let (done, finished) = oneshot::channel::<()>();
-            let listener = HandedOff {
-                incoming,
-                local_addr,
-            };
             let (app, stop, background) = (app.clone(), stop.clone(), background.clone());
             std::thread::Builder::new()
                 .name(format!("http-worker-{index}"))
@@ -77,12 +134,7 @@ impl Workers {
                     WORKER.set(Some(index));
                     logging::gather_lines_on_this_thread();
                     runtime.block_on(async move {
-                        let serving = axum::serve(listener, app)
-                            .with_graceful_shutdown(stop.cancelled_owned())
-                            .await;
-                        if let Err(e) = serving {
-                            tracing::error!(worker = index, error = %e, "worker stopped serving");
-                        }
+                        serve(incoming, app, limits, stop).await;
                         background.wait().await;
                     });
                     logging::hand_over_gathered();
@@ -91,7 +143,7 @@ impl Workers {
             workers.handoffs.push(handoff);
             workers
                 .accepted
-                .push(accepted.with_label_values(&[&index.to_string()]));
+                .push(counts.accepted.with_label_values(&[&index.to_string()]));
             workers.finished.push(finished);
         }
         Ok(workers)
@@ -99,6 +151,19 @@ impl Workers {
 
     /// Gives a newly accepted connection to the next worker.
     pub fn hand(&mut self, stream: TcpStream, remote: SocketAddr) {
+        let Ok(permit) = self.places.clone().try_acquire_owned() else {
+            self.refused.inc();
+            // Closed unread: the client sees the connection end and may retry later, and the
+            // process keeps the descriptors it needs for the connections it serves. Debug: a
+            // flood would otherwise be a flood of log lines too.
+            tracing::debug!(%remote, "at server.max_connections; closing a new connection");
+            return;
+        };
+        self.open.inc();
+        let place = Place {
+            _permit: permit,
+            open: self.open.clone(),
+        };
         // Off this runtime's poller, to be registered with the worker's.
         let stream = match stream.into_std() {
             Ok(stream) => stream,
@@ -107,7 +172,7 @@ impl Workers {
                 return;
             }
         };
-        let mut handoff = (stream, remote);
+        let mut handoff = (stream, place);
         for _ in 0..self.handoffs.len() {
             let worker = self.next;
             self.next = (self.next + 1) % self.handoffs.len();
@@ -134,30 +199,150 @@ impl Workers {
     }
 }
 
-/// A worker's listener, fed by the acceptor.
-struct HandedOff {
-    incoming: mpsc::UnboundedReceiver<Handoff>,
-    local_addr: SocketAddr,
+/// Serves the connections handed to this worker until `stop`, then lets them finish.
+async fn serve(
+    mut incoming: mpsc::UnboundedReceiver<Handoff>,
+    app: Router,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT);
+    let builder = Arc::new(builder);
+    let connections = TaskTracker::new();
+    loop {
+        let handoff = tokio::select! {
+            _ = stop.cancelled() => break,
+            handoff = incoming.recv() => handoff,
+        };
+        // The acceptor has gone: shutdown is under way, and `stop` ends serving.
+        let Some((stream, place)) = handoff else {
+            stop.cancelled().await;
+            break;
+        };
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take over a connection; closing it");
+                continue;
+            }
+        };
+        connections.spawn(serve_connection(
+            stream,
+            app.clone(),
+            builder.clone(),
+            limits,
+            stop.clone(),
+            place,
+        ));
+    }
+    connections.close();
+    connections.wait().await;
 }
 
-impl axum::serve::Listener for HandedOff {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            // The acceptor has gone: shutdown is under way, and its signal ends serving.
-            let Some((stream, remote)) = self.incoming.recv().await else {
-                return pending().await;
-            };
-            match TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, remote),
-                Err(e) => tracing::warn!(error = %e, "cannot take over a connection; closing it"),
+/// Serves one connection until the client closes it, or it stays idle for `keep_alive_timeout`,
+/// or `stop` is cancelled (the last two let the requests in flight finish first). One whose
+/// first request has not begun within `header_read_timeout` is dropped: hyper times each request
+/// head, but not the bytes it first reads to tell HTTP/1 from HTTP/2.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+    _place: Place,
+) {
+    // Requests in flight: from the call until the response body is dropped (sent, or abandoned
+    // with the connection), so a slow download is not taken for idleness.
+    let in_flight = Arc::new(watch::Sender::new(0usize));
+    let mut idle = pin!(idle_for(in_flight.subscribe(), limits.keep_alive_timeout));
+    let mut started = in_flight.subscribe();
+    let mut no_first_request = pin!(async move {
+        if tokio::time::timeout(limits.header_read_timeout, started.changed())
+            .await
+            .is_ok()
+        {
+            pending::<()>().await;
+        }
+    });
+    let service = tower::service_fn(move |request: hyper::Request<Incoming>| {
+        let guard = InFlight::start(in_flight.clone());
+        let response = app.clone().oneshot(request);
+        async move {
+            let response = response.await?;
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _ = &guard;
+                    frame
+                }))
+            }))
+        }
+    });
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+    let mut connection = pin!(connection);
+    let mut stopping = pin!(stop.cancelled());
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut no_first_request => {
+                tracing::debug!("no request head in time; closing the connection");
+                return;
+            }
+            () = &mut idle, if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut stopping, if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local_addr)
+/// Resolves once no request has been in flight for `timeout`.
+async fn idle_for(mut in_flight: watch::Receiver<usize>, timeout: Duration) {
+    loop {
+        // The count's sender lives as long as the connection, which is polled alongside.
+        if in_flight.wait_for(|n| *n == 0).await.is_err() {
+            return pending().await;
+        }
+        if tokio::time::timeout(timeout, in_flight.changed())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One request in flight on a connection, counted until dropped.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn start(count: Arc<watch::Sender<usize>>) -> InFlight {
+        count.send_modify(|n| *n += 1);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }

@@ -37,7 +37,10 @@ use crate::route_table::{RawRoute, RouteTable};
 pub use cache::CacheConfig;
 pub use models::Model;
 pub use reconciler::ReconcilerConfig;
-pub use server::{MAX_WORKERS, ServerConfig};
+pub use server::{
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WORKERS,
+    ServerConfig,
+};
 pub use store::{RateLimitsWhenUnavailable, RedisTls, StoreConfig};
 pub use teams::{Budget, BudgetPeriod, KeyEntry, Limits, Team};
 pub use upstream::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig};

@@ -16,6 +16,12 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The defaults of the limits on each connection, also for stacks built without a config.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Far above what one gateway serves at once, and far below the 1,048,576 descriptors a
+/// container usually gets (`ulimit -n`): the upstream pool, the ledger and logs keep theirs.
+pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
 
 /// `[server]` as written; a key left out takes the default above.
 #[derive(Deserialize, Default)]
@@ -28,6 +34,9 @@ pub(super) struct RawServer {
     metrics_listen: Option<String>,
     shutdown_timeout: Option<HumanDuration>,
     workers: Option<Spanned<usize>>,
+    header_read_timeout: Option<Spanned<HumanDuration>>,
+    keep_alive_timeout: Option<Spanned<HumanDuration>>,
+    max_connections: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +49,12 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Threads that serve HTTP, each on its own share of the connections.
     pub workers: NonZeroUsize,
+    /// Longest a connection may take to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// Longest a connection stays open with no request in flight.
+    pub keep_alive_timeout: Duration,
+    /// Most connections open at once; a new one above it is closed unread.
+    pub max_connections: NonZeroUsize,
 }
 
 impl TryFrom<RawServer> for ServerConfig {
@@ -70,6 +85,20 @@ impl TryFrom<RawServer> for ServerConfig {
             }
             Some(url) => Some(url.into_inner().0),
         };
+        let header_read_timeout =
+            positive_duration(raw.header_read_timeout, "header_read_timeout")?
+                .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
+        let keep_alive_timeout = positive_duration(raw.keep_alive_timeout, "keep_alive_timeout")?
+            .unwrap_or(DEFAULT_KEEP_ALIVE_TIMEOUT);
+        let max_connections = match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(max) => NonZeroUsize::new(*max.get_ref()).ok_or_else(|| {
+                Invalid::at(
+                    max.span(),
+                    "[server] max_connections must be at least 1: with 0 nothing is served",
+                )
+            })?,
+        };
         Ok(ServerConfig {
             listen: raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into()),
             public_url,
@@ -82,13 +111,32 @@ impl TryFrom<RawServer> for ServerConfig {
                 .shutdown_timeout
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from),
             workers,
+            header_read_timeout,
+            keep_alive_timeout,
+            max_connections,
         })
     }
 }
 
+/// A timeout that must be more than zero: with zero every connection would close at once.
+fn positive_duration(
+    value: Option<Spanned<HumanDuration>>,
+    key: &str,
+) -> Result<Option<Duration>, Invalid> {
+    let Some(value) = value else { return Ok(None) };
+    let duration = Duration::from(*value.get_ref());
+    if duration.is_zero() {
+        return Err(Invalid::at(
+            value.span(),
+            format!("[server] {key} must be more than zero: with zero every connection closes"),
+        ));
+    }
+    Ok(Some(duration))
+}
+
 impl ServerConfig {
-    /// The keys whose new value only a restart applies: the listeners, the workers and the stack
-    /// that bounds each request are built once, at start.
+    /// The keys whose new value only a restart applies: the listeners, the workers, the limits on
+    /// their connections and the stack that bounds each request are built once, at start.
     pub(super) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
         let ServerConfig {
             listen,
@@ -96,6 +144,9 @@ impl ServerConfig {
             request_timeout,
             shutdown_timeout,
             metrics_listen,
+            header_read_timeout,
+            keep_alive_timeout,
+            max_connections,
             // Read by each request.
             public_url: _,
             max_body_bytes: _,
@@ -109,6 +160,15 @@ impl ServerConfig {
                 *shutdown_timeout != new.shutdown_timeout,
             ),
             ("metrics_listen", *metrics_listen != new.metrics_listen),
+            (
+                "header_read_timeout",
+                *header_read_timeout != new.header_read_timeout,
+            ),
+            (
+                "keep_alive_timeout",
+                *keep_alive_timeout != new.keep_alive_timeout,
+            ),
+            ("max_connections", *max_connections != new.max_connections),
         ])
     }
 }

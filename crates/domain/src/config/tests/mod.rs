@@ -43,6 +43,40 @@ fn minimal_file_gets_defaults() {
 }
 
 #[test]
+fn connection_limits_have_defaults_and_refuse_zero() {
+    let server = parse(MINIMAL).unwrap().server;
+    assert_eq!(server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(server.keep_alive_timeout, Duration::from_secs(75));
+    assert_eq!(server.max_connections.get(), 10_000);
+    let set = parse(&format!(
+        "[server]\nheader_read_timeout = \"2s\"\nkeep_alive_timeout = \"500ms\"\n\
+         max_connections = 3\n{MINIMAL}"
+    ))
+    .unwrap()
+    .server;
+    assert_eq!(set.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(set.keep_alive_timeout, Duration::from_millis(500));
+    assert_eq!(set.max_connections.get(), 3);
+    for (line, message) in [
+        (
+            "header_read_timeout = \"0s\"",
+            "gateway.toml:2:23: [server] header_read_timeout must be more than zero",
+        ),
+        (
+            "keep_alive_timeout = \"0s\"",
+            "gateway.toml:2:22: [server] keep_alive_timeout must be more than zero",
+        ),
+        (
+            "max_connections = 0",
+            "gateway.toml:2:19: [server] max_connections must be at least 1",
+        ),
+    ] {
+        let error = error_of(&format!("[server]\n{line}\n{MINIMAL}"));
+        assert!(error.contains(message), "{error}");
+    }
+}
+
+#[test]
 fn http_workers_default_to_one_per_core_and_are_bounded() {
     let cores = std::thread::available_parallelism().unwrap();
     assert_eq!(parse(MINIMAL).unwrap().server.workers, cores);

@@ -64,6 +64,21 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
     ),
     ("[server]", "workers = 2", Some("[server] workers")),
     (
+        "[server]",
+        "header_read_timeout = \"11s\"",
+        Some("[server] header_read_timeout"),
+    ),
+    (
+        "[server]",
+        "keep_alive_timeout = \"76s\"",
+        Some("[server] keep_alive_timeout"),
+    ),
+    (
+        "[server]",
+        "max_connections = 9",
+        Some("[server] max_connections"),
+    ),
+    (
         "[upstream]",
         "base_url = \"https://ketchup.example\"",
         Some("[upstream] base_url"),

@@ -1,0 +1,140 @@
+//! Connection hygiene: clients that send too little, stay idle, or come too many at once, end to
+//! end through the real binary.
+
+use std::time::Duration;
+
+use ketchup_testkit::{DESIGN_KEY, Env, GatewayConfig, fake_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The gateway with `lines` added to its `[server]`.
+async fn gateway(lines: &str) -> Env {
+    Env::start_with(fake_config(), GatewayConfig::new().server(lines)).await
+}
+
+/// Everything the gateway sends on `stream` until it closes it, or `None` if it is still open
+/// after `within`.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    let mut received = Vec::new();
+    let reading = async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, reading).await.ok()?;
+    Some(String::from_utf8_lossy(&received).into_owned())
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_sends_no_request_head_in_time_is_closed() {
+    let env = gateway(r#"header_read_timeout = "1s""#).await;
+    let mut silent = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let mut half = TcpStream::connect(env.gateway.addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-padding: ")
+        .await
+        .unwrap();
+    let (silent, half) = tokio::join!(
+        read_until_closed(&mut silent, Duration::from_secs(3)),
+        read_until_closed(&mut half, Duration::from_secs(3)),
+    );
+    assert!(
+        silent.is_some() && half.is_some(),
+        "still open: silent {}, half a head {}",
+        silent.is_none(),
+        half.is_none()
+    );
+    let half = half.unwrap();
+    // Hyper may answer 408 before closing; it must not have served the request.
+    assert!(!half.contains(" 200 "), "{half}");
+    // Others are served as before.
+    assert_eq!(env.api().get("/healthz", None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_is_closed_after_the_keep_alive_timeout() {
+    let env = gateway(r#"keep_alive_timeout = "1s""#).await;
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    stream.write_all(HEALTHZ).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(3))
+        .await
+        .expect("an idle connection is still open");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_in_flight_is_not_cut_by_the_keep_alive_timeout() {
+    let env = gateway(r#"keep_alive_timeout = "1s""#).await;
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let body = r#"{"model":"google/gempix2","prompt":"a tomato"}"#;
+    let head = format!(
+        "POST /api/image/gen HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {DESIGN_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The body trickles in over twice the timeout.
+    for byte in body.as_bytes().chunks(body.len() / 5 + 1) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(byte).await.unwrap();
+    }
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("closed once idle after the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""code":0"#), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_over_max_connections_is_refused_until_one_closes() {
+    let env = gateway("max_connections = 3").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        stream.write_all(HEALTHZ).await.unwrap();
+        let mut buffer = [0u8; 64];
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(stream);
+    }
+    let mut fourth = TcpStream::connect(env.gateway.addr).await.unwrap();
+    // Refused unread: the write may already fail, and nothing comes back.
+    let _ = fourth.write_all(HEALTHZ).await;
+    let answer = read_until_closed(&mut fourth, Duration::from_secs(3))
+        .await
+        .expect("a fourth connection is held open");
+    assert_eq!(answer, "", "a fourth connection was answered");
+
+    drop(held.pop());
+    // The gateway sees the close at its next read of that connection.
+    let mut served = false;
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        let _ = stream.write_all(HEALTHZ).await;
+        let mut buffer = [0u8; 64];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await
+            && buffer[..n].starts_with(b"HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "no connection was served after one of three closed");
+
+    drop(held);
+    assert!(
+        env.api()
+            .metric("ketchup_gateway_connections_refused_total")
+            .await
+            >= 1.0
+    );
+    let open = env.api().metric("ketchup_gateway_connections_open").await;
+    assert!((1.0..=3.0).contains(&open), "{open}");
+}
