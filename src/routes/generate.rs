@@ -12,7 +12,7 @@ use axum::{
 };
 use bytes::Bytes;
 use http::{HeaderValue, Uri};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tracing::Instrument;
 
 use super::{budget::rfc3339, pass_through, read_body};
@@ -51,8 +51,13 @@ fn invalid(detail: impl Into<String>) -> GatewayError {
 }
 
 /// Checks what the upstream would refuse, and prices the request, so a bad request costs
-/// neither a reservation nor an upstream call.
-pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, GatewayError> {
+/// neither a reservation nor an upstream call. Also gives the body's fields, parsed once, for
+/// whatever must rewrite them.
+pub fn validate(
+    path: &str,
+    body: &[u8],
+    config: &Config,
+) -> Result<(Generation, Map<String, Value>), GatewayError> {
     let route = config
         .routes
         .get(path)
@@ -82,21 +87,24 @@ pub fn validate(path: &str, body: &[u8], config: &Config) -> Result<Generation, 
         .reserve
         .for_request(&submission.model, &fields, submission.count)
         .map_err(invalid)?;
-    Ok(Generation {
+    let generation = Generation {
         model: submission.model,
         family: route.family.clone(),
         amount,
         callback_url: submission.callback_url,
         accepts_callback: route.accepts_callback,
-    })
+    };
+    Ok((generation, fields))
 }
 
 /// With `server.public_url` set, points the upstream's callback at the gateway instead of the
 /// team: `{public_url}/callbacks/{token}`, the token known only to the upstream (the ledger keeps
 /// its digest). The team's own URL, checked against where webhooks may go, is remembered for
-/// delivery. Without `public_url`, or without a callback to take over, the body goes unchanged.
+/// delivery. Without `public_url`, or without a callback to take over, the body goes unchanged;
+/// otherwise `fields`, the body as [`validate`] parsed it, is written out again.
 fn intercept_callback(
     body: Bytes,
+    mut fields: Map<String, Value>,
     generation: &Generation,
     config: &Config,
     team: &Team,
@@ -113,9 +121,6 @@ fn intercept_callback(
     if let Some(url) = &callback_url {
         target::check_url(url, &target::Allowed::new(&team.callback_hosts)).map_err(invalid)?;
     }
-    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(&body) else {
-        return Err(invalid("request body must be a JSON object"));
-    };
     let (token, token_digest) = webhooks::new_callback_token();
     let ours = format!(
         "{}/callbacks/{token}",
@@ -143,8 +148,8 @@ pub async fn generate(
 ) -> Result<Response, GatewayError> {
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
-    let generation = validate(uri.path(), &body, &config)?;
-    let (body, callback) = intercept_callback(body, &generation, &config, &team)?;
+    let (generation, fields) = validate(uri.path(), &body, &config)?;
+    let (body, callback) = intercept_callback(body, fields, &generation, &config, &team)?;
 
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
@@ -485,7 +490,9 @@ mod tests {
         let body = r#"{"model":"google/gempix2","prompt":"a cat","images":["https://x.example/a.png"],
             "callback_url":"http://hooks.example/cb","aspect_ratio":"16:9","n":3,"future_field":{"x":1}}"#;
         assert_eq!(
-            validate("/api/image/gen", body.as_bytes(), &config()).unwrap(),
+            validate("/api/image/gen", body.as_bytes(), &config())
+                .unwrap()
+                .0,
             Generation {
                 model: "google/gempix2".into(),
                 family: "image".into(),
@@ -500,7 +507,7 @@ mod tests {
     fn a_video_reserves_by_its_duration() {
         let sora = |duration: &str| {
             let body = format!(r#"{{"model":"sora-2","prompt":"x","duration":{duration}}}"#);
-            validate("/api/sora2/gen", body.as_bytes(), &config())
+            validate("/api/sora2/gen", body.as_bytes(), &config()).map(|(generation, _)| generation)
         };
         assert_eq!(sora(r#""15""#).unwrap().amount, "1.50".parse().unwrap());
         assert_eq!(sora(r#""15""#).unwrap().family, "video");
