@@ -223,10 +223,6 @@ impl GatewayError {
             }
         }
     }
-
-    pub fn status(&self) -> StatusCode {
-        self.answer().status
-    }
 }
 
 impl IntoResponse for GatewayError {
