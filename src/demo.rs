@@ -49,7 +49,7 @@ budget = {{ credits = "50.00", period = "daily", max_in_flight = 5 }}
 "#,
         upstream = fake.base_url(),
         ledger = ledger.display(),
-        key_line = keygen::config_line(&team_key, "demo"),
+        key_line = keygen::config_line(&team_key, "demo", None),
         models = MODELS,
     );
     let config = Config::parse(Path::new("<demo>"), &text).map_err(|e| e.to_string())?;

@@ -32,6 +32,9 @@ pub enum GatewayError {
     NoSuchRoute { method: String, path: String },
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    /// A model outside the team's `models` allow-list; the detail lists what it may use.
+    #[error("{0}")]
+    ModelNotAllowed(String),
     #[error("{0}")]
     BudgetExhausted(String),
     #[error("{0}")]
@@ -143,6 +146,12 @@ impl GatewayError {
                 "method_not_allowed",
                 "method not allowed",
                 said(),
+            ),
+            GatewayError::ModelNotAllowed(detail) => answer(
+                S::FORBIDDEN,
+                "model_not_allowed",
+                "model not allowed",
+                Some(detail.clone()),
             ),
             GatewayError::BudgetExhausted(detail) => answer(
                 S::PAYMENT_REQUIRED,

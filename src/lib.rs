@@ -5,6 +5,7 @@
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod key_use;
 pub mod keygen;
 pub mod logging;
 pub mod metrics;

@@ -46,8 +46,12 @@ enum Command {
         /// A label for the key (defaults to the team name and today's date).
         #[arg(long)]
         label: Option<String>,
+        /// Make the key stop working this long from now, e.g. "30d" or "12h" (written into the
+        /// printed line as expires_at).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<std::time::Duration>,
         /// Print a new webhook signing secret for the team instead of a key.
-        #[arg(long, conflicts_with = "label")]
+        #[arg(long, conflicts_with_all = ["label", "expires"])]
         webhook_secret: bool,
     },
     /// Run the gateway with a demo team in front of the built-in fake upstream.
@@ -99,20 +103,12 @@ fn main() -> ExitCode {
             println!("{}", ketchup_gateway::webhooks::signing::new_secret());
             Ok(())
         }
-        Command::Keygen { team, label, .. } => {
-            let label = label
-                .unwrap_or_else(|| format!("{team}-{}", chrono::Utc::now().format("%Y-%m-%d")));
-            let key = keygen::new_key();
-            println!(
-                "# New key for team '{team}'. It is shown only now: hand it to the team's secret store."
-            );
-            println!("{key}");
-            println!(
-                "# Add this to the `keys` list of team '{team}' in the config, then reload (SIGHUP):"
-            );
-            println!("{}", keygen::config_line(&key, &label));
-            Ok(())
-        }
+        Command::Keygen {
+            team,
+            label,
+            expires,
+            ..
+        } => new_team_key(&team, label, expires),
         Command::Serve { config } => {
             logging::init(cli.log_format);
             control_runtime().block_on(serve(config))
@@ -146,6 +142,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a new key for `team` and the config line that admits it.
+fn new_team_key(
+    team: &str,
+    label: Option<String>,
+    expires: Option<std::time::Duration>,
+) -> Result<(), String> {
+    let now = chrono::Utc::now();
+    let label = label.unwrap_or_else(|| format!("{team}-{}", now.format("%Y-%m-%d")));
+    let expires_at = match expires {
+        None => None,
+        Some(valid_for) => Some(
+            chrono::Duration::from_std(valid_for)
+                .ok()
+                .and_then(|valid_for| now.checked_add_signed(valid_for))
+                .ok_or("--expires is too far in the future")?,
+        ),
+    };
+    let key = keygen::new_key();
+    println!(
+        "# New key for team '{team}'. It is shown only now: hand it to the team's secret store."
+    );
+    println!("{key}");
+    println!("# Add this to the `keys` list of team '{team}' in the config, then reload (SIGHUP):");
+    println!("{}", keygen::config_line(&key, &label, expires_at));
+    Ok(())
 }
 
 /// A runtime of `worker_threads` threads (one per core if `None`) named `name`.

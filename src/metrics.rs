@@ -10,6 +10,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::key_use::KeyUse;
 use ketchup_domain::{config::Config, credits::Credits, settlement::SettlementMetrics};
 
 const PREFIX: &str = "ketchup_gateway";
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub tasks_started: IntCounterVec,
     /// Tasks settled and what they cost.
     pub settlement: SettlementMetrics,
+    /// Team keys' last use, expiry and refusals.
+    pub keys: KeyUse,
     pub reconciler_settlements: IntCounter,
     pub reconciler_expirations: IntCounter,
     pub reconciler_abandoned: IntCounter,
@@ -151,7 +154,7 @@ impl Metrics {
             budget_rejections: register!(IntCounterVec::new(
                 opts(
                     "budget_rejections_total",
-                    "Generations refused for the budget (402) or the in-flight cap (429)."
+                    "Generations refused for the budget (402), the in-flight cap (429) or the team's model allow-list (403)."
                 ),
                 &["team", "reason"]
             )),
@@ -196,6 +199,7 @@ impl Metrics {
             )),
             settlement: SettlementMetrics::register(&registry, PREFIX)
                 .expect("settlement metrics are valid and unique"),
+            keys: KeyUse::register(&registry),
             reconciler_settlements: register!(IntCounter::with_opts(opts(
                 "reconciler_settlements_total",
                 "Tasks the reconciler settled."
@@ -323,7 +327,7 @@ impl Metrics {
                     .settlements_without_consumed
                     .with_label_values(&[team, reason]);
             }
-            for reason in ["budget", "in_flight"] {
+            for reason in ["budget", "in_flight", "model_not_allowed"] {
                 self.budget_rejections.with_label_values(&[team, reason]);
             }
             for limit in ["generate", "query", "global"] {

@@ -103,7 +103,12 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
         // Everything above also protects unauthenticated requests; the rate limits on the
         // routes above need the team it finds.
         .layer(middleware::from_fn_with_state(
-            auth::Keys::new(state.config.clone(), admin_token_digest),
+            auth::Keys::new(
+                state.config.clone(),
+                admin_token_digest,
+                state.clock.clone(),
+                state.metrics.clone(),
+            ),
             auth::authenticate,
         ));
 

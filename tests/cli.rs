@@ -113,6 +113,47 @@ fn keygen_prints_a_fresh_key_and_the_line_that_admits_it() {
     );
 }
 
+#[test]
+fn keygen_expires_writes_when_the_key_stops_working() {
+    let before = chrono::Utc::now();
+    let output = run(&[
+        "keygen",
+        "--team",
+        "design",
+        "--label",
+        "contractor",
+        "--expires",
+        "30d",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = text(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("{ sha256 = "))
+        .unwrap_or_else(|| panic!("no config line in:\n{stdout}"));
+    let expires_at = line
+        .split("expires_at = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no expires_at in {line}"));
+    let expires_at = chrono::DateTime::parse_from_rfc3339(expires_at).unwrap();
+    let valid_for = expires_at.signed_duration_since(before);
+    assert!(
+        (valid_for - chrono::Duration::days(30)).num_seconds().abs() < 60,
+        "{line}"
+    );
+    // The line validates as it is.
+    let dir = tempfile::tempdir().unwrap();
+    let config = base_config().key_entry("design", line).render(dir.path());
+    let path = write(dir.path(), "gateway.toml", &config);
+    let output = run(&["check-config", path.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+
+    let output = run(&["keygen", "--team", "design", "--expires", "soon"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(text(&output.stderr).contains("--expires"), "{output:?}");
+}
+
 #[tokio::test]
 async fn a_keygen_line_pasted_into_the_config_admits_its_key() {
     // ...and the gateway then accepts the key for that team.

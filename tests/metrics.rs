@@ -266,7 +266,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
     let mut rejections = BTreeMap::new();
     let mut rate_limited = BTreeMap::new();
     for team in ["design", "ads"] {
-        for reason in ["budget", "in_flight"] {
+        for reason in ["budget", "in_flight", "model_not_allowed"] {
             let n = if (team, reason) == ("design", "budget") {
                 1.0
             } else {
@@ -487,6 +487,8 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "worker",
         "source",
         "family",
+        // A key's label from the configuration, never the key.
+        "key",
     ]
     .into();
     assert!(
@@ -661,7 +663,7 @@ fn the_alert_rules_pass_their_unit_tests() {
     let Some(promtool) = promtool() else { return };
     run_promtool(
         &promtool,
-        &["test", "rules", "alerts_test.yml"],
+        &["test", "rules", "alerts_test.yml", "alerts_days_test.yml"],
         &prometheus_dir(),
         None,
     );

@@ -1,7 +1,8 @@
 //! Authentication, deny by default: every route needs a team key except the few listed in
-//! [`access_for`]. A key is looked up by its SHA-256 digest; the team it belongs to is put in the
-//! request's extensions for the handlers, and the key itself goes no further. `/admin/*` takes
-//! the admin token instead, and no team key opens it.
+//! [`access_for`]. A key is looked up by its SHA-256 digest and must be inside its validity
+//! window (`not_before`, `expires_at`), else it gets the same 401 as an unknown key; the team it
+//! belongs to is put in the request's extensions for the handlers, and the key itself goes no
+//! further. `/admin/*` takes the admin token instead, and no team key opens it.
 
 use std::sync::Arc;
 
@@ -15,8 +16,11 @@ use http::header;
 use super::request_metrics::RequestFacts;
 use arc_swap::ArcSwap;
 
-use crate::error::GatewayError;
-use ketchup_domain::config::{Config, KeyDigest, Team};
+use crate::{error::GatewayError, metrics::Metrics};
+use ketchup_domain::{
+    clock::SharedClock,
+    config::{Config, KeyDigest, KeyWindow, Team},
+};
 
 /// Who may call a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,19 +58,29 @@ fn bearer(request: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// What authentication reads: the live configuration's keys and the admin token's digest.
+/// What authentication reads: the live configuration's keys, the admin token's digest, the
+/// clock keys' windows are judged by, and the metrics that watch keys.
 #[derive(Clone)]
 pub struct Keys {
     config: Arc<ArcSwap<Config>>,
     /// `None` turns the admin API off.
     admin_token_digest: Option<KeyDigest>,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
 }
 
 impl Keys {
-    pub fn new(config: Arc<ArcSwap<Config>>, admin_token_digest: Option<KeyDigest>) -> Self {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        admin_token_digest: Option<KeyDigest>,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Keys {
             config,
             admin_token_digest,
+            clock,
+            metrics,
         }
     }
 }
@@ -95,16 +109,28 @@ pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: 
         }
         Access::Team => {}
     }
-    let entry = bearer(&request).and_then(|key| keys.config.load().key(key).cloned());
-    match entry {
-        Some(entry) => {
-            if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-                facts.set_team(&entry.team.name);
-                facts.set_key(entry.label.clone());
-            }
+    let Some(digest) = bearer(&request).map(KeyDigest::of) else {
+        return GatewayError::InvalidApiKey.into_response();
+    };
+    let Some(entry) = keys.config.load().key_by_digest(&digest).cloned() else {
+        return GatewayError::InvalidApiKey.into_response();
+    };
+    // The request's log line names the team and key label whether or not the key is in its
+    // window: an operator asking why a team gets 401 finds the expired key there.
+    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+        facts.set_team(&entry.team.name);
+        facts.set_key(entry.label.clone());
+    }
+    let now = keys.clock.now();
+    match entry.window_at(now) {
+        KeyWindow::Valid => {
+            keys.metrics.keys.used(&digest, now);
             request.extensions_mut().insert(Caller(entry.team));
             next.run(request).await
         }
-        None => GatewayError::InvalidApiKey.into_response(),
+        outside => {
+            keys.metrics.keys.refused(&digest, &entry, outside);
+            GatewayError::InvalidApiKey.into_response()
+        }
     }
 }

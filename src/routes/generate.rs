@@ -149,6 +149,18 @@ pub async fn generate(
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
     let (generation, fields) = validate(uri.path(), &body, &config)?;
+    if let Some(allowed) = team
+        .models
+        .as_ref()
+        .filter(|list| !list.allows(&generation.model))
+    {
+        count_rejection(&state, &team.name, "model_not_allowed");
+        return Err(GatewayError::ModelNotAllowed(format!(
+            "team '{}' may use {}",
+            team.name,
+            allowed.patterns().join(", ")
+        )));
+    }
     let (body, callback) = intercept_callback(body, fields, &generation, &config, &team)?;
 
     // The upstream account's limit is checked before anything is reserved: a refused request

@@ -43,6 +43,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                 .set(credits(remaining.max(Credits::ZERO)));
         }
     }
+    metrics.keys.refresh(&config);
     metrics
         .cache_entries
         .set(i64::try_from(state.status_cache.entry_count().await).unwrap_or(i64::MAX));

@@ -42,7 +42,7 @@ pub use server::{
     ServerConfig,
 };
 pub use store::{RateLimitsWhenUnavailable, RedisTls, StoreConfig};
-pub use teams::{Budget, BudgetPeriod, KeyEntry, Limits, Team};
+pub use teams::{Budget, BudgetPeriod, KeyEntry, KeyWindow, Limits, ModelAllowList, Team};
 pub use upstream::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig};
 pub use values::{KeyDigest, Rate, Secret, SecretSource};
 pub use webhooks::WebhooksConfig;
@@ -198,7 +198,8 @@ impl Config {
         let webhooks = raw.webhooks.try_into()?;
         let admin_token = admin::admin_token(raw.admin)?;
         let models = models::models(raw.models)?;
-        let teams = teams::teams(raw.teams, raw.defaults)?;
+        let model_ids: Vec<&str> = models.keys().map(String::as_str).collect();
+        let teams = teams::teams(raw.teams, raw.defaults, &model_ids)?;
         let config = Config {
             server,
             upstream,
@@ -275,6 +276,16 @@ impl Config {
     /// The team a key belongs to. Keys are compared by digest only.
     pub fn key(&self, key: &str) -> Option<&KeyEntry> {
         self.keys.get(&KeyDigest::of(key))
+    }
+
+    /// The entry of a key whose digest is already known.
+    pub fn key_by_digest(&self, digest: &KeyDigest) -> Option<&KeyEntry> {
+        self.keys.get(digest)
+    }
+
+    /// Every team key, by digest, in no particular order.
+    pub fn key_entries(&self) -> impl Iterator<Item = (&KeyDigest, &KeyEntry)> {
+        self.keys.iter()
     }
 
     /// A team's metric label: its configured name (or `admin`), else `unknown`, so that labels

@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::Invalid;
-use super::values::{KeyDigest, Rate, SecretSource, secret_source};
+use super::values::{Instant, KeyDigest, Rate, SecretSource, secret_source};
 use crate::credits::Credits;
 
 /// The limits of a team when neither it nor `[defaults.limits]` sets them.
@@ -60,6 +62,7 @@ pub(super) struct RawTeam {
     webhook_secret_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     callback_hosts: Vec<String>,
+    models: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +70,8 @@ pub(super) struct RawTeam {
 struct RawKey {
     sha256: KeyDigest,
     label: Option<String>,
+    not_before: Option<Spanned<Instant>>,
+    expires_at: Option<Spanned<Instant>>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +89,15 @@ pub struct Team {
     pub limits: Limits,
     pub webhook_secret: Option<SecretSource>,
     pub callback_hosts: Vec<String>,
+    /// The models the team may use; `None`: every configured model.
+    pub models: Option<ModelAllowList>,
+}
+
+impl Team {
+    /// Whether the team may use `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|list| list.allows(model))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +124,63 @@ pub struct Limits {
     pub query_burst: NonZeroU32,
 }
 
-/// Whose a key is, and the admin's label for it (not secret: it names the key in logs, which
-/// shows whether an old key is still in use before it is removed).
+/// Whose a key is, the admin's label for it (not secret: it names the key in logs and metrics,
+/// which shows whether an old key is still in use before it is removed), and when it is valid.
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub team: Arc<Team>,
     pub label: Arc<str>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Where an instant falls in a key's validity window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyWindow {
+    Valid,
+    NotYetValid,
+    Expired,
+}
+
+impl KeyWindow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyWindow::Valid => "valid",
+            KeyWindow::NotYetValid => "not_yet_valid",
+            KeyWindow::Expired => "expired",
+        }
+    }
+}
+
+impl KeyEntry {
+    /// `not_before` is the first valid instant; `expires_at` the first invalid one.
+    pub fn window_at(&self, now: DateTime<Utc>) -> KeyWindow {
+        if self.not_before.is_some_and(|start| now < start) {
+            KeyWindow::NotYetValid
+        } else if self.expires_at.is_some_and(|end| now >= end) {
+            KeyWindow::Expired
+        } else {
+            KeyWindow::Valid
+        }
+    }
+}
+
+/// A team's `models`: globs over model ids (`*` any run of characters, `?` one, `[…]` a class).
+#[derive(Debug)]
+pub struct ModelAllowList {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl ModelAllowList {
+    pub fn allows(&self, model: &str) -> bool {
+        self.set.is_match(model)
+    }
+
+    /// The patterns as written, for the refusal's detail.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
 }
 
 /// The teams in the file's order, and every key's entry by its digest.
@@ -129,8 +194,13 @@ pub(super) fn table_of(name: &str) -> String {
     format!("[[teams]] name = {name:?}:")
 }
 
-/// Validates every team, and that no two share a name or a key.
-pub(super) fn teams(raw: Vec<Spanned<RawTeam>>, defaults: RawDefaults) -> Result<Teams, Invalid> {
+/// Validates every team, and that no two share a name or a key. `models` are the configured
+/// model ids, which every allow-list pattern must match at least one of.
+pub(super) fn teams(
+    raw: Vec<Spanned<RawTeam>>,
+    defaults: RawDefaults,
+    models: &[&str],
+) -> Result<Teams, Invalid> {
     let default_limits = match defaults.limits {
         Some(raw) => merge_limits(BUILTIN_LIMITS, raw),
         None => BUILTIN_LIMITS,
@@ -140,7 +210,7 @@ pub(super) fn teams(raw: Vec<Spanned<RawTeam>>, defaults: RawDefaults) -> Result
     for raw_team in raw {
         let raw_team = raw_team.into_inner();
         let name_span = raw_team.name.span();
-        let (team, team_keys) = team(raw_team, default_limits)?;
+        let (team, team_keys) = team(raw_team, default_limits, models)?;
         if teams.iter().any(|t| t.name == team.name) {
             return Err(Invalid::at(
                 name_span,
@@ -154,9 +224,12 @@ pub(super) fn teams(raw: Vec<Spanned<RawTeam>>, defaults: RawDefaults) -> Result
         for key in team_keys {
             let span = key.span();
             let key = key.into_inner();
+            check_window(&team.name, &key)?;
             let entry = KeyEntry {
                 team: team.clone(),
                 label: key.label.unwrap_or_default().into(),
+                not_before: key.not_before.map(|at| at.into_inner().0),
+                expires_at: key.expires_at.map(|at| at.into_inner().0),
             };
             if let Some(other) = keys.insert(key.sha256, entry) {
                 return Err(Invalid::at(
@@ -175,8 +248,68 @@ pub(super) fn teams(raw: Vec<Spanned<RawTeam>>, defaults: RawDefaults) -> Result
     Ok(Teams { teams, keys })
 }
 
+/// A key's `not_before` and `expires_at` must leave it a moment of validity.
+fn check_window(team: &str, key: &RawKey) -> Result<(), Invalid> {
+    if let (Some(start), Some(end)) = (&key.not_before, &key.expires_at)
+        && end.get_ref().0 <= start.get_ref().0
+    {
+        return Err(Invalid::at(
+            end.span(),
+            format!(
+                "{} keys: expires_at must be later than not_before",
+                table_of(team)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A team's `models`: every pattern a valid glob matching at least one configured model, so a
+/// typo cannot silently lock a team out of what it was meant to use.
+fn allow_list(
+    table: &str,
+    raw: Spanned<Vec<Spanned<String>>>,
+    models: &[&str],
+) -> Result<ModelAllowList, Invalid> {
+    if raw.get_ref().is_empty() {
+        return Err(Invalid::at(
+            raw.span(),
+            format!("{table} models is empty; leave it out to allow every configured model"),
+        ));
+    }
+    let mut set = GlobSetBuilder::new();
+    let mut patterns = Vec::with_capacity(raw.get_ref().len());
+    for pattern in raw.into_inner() {
+        let span = pattern.span();
+        let pattern = pattern.into_inner();
+        let glob = Glob::new(&pattern).map_err(|e| {
+            Invalid::at(
+                span.clone(),
+                format!("{table} models: {pattern:?} is not a glob: {e}"),
+            )
+        })?;
+        let matcher = glob.compile_matcher();
+        if !models.iter().any(|model| matcher.is_match(model)) {
+            return Err(Invalid::at(
+                span,
+                format!("{table} models: {pattern:?} matches no model under [models]"),
+            ));
+        }
+        set.add(glob);
+        patterns.push(pattern);
+    }
+    let set = set
+        .build()
+        .map_err(|e| Invalid::new(None, format!("{table} models: {e}")))?;
+    Ok(ModelAllowList { patterns, set })
+}
+
 /// One team, with its keys still to be checked against the other teams'.
-fn team(raw: RawTeam, default_limits: Limits) -> Result<(Team, Vec<Spanned<RawKey>>), Invalid> {
+fn team(
+    raw: RawTeam,
+    default_limits: Limits,
+    models: &[&str],
+) -> Result<(Team, Vec<Spanned<RawKey>>), Invalid> {
     let name_span = raw.name.span();
     let name = raw.name.into_inner();
     if name.is_empty()
@@ -229,6 +362,10 @@ fn team(raw: RawTeam, default_limits: Limits) -> Result<(Team, Vec<Spanned<RawKe
             .map_or(default_limits, |raw| merge_limits(default_limits, raw)),
         webhook_secret,
         callback_hosts: raw.callback_hosts,
+        models: raw
+            .models
+            .map(|list| allow_list(&table, list, models))
+            .transpose()?,
     };
     Ok((team, raw.keys.into_inner()))
 }

@@ -7,6 +7,8 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -183,6 +185,23 @@ impl<'de> Deserialize<'de> for HumanDuration {
             )));
         }
         Ok(HumanDuration(duration))
+    }
+}
+
+/// An instant written as an RFC 3339 string with an offset, as in `"2027-01-01T00:00:00Z"`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Instant(pub(super) DateTime<Utc>);
+
+impl<'de> Deserialize<'de> for Instant {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|at| Instant(at.with_timezone(&Utc)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not an RFC 3339 instant ({e}); write e.g. \"2027-01-01T00:00:00Z\""
+                ))
+            })
     }
 }
 

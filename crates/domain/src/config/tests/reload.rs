@@ -196,6 +196,13 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
         "callback_hosts = [\"hooks.design.internal\"]",
         None,
     ),
+    ("[[teams]]", "models = [\"google/*\"]", None),
+    (
+        "[[teams]]",
+        "keys = [{ sha256 = \"c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2\", \
+         expires_at = \"2027-01-01T00:00:00Z\", not_before = \"2026-12-01T00:00:00Z\" }]",
+        None,
+    ),
     (ROUTE, "family = \"film\"", None),
     (ROUTE, "model_field = \"engine\"", None),
     (ROUTE, "fixed_model = \"kling/v2\"", None),

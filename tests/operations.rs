@@ -1,0 +1,146 @@
+//! What a platform team uses to run the gateway for months, through the real binary: keys with a
+//! validity window, and the models each team may use.
+
+use chrono::{Duration, SecondsFormat, Utc};
+use ketchup_testkit::{ADS_KEY, DESIGN_KEY, Env, GEMPIX, GatewayConfig, digest, fake_config};
+use serde_json::json;
+
+const EXPIRED_KEY: &str = "kgw_design_expired_key_000000000";
+const EARLY_KEY: &str = "kgw_design_early_key_00000000000";
+const CONTRACTOR_KEY: &str = "kgw_design_contractor_key_000000";
+
+const GEMINI: &str = r#"{"model":"google/gemini-2.5-flash-image","prompt":"a tomato"}"#;
+
+/// `now` moved by `by`, as a key's window is written.
+fn instant(by: Duration) -> String {
+    (Utc::now() + by).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+#[tokio::test]
+async fn a_key_opens_the_gateway_only_inside_its_window() {
+    let contractor_ends = Utc::now() + Duration::days(7);
+    let config = GatewayConfig::new()
+        .key_entry(
+            "design",
+            &format!(
+                "{{ sha256 = \"{}\", label = \"expired\", expires_at = \"{}\" }}",
+                digest(EXPIRED_KEY),
+                instant(Duration::hours(-1))
+            ),
+        )
+        .key_entry(
+            "design",
+            &format!(
+                "{{ sha256 = \"{}\", label = \"early\", not_before = \"{}\" }}",
+                digest(EARLY_KEY),
+                instant(Duration::hours(1))
+            ),
+        )
+        .key_entry(
+            "design",
+            &format!(
+                "{{ sha256 = \"{}\", label = \"contractor\", not_before = \"{}\", expires_at = \"{}\" }}",
+                digest(CONTRACTOR_KEY),
+                instant(Duration::hours(-1)),
+                contractor_ends.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+        );
+    let env = Env::start_with(fake_config(), config).await;
+    let api = env.api();
+
+    // Outside its window a key is refused as an unknown one is, before anything else happens.
+    for key in [EXPIRED_KEY, EARLY_KEY] {
+        let reply = api.generate(key, GEMPIX).await;
+        assert_eq!(
+            reply.status_json(),
+            (401, json!({"code": 1, "message": "Invalid API key"})),
+            "{key}"
+        );
+        let reply = api.get("/api/user", Some(key)).await;
+        assert_eq!(reply.status, 401, "{key}: {}", reply.text);
+    }
+    assert_eq!(env.fake.stats().generate_requests, 0);
+
+    // Inside it, the key is the team's like any other.
+    let task = api.start_task(CONTRACTOR_KEY).await;
+    let reply = api.query(DESIGN_KEY, &task).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+
+    let scrape = api.scrape().await;
+    let refusals = "ketchup_gateway_key_refusals_total";
+    scrape.assert_eq(
+        refusals,
+        &[
+            ("team", "design"),
+            ("key", "expired"),
+            ("reason", "expired"),
+        ],
+        2.0,
+    );
+    scrape.assert_eq(
+        refusals,
+        &[
+            ("team", "design"),
+            ("key", "early"),
+            ("reason", "not_yet_valid"),
+        ],
+        2.0,
+    );
+    let expiry = "ketchup_gateway_key_expiry_timestamp_seconds";
+    scrape.assert_eq(
+        expiry,
+        &[("team", "design"), ("key", "contractor")],
+        contractor_ends.timestamp() as f64,
+    );
+    assert_eq!(
+        scrape.series(expiry).len(),
+        2,
+        "only keys with an expires_at"
+    );
+    let last_used = "ketchup_gateway_key_last_used_timestamp_seconds";
+    let contractor_used = scrape.get(last_used, &[("team", "design"), ("key", "contractor")]);
+    assert!(
+        (contractor_used - Utc::now().timestamp() as f64).abs() < 120.0,
+        "{contractor_used}"
+    );
+    // A refused key was not used; a key nobody presented has no series.
+    assert_eq!(scrape.find(last_used, &[("key", "expired")]), None);
+    assert_eq!(scrape.find(last_used, &[("team", "ads")]), None);
+}
+
+#[tokio::test]
+async fn a_model_outside_the_team_allow_list_is_refused_and_reserves_nothing() {
+    let config = GatewayConfig::new()
+        .admin()
+        .team_lines("design", r#"models = ["google/gempix*"]"#);
+    let env = Env::start_with(fake_config(), config).await;
+    let api = env.api();
+
+    let reply = api.generate(DESIGN_KEY, GEMINI).await;
+    assert_eq!(
+        reply.status_json(),
+        (
+            403,
+            json!({
+                "code": 1,
+                "message": "model not allowed",
+                "detail": "team 'design' may use google/gempix*"
+            })
+        )
+    );
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    let budget = api.budget(DESIGN_KEY).await;
+    assert_eq!(budget["reserved"], "0.00000000", "{budget}");
+    assert_eq!(budget["in_flight"], 0, "{budget}");
+    api.scrape().await.assert_eq(
+        "ketchup_gateway_budget_rejections_total",
+        &[("team", "design"), ("reason", "model_not_allowed")],
+        1.0,
+    );
+
+    // What the globs match is served; a team without a list may use every configured model.
+    api.start_task(DESIGN_KEY).await;
+    let reply = api.generate(ADS_KEY, GEMINI).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(env.fake.stats().generate_accepted, 2);
+}
