@@ -2,6 +2,8 @@
 //! their key; it swaps the key for the upstream token, enforces budgets and rate limits, owns the
 //! task ids it created and shields the upstream. The domain it serves lives in `ketchup-domain`.
 
+pub mod accounts;
+pub mod balance;
 pub mod demo;
 pub mod error;
 pub mod headers;

@@ -6,8 +6,8 @@
 //! their sources, so they can never drift from what the ledger says.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::key_use::KeyUse;
@@ -19,6 +19,7 @@ const PREFIX: &str = "ketchup_gateway";
 pub mod upstream_route {
     pub const GENERATE: &str = "generate";
     pub const QUERY: &str = "query";
+    pub const BALANCE: &str = "balance";
 }
 
 /// Every kind of failed upstream attempt (the `kind` label), for metrics created at zero.
@@ -67,6 +68,10 @@ pub struct Metrics {
     pub callbacks: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub webhook_deliveries_deleted: IntCounter,
+    /// The upstream account's balance, as last read, and what it went down by in all.
+    pub upstream_credit: GaugeVec,
+    pub upstream_credit_consumed: CounterVec,
+    pub upstream_balance_checks: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -275,6 +280,28 @@ impl Metrics {
                 "webhook_deliveries_deleted_total",
                 "Delivered and dead webhook deliveries deleted once [webhooks] keep_finished had passed."
             ))),
+            upstream_credit: register!(GaugeVec::new(
+                opts(
+                    "upstream_credit",
+                    "The upstream account's credit at its last balance check ([upstream] balance_check)."
+                ),
+                &["account"]
+            )),
+            upstream_credit_consumed: register!(CounterVec::new(
+                opts(
+                    "upstream_credit_consumed_total",
+                    "Credit the upstream account lost between balance checks (top-ups not counted): \
+                     rate() of it is the account's spending."
+                ),
+                &["account"]
+            )),
+            upstream_balance_checks: register!(IntCounterVec::new(
+                opts(
+                    "upstream_balance_checks_total",
+                    "Balance checks of the upstream account, by outcome: ok, unauthorized, failed."
+                ),
+                &["account", "outcome"]
+            )),
             registry,
         };
         let build = GaugeVec::new(

@@ -9,6 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    accounts::{Accounts, DEFAULT_ACCOUNT},
+    balance,
     metrics::Metrics,
     rate_limiter::{RateLimits, shared::SharedLimits},
     reconciler, router,
@@ -105,6 +107,7 @@ impl Server {
             clock,
             background: TaskTracker::new(),
             webhook_wake: tokio::sync::Notify::new(),
+            accounts: Accounts::new(&[DEFAULT_ACCOUNT]),
         });
         Ok(Server {
             listener,
@@ -144,6 +147,7 @@ impl Server {
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
         let retention = tokio::spawn(webhooks::retention::run(state.clone()));
+        let balance = tokio::spawn(balance::run(state.clone()));
         let metrics_server = metrics_listener.map(|listener| {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%address, "metrics listening");
@@ -210,6 +214,7 @@ impl Server {
             );
         }
         reconciler.abort();
+        balance.abort();
         webhooks.abort();
         retention.abort();
         if let Some(metrics_server) = metrics_server {

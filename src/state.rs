@@ -7,7 +7,8 @@ use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    metrics::Metrics, rate_limiter::RateLimits, status_cache::StatusCache, upstream::UpstreamClient,
+    accounts::Accounts, metrics::Metrics, rate_limiter::RateLimits, status_cache::StatusCache,
+    upstream::UpstreamClient,
 };
 use ketchup_domain::{
     clock::SharedClock, config::Config, ledger::Ledger, ownership::OwnershipIndex,
@@ -37,4 +38,6 @@ pub struct AppState {
     /// Wakes the webhook worker when a delivery is queued, so it goes out at once rather than at
     /// the worker's next look.
     pub webhook_wake: tokio::sync::Notify,
+    /// The upstream account as the balance check last saw it.
+    pub accounts: Accounts,
 }

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::metrics::{
     Metrics,
-    upstream_route::{GENERATE, QUERY},
+    upstream_route::{BALANCE, GENERATE, QUERY},
 };
 use crate::rate_limiter::RateLimits;
 use crate::{headers, workers};
@@ -182,6 +182,16 @@ impl UpstreamClient {
         };
         response.elapsed = started.elapsed();
         Ok(response)
+    }
+
+    /// `GET /api/user`: the account's own balance. Not retried: the next check is the retry.
+    pub async fn account_balance(
+        &self,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let url = format!("{}/api/user", self.base_url);
+        self.send(BALANCE, Method::GET, &url, Bytes::new(), request_id)
+            .await
     }
 
     /// A retry is one more request to the upstream account: it waits for the account's limit.

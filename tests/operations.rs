@@ -1,8 +1,11 @@
 //! What a platform team uses to run the gateway for months, through the real binary: keys with a
-//! validity window, and the models each team may use.
+//! validity window, the models each team may use, and the upstream account's balance.
 
 use chrono::{Duration, SecondsFormat, Utc};
-use ketchup_testkit::{ADS_KEY, DESIGN_KEY, Env, GEMPIX, GatewayConfig, digest, fake_config};
+use ketchup_fake_upstream::FakeConfig;
+use ketchup_testkit::{
+    ADS_KEY, DESIGN_KEY, Env, GEMPIX, GatewayConfig, digest, fake_config, rendering_at, wait_until,
+};
 use serde_json::json;
 
 const EXPIRED_KEY: &str = "kgw_design_expired_key_000000000";
@@ -143,4 +146,101 @@ async fn a_model_outside_the_team_allow_list_is_refused_and_reserves_nothing() {
     let reply = api.generate(ADS_KEY, GEMINI).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(env.fake.stats().generate_accepted, 2);
+}
+
+/// The fake's `/api/user` balance as the gateway exports it.
+const CREDIT: &str = "ketchup_gateway_upstream_credit";
+
+#[tokio::test]
+async fn the_account_balance_is_watched_for_admins_and_never_shown_to_a_team() {
+    let config = GatewayConfig::new()
+        .admin()
+        .upstream("balance_check = \"1s\"");
+    let fake = rendering_at(std::time::Duration::from_millis(50), "0.40");
+    let env = Env::start_with(fake, config).await;
+    let api = env.api();
+    let account = [("account", "default")];
+
+    let first = wait_for_credit(&env, "100.50000000").await;
+    assert_eq!(first["name"], "default");
+    assert_eq!(first["state"], "ok");
+    assert_eq!(first["last_error"], json!(null));
+    assert!(first["checked_at"].is_string(), "{first}");
+
+    // A task the upstream charges 0.40 lowers the account; the next check sees it.
+    let task = api.start_task(DESIGN_KEY).await;
+    api.wait_for_final(DESIGN_KEY, &task).await;
+    wait_for_credit(&env, "100.10000000").await;
+    let scrape = api.scrape().await;
+    scrape.assert_close(CREDIT, &account, 100.1);
+    scrape.assert_close(
+        "ketchup_gateway_upstream_credit_consumed_total",
+        &account,
+        0.4,
+    );
+    assert!(
+        scrape.get(
+            "ketchup_gateway_upstream_balance_checks_total",
+            &[("account", "default"), ("outcome", "ok")]
+        ) >= 2.0
+    );
+
+    // A team's /api/user is its own budget: the account's credit is an admin's.
+    let user = api.get("/api/user", Some(ADS_KEY)).await;
+    assert_eq!(
+        user.json(),
+        json!({"code": 0, "message": "ok", "data": {"credit": null}})
+    );
+    let refused = api.get("/admin/upstream", Some(DESIGN_KEY)).await;
+    assert_eq!(refused.status, 401, "{}", refused.text);
+}
+
+#[tokio::test]
+async fn a_token_the_upstream_refuses_shows_as_unauthorized() {
+    let config = GatewayConfig::new()
+        .admin()
+        .upstream("balance_check = \"1s\"");
+    let env = Env::start_with(FakeConfig::new("a-token-the-gateway-does-not-have"), config).await;
+    let api = env.api();
+    wait_until("the balance check to be refused", || {
+        env.fake.stats().unauthorized >= 1
+    })
+    .await;
+    env.gateway
+        .wait_for_log("the upstream refused the account's token")
+        .await;
+    let accounts = api.admin("/admin/upstream").await;
+    let account = &accounts["accounts"][0];
+    assert_eq!(account["state"], "unauthorized", "{accounts}");
+    assert_eq!(account["credit"], json!(null));
+    assert!(
+        !accounts
+            .to_string()
+            .contains(ketchup_testkit::UPSTREAM_TOKEN),
+        "{accounts}"
+    );
+    let scrape = api.scrape().await;
+    let refusals = scrape.get(
+        "ketchup_gateway_upstream_balance_checks_total",
+        &[("account", "default"), ("outcome", "unauthorized")],
+    );
+    assert!(refusals >= 1.0, "{refusals}");
+    assert_eq!(scrape.find(CREDIT, &[("account", "default")]), None);
+}
+
+/// Waits until `/admin/upstream` shows the default account at `credit`; returns its entry.
+async fn wait_for_credit(env: &Env, credit: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + ketchup_testkit::DEADLINE;
+    loop {
+        let accounts = env.api().admin("/admin/upstream").await;
+        let account = accounts["accounts"][0].clone();
+        if account["credit"] == credit {
+            return account;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the account never showed {credit}: {accounts}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

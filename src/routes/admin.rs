@@ -152,6 +152,15 @@ pub async fn webhooks(
     Ok(json(StatusCode::OK, &json!({ "webhooks": deliveries })))
 }
 
+/// `GET /admin/upstream`: each upstream account's credit, when it was read, and its state, as
+/// the balance check last saw them (`[upstream] balance_check`).
+pub async fn upstream(State(state): State<Arc<AppState>>) -> Response {
+    json(
+        StatusCode::OK,
+        &json!({ "accounts": state.accounts.views() }),
+    )
+}
+
 /// `POST /admin/reservations/{id}/release`: the admin has checked that the upstream did not
 /// charge a reservation whose outcome was unknown; its credits go back to the team.
 pub async fn release_reservation(

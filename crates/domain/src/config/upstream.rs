@@ -17,6 +17,9 @@ const DEFAULT_MAX_REFERENCE_IMAGES: usize = 4;
 const DEFAULT_MAX_REQUESTS_PER_SECOND: NonZeroU32 = NonZeroU32::new(50).unwrap();
 const DEFAULT_NEW_TASK_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_QUERY_RETRIES: usize = 2;
+const DEFAULT_BALANCE_CHECK: Duration = Duration::from_secs(5 * 60);
+/// More often would spend the account's request limit on watching it.
+const MIN_BALANCE_CHECK: Duration = Duration::from_secs(1);
 
 /// Waits between upstream attempts: doubling from the first, jittered up to twice as long.
 pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
@@ -35,6 +38,7 @@ pub(super) struct RawUpstream {
     max_requests_per_second: Option<NonZeroU32>,
     new_task_grace: Option<HumanDuration>,
     query_retries: Option<usize>,
+    balance_check: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ pub struct UpstreamConfig {
     pub max_requests_per_second: NonZeroU32,
     pub new_task_grace: Duration,
     pub query_retries: usize,
+    /// How often the account's own balance is read; `None`: never.
+    pub balance_check: Option<Duration>,
 }
 
 impl TryFrom<Spanned<RawUpstream>> for UpstreamConfig {
@@ -85,7 +91,24 @@ impl TryFrom<Spanned<RawUpstream>> for UpstreamConfig {
                 .new_task_grace
                 .map_or(DEFAULT_NEW_TASK_GRACE, Duration::from),
             query_retries: raw.query_retries.unwrap_or(DEFAULT_QUERY_RETRIES),
+            balance_check: balance_check(raw.balance_check)?,
         })
+    }
+}
+
+/// `balance_check`: `"0s"` turns the check off; otherwise at least [`MIN_BALANCE_CHECK`].
+fn balance_check(raw: Option<Spanned<HumanDuration>>) -> Result<Option<Duration>, Invalid> {
+    let Some(raw) = raw else {
+        return Ok(Some(DEFAULT_BALANCE_CHECK));
+    };
+    let span = raw.span();
+    match Duration::from(raw.into_inner()) {
+        Duration::ZERO => Ok(None),
+        every if every < MIN_BALANCE_CHECK => Err(Invalid::at(
+            span,
+            "[upstream] balance_check must be \"0s\" (off) or at least \"1s\"",
+        )),
+        every => Ok(Some(every)),
     }
 }
 
@@ -119,6 +142,8 @@ impl UpstreamConfig {
             max_reference_images: _,
             max_requests_per_second: _,
             new_task_grace: _,
+            // The balance check reads it before each wait.
+            balance_check: _,
         } = self;
         super::changed([
             ("base_url", *base_url != new.base_url),

@@ -570,3 +570,24 @@ fn a_value_outside_the_teams_names_its_table_and_key() {
         assert_eq!(error_of(&text), expected);
     }
 }
+
+#[test]
+fn the_balance_check_runs_every_five_minutes_unless_set_or_off() {
+    let every = |line: &str| {
+        let text = MINIMAL.replace(
+            "token_env = \"KETCHUP_UPSTREAM_TOKEN\"",
+            &format!("token_env = \"KETCHUP_UPSTREAM_TOKEN\"\n{line}"),
+        );
+        parse(&text).map(|config| config.upstream.balance_check)
+    };
+    assert_eq!(every("").unwrap(), Some(Duration::from_secs(300)));
+    assert_eq!(
+        every("balance_check = \"30s\"").unwrap(),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(every("balance_check = \"0s\"").unwrap(), None);
+    assert_eq!(
+        every("balance_check = \"500ms\"").unwrap_err().to_string(),
+        "gateway.toml:4:17: [upstream] balance_check must be \"0s\" (off) or at least \"1s\""
+    );
+}

@@ -168,6 +168,7 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
         "token_file = \"/run/secrets/admin\"",
         Some("[admin]"),
     ),
+    ("[upstream]", "balance_check = \"1m\"", None),
     ("[models.\"google/gempix2\"]", "reserve = \"0.75\"", None),
     ("[defaults.limits]", "generate = \"61/min\"", None),
     ("[defaults.limits]", "generate_burst = 11", None),
