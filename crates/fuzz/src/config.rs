@@ -427,7 +427,9 @@ fn broken(u: &mut Unstructured) {
                 text(u, 12).replace(['\n', '\r'], " ")
             };
             lines[at] = format!("{key} = {value}");
-            Some(key)
+            // A multi-line string opened here ends in another key's line, which the error names.
+            let multi_line = value.contains("\"\"\"") || value.contains("\'\'\'");
+            (!multi_line).then_some(key)
         }
         2 => {
             lines.insert(at, "typo_key = 1".into());
