@@ -1,8 +1,9 @@
 //! One meaning per request body. The gateway checks and prices a body, then forwards its bytes
 //! untouched, so the upstream must read the same fields the gateway read. JSON leaves two
 //! readings open: a key written twice (serde_json keeps the last, other parsers the first) and
-//! keys equal but for ASCII case (Go's `encoding/json` matches names without case). A body with
-//! either, where it could matter, is refused rather than guessed at.
+//! keys equal but for case (Go's `encoding/json` matches names without case, and folds a few
+//! non-ASCII letters onto ASCII ones). A body with either, where it could matter, is refused
+//! rather than guessed at.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -20,21 +21,59 @@ pub fn check_unique_keys(body: &[u8]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Refuses a top-level key that differs only in ASCII case from a field the gateway reads, so
-/// no upstream can take it for that field; `Err` is a 400's detail naming both.
+/// Refuses a top-level key that differs only in case from a field the gateway reads, so no
+/// upstream can take it for that field; `Err` is a 400's detail naming both.
 pub fn check_case<'a>(
     fields: &Map<String, Value>,
     read: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), String> {
     for name in read {
-        if let Some(key) = fields
-            .keys()
-            .find(|key| *key != name && key.eq_ignore_ascii_case(name))
-        {
-            return Err(format!("{key:?} differs from {name:?} only in case"));
+        if let Some(key) = case_variant(fields, name) {
+            return Err(case_detail(key, name));
         }
     }
     Ok(())
+}
+
+/// A key of `fields` other than `name` that a reader matching names without case takes for
+/// `name`.
+pub fn case_variant<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    fields
+        .keys()
+        .find(|key| *key != name && same_but_case(key, name))
+        .map(String::as_str)
+}
+
+/// A 400's detail for a key [`case_variant`] found.
+pub fn case_detail(key: &str, name: &str) -> String {
+    format!("{key:?} differs from {name:?} only in case")
+}
+
+/// Whether Go's `encoding/json` takes `a` and `b` for one name: it compares names folded
+/// character by character to `ToUpper(ToLower(c))` with Unicode's one-character mappings, which
+/// beyond ASCII case makes the Kelvin sign `K` a `K`, the long `ſ` an `S`, and both `İ` and `ı`
+/// an `I`, so that `imageſ` is `images` and `callbac\u{212a}_url` is `callback_url` to it.
+fn same_but_case(a: &str, b: &str) -> bool {
+    a.chars().map(fold).eq(b.chars().map(fold))
+}
+
+fn fold(c: char) -> char {
+    match c {
+        c if c.is_ascii() => c.to_ascii_uppercase(),
+        '\u{130}' | '\u{131}' => 'I',
+        '\u{17f}' => 'S',
+        '\u{212a}' => 'K',
+        c => {
+            let lower = single(c.to_lowercase()).unwrap_or(c);
+            single(lower.to_uppercase()).unwrap_or(lower)
+        }
+    }
+}
+
+/// The one character of a case mapping, `None` when it maps to several.
+fn single(mut chars: impl Iterator<Item = char>) -> Option<char> {
+    let first = chars.next()?;
+    chars.next().is_none().then_some(first)
 }
 
 /// Walks any JSON value, keeping nothing but the keys of the object being read.
@@ -164,6 +203,27 @@ mod tests {
         assert_eq!(
             check_case(&fields(r#"{"CALLBACK_URL":"http://a"}"#), read),
             Err(r#""CALLBACK_URL" differs from "callback_url" only in case"#.into())
+        );
+        // Letters beyond ASCII that Go folds onto ASCII ones, and others in any case.
+        for (key, name) in [
+            ("callbac\u{212a}_url", "callback_url"),
+            ("image\u{17f}", "images"),
+            ("\u{130}mages", "images"),
+            ("durat\u{131}on", "duration"),
+            ("MOD\u{c8}LE", "mod\u{e8}le"),
+        ] {
+            let body = serde_json::json!({ key: "x" });
+            assert_eq!(
+                check_case(body.as_object().unwrap(), [name]),
+                Err(format!("{key:?} differs from {name:?} only in case"))
+            );
+        }
+        assert_eq!(
+            check_case(
+                &fields(r#"{"mod\u00e9l":"a","\u00df":"b"}"#),
+                ["model", "ss"]
+            ),
+            Ok(())
         );
         // Fields the gateway does not read are the upstream's to interpret.
         assert_eq!(

@@ -205,6 +205,7 @@ impl Reserve {
                 let units = match present(fields, field) {
                     None => default.unwrap_or(*max),
                     Some(value) => value_key(value)
+                        .filter(|key| key.bytes().all(|b| b.is_ascii_digit()))
                         .and_then(|key| key.parse::<u32>().ok())
                         .filter(|units| (1..=*max).contains(units))
                         .ok_or_else(|| {
@@ -311,6 +312,10 @@ mod tests {
             "{refused}"
         );
         assert!(cost(&seedance, json!({"duration": 0}), 1).is_err());
+        // Digits only, as the field is documented: no sign, no spaces.
+        for refused in ["+5", " 5", "5 ", "\u{665}"] {
+            assert!(cost(&seedance, json!({"duration": refused}), 1).is_err());
+        }
         assert!(cost(&seedance, json!({"duration": -5}), 1).is_err());
     }
 

@@ -12,6 +12,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::body::{case_detail, case_variant};
+
 /// Paths the gateway answers itself, which no route may take.
 const RESERVED_PATHS: [&str; 2] = ["/api/task/query", "/api/user"];
 
@@ -95,14 +97,19 @@ impl FieldPath {
         &self.steps[0].0
     }
 
-    /// The present, non-null values at this path.
-    fn values<'a>(&self, fields: &'a Map<String, Value>) -> Vec<&'a Value> {
+    /// The present, non-null values at this path. `Err` names a key that a reader matching
+    /// names without case would take for a step of the path, in any object along it: the
+    /// upstream could read the value there instead.
+    fn values<'a>(&self, fields: &'a Map<String, Value>) -> Result<Vec<&'a Value>, String> {
         let mut values: Vec<&Value> = Vec::new();
         let mut objects: Vec<&Map<String, Value>> = vec![fields];
         for (i, (name, each)) in self.steps.iter().enumerate() {
             let last = i + 1 == self.steps.len();
             let mut next = Vec::new();
             for object in objects {
+                if let Some(key) = case_variant(object, name) {
+                    return Err(format!("{} in {}", case_detail(key, name), self.text));
+                }
                 let Some(value) = object.get(name).filter(|v| !v.is_null()) else {
                     continue;
                 };
@@ -119,7 +126,7 @@ impl FieldPath {
             }
             objects = next;
         }
-        values
+        Ok(values)
     }
 }
 
@@ -184,7 +191,7 @@ impl Route {
             },
         };
         if let Some(path) = &self.prompt {
-            let values = path.values(fields);
+            let values = path.values(fields)?;
             if values.iter().any(|value| !value.is_string()) {
                 return Err(format!("{} must be a string", path.as_str()));
             }
@@ -233,7 +240,7 @@ fn check_references(
     most: usize,
 ) -> Result<(), String> {
     let mut references = Vec::new();
-    for value in path.values(fields) {
+    for value in path.values(fields)? {
         match value {
             Value::String(text) => references.push(text.as_str()),
             Value::Array(items) => {
@@ -596,6 +603,38 @@ mod tests {
                 json!({"prompt": "x", "image": "javascript:alert(1)"})
             ),
             Err("image[0] must be an http(s) URL or a data URI".into())
+        );
+    }
+
+    #[test]
+    fn a_case_variant_along_a_nested_path_is_refused() {
+        let seedance = |content: Value| {
+            check(
+                "/api/video/seedance/gen",
+                json!({"model": "seedance-2.0", "content": content}),
+            )
+        };
+        assert_eq!(
+            seedance(json!([
+                {"type": "text", "text": "x"},
+                {"type": "image_url", "image_url": {"url": "https://a/1", "URL": "file:///x"}}
+            ])),
+            Err(r#""URL" differs from "url" only in case in content[].image_url.url"#.into())
+        );
+        assert_eq!(
+            seedance(json!([{"type": "text", "text": "x", "Text": ""}])),
+            Err(r#""Text" differs from "text" only in case in content[].text"#.into())
+        );
+        let many: Vec<Value> = (0..10)
+            .map(|i| json!({"type": "image_url", "imaGe_url": {"url": format!("https://a/{i}")}}))
+            .chain([json!({"type": "text", "text": "x"})])
+            .collect();
+        assert_eq!(
+            seedance(json!(many)),
+            Err(
+                r#""imaGe_url" differs from "image_url" only in case in content[].image_url.url"#
+                    .into()
+            )
         );
     }
 

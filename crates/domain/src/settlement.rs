@@ -57,10 +57,12 @@ fn final_status(status: &str) -> Option<FinalStatus> {
     }
 }
 
-/// The final state in a task-query answer body (`{"code":0,"data":{…}}`).
+/// The final state in a task-query answer body (`{"code":0,"data":{…}}`); `None` for a body
+/// that is not JSON, as for one whose task is still running.
 ///
 /// Read into borrowed fields rather than a `Value`: this runs on every status read that reaches
 /// the upstream, and the rest of the body (result URLs, reasons) need not be built to be skipped.
+/// The text is checked as UTF-8 first, since skipping a field does not check its string.
 pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
     #[derive(serde::Deserialize)]
     struct Answer<'a> {
@@ -74,7 +76,7 @@ pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
         status: Option<std::borrow::Cow<'a, str>>,
         consumed: Option<Value>,
     }
-    let answer: Answer = serde_json::from_slice(body).ok()?;
+    let answer: Answer = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
     if answer.code != 0 {
         return None;
     }
@@ -267,6 +269,11 @@ mod tests {
         assert_eq!(final_state(&json!({"status": "in_progress"})), None);
         assert_eq!(
             final_state_of_query(br#"{"code":1,"data":{"status":"success"}}"#),
+            None
+        );
+        // Not JSON, though its one broken string is in a field the reading skips.
+        assert_eq!(
+            final_state_of_query(b"{\"code\":0,\"data\":{\"status\":\"success\",\"x\":\"\xff\"}}"),
             None
         );
     }

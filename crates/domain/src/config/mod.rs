@@ -69,13 +69,19 @@ impl ConfigError {
     /// Something the TOML reader refused (bad syntax, an unknown key, a value of the wrong type
     /// or outside its set), named by its place in the file: its message names only the value.
     fn unreadable(path: &Path, source: &str, error: &toml::de::Error) -> Self {
-        let message = error.message().trim_end();
+        let mut message = error.message().trim_end().to_owned();
+        // The reader says only "duplicate key": the key is the text the error points at.
+        if message == "duplicate key"
+            && let Some(key) = error.span().and_then(|span| source.get(span))
+        {
+            message = format!("duplicate key `{}`", key.trim_matches('"'));
+        }
         let what = match error
             .span()
             .and_then(|span| location::describe(source, span.start))
         {
             Some(place) => format!("{place}: {message}"),
-            None => message.to_owned(),
+            None => message,
         };
         ConfigError::at(path, source, error.span(), &what)
     }

@@ -591,3 +591,36 @@ fn the_balance_check_runs_every_five_minutes_unless_set_or_off() {
         "gateway.toml:4:17: [upstream] balance_check must be \"0s\" (off) or at least \"1s\""
     );
 }
+
+#[test]
+fn a_repeated_key_or_a_key_without_a_value_is_named() {
+    let cases = [
+        (
+            format!("{MINIMAL}\n[store]\nkind = \"sqlite\"\nkind = \"sqlite\"\n"),
+            "gateway.toml:15:1: [store]: duplicate key `kind`",
+        ),
+        (
+            MINIMAL.replace("name = \"design\"", "name = \"design\"\nname = \"ads\""),
+            "gateway.toml:10:1: [[teams]] name = \"design\": duplicate key `name`",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[routes.\"/api/x\"]\nfamily = \"v\"\nreferences = {{ a = 1, a = 2 }}\n"
+            ),
+            "gateway.toml:15:23: [routes.\"/api/x\".references]: duplicate key `a`",
+        ),
+        (
+            MINIMAL.replace("token_env = \"KETCHUP_UPSTREAM_TOKEN\"", "token_env ="),
+            "gateway.toml:3:12: [upstream] token_env: string values must be quoted, expected \
+             literal string",
+        ),
+        (
+            format!("{MINIMAL}\n[cache]\nmax_owners = ^{{\n"),
+            "gateway.toml:14:15: [cache] max_owners: unexpected key or value, expected newline, \
+             `#`",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(error_of(&text), expected);
+    }
+}
