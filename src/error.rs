@@ -28,6 +28,16 @@ pub enum GatewayError {
     /// should retry it shortly.
     #[error("the task of this callback is not recorded yet")]
     CallbackTooEarly,
+    /// A callback the upstream's own status read could not confirm now: the task is not final
+    /// there yet, or the read failed. The detail says which; the upstream should retry it.
+    #[error("{0}")]
+    CallbackUnconfirmed(String),
+    /// A callback whose claim the upstream's own status read contradicts.
+    #[error(
+        "the upstream's own status of this task does not agree with this callback; nothing was \
+         changed"
+    )]
+    CallbackContradicted,
     #[error("no such endpoint: {method} {path}")]
     NoSuchRoute { method: String, path: String },
     #[error("{method} is not allowed on {path}")]
@@ -136,6 +146,18 @@ impl GatewayError {
                 S::SERVICE_UNAVAILABLE,
                 "callback_too_early",
                 "retry later",
+                said(),
+            ),
+            GatewayError::CallbackUnconfirmed(_) => answer(
+                S::SERVICE_UNAVAILABLE,
+                "callback_unconfirmed",
+                "retry later",
+                said(),
+            ),
+            GatewayError::CallbackContradicted => answer(
+                S::CONFLICT,
+                "callback_contradicted",
+                "callback contradicted",
                 said(),
             ),
             GatewayError::NoSuchRoute { .. } => {
@@ -256,7 +278,7 @@ impl IntoResponse for GatewayError {
             GatewayError::RateLimited(refusal) => {
                 refusal.verdict.write_headers(response.headers_mut());
             }
-            GatewayError::CallbackTooEarly => {
+            GatewayError::CallbackTooEarly | GatewayError::CallbackUnconfirmed(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -265,7 +265,7 @@ impl Metrics {
             callbacks: register!(IntCounterVec::new(
                 opts(
                     "callbacks_total",
-                    "Upstream callbacks received, by outcome: settled, repeated, unknown_token, malformed, too_early."
+                    "Upstream callbacks received, by outcome: settled, repeated, unknown_token, malformed, too_early, not_final, unconfirmed, contradicted."
                 ),
                 &["outcome"]
             )),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use ketchup_testkit::webhooks::{Receiver, verify};
 use ketchup_testkit::{
     ADS_KEY, DEADLINE, DESIGN_KEY, Env, GatewayConfig, Reply, fake_config, free_port,
+    upstream_reads, wait_until_final,
 };
 use serde_json::{Value, json};
 
@@ -118,20 +119,23 @@ async fn a_callback_settles_without_polling_and_is_delivered_once_signed() {
     let payload: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(payload["task_id"], task_id);
     assert_eq!(payload["status"], "success");
-    // The upstream's callback form (six places), not the gateway's task-query form.
-    assert_eq!(payload["consumed"], "0.500000");
+    // The task's state as the upstream confirmed it (its task query's eight places).
+    assert_eq!(payload["consumed"], "0.50000000");
     assert!(headers["webhook-id"].to_str().unwrap().starts_with("msg_"));
 
     wait_for_spent(&env, "0.50000000").await;
-    assert_eq!(env.fake.stats().query_requests, 0, "settled by push alone");
+    assert_eq!(
+        env.fake.stats().query_requests,
+        1,
+        "settled by the callback and the one read that confirmed it"
+    );
 
-    // The final status is in the cache: a read costs the upstream nothing.
+    // That read's final status is in the cache: a read costs the upstream nothing.
     let reply = env.api().query(DESIGN_KEY, &task_id).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-cache").as_deref(), Some("hit"));
-    assert_eq!(reply.json()["data"]["status"], "success");
-    assert_eq!(reply.json()["data"]["consumed"], "0.50000000");
-    assert_eq!(env.fake.stats().query_requests, 0);
+    assert_eq!(reply.json()["data"], payload);
+    assert_eq!(env.fake.stats().query_requests, 1);
 
     // Nothing more arrives later.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -209,16 +213,17 @@ async fn delivered_webhooks_are_listed_for_keep_finished_then_deleted_and_pendin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() {
+async fn the_same_callback_thrice_settles_once_and_delivers_the_upstreams_state_once() {
     let env = start("").await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
-    // The fake's own callback comes after a few hundred milliseconds; ours first, twice, in a
-    // form no serializer would produce, so byte-for-byte forwarding shows.
+    // Ours twice at once, in a form no serializer would produce, and the fake's own about when
+    // the task is final: each is confirmed, one settles, one delivery goes out.
     let task_id = start_task(&env, listening.port).await;
     let url = callback_url_given_upstream(&env);
+    wait_until_final(&env.fake, std::slice::from_ref(&task_id)).await;
     let odd = format!(
-        "{{ \"task_id\" : \"{task_id}\",\n  \"status\":\"success\", \"consumed\":\"0.400000\", \"result\":[{{\"image\":\"https://x/1.png\"}}] ,\"status_reason\":{{\"message\":null}} }}"
+        "{{ \"task_id\" : \"{task_id}\",\n  \"status\":\"success\", \"consumed\":\"0.500000\", \"result\":[{{\"image\":\"https://x/1.png\"}}] ,\"status_reason\":{{\"message\":null}} }}"
     );
     let (first, second) = tokio::join!(
         post_callback(&env, &url, odd.clone()),
@@ -239,10 +244,22 @@ async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() 
 
     let delivered = receiver.delivered();
     assert_eq!(delivered.len(), 1, "one delivery for one task");
-    assert_eq!(delivered[0].1, odd.as_bytes(), "the payload, byte for byte");
     verify(&delivered[0].0, &delivered[0].1);
-    // Settled once, at the first callback's amount.
-    wait_for_spent(&env, "0.40000000").await;
+    let read = env.api().query(DESIGN_KEY, &task_id).await;
+    assert_eq!(read.x_cache(), "hit");
+    let payload: Value = serde_json::from_slice(&delivered[0].1).unwrap();
+    assert_eq!(
+        payload,
+        read.json()["data"],
+        "the upstream's state, not ours"
+    );
+    assert_eq!(
+        upstream_reads(&env.fake, &task_id),
+        1,
+        "one confirming read"
+    );
+    // Settled once, at the upstream's amount.
+    wait_for_spent(&env, "0.50000000").await;
     assert_eq!(
         env.api()
             .metric("ketchup_gateway_callbacks_total{outcome=\"settled\"}")
@@ -257,7 +274,7 @@ async fn the_same_callback_twice_settles_once_and_delivers_once_byte_for_byte() 
     );
     let usage = env.api().admin("/admin/usage").await;
     assert_eq!(usage["rows"][0]["tasks"], 1, "{usage}");
-    assert_eq!(usage["rows"][0]["credits"], "0.40000000", "{usage}");
+    assert_eq!(usage["rows"][0]["credits"], "0.50000000", "{usage}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,7 +513,7 @@ async fn always_intercept_settles_tasks_that_gave_no_callback() {
     reply.task_id();
     assert!(callback_url_given_upstream(&env).contains("/callbacks/"));
     wait_for_spent(&env, "0.50000000").await;
-    assert_eq!(env.fake.stats().query_requests, 0);
+    assert_eq!(env.fake.stats().query_requests, 1, "the confirming read");
     // Nothing to deliver: the team asked for no webhook.
     assert!(
         env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
@@ -670,81 +687,30 @@ async fn one_teams_silent_receiver_takes_only_its_share_of_the_delivery_slots() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callbacks_with_data_uri_images_are_accepted_up_to_their_own_cap() {
-    let cap = 4 << 20;
-    let env = start_long_render(&format!("max_callback_bytes = {cap}")).await;
-    let receiver = Receiver::answering(&[]);
-    let listening = receiver.listen(0).await;
-    let task_id = start_task(&env, listening.port).await;
-    let url = callback_url_given_upstream(&env);
-    let callback = |image_len: usize| {
-        format!(
-            "{{\"task_id\":\"{task_id}\",\"status\":\"success\",\"consumed\":\"0.400000\",\
-             \"result\":[{{\"image\":\"data:image/png;base64,{}\"}}],\
-             \"status_reason\":{{\"message\":null}}}}",
-            "iVBORw0K".repeat(image_len / 8)
-        )
-    };
-
-    let over = post_callback(&env, &url, callback(cap)).await;
-    assert_eq!(over.status, 413, "{}", over.text);
-    assert_eq!(
-        over.json(),
-        json!({"code": 1, "message": "payload too large",
-               "detail": format!("request body exceeds {cap} bytes")})
-    );
-    assert_eq!(over.headers["connection"], "close");
-    let budget = env.api().budget(DESIGN_KEY).await;
-    assert_eq!(budget["spent"], "0.00000000", "{budget}");
-    assert_eq!(budget["reserved"], "0.50000000", "{budget}");
-    assert!(
-        env.api().admin("/admin/webhooks?state=pending").await["webhooks"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    );
-
-    // Three times server.max_body_bytes, which still bounds what teams send.
-    let body = callback(3 << 20);
-    assert!(body.len() > 3 << 20);
-    let too_big_a_request = generate(
-        &env,
-        DESIGN_KEY,
-        json!({"model": "google/gempix2", "prompt": body}),
-    )
-    .await;
-    assert_eq!(too_big_a_request.status, 413, "{}", too_big_a_request.text);
-    let accepted = post_callback(&env, &url, body.clone()).await;
-    assert_eq!(accepted.status, 200, "{}", accepted.text);
-    receiver
-        .wait_for("the delivery", |r| r.delivered().len() == 1)
-        .await;
-    let (headers, delivered) = receiver.delivered().remove(0);
-    assert!(delivered == body.as_bytes(), "the payload, byte for byte");
-    verify(&headers, &delivered);
-    wait_for_spent(&env, "0.40000000").await;
-    assert_eq!(
-        receiver.seen().len(),
-        1,
-        "the refused callback sent nothing"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
     // The only callback is the one this test sends, after the reload.
-    let mut env = start_long_render("").await;
+    let mut env = Env::start_with(
+        fake_config(),
+        config("").server(&format!(
+            "public_url = \"http://127.0.0.1:{}\"",
+            free_port()
+        )),
+    )
+    .await;
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
     // Allowed when the generation came in.
     let task_id = start_task(&env, listening.port).await;
-    let url = callback_url_given_upstream(&env);
+    let given = callback_url_given_upstream(&env);
+    let token = given.rsplit('/').next().unwrap();
 
     let without = env.gateway.config().clone().callback_hosts("design", &[]);
     env.gateway.reload(without).await;
 
-    let payload = json!({"task_id": task_id, "status": "success", "consumed": "0.400000",
+    wait_until_final(&env.fake, std::slice::from_ref(&task_id)).await;
+    let payload = json!({"task_id": task_id, "status": "success", "consumed": "0.500000",
                          "result": [{"image": "https://x/1.png"}]});
+    let url = env.gateway.url(&format!("/callbacks/{token}"));
     let reply = post_callback(&env, &url, payload.to_string()).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     let dead = wait_for_dead(&env).await;
@@ -759,6 +725,6 @@ async fn a_host_a_reload_takes_off_callback_hosts_is_refused_at_delivery() {
     );
     assert!(receiver.seen().is_empty(), "the receiver got nothing");
     // The credits settled regardless.
-    wait_for_spent(&env, "0.40000000").await;
+    wait_for_spent(&env, "0.50000000").await;
     drop(listening);
 }

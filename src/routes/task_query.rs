@@ -17,7 +17,11 @@ use crate::{
     state::AppState,
     status_cache::{Answer, Fetched, NotCached, Served},
 };
-use ketchup_domain::{ledger::TaskRecord, ownership::Lookup, settlement};
+use ketchup_domain::{
+    ledger::{FinalStatus, TaskRecord},
+    ownership::Lookup,
+    settlement::{self, Consumed},
+};
 
 /// Longest task id looked up; anything longer cannot be one of ours.
 const MAX_TASK_ID_LEN: usize = 256;
@@ -145,39 +149,13 @@ async fn read_upstream(
     request_id: &RequestId,
     facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    if let Err(refused) = state.rate_limits.check_global(task.team).await {
-        return Fetched::Failed(refused.into());
-    }
-    let upstream = match state
-        .upstream
-        .query_task(task.task_id, request_id.as_str())
-        .await
-    {
-        Ok(upstream) => upstream,
-        Err(e) => return Fetched::Failed(e.into()),
-    };
-    facts.add_upstream_wait(upstream.elapsed);
-
-    if upstream.status == StatusCode::NOT_FOUND
-        && let Some(young) = young_task(state, task.task_id).await
-    {
-        return Fetched::Status(pending(&young));
-    }
-    if !upstream.status.is_success() {
-        return Fetched::Uncacheable(Answer {
-            status: upstream.status,
-            content_type: upstream.content_type,
-            body: upstream.body,
-            is_final: false,
-        });
-    }
-    let final_state = settlement::final_state_of_query(&upstream.body);
-    let is_final = final_state.is_some();
-    match final_state {
+    let (fetched, said) =
+        read_status(state, task.task_id, task.team, request_id.as_str(), facts).await;
+    match said {
         // Known to be closed already: nothing to write.
-        Some(_) if task.closed => {}
+        Said::Final(..) if task.closed => {}
         // The client gets its status even if the ledger is down; the reconciler settles later.
-        Some((status, consumed)) => match state.ledger.task(task.task_id).await {
+        Said::Final(status, consumed) => match state.ledger.task(task.task_id).await {
             Ok(Some(record)) if record.state.is_closed() => {
                 state.owners.record(task.task_id, task.team, true);
             }
@@ -195,8 +173,8 @@ async fn read_upstream(
         },
         // A client is watching this task, so the reconciler need not read it too. Bookkeeping
         // only: it does not hold up the answer.
-        None if state.recently_observed.contains_key(task.task_id) => {}
-        None => {
+        Said::Running if state.recently_observed.contains_key(task.task_id) => {}
+        Said::Running => {
             state.recently_observed.insert(task.task_id.to_owned(), ());
             let (ledger, at, task_id) = (
                 state.ledger.clone(),
@@ -209,13 +187,63 @@ async fn read_upstream(
                 }
             });
         }
+        Said::Nothing => {}
     }
-    Fetched::Status(Answer {
+    fetched
+}
+
+/// What the upstream itself said of a task's state in one read.
+pub(super) enum Said {
+    Final(FinalStatus, Consumed),
+    Running,
+    /// No status of its own: an error, a refusal, or a new task it does not know yet.
+    Nothing,
+}
+
+/// One upstream read of `task_id`'s status (the team's, which the account-wide limit is
+/// counted for), as the status cache keeps it, and what the upstream said in it. Writes
+/// nothing: the status read settles from it, a callback checks its claim against it.
+pub(super) async fn read_status(
+    state: &AppState,
+    task_id: &str,
+    team: &str,
+    request_id: &str,
+    facts: &RequestFacts,
+) -> (Fetched<GatewayError>, Said) {
+    if let Err(refused) = state.rate_limits.check_global(team).await {
+        return (Fetched::Failed(refused.into()), Said::Nothing);
+    }
+    let upstream = match state.upstream.query_task(task_id, request_id).await {
+        Ok(upstream) => upstream,
+        Err(e) => return (Fetched::Failed(e.into()), Said::Nothing),
+    };
+    facts.add_upstream_wait(upstream.elapsed);
+
+    if upstream.status == StatusCode::NOT_FOUND
+        && let Some(young) = young_task(state, task_id).await
+    {
+        return (Fetched::Status(pending(&young)), Said::Nothing);
+    }
+    if !upstream.status.is_success() {
+        let answer = Answer {
+            status: upstream.status,
+            content_type: upstream.content_type,
+            body: upstream.body,
+            is_final: false,
+        };
+        return (Fetched::Uncacheable(answer), Said::Nothing);
+    }
+    let said = match settlement::final_state_of_query(&upstream.body) {
+        Some((status, consumed)) => Said::Final(status, consumed),
+        None => Said::Running,
+    };
+    let answer = Answer {
         status: upstream.status,
         content_type: upstream.content_type,
         body: upstream.body,
-        is_final,
-    })
+        is_final: matches!(said, Said::Final(..)),
+    };
+    (Fetched::Status(answer), said)
 }
 
 /// A task the upstream accepted moments ago can briefly be unknown to its query endpoint. The

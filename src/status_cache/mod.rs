@@ -69,6 +69,15 @@ pub enum NotCached<E> {
     Error(E),
 }
 
+/// Which statuses another replica read (the shared layer) may answer a miss.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    /// Any: a running one is at most `status_ttl` old.
+    Any,
+    /// Only a final one: the caller needs to know whether the task has finished by now.
+    FinalOnly,
+}
+
 struct Lifetime {
     running: Duration,
 }
@@ -140,14 +149,40 @@ impl StatusCache {
         }
         // Boxed, so that a hit does not carry it: the upstream read and its coalescing make a
         // future of kilobytes, and a request's future is moved whole, hits included.
-        Box::pin(self.fetch_through(task_id, fetch())).await
+        Box::pin(self.fetch_through(task_id, fetch(), Fresh::Any)).await
     }
 
-    /// The miss path of [`get_or_fetch`](Self::get_or_fetch).
+    /// The task's status as the upstream says it now, to check a claim against (a callback's):
+    /// a final status from the cache, which was read from the upstream and will not change, or
+    /// else the future `fetch` makes. A running status held here or in the shared layer is not
+    /// used, as the task may have finished since; a read of the task already on its way is
+    /// joined, and what the read gives is cached as any read's answer is.
+    pub async fn get_final_or_fetch<E, F>(
+        &self,
+        task_id: &str,
+        fetch: impl FnOnce() -> F,
+    ) -> (Served, Result<Arc<Answer>, Arc<NotCached<E>>>)
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Fetched<E>>,
+    {
+        if let Some(entries) = &self.entries {
+            match entries.get(task_id).await {
+                Some(answer) if answer.is_final => return (Served::Hit, Ok(answer)),
+                Some(_) => entries.invalidate(task_id).await,
+                None => {}
+            }
+        }
+        self.fetch_through(task_id, fetch(), Fresh::FinalOnly).await
+    }
+
+    /// The miss path of [`get_or_fetch`](Self::get_or_fetch) and
+    /// [`get_final_or_fetch`](Self::get_final_or_fetch).
     async fn fetch_through<E, F>(
         &self,
         task_id: &str,
         fetch: F,
+        shared_statuses: Fresh,
     ) -> (Served, Result<Arc<Answer>, Arc<NotCached<E>>>)
     where
         E: Send + Sync + 'static,
@@ -169,6 +204,7 @@ impl StatusCache {
                 fetched_here.store(true, Ordering::Relaxed);
                 if let Some(shared) = &self.shared
                     && let Some(answer) = shared.get(task_id).await
+                    && (answer.is_final || shared_statuses == Fresh::Any)
                 {
                     from_shared.store(true, Ordering::Relaxed);
                     return Ok(Arc::new(answer));
@@ -202,7 +238,7 @@ impl StatusCache {
         self.entries.is_some()
     }
 
-    /// Records a status learnt elsewhere (a webhook, the reconciler).
+    /// Records a status read outside the cache (the reconciler's).
     pub async fn insert(&self, task_id: &str, answer: Answer) {
         if let Some(shared) = &self.shared {
             shared.put(task_id, &answer).await;
@@ -288,6 +324,54 @@ mod tests {
             .get_or_fetch::<(), _>("ta-1", || async { unreachable!("cached") })
             .await;
         assert_eq!(again, Served::Hit);
+    }
+
+    #[tokio::test]
+    async fn a_read_for_a_claim_trusts_only_final_statuses_and_joins_reads_on_their_way() {
+        let cache = Arc::new(cache(60_000, 100));
+        // A running status in the cache is read again, and the fresh answer replaces it.
+        cache.insert("ta-1", answer(false)).await;
+        let (served, read) = cache
+            .get_final_or_fetch::<(), _>("ta-1", || async { Fetched::Status(answer(true)) })
+            .await;
+        assert_eq!(served, Served::Miss);
+        assert!(read.unwrap().is_final);
+        // A final one is taken as it is.
+        let (served, _) = cache
+            .get_final_or_fetch::<(), _>("ta-1", || async { unreachable!("final") })
+            .await;
+        assert_eq!(served, Served::Hit);
+        let (served, _) = cache
+            .get_or_fetch::<(), _>("ta-1", || async { unreachable!("cached") })
+            .await;
+        assert_eq!(served, Served::Hit, "the fresh answer filled the cache");
+
+        // A poller's read on its way is joined rather than repeated.
+        let reads = Arc::new(AtomicUsize::new(0));
+        let poller = {
+            let (cache, reads) = (cache.clone(), reads.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_fetch::<(), _>("ta-2", || async {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Fetched::Status(answer(true))
+                    })
+                    .await
+                    .0
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (served, read) = cache
+            .get_final_or_fetch::<(), _>("ta-2", || async {
+                reads.fetch_add(1, Ordering::SeqCst);
+                Fetched::Status(answer(true))
+            })
+            .await;
+        assert_eq!(served, Served::Coalesced);
+        assert!(read.unwrap().is_final);
+        assert_eq!(poller.await.unwrap(), Served::Miss);
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -424,6 +508,46 @@ mod tests {
             elapsed >= TIMEOUT && elapsed < TIMEOUT + Duration::from_millis(900),
             "{elapsed:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_for_a_claim_does_not_take_another_replicas_running_status() {
+        let Some(url) = ketchup_test_redis::url() else {
+            return;
+        };
+        let prefix = format!("t{}:", uuid::Uuid::now_v7().simple());
+        let replica = || async {
+            let shared = SharedStatuses::connect(
+                &ketchup_domain::redis_client::RedisEndpoint::from_url(&url),
+                &prefix,
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+            StatusCache::new(
+                &CacheConfig {
+                    status_ttl: Duration::from_secs(60),
+                    max_entries: 100,
+                    max_bytes: 64 << 20,
+                    max_owners: 0,
+                },
+                Arc::new(Metrics::new()),
+                Some(shared),
+            )
+        };
+        let (a, b) = (replica().await, replica().await);
+        a.insert("running", answer(false)).await;
+        a.insert("done", answer(true)).await;
+        let (served, read) = b
+            .get_final_or_fetch::<(), _>("running", || async { Fetched::Status(answer(true)) })
+            .await;
+        assert_eq!(served, Served::Miss, "read again, not taken from replica a");
+        assert!(read.unwrap().is_final);
+        let (served, _) = b
+            .get_final_or_fetch::<(), _>("done", || async { unreachable!("final in Redis") })
+            .await;
+        assert_eq!(served, Served::Hit);
     }
 
     #[tokio::test]

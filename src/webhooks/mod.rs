@@ -2,8 +2,9 @@
 //!
 //! Inbound: with `server.public_url` set, a generation's `callback_url` is swapped for the
 //! gateway's own `{public_url}/callbacks/{token}` (see `routes::callbacks`), so the upstream's
-//! callback settles the task's credits without any polling. Outbound: the payload is then
-//! delivered to the team's own URL from a durable outbox in the ledger (`delivery`), signed the
+//! callback, once a status read upstream confirms it, settles the task's credits without any
+//! polling. Outbound: the task's confirmed state is then delivered to the team's own URL from a
+//! durable outbox in the ledger (`delivery`), signed the
 //! Standard Webhooks way (`signing`), and only to addresses the team may reach (`target`).
 //! Finished deliveries are deleted once they have been kept long enough (`retention`).
 

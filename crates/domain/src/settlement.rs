@@ -32,24 +32,38 @@ impl Consumed {
     pub fn from_json(value: Option<&Value>) -> Consumed {
         match value {
             None | Some(Value::Null) => Consumed::Missing,
-            Some(Value::String(text)) => match text.parse::<Credits>() {
-                Ok(credits) => Consumed::Exact(credits),
-                Err(_) => Consumed::Malformed(text.chars().take(64).collect()),
-            },
-            Some(other) => Consumed::Malformed(other.to_string().chars().take(64).collect()),
+            Some(Value::String(text)) => Consumed::from_text(text),
+            Some(other) => Consumed::untrusted(&other.to_string()),
+        }
+    }
+
+    /// `consumed` given as a string, as the upstream gives it.
+    pub fn from_text(text: &str) -> Consumed {
+        match text.parse::<Credits>() {
+            Ok(credits) => Consumed::Exact(credits),
+            Err(_) => Consumed::untrusted(text),
+        }
+    }
+
+    /// An amount that cannot be used, kept short enough to log.
+    pub fn untrusted(text: &str) -> Consumed {
+        Consumed::Malformed(text.chars().take(64).collect())
+    }
+}
+
+/// How it reads in a log line: the amount, `missing`, or the unusable text.
+impl std::fmt::Display for Consumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Consumed::Exact(credits) => credits.fmt(f),
+            Consumed::Missing => f.write_str("missing"),
+            Consumed::Malformed(text) => write!(f, "{text:?}"),
         }
     }
 }
 
-/// The final status and `consumed` in a task's fields (the `data` of a task query, or a callback
-/// payload); `None` while the task is still running.
-pub fn final_state(fields: &Value) -> Option<(FinalStatus, Consumed)> {
-    let status = final_status(fields.get("status")?.as_str()?)?;
-    Some((status, Consumed::from_json(fields.get("consumed"))))
-}
-
 /// `success` and `failed` are final; every other status is not.
-fn final_status(status: &str) -> Option<FinalStatus> {
+pub fn final_status(status: &str) -> Option<FinalStatus> {
     match status {
         "success" => Some(FinalStatus::Success),
         "failed" => Some(FinalStatus::Failed),
@@ -250,6 +264,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The final state of a task query answering `data`.
+    fn final_state(data: Value) -> Option<(FinalStatus, Consumed)> {
+        final_state_of_query(
+            json!({"code": 0, "message": "ok", "data": data})
+                .to_string()
+                .as_bytes(),
+        )
+    }
+
     #[test]
     fn reads_final_states_and_their_cost_exactly() {
         let body =
@@ -261,12 +284,11 @@ mod tests {
                 Consumed::Exact("0.001".parse().unwrap())
             ))
         );
-        let failed = json!({"status": "failed", "consumed": "0.000000"});
         assert_eq!(
-            final_state(&failed),
+            final_state(json!({"status": "failed", "consumed": "0.000000"})),
             Some((FinalStatus::Failed, Consumed::Exact(Credits::ZERO)))
         );
-        assert_eq!(final_state(&json!({"status": "in_progress"})), None);
+        assert_eq!(final_state(json!({"status": "in_progress"})), None);
         assert_eq!(
             final_state_of_query(br#"{"code":1,"data":{"status":"success"}}"#),
             None
@@ -281,7 +303,7 @@ mod tests {
     #[test]
     fn untrustworthy_amounts_are_told_apart_from_missing_ones() {
         let of = |consumed: Value| {
-            final_state(&json!({"status": "success", "consumed": consumed}))
+            final_state(json!({"status": "success", "consumed": consumed}))
                 .unwrap()
                 .1
         };
@@ -293,5 +315,8 @@ mod tests {
         );
         assert_eq!(of(json!(0.5)), Consumed::Malformed("0.5".into()));
         assert_eq!(of(json!("abc")), Consumed::Malformed("abc".into()));
+        assert_eq!(of(json!("x".repeat(100))).to_string().len(), 66);
+        assert_eq!(of(json!("0.5")).to_string(), "0.50");
+        assert_eq!(of(json!(null)).to_string(), "missing");
     }
 }

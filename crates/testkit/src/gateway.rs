@@ -214,6 +214,11 @@ impl Gateway {
         (process, addr)
     }
 
+    /// The process's id, to read what it holds in `/proc/{pid}/status`.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     /// `http://{addr}{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

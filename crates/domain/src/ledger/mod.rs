@@ -96,7 +96,7 @@ pub struct NewDelivery {
     pub task_id: String,
     pub team: String,
     pub url: String,
-    /// The upstream's payload, byte for byte.
+    /// The payload, byte for byte: the task's state as the upstream confirmed it.
     pub body: Vec<u8>,
     pub created_at: DateTime<Utc>,
     /// No attempt starts after this; the delivery is then dead-lettered.
@@ -450,7 +450,7 @@ pub trait Outbox: Send + Sync + 'static {
     /// the claim. Ignored unless the delivery is still pending and that attempt is its latest,
     /// so a replica whose lease ran out while it was stalled, the delivery claimed again since,
     /// cannot overrule the attempt now under way. A delivery that ends delivered or dead keeps
-    /// no body: nothing will send it again, and a callback's body can be megabytes of images.
+    /// no body: nothing will send it again, and a task's state can be megabytes of images.
     async fn finish_attempt(
         &self,
         id: &str,

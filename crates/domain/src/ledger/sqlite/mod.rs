@@ -79,7 +79,7 @@ const MIGRATIONS: &[&str] = &[
         task_id         TEXT NOT NULL UNIQUE,
         team            TEXT NOT NULL,
         url             TEXT NOT NULL,
-        body            BLOB NOT NULL,      -- the upstream's payload, byte for byte
+        body            BLOB NOT NULL,      -- the payload, byte for byte
         state           TEXT NOT NULL,      -- pending | delivered | dead
         attempts        INTEGER NOT NULL DEFAULT 0,
         next_attempt_at INTEGER NOT NULL,   -- unix ms: due time, or the end of a claim's lease
