@@ -1,10 +1,10 @@
 //! The hot in-process pieces of a request, each beside a baseline measured in the same run:
 //! team-key lookup (beside hashing the key alone), the rate-limit check, parsing `consumed`
 //! (beside parsing the same text as an integer), a status-cache hit (beside a plain map read),
-//! a durable ledger reserve + attach + settle (beside an empty SQLite commit), and claiming
-//! webhook deliveries while one team's receivers hang with a backlog due (beside the same claim
-//! without the backlog), and a task's owner from the ownership index holding a million tasks
-//! (beside hashing the task id alone).
+//! a durable ledger reserve + dispatch + attach + settle (beside an empty SQLite commit), and
+//! claiming webhook deliveries while one team's receivers hang with a backlog due (beside the
+//! same claim without the backlog), and a task's owner from the ownership index holding a million
+//! tasks (beside hashing the task id alone).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -133,7 +133,7 @@ fn ledger(c: &mut Criterion) {
         b.to_async(&runtime)
             .iter(|| async { store.ping().await.is_ok() })
     });
-    group.bench_function("reserve + attach + settle, durable", |b| {
+    group.bench_function("reserve + dispatch + attach + settle, durable", |b| {
         b.to_async(&runtime).iter(|| async {
             let id = ReservationId::new();
             let task_id = id.0.to_string();
@@ -149,9 +149,14 @@ fn ledger(c: &mut Criterion) {
                 request_id: "bench".into(),
                 created_at: chrono::Utc::now(),
                 callback: None,
+                idempotency: None,
             };
             store.reserve(reservation).await.expect("reserve");
-            store.attach_task(id, &task_id).await.expect("attach");
+            store
+                .mark_dispatched(id, chrono::Utc::now())
+                .await
+                .expect("dispatch");
+            store.attach_task(id, &task_id, None).await.expect("attach");
             let settlement = Settlement {
                 status: FinalStatus::Success,
                 consumed: Credits::from_units(37_000_000),

@@ -49,6 +49,18 @@ pub enum GatewayError {
     BudgetExhausted(String),
     #[error("{0}")]
     TooManyInFlight(String),
+    /// A repeat of an Idempotency-Key's request while that request still waits on the upstream.
+    #[error(
+        "a request with this Idempotency-Key is still waiting for the upstream; send it again \
+         later for its answer"
+    )]
+    IdempotencyKeyInUse,
+    /// An Idempotency-Key sent again with another route or body.
+    #[error(
+        "this Idempotency-Key was used for another request (another route or body); use a new \
+         key for a new request"
+    )]
+    IdempotencyKeyReused,
     #[error("{}", .0.detail)]
     RateLimited(Refusal),
     #[error("request body exceeds {limit} bytes")]
@@ -187,6 +199,19 @@ impl GatewayError {
                 "too many tasks in flight",
                 Some(detail.clone()),
             ),
+            // The draft's statuses: 409 while the first request runs, 422 for another request.
+            GatewayError::IdempotencyKeyInUse => answer(
+                S::CONFLICT,
+                "idempotency_key_in_use",
+                "request in progress",
+                said(),
+            ),
+            GatewayError::IdempotencyKeyReused => answer(
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "idempotency key reused",
+                said(),
+            ),
             GatewayError::RateLimited(refusal) => answer(
                 S::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -278,7 +303,9 @@ impl IntoResponse for GatewayError {
             GatewayError::RateLimited(refusal) => {
                 refusal.verdict.write_headers(response.headers_mut());
             }
-            GatewayError::CallbackTooEarly | GatewayError::CallbackUnconfirmed(_) => {
+            GatewayError::CallbackTooEarly
+            | GatewayError::CallbackUnconfirmed(_)
+            | GatewayError::IdempotencyKeyInUse => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -12,6 +12,10 @@ pub const CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining");
 /// When the team's budget period ends, on an accepted generation.
 pub const BUDGET_RESET: HeaderName = HeaderName::from_static("x-budget-reset");
+/// A generation's Idempotency-Key (draft-ietf-httpapi-idempotency-key-header).
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// `true` on an answer replayed for a repeat of an Idempotency-Key's request.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The rate limit that applied (IETF draft `RateLimit-*` fields).
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");

@@ -51,6 +51,11 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub tasks_in_flight: IntGaugeVec,
     pub tasks_started: IntCounterVec,
+    /// Generations with an Idempotency-Key, by what the key did: `claimed`, `replayed`,
+    /// `in_progress` (409), `reused` (422).
+    pub idempotent_requests: IntCounterVec,
+    /// Unknown outcomes given back because a retry with the same key got a task.
+    pub unknown_outcomes_resolved: IntCounterVec,
     /// Tasks settled and what they cost.
     pub settlement: SettlementMetrics,
     /// Team keys' last use, expiry and refusals.
@@ -58,6 +63,7 @@ pub struct Metrics {
     pub reconciler_settlements: IntCounter,
     pub reconciler_expirations: IntCounter,
     pub reconciler_abandoned: IntCounter,
+    pub reconciler_released: IntCounter,
     pub reconciler_backlog: IntGauge,
     pub cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
@@ -202,6 +208,20 @@ impl Metrics {
                 ),
                 &["team", "family", "model"]
             )),
+            idempotent_requests: register!(IntCounterVec::new(
+                opts(
+                    "idempotent_requests_total",
+                    "Generations with an Idempotency-Key, by outcome: claimed (sent on), replayed (the first answer), in_progress (409), reused (422: another request)."
+                ),
+                &["team", "outcome"]
+            )),
+            unknown_outcomes_resolved: register!(IntCounterVec::new(
+                opts(
+                    "unknown_outcomes_resolved_total",
+                    "Unknown-outcome reservations given back because a retry with the same Idempotency-Key got a task; the upstream may have rendered each without charge to the team."
+                ),
+                &["team"]
+            )),
             settlement: SettlementMetrics::register(&registry, PREFIX)
                 .expect("settlement metrics are valid and unique"),
             keys: KeyUse::register(&registry),
@@ -216,6 +236,10 @@ impl Metrics {
             reconciler_abandoned: register!(IntCounter::with_opts(opts(
                 "reconciler_abandoned_total",
                 "Reservations without an upstream answer turned into unknown outcomes."
+            ))),
+            reconciler_released: register!(IntCounter::with_opts(opts(
+                "reconciler_released_total",
+                "Reservations left by a gateway that stopped before sending them upstream, given back."
             ))),
             reconciler_backlog: register!(IntGauge::with_opts(opts(
                 "reconciler_backlog",
@@ -363,6 +387,7 @@ impl Metrics {
             for outcome in ["delivered", "failed", "dead"] {
                 self.webhook_deliveries.with_label_values(&[team, outcome]);
             }
+            self.unknown_outcomes_resolved.with_label_values(&[team]);
         }
         for source in ["memory", "ledger"] {
             self.ownership_lookups.with_label_values(&[source]);

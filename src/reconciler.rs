@@ -4,12 +4,14 @@
 //! their status from the upstream itself (under a global cap of `max_reads_per_second`, and at
 //! most once per `settle_after` per task, which is at least a second). Tasks past `max_task_age`
 //! settle at their reservation as `expired`; reservations that never got the upstream's answer
-//! (the gateway stopped mid-request) become `unknown_outcome`. All its state is in the ledger, so
-//! after a restart it simply carries on.
+//! (the gateway stopped mid-request) become `unknown_outcome` if they were dispatched, and are
+//! given back if they never were. It also deletes expired Idempotency-Key claims. All its state
+//! is in the ledger, so after a restart it simply carries on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::{state::AppState, status_cache::Answer};
@@ -44,13 +46,24 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
         .abandon_stale_reservations(ago(config.abandon_after))
         .await
         .map_err(|e| e.to_string())?;
-    state.metrics.reconciler_abandoned.inc_by(abandoned);
-    if abandoned > 0 {
+    state
+        .metrics
+        .reconciler_abandoned
+        .inc_by(abandoned.unknown_outcome);
+    state.metrics.reconciler_released.inc_by(abandoned.released);
+    if abandoned.unknown_outcome > 0 {
         tracing::warn!(
-            abandoned,
-            "reservations without an upstream answer marked unknown_outcome"
+            abandoned = abandoned.unknown_outcome,
+            "reservations sent upstream without an answer recorded marked unknown_outcome"
         );
     }
+    if abandoned.released > 0 {
+        tracing::info!(
+            released = abandoned.released,
+            "reservations their gateway never sent upstream given back"
+        );
+    }
+    purge_expired_keys(state, now).await?;
 
     // A pass reads what the cap allows in one interval, so the backlog drains at the cap.
     let batch = (f64::from(config.max_reads_per_second.get()) * config.interval.as_secs_f64())
@@ -77,6 +90,25 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
         }
     }
     Ok(count)
+}
+
+/// Expired Idempotency-Key claims deleted per ledger write: each write is short, however many
+/// expired since the last pass.
+const PURGE_BATCH: usize = 1000;
+
+/// Deletes every claim expired by `now`, a batch at a time, so what the claims hold stays bounded
+/// by what `server.idempotency_ttl` keeps.
+async fn purge_expired_keys(state: &AppState, now: DateTime<Utc>) -> Result<(), String> {
+    loop {
+        let purged = state
+            .ledger
+            .purge_expired_keys(now, PURGE_BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        if purged < PURGE_BATCH as u64 {
+            return Ok(());
+        }
+    }
 }
 
 async fn expire(state: &AppState, task: &TaskRecord) {

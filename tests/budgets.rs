@@ -900,10 +900,22 @@ async fn a_generation_timeout_is_an_unknown_outcome_until_an_admin_releases_it()
             "period": "lifetime",
             "reserved": "0.50000000",
             "state": "unknown_outcome",
+            "reason": "upstream_timeout",
+            "dispatched_at": reservation["dispatched_at"],
+            "idempotency_key": null,
+            "retry_of": null,
+            "resolved_by": null,
             "request_id": "budget-timeout-0001",
             "created_at": reservation["created_at"],
         })
     );
+    // Sent: the admin knows the upstream may have started it.
+    let dispatched_at: DateTime<Utc> = reservation["dispatched_at"]
+        .as_str()
+        .expect("dispatched_at")
+        .parse()
+        .expect("RFC 3339");
+    assert!(created_at <= dispatched_at && dispatched_at <= after);
 
     // Only an admin may release it.
     let path = format!("/admin/reservations/{id}/release");
@@ -1547,4 +1559,5 @@ abandon_after = "4s""#,
     assert_eq!(r["request_id"], "budget-abandoned-0001", "{listed}");
     assert_eq!(r["reserved"], "0.50000000", "{listed}");
     assert_eq!(r["state"], "unknown_outcome", "{listed}");
+    assert_eq!(r["reason"], "no_answer_recorded", "{listed}");
 }

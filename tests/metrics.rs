@@ -415,6 +415,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "ketchup_gateway_reconciler_settlements_total",
         "ketchup_gateway_reconciler_expirations_total",
         "ketchup_gateway_reconciler_abandoned_total",
+        "ketchup_gateway_reconciler_released_total",
         "ketchup_gateway_reconciler_backlog",
     ] {
         m.assert_eq(name, &[], 0.0);

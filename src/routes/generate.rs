@@ -1,6 +1,9 @@
 //! Every asynchronous generation (`POST /api/image/gen`, `/api/sora2/gen`, … one per route of
-//! the route table): validate locally, reserve the most it can cost, forward with the upstream
-//! token, record the task as the team's before answering.
+//! the route table): validate locally, reserve the most it can cost (claiming its Idempotency-Key,
+//! if it has one, in the same step), mark it dispatched, forward with the upstream token, record
+//! the task as the team's (and the answer as the key's) before answering.
+//!
+//! What an Idempotency-Key does is in `routes::idempotent`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +14,11 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use http::{HeaderValue, Uri};
+use http::{HeaderMap, HeaderValue, Uri};
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
+use super::idempotent::{count_key, idempotency_key, note_resolved, replay, stored_answer};
 use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
     error::GatewayError,
@@ -28,7 +32,11 @@ use ketchup_domain::{
     body::{check_case, check_unique_keys},
     config::{BudgetPeriod, Config, Team},
     credits::Credits,
-    ledger::{CallbackRoute, NewReservation, ReservationId, ReserveOutcome, StoreError},
+    idempotency,
+    ledger::{
+        CallbackRoute, KeyClaim, NewReservation, OutcomeReason, ReservationId, ReserveOutcome,
+        StoreError,
+    },
     period,
 };
 
@@ -144,10 +152,12 @@ pub async fn generate(
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = state.config.load_full();
     let body = read_body(body, config.server.max_body_bytes).await?;
+    let key = idempotency_key(&headers)?;
     let (generation, fields) = validate(uri.path(), &body, &config)?;
     if let Some(allowed) = team
         .models
@@ -161,6 +171,13 @@ pub async fn generate(
             allowed.patterns().join(", ")
         )));
     }
+    let now = state.clock.now();
+    // Of the body as the client sent it, before the gateway puts its own callback in.
+    let claim = key.map(|key| KeyClaim {
+        fingerprint: idempotency::fingerprint(uri.path(), &body),
+        key,
+        expires_at: now + config.server.idempotency_ttl,
+    });
     let (body, callback) = intercept_callback(body, fields, &generation, &config, &team)?;
 
     // The upstream account's limit is checked before anything is reserved: a refused request
@@ -168,7 +185,6 @@ pub async fn generate(
     state.rate_limits.check_global(&team.name).await?;
 
     let amount = generation.amount;
-    let now = state.clock.now();
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     let reservation = NewReservation {
         id: ReservationId::new(),
@@ -182,9 +198,11 @@ pub async fn generate(
         request_id: request_id.as_str().to_owned(),
         created_at: now,
         callback,
+        idempotency: claim,
     };
     let id = reservation.id;
     let reservation_model = reservation.model.clone();
+    let keyed = reservation.idempotency.is_some();
     // Armed before the reservation is even sent: a client that hangs up from here until the
     // upstream call starts must not leave credits held for a render that never began.
     let mut hold = ReleaseOnDrop {
@@ -202,8 +220,26 @@ pub async fn generate(
             return Err(e.into());
         }
     };
+    if keyed {
+        count_key(&state, &team.name, &outcome);
+    }
     let standing = match outcome {
         ReserveOutcome::Reserved(standing) => standing,
+        ReserveOutcome::Replay(answer) => {
+            hold.armed = false;
+            if let Some(task_id) = accepted_task_id(&answer.body) {
+                facts.set_task_id(&task_id);
+            }
+            return Ok(replay(answer));
+        }
+        ReserveOutcome::KeyInUse => {
+            hold.armed = false;
+            return Err(GatewayError::IdempotencyKeyInUse);
+        }
+        ReserveOutcome::KeyMismatch => {
+            hold.armed = false;
+            return Err(GatewayError::IdempotencyKeyReused);
+        }
         ReserveOutcome::BudgetExhausted { spent, reserved } => {
             hold.armed = false;
             count_rejection(&state, &team.name, "budget");
@@ -244,6 +280,7 @@ pub async fn generate(
         model: reservation_model,
         family: generation.family,
         path: uri.path().to_owned(),
+        keyed,
     };
     let work = forward(state.clone(), started, body, request_id, facts);
     let forwarding = state
@@ -366,6 +403,8 @@ struct StartedTask {
     family: String,
     /// The upstream path it goes to: the route's own.
     path: String,
+    /// Whether it claimed an Idempotency-Key, whose repeats then get its answer.
+    keyed: bool,
 }
 
 async fn forward(
@@ -376,6 +415,16 @@ async fn forward(
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
+    // Durably before a byte leaves: a reservation left by a gateway that stopped is then either
+    // never sent (given back) or perhaps sent (an unknown outcome), never a guess.
+    if let Err(error) = state.ledger.mark_dispatched(id, state.clock.now()).await {
+        // Not held any more (given up as never sent): nothing to give back. Otherwise the mark
+        // may or may not have been written, and the request is not sent either way.
+        if !matches!(error, StoreError::Conflict(_)) {
+            release(&state, id).await;
+        }
+        return Err(error.into());
+    }
     let upstream = match state
         .upstream
         .generate(&task.path, body, request_id.as_str())
@@ -387,8 +436,13 @@ async fn forward(
                 // Certainly not received: nothing can have started.
                 UpstreamError::Connect(_) => release(&state, id).await,
                 // Maybe received: the render may run and be charged.
-                UpstreamError::Timeout(_) | UpstreamError::Broken(_) => {
-                    state.ledger.mark_unknown_outcome(id).await?;
+                UpstreamError::Timeout(_) => {
+                    let reason = OutcomeReason::UpstreamTimeout;
+                    state.ledger.mark_unknown_outcome(id, reason).await?;
+                }
+                UpstreamError::Broken(_) => {
+                    let reason = OutcomeReason::ConnectionBroken;
+                    state.ledger.mark_unknown_outcome(id, reason).await?;
                 }
             }
             return Err(error.into());
@@ -402,15 +456,24 @@ async fn forward(
     }
     let Some(task_id) = accepted_task_id(&upstream.body) else {
         // A 2xx without a task id: something may have started upstream that we cannot track.
-        state.ledger.mark_unknown_outcome(id).await?;
+        let reason = OutcomeReason::AcceptedWithoutTaskId;
+        state.ledger.mark_unknown_outcome(id, reason).await?;
         return Err(GatewayError::UpstreamBadResponse(
             "the upstream accepted the generation but returned no task id".into(),
         ));
     };
     facts.set_task_id(&task_id);
-    match state.ledger.attach_task(id, &task_id).await {
+    let answer = task.keyed.then(|| stored_answer(&upstream, &task_id));
+    match state
+        .ledger
+        .attach_task(id, &task_id, answer.as_ref())
+        .await
+    {
         // Its first status read, moments from now, need not ask the ledger who owns it.
-        Ok(()) => state.owners.record(&task_id, &task.team, false),
+        Ok(resolved) => {
+            state.owners.record(&task_id, &task.team, false);
+            note_resolved(&state, &task.team, id, &resolved);
+        }
         // Not an outage: the reservation is no longer held, or the id is another reservation's.
         // Retrying cannot help, and the task cannot be promised to the team.
         Err(e @ StoreError::Conflict(_)) => {
@@ -422,14 +485,23 @@ async fn forward(
             // later still lets the team poll it and the reconciler settle it at what it consumed;
             // the client learns its id now, so it need not start (and pay for) another.
             tracing::warn!(error = %e, task_id, "could not record a task the upstream accepted; retrying");
-            let (ledger, recorded) = (state.ledger.clone(), task_id.clone());
+            let (shared, recorded) = (state.clone(), task_id.clone());
+            let team = task.team.clone();
             keep_trying(
                 &state,
                 id,
                 "record a task the upstream accepted",
                 move || {
-                    let (ledger, task_id) = (ledger.clone(), recorded.clone());
-                    async move { ledger.attach_task(id, &task_id).await }
+                    let (state, task_id) = (shared.clone(), recorded.clone());
+                    let (team, answer) = (team.clone(), answer.clone());
+                    async move {
+                        let resolved = state
+                            .ledger
+                            .attach_task(id, &task_id, answer.as_ref())
+                            .await?;
+                        note_resolved(&state, &team, id, &resolved);
+                        Ok(())
+                    }
                 },
             );
             return Err(GatewayError::TaskNotRecorded(task_id));

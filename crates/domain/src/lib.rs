@@ -9,6 +9,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod credits;
+pub mod idempotency;
 pub mod ledger;
 pub mod ownership;
 pub mod period;

@@ -9,7 +9,7 @@ use arbitrary::Unstructured;
 use ketchup_domain::body::check_unique_keys;
 use ketchup_domain::credits::Credits;
 use ketchup_domain::ledger::FinalStatus;
-use ketchup_domain::settlement::{Consumed, final_state, final_state_of_query};
+use ketchup_domain::settlement::{Consumed, final_state_of_query, final_status};
 use serde_json::{Map, Value, json};
 
 use crate::generate::{below, flag, number, pick, string, value};
@@ -105,6 +105,13 @@ pub fn check(body: &[u8]) {
             }
         }
     }
+}
+
+/// The reference reading, from a `Value`: a final status and its `consumed` among a task's
+/// fields, as a task query's `data` and a callback payload carry them.
+fn final_state(data: &Value) -> Option<(FinalStatus, Consumed)> {
+    let status = final_status(data.get("status")?.as_str()?)?;
+    Some((status, Consumed::from_json(data.get("consumed"))))
 }
 
 /// What a final state may hold: a status from `status`, and `consumed` exactly as written, or a

@@ -168,6 +168,7 @@ struct RawFile {
 /// converted (the validated types keep no places).
 struct CrossPlaces {
     abandon_after: Option<Range<usize>>,
+    idempotency_ttl: Option<Range<usize>>,
     always_intercept: Option<Range<usize>>,
     /// Each team's table, in the file's order.
     teams: Vec<Range<usize>>,
@@ -192,6 +193,7 @@ impl Config {
     fn validate(raw: RawFile) -> Result<Config, Invalid> {
         let places = CrossPlaces {
             abandon_after: span_of(&raw.reconciler.abandon_after),
+            idempotency_ttl: span_of(&raw.server.idempotency_ttl),
             always_intercept: span_of(&raw.webhooks.always_intercept),
             teams: raw.teams.iter().map(Spanned::span).collect(),
         };
@@ -331,6 +333,18 @@ fn check_across_sections(config: &Config, places: CrossPlaces) -> Result<(), Inv
                  requests still waiting for the upstream would be given up",
                 humantime::format_duration(config.reconciler.abandon_after),
                 humantime::format_duration(longest)
+            ),
+        ));
+    }
+    if config.server.idempotency_ttl <= config.reconciler.abandon_after {
+        return Err(Invalid::new(
+            places.idempotency_ttl,
+            format!(
+                "[server] idempotency_ttl ({}) must be longer than [reconciler] abandon_after \
+                 ({}): a key must outlive every request of it that may still wait on the \
+                 upstream, or a retry could start a second render",
+                humantime::format_duration(config.server.idempotency_ttl),
+                humantime::format_duration(config.reconciler.abandon_after)
             ),
         ));
     }

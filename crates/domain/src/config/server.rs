@@ -7,7 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Invalid;
-use super::values::{HttpUrl, HumanDuration};
+use super::values::{HttpUrl, HumanDuration, above_zero};
 
 /// Most HTTP worker threads (`server.workers`): far more than cores only adds switching.
 pub const MAX_WORKERS: usize = 256;
@@ -16,6 +16,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The IETF draft's example lifetime of an Idempotency-Key: long enough for any client's retries.
+const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The defaults of the limits on each connection, also for stacks built without a config.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
@@ -37,6 +39,7 @@ pub(super) struct RawServer {
     header_read_timeout: Option<Spanned<HumanDuration>>,
     keep_alive_timeout: Option<Spanned<HumanDuration>>,
     max_connections: Option<Spanned<usize>>,
+    pub(super) idempotency_ttl: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct ServerConfig {
     pub keep_alive_timeout: Duration,
     /// Most connections open at once; a new one above it is closed unread.
     pub max_connections: NonZeroUsize,
+    /// How long an Idempotency-Key names one request of its team: a repeat within it gets the
+    /// first answer; after it the key is free, and its claim is deleted.
+    pub idempotency_ttl: Duration,
 }
 
 impl TryFrom<RawServer> for ServerConfig {
@@ -114,6 +120,11 @@ impl TryFrom<RawServer> for ServerConfig {
             header_read_timeout,
             keep_alive_timeout,
             max_connections,
+            idempotency_ttl: above_zero(
+                "[server] idempotency_ttl",
+                raw.idempotency_ttl,
+                DEFAULT_IDEMPOTENCY_TTL,
+            )?,
         })
     }
 }
@@ -147,9 +158,10 @@ impl ServerConfig {
             header_read_timeout,
             keep_alive_timeout,
             max_connections,
-            // Read by each request.
+            // Read by each request (and the reconciler's purge of expired keys).
             public_url: _,
             max_body_bytes: _,
+            idempotency_ttl: _,
         } = self;
         super::changed([
             ("listen", *listen != new.listen),

@@ -12,8 +12,18 @@
 //! `reserved` (credits held, upstream not yet answered) → `open` (upstream gave a task id; the
 //! team owns it) → `settled` (final status seen, `consumed` recorded). Side exits: `released`
 //! (the upstream refused, nothing was charged), `unknown_outcome` (the request may have reached
-//! the upstream but no answer came back: counted as spent until an admin releases it) and
-//! `expired` (no final status within the maximum task age: charged at its reservation).
+//! the upstream but no answer came back: counted as spent until an admin releases it, or a retry
+//! with the same Idempotency-Key gets a task) and `expired` (no final status within the maximum
+//! task age: charged at its reservation).
+//!
+//! While `reserved`, a reservation is marked *dispatched*, durably, before its request may leave
+//! for the upstream. So one left behind by a gateway that stopped is certain either never to have
+//! been sent (given back) or to have perhaps been (an unknown outcome), and every unknown outcome
+//! records why it is one ([`OutcomeReason`]).
+//!
+//! A generation may carry an Idempotency-Key ([`KeyClaim`]): `reserve` claims it in the same
+//! atomic step as the credits, and `attach_task` stores the answer its repeats get, so two
+//! requests with one key never both reach the upstream, whichever replica they reach.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -64,6 +74,79 @@ pub struct NewReservation {
     pub created_at: DateTime<Utc>,
     /// Set when the gateway put its own callback URL into the upstream request.
     pub callback: Option<CallbackRoute>,
+    /// The request's Idempotency-Key, claimed with the reservation.
+    pub idempotency: Option<KeyClaim>,
+}
+
+/// An Idempotency-Key, as a generation claims it for its team. A key names one request: the same
+/// route and body. Within its lifetime the key's first answer is what every repeat gets, and while
+/// its request waits on the upstream no repeat may start another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClaim {
+    /// The key as the client sent it: 1 to 255 printable ASCII characters.
+    pub key: String,
+    /// SHA-256 (hex) of the route's path and the body as the client sent them.
+    pub fingerprint: String,
+    /// From then on the key is free for any request again.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The answer to a key's request that its repeats get: the upstream's acceptance of the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// Why a reservation's outcome is unknown, or why a stale one was given back without the
+/// upstream refusing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeReason {
+    /// No answer from the upstream within `upstream.timeout`.
+    UpstreamTimeout,
+    /// The connection broke after the request was sent.
+    ConnectionBroken,
+    /// A 2xx answer without a task id: something may run that the gateway cannot track.
+    AcceptedWithoutTaskId,
+    /// Dispatched, and no answer was recorded within `reconciler.abandon_after`: the gateway
+    /// that sent it stopped, or could not write the ledger.
+    NoAnswerRecorded,
+    /// Never dispatched, and given up after `reconciler.abandon_after`: the gateway stopped
+    /// before sending it, so the upstream cannot have started it. Released, not unknown.
+    NeverDispatched,
+}
+
+impl OutcomeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeReason::UpstreamTimeout => "upstream_timeout",
+            OutcomeReason::ConnectionBroken => "connection_broken",
+            OutcomeReason::AcceptedWithoutTaskId => "accepted_without_task_id",
+            OutcomeReason::NoAnswerRecorded => "no_answer_recorded",
+            OutcomeReason::NeverDispatched => "never_dispatched",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "upstream_timeout" => OutcomeReason::UpstreamTimeout,
+            "connection_broken" => OutcomeReason::ConnectionBroken,
+            "accepted_without_task_id" => OutcomeReason::AcceptedWithoutTaskId,
+            "no_answer_recorded" => OutcomeReason::NoAnswerRecorded,
+            "never_dispatched" => OutcomeReason::NeverDispatched,
+            _ => return None,
+        })
+    }
+}
+
+/// What one look for stale reservations did with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Abandoned {
+    /// Dispatched ones, now `unknown_outcome` ([`OutcomeReason::NoAnswerRecorded`]).
+    pub unknown_outcome: u64,
+    /// Never dispatched ones, given back ([`OutcomeReason::NeverDispatched`]).
+    pub released: u64,
 }
 
 /// How the upstream's callback for a task finds its way back, decided before the upstream call.
@@ -199,6 +282,12 @@ pub enum ReserveOutcome {
     TooManyInFlight {
         in_flight: u64,
     },
+    /// The key's request got its answer before: this is it. Nothing was reserved.
+    Replay(StoredAnswer),
+    /// The key's request is still waiting for the upstream. Nothing was reserved.
+    KeyInUse,
+    /// The key was claimed for another request (another route or body). Nothing was reserved.
+    KeyMismatch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +402,15 @@ pub struct ReservationRecord {
     pub period: String,
     pub reserved: Credits,
     pub state: &'static str,
+    /// Why its outcome is unknown, or why it was given back on its own ([`OutcomeReason`]).
+    pub reason: Option<&'static str>,
+    /// When it was marked as sent to the upstream; `None`: never sent.
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    /// The earlier attempt with the same key whose outcome was unknown when this one started.
+    pub retry_of: Option<String>,
+    /// The retry with the same key whose task released this unknown outcome.
+    pub resolved_by: Option<String>,
     pub request_id: String,
     pub created_at: DateTime<Utc>,
 }
@@ -356,18 +454,42 @@ pub enum StoreError {
 pub trait Reservations: Send + Sync + 'static {
     /// Atomically checks the team's budget and in-flight limit and, if both allow it, records the
     /// reservation. Two concurrent calls can never both take the last credits.
+    ///
+    /// With an Idempotency-Key, the key is looked at first, in the same step. A live claim of it
+    /// for another request is [`ReserveOutcome::KeyMismatch`]; one whose request has its answer is
+    /// [`ReserveOutcome::Replay`]; one whose request still waits is [`ReserveOutcome::KeyInUse`].
+    /// Otherwise (no live claim, or its request ended unknown or refused) the key is claimed for
+    /// this reservation, which then remembers the last attempt with an unknown outcome as its
+    /// `retry_of`. Two concurrent calls with one key can never both reserve.
     async fn reserve(&self, reservation: NewReservation) -> Result<ReserveOutcome, StoreError>;
 
+    /// Notes, durably, that the reservation's request is about to be sent to the upstream. Refused
+    /// unless it is `reserved`: one given up as never sent must then not be sent.
+    async fn mark_dispatched(&self, id: ReservationId, at: DateTime<Utc>)
+    -> Result<(), StoreError>;
+
     /// Records the task id the upstream gave a reservation: from now on the team owns the task.
-    /// Durable when it returns.
-    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError>;
+    /// Durable when it returns. For a reservation that claimed an Idempotency-Key, `answer` is
+    /// stored as what the key's repeats get, and the earlier attempts with that key whose outcome
+    /// is still unknown (its `retry_of` chain) are released: the team pays for the task it got.
+    /// Returns those it released.
+    async fn attach_task(
+        &self,
+        id: ReservationId,
+        task_id: &str,
+        answer: Option<&StoredAnswer>,
+    ) -> Result<Vec<ReservationId>, StoreError>;
 
     /// The upstream refused the generation: the reservation is dropped, nothing is charged.
     async fn release(&self, id: ReservationId) -> Result<(), StoreError>;
 
     /// The generation may have reached the upstream but no answer came back: the reservation is
-    /// kept and counted as spent.
-    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
+    /// kept and counted as spent, with why.
+    async fn mark_unknown_outcome(
+        &self,
+        id: ReservationId,
+        reason: OutcomeReason,
+    ) -> Result<(), StoreError>;
 
     /// Replaces an open task's reservation by what it consumed, atomically and once: of many
     /// concurrent calls for one task, exactly one returns `Settled`.
@@ -380,12 +502,22 @@ pub trait Reservations: Send + Sync + 'static {
     /// Closes an open task that never reached a final state, charging its reservation.
     async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError>;
 
-    /// Reservations still waiting for the upstream's answer that were made before `before`:
-    /// the gateway stopped between reserving and recording. They become `unknown_outcome`.
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Reservations still waiting for the upstream's answer that were made, and dispatched if
+    /// they were, before `before`: the gateway stopped between reserving and recording. Those
+    /// dispatched become `unknown_outcome`; those never dispatched are released.
+    async fn abandon_stale_reservations(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<Abandoned, StoreError>;
 
     /// An admin gives back a reservation whose outcome is unknown (the upstream did not charge).
     async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` Idempotency-Key claims that expired by `now`, and returns how many,
+    /// so that their storage stays bounded by what the key lifetime holds. An expired claim is
+    /// free whether deleted or not.
+    async fn purge_expired_keys(&self, now: DateTime<Utc>, limit: usize)
+    -> Result<u64, StoreError>;
 }
 
 /// The tasks the ledger records, apart from their credits: who owns one (for a status read or a

@@ -78,6 +78,30 @@ fn connection_limits_have_defaults_and_refuse_zero() {
 }
 
 #[test]
+fn idempotency_keys_last_a_day_unless_set_and_outlive_abandoned_requests() {
+    assert_eq!(
+        parse(MINIMAL).unwrap().server.idempotency_ttl,
+        Duration::from_secs(24 * 3600)
+    );
+    let set = parse(&format!("[server]\nidempotency_ttl = \"1h\"\n{MINIMAL}")).unwrap();
+    assert_eq!(set.server.idempotency_ttl, Duration::from_secs(3600));
+    let error = error_of(&format!("[server]\nidempotency_ttl = \"0s\"\n{MINIMAL}"));
+    assert!(
+        error.contains("gateway.toml:2:19: [server] idempotency_ttl must be above zero"),
+        "{error}"
+    );
+    // Within abandon_after (5m by default), a key could lapse while its request still waits.
+    let error = error_of(&format!("[server]\nidempotency_ttl = \"5m\"\n{MINIMAL}"));
+    assert!(
+        error.contains(
+            "gateway.toml:2:19: [server] idempotency_ttl (5m) must be longer than [reconciler] \
+             abandon_after (5m)"
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn http_workers_default_to_one_per_core_and_are_bounded() {
     let cores = std::thread::available_parallelism().unwrap();
     assert_eq!(parse(MINIMAL).unwrap().server.workers, cores);

@@ -78,6 +78,7 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
         "max_connections = 9",
         Some("[server] max_connections"),
     ),
+    ("[server]", "idempotency_ttl = \"25h\"", None),
     (
         "[upstream]",
         "base_url = \"https://ketchup.example\"",

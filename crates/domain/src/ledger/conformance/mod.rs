@@ -1,11 +1,14 @@
-//! The behaviour every ledger engine must show, one part per trait of the ledger (each part's
-//! tests may use the other traits to set up and check what they test). Each engine runs all of it
-//! (see the bottom).
+//! The behaviour every ledger engine must show, one part per concern of the ledger: one per trait,
+//! and `idempotency` for the Idempotency-Key claims that `reserve` and `attach_task` keep (each
+//! part's tests may use any operation to set up and check what they test). Each engine runs all
+//! of it (see the bottom).
 
 use chrono::{DateTime, Utc};
 
 use super::*;
 
+#[macro_use]
+pub mod idempotency;
 #[macro_use]
 pub mod outbox;
 #[macro_use]
@@ -36,6 +39,7 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
         request_id: "req-1".into(),
         created_at: at("2026-11-23T10:00:00Z"),
         callback: None,
+        idempotency: None,
     }
 }
 
@@ -60,7 +64,7 @@ pub async fn open_task(
         store.reserve(r).await.unwrap(),
         ReserveOutcome::Reserved(_)
     ));
-    store.attach_task(id, task_id).await.unwrap();
+    store.attach_task(id, task_id, None).await.unwrap();
     id
 }
 
@@ -80,6 +84,9 @@ macro_rules! conformance_suite {
             }
             mod reports {
                 reports_suite!($make);
+            }
+            mod idempotency {
+                idempotency_suite!($make);
             }
         }
     };

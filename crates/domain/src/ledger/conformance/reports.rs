@@ -17,7 +17,7 @@ pub async fn usage_is_reported_per_day_team_and_model(store: &dyn Ledger) {
         ..reservation("design", "0.50", None)
     };
     store.reserve(next_day.clone()).await.unwrap();
-    store.attach_task(next_day.id, "ta-5").await.unwrap();
+    store.attach_task(next_day.id, "ta-5", None).await.unwrap();
     store
         .settle("ta-1", settlement(FinalStatus::Success, "0.40000000"))
         .await
@@ -83,7 +83,7 @@ pub async fn usage_keeps_route_families_apart(store: &dyn Ledger) {
     for (task_id, r) in tasks {
         let id = r.id;
         store.reserve(r).await.unwrap();
-        store.attach_task(id, task_id).await.unwrap();
+        store.attach_task(id, task_id, None).await.unwrap();
     }
     store
         .settle("ta-video-2", settlement(FinalStatus::Success, "1.20"))

@@ -61,7 +61,10 @@ pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn Ledger) {
         store.reserve(second).await.unwrap(),
         ReserveOutcome::Reserved(_)
     ));
-    store.mark_unknown_outcome(second_id).await.unwrap();
+    store
+        .mark_unknown_outcome(second_id, OutcomeReason::UpstreamTimeout)
+        .await
+        .unwrap();
     // The unknown outcome counts as spent: 3.00 spent, 2.00 left.
     assert_eq!(
         store
@@ -74,7 +77,7 @@ pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn Ledger) {
         }
     );
     assert!(matches!(
-        store.attach_task(second_id, "ta-late").await,
+        store.attach_task(second_id, "ta-late", None).await,
         Err(StoreError::Conflict(_))
     ));
 }
@@ -89,7 +92,7 @@ pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn Ledger) {
     store.reserve(a).await.unwrap();
     let b = limited("0.50");
     store.reserve(b.clone()).await.unwrap();
-    store.attach_task(b.id, "ta-b").await.unwrap();
+    store.attach_task(b.id, "ta-b", None).await.unwrap();
     assert_eq!(
         store.reserve(limited("0.50")).await.unwrap(),
         ReserveOutcome::TooManyInFlight { in_flight: 2 }
@@ -228,14 +231,21 @@ pub async fn expiry_charges_the_reservation(store: &dyn Ledger) {
 }
 
 pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn Ledger) {
-    // More than two of the Redis engine's batches, the last one short.
+    // More than two of the Redis engine's batches, the last one short; every other one was
+    // dispatched before its gateway stopped.
     let stale = 2 * crate::ledger::redis::ABANDON_BATCH + 10;
-    for _ in 0..stale {
-        store
-            .reserve(reservation("design", "0.01", None))
-            .await
-            .unwrap();
+    for n in 0..stale {
+        let r = reservation("design", "0.01", None);
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        if n % 2 == 0 {
+            store
+                .mark_dispatched(id, at("2026-11-23T10:00:01Z"))
+                .await
+                .unwrap();
+        }
     }
+    let dispatched = stale.div_ceil(2);
     let fresh = NewReservation {
         created_at: at("2026-11-23T10:40:00Z"),
         ..reservation("design", "0.01", None)
@@ -247,20 +257,38 @@ pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn Ledge
             .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
             .await
             .unwrap(),
-        stale as u64
+        Abandoned {
+            unknown_outcome: dispatched as u64,
+            released: (stale - dispatched) as u64
+        }
     );
     let unknown = store
         .reservations(TaskState::UnknownOutcome, stale + 1)
         .await
         .unwrap();
-    assert_eq!(unknown.len(), stale);
+    assert_eq!(unknown.len(), dispatched);
+    assert!(
+        unknown
+            .iter()
+            .all(|r| r.reason == Some("no_answer_recorded") && r.dispatched_at.is_some())
+    );
+    let released = store
+        .reservations(TaskState::Released, stale + 1)
+        .await
+        .unwrap();
+    assert_eq!(released.len(), stale - dispatched);
+    assert!(
+        released
+            .iter()
+            .all(|r| r.reason == Some("never_dispatched") && r.dispatched_at.is_none())
+    );
     let waiting = store.reservations(TaskState::Reserved, 10).await.unwrap();
     let waiting: Vec<&str> = waiting.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(waiting, [fresh_id.0.to_string()], "the fresh one waits on");
     assert_eq!(
         store.standing("design", "2026-11").await.unwrap(),
         Standing {
-            spent: credits("0.01").checked_mul(stale as i64).unwrap(),
+            spent: credits("0.01").checked_mul(dispatched as i64).unwrap(),
             reserved: credits("0.01")
         }
     );
@@ -269,15 +297,156 @@ pub async fn every_stale_reservation_is_abandoned_however_many(store: &dyn Ledge
             .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
             .await
             .unwrap(),
-        0,
+        Abandoned::default(),
         "nothing twice"
     );
+}
+
+pub async fn a_stale_reservation_is_unknown_if_dispatched_and_given_back_if_not(
+    store: &dyn Ledger,
+) {
+    let sent = reservation("design", "0.50", Some("5.00"));
+    let sent_id = sent.id;
+    store.reserve(sent).await.unwrap();
+    store
+        .mark_dispatched(sent_id, at("2026-11-23T10:00:02Z"))
+        .await
+        .unwrap();
+    let never_sent = reservation("design", "1.00", Some("5.00"));
+    let never_sent_id = never_sent.id;
+    store.reserve(never_sent).await.unwrap();
+    // Listed while waiting: one dispatched, one not.
+    let waiting = store.reservations(TaskState::Reserved, 10).await.unwrap();
+    let dispatched_at = |id: ReservationId| {
+        waiting
+            .iter()
+            .find(|r| r.id == id.0.to_string())
+            .map(|r| r.dispatched_at)
+    };
+    assert_eq!(
+        dispatched_at(sent_id),
+        Some(Some(at("2026-11-23T10:00:02Z")))
+    );
+    assert_eq!(dispatched_at(never_sent_id), Some(None));
+
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+            .await
+            .unwrap(),
+        Abandoned {
+            unknown_outcome: 1,
+            released: 1
+        }
+    );
+    let unknown = store
+        .reservations(TaskState::UnknownOutcome, 10)
+        .await
+        .unwrap();
+    assert_eq!(unknown.len(), 1);
+    assert_eq!(unknown[0].id, sent_id.0.to_string());
+    assert_eq!(unknown[0].reason, Some("no_answer_recorded"));
+    assert_eq!(unknown[0].dispatched_at, Some(at("2026-11-23T10:00:02Z")));
+    let released = store.reservations(TaskState::Released, 10).await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].id, never_sent_id.0.to_string());
+    assert_eq!(released[0].reason, Some("never_dispatched"));
+    assert_eq!(released[0].dispatched_at, None);
+    // Only the one that may have reached the upstream counts as spent.
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: credits("0.50"),
+            reserved: Credits::ZERO
+        }
+    );
+    // A gateway still about to send the given-up one may not: it is not held any more.
+    assert!(matches!(
+        store
+            .mark_dispatched(never_sent_id, at("2026-11-23T10:31:00Z"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .mark_dispatched(ReservationId::new(), at("2026-11-23T10:31:00Z"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+pub async fn a_reservation_dispatched_late_waits_from_its_dispatch(store: &dyn Ledger) {
+    let late = reservation("design", "0.50", None);
+    let late_id = late.id;
+    store.reserve(late).await.unwrap();
+    store
+        .mark_dispatched(late_id, at("2026-11-23T10:40:00Z"))
+        .await
+        .unwrap();
+    // Made before 10:30, but its upstream call started after: it may still be answered.
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+            .await
+            .unwrap(),
+        Abandoned::default()
+    );
+    assert_eq!(
+        store
+            .abandon_stale_reservations(at("2026-11-23T10:50:00Z"))
+            .await
+            .unwrap(),
+        Abandoned {
+            unknown_outcome: 1,
+            released: 0
+        }
+    );
+}
+
+pub async fn each_unknown_outcome_says_why(store: &dyn Ledger) {
+    let reasons = [
+        OutcomeReason::UpstreamTimeout,
+        OutcomeReason::ConnectionBroken,
+        OutcomeReason::AcceptedWithoutTaskId,
+    ];
+    let mut expected = Vec::new();
+    for (n, reason) in reasons.into_iter().enumerate() {
+        let r = NewReservation {
+            created_at: at("2026-11-23T10:00:00Z") + chrono::Duration::seconds(n as i64),
+            ..reservation("design", "0.50", None)
+        };
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        store
+            .mark_dispatched(id, at("2026-11-23T10:01:00Z"))
+            .await
+            .unwrap();
+        store.mark_unknown_outcome(id, reason).await.unwrap();
+        expected.push((id.0.to_string(), Some(reason.as_str())));
+        // Once unknown, it stays so: no second mark, no task.
+        assert!(matches!(
+            store
+                .mark_unknown_outcome(id, OutcomeReason::ConnectionBroken)
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    expected.reverse();
+    let listed: Vec<(String, Option<&str>)> = store
+        .reservations(TaskState::UnknownOutcome, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.reason))
+        .collect();
+    assert_eq!(listed, expected, "newest first, each with its reason");
 }
 
 /// One step of a random ledger history; task numbers refer to reservations made so far.
 #[derive(Debug, Clone)]
 pub enum Op {
     Reserve { team: usize, cents: i64 },
+    Dispatch(usize),
     Attach(usize),
     Release(usize),
     Unknown(usize),
@@ -289,6 +458,7 @@ pub fn operations() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
     use proptest::prelude::*;
     let op = prop_oneof![
         3 => (0..2usize, 1..300i64).prop_map(|(team, cents)| Op::Reserve { team, cents }),
+        1 => (0..40usize).prop_map(Op::Dispatch),
         2 => (0..40usize).prop_map(Op::Attach),
         1 => (0..40usize).prop_map(Op::Release),
         1 => (0..40usize).prop_map(Op::Unknown),
@@ -322,16 +492,25 @@ pub async fn invariants_hold(store: &dyn Ledger, ops: Vec<Op>) {
                     made.push((team, cents(c), id, TaskState::Reserved));
                 }
             }
+            Op::Dispatch(k) if k < made.len() => {
+                let (_, _, id, state) = made[k];
+                let dispatched = store.mark_dispatched(id, at("2026-11-23T10:00:01Z")).await;
+                assert_eq!(
+                    dispatched.is_ok(),
+                    state == TaskState::Reserved,
+                    "{op:?} on a reservation in state {state:?}: {dispatched:?}"
+                );
+            }
             Op::Attach(k) | Op::Release(k) | Op::Unknown(k) if k < made.len() => {
                 let (_, _, id, state) = made[k];
                 let result = match op {
                     Op::Attach(_) => store
-                        .attach_task(id, &format!("ta-{k}"))
+                        .attach_task(id, &format!("ta-{k}"), None)
                         .await
                         .map(|_| TaskState::Open),
                     Op::Release(_) => store.release(id).await.map(|_| TaskState::Released),
                     _ => store
-                        .mark_unknown_outcome(id)
+                        .mark_unknown_outcome(id, OutcomeReason::UpstreamTimeout)
                         .await
                         .map(|_| TaskState::UnknownOutcome),
                 };
@@ -448,6 +627,25 @@ macro_rules! reservations_suite {
         async fn every_stale_reservation_is_abandoned_however_many() {
             let store = $make;
             suite::every_stale_reservation_is_abandoned_however_many(&*store).await;
+        }
+
+        #[tokio::test]
+        async fn a_stale_reservation_is_unknown_if_dispatched_and_given_back_if_not() {
+            let store = $make;
+            suite::a_stale_reservation_is_unknown_if_dispatched_and_given_back_if_not(&*store)
+                .await;
+        }
+
+        #[tokio::test]
+        async fn a_reservation_dispatched_late_waits_from_its_dispatch() {
+            let store = $make;
+            suite::a_reservation_dispatched_late_waits_from_its_dispatch(&*store).await;
+        }
+
+        #[tokio::test]
+        async fn each_unknown_outcome_says_why() {
+            let store = $make;
+            suite::each_unknown_outcome_says_why(&*store).await;
         }
 
         proptest::proptest! {

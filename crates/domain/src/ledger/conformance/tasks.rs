@@ -11,7 +11,7 @@ pub async fn ownership_is_recorded_and_read_back(store: &dyn Ledger) {
         ReserveOutcome::Reserved(_)
     ));
     assert_eq!(store.task("ta-1").await.unwrap(), None);
-    store.attach_task(id, "ta-1").await.unwrap();
+    store.attach_task(id, "ta-1", None).await.unwrap();
     let task = store.task("ta-1").await.unwrap().expect("recorded");
     assert_eq!(task.team, "design");
     assert_eq!(task.model, "google/gempix2");
@@ -23,7 +23,7 @@ pub async fn ownership_is_recorded_and_read_back(store: &dyn Ledger) {
     let other_id = other.id;
     store.reserve(other).await.unwrap();
     assert!(matches!(
-        store.attach_task(other_id, "ta-1").await,
+        store.attach_task(other_id, "ta-1", None).await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.task("ta-1").await.unwrap().unwrap().team, "design");
@@ -52,7 +52,10 @@ pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn Ledger
         r.created_at = at("2026-11-23T10:00:00Z") + chrono::Duration::seconds(n);
         let id = r.id;
         store.reserve(r).await.unwrap();
-        store.attach_task(id, &format!("ta-w{n}")).await.unwrap();
+        store
+            .attach_task(id, &format!("ta-w{n}"), None)
+            .await
+            .unwrap();
     }
     store
         .settle("ta-w1", settlement(FinalStatus::Success, "0.40"))
@@ -82,7 +85,7 @@ pub async fn tasks_are_walked_in_the_order_they_were_recorded(store: &dyn Ledger
     late.created_at = at("2026-11-23T10:01:00Z");
     let late_id = late.id;
     store.reserve(late).await.unwrap();
-    store.attach_task(late_id, "ta-late").await.unwrap();
+    store.attach_task(late_id, "ta-late", None).await.unwrap();
     let rest = walk(store, next.expect("a full page is not the end"), 1).await;
     assert_eq!(ids(&rest), ["ta-late"]);
 }
@@ -125,23 +128,30 @@ pub async fn the_reconciler_finds_what_nobody_watches(store: &dyn Ledger) {
         1
     );
 
-    // A reservation the upstream never answered (the gateway stopped in between).
+    // A reservation sent to the upstream, which never answered (the gateway stopped in between).
     let waiting = reservation("design", "0.25", None);
     let waiting_id = waiting.id;
     store.reserve(waiting).await.unwrap();
+    store
+        .mark_dispatched(waiting_id, at("2026-11-23T10:00:00Z"))
+        .await
+        .unwrap();
     assert_eq!(
         store
             .abandon_stale_reservations(at("2026-11-23T10:00:00Z"))
             .await
             .unwrap(),
-        0
+        Abandoned::default()
     );
     assert_eq!(
         store
             .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
             .await
             .unwrap(),
-        1
+        Abandoned {
+            unknown_outcome: 1,
+            released: 0
+        }
     );
     let unknown = store
         .reservations(TaskState::UnknownOutcome, 10)
@@ -202,7 +212,7 @@ pub async fn callback_tokens_lead_to_their_reservation(store: &dyn Ledger) {
             forward_to: Some("https://hooks.design.example/ketchup".into()),
         }
     );
-    store.attach_task(pushed_id, "ta-1").await.unwrap();
+    store.attach_task(pushed_id, "ta-1", None).await.unwrap();
     let target = store.callback_target("d1").await.unwrap().unwrap();
     assert_eq!(target.task_id.as_deref(), Some("ta-1"));
 

@@ -59,9 +59,10 @@ const RECONNECT_RETRIES: usize = 2;
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at` (no `family` on those recorded before routes had one: read as `image`), then as they become known `task_id consumed final_status settled_at observed_at callback_digest forward_to` |
+/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch` (no `family` on those recorded before routes had one: read as `image`; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by` |
 /// | `P task:{task_id}` | string | the id of the reservation that owns the task |
 /// | `P callback:{digest}` | string | the id of the reservation a callback token leads to |
+/// | `P idempotency:{team}:{key}` | hash, with a TTL | a team's claim of an Idempotency-Key (the team escaped as in `period`): `fingerprint reservation expires_at`, and `status content_type body` once its request has its answer; it expires with the key |
 /// | `P period:{team}:{period}` | hash | `spent` and `reserved` of a team in a budget period (`%` and `:` in the team escaped as `%25`, `%3A`) |
 /// | `P in-flight:{team}` | set | ids of the team's reservations that are reserved or open |
 /// | `P created`, `P created:{team}` | sorted set | reservation ids by `created_at`, for usage |
@@ -74,8 +75,9 @@ const RECONNECT_RETRIES: usize = 2;
 /// | `P deliveries:{state}` | sorted set | ids of the deliveries in a state, by `updated_at` |
 ///
 /// Budget periods are part of their key, so a new period starts from zero without a reset job.
-/// No key has a TTL: as in the SQLite ledger, only finished webhook deliveries go, deleted by the
-/// gateway once `[webhooks] keep_finished` has passed. The scripts name keys they derive from
+/// Only Idempotency-Key claims have a TTL, the key's lifetime. Otherwise, as in the SQLite
+/// ledger, only finished webhook deliveries go, deleted by the gateway once
+/// `[webhooks] keep_finished` has passed. The scripts name keys they derive from
 /// stored fields (a reservation's period and team), so the store needs one Redis server, not a
 /// cluster.
 pub struct RedisStore {
@@ -86,6 +88,11 @@ pub struct RedisStore {
     breaker: Breaker,
     /// The URL's password as written and as decoded: blanked out of every error message.
     secrets: Vec<String>,
+}
+
+/// A team as the first of two free parts of a key: with ':' escaped, the key is unambiguous.
+fn escape(team: &str) -> String {
+    team.replace('%', "%25").replace(':', "%3A")
 }
 
 /// Key names; `prelude.lua` builds the same ones inside the scripts.
@@ -107,8 +114,13 @@ impl Keys {
     }
 
     fn period(&self, team: &str, period: &str) -> String {
-        let team = team.replace('%', "%25").replace(':', "%3A");
-        format!("{}period:{team}:{period}", self.prefix)
+        format!("{}period:{}:{period}", self.prefix, escape(team))
+    }
+
+    /// The Rust side names a claim only to check it in tests; the scripts keep them.
+    #[cfg(test)]
+    fn idempotency(&self, team: &str, key: &str) -> String {
+        format!("{}idempotency:{}:{key}", self.prefix, escape(team))
     }
 
     fn in_flight(&self, team: &str) -> String {

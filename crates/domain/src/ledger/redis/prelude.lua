@@ -24,6 +24,7 @@ local K = {
   created = P .. 'created',
   created_by = function(team) return P .. 'created:' .. team end,
   by_state = function(state) return P .. 'state:' .. state end,
+  idempotency = function(team, key) return P .. 'idempotency:' .. escape(team) .. ':' .. key end,
   unobserved = P .. 'open-by-last-seen',
   delivery = function(id) return P .. 'delivery:' .. id end,
   delivery_of_task = function(task_id) return P .. 'delivery-of-task:' .. task_id end,
@@ -52,13 +53,15 @@ local function adjust(team, period, reserved, spent)
 end
 
 -- Moves a reservation out of `from`; `charge` says whether its held amount becomes spent (unknown
--- outcome) or is given back. Returns why not when the reservation is not in `from`.
-local function move_reservation(id, from, to, charge)
+-- outcome) or is given back, `reason` (or '') why. Returns why not when the reservation is not in
+-- `from`.
+local function move_reservation(id, from, to, charge, reason)
   local key = K.reservation(id)
   local r = redis.call('HMGET', key, 'state', 'team', 'period', 'reserved', 'created_at')
   if r[1] ~= from then return 'reservation ' .. id .. ' is not ' .. from end
   local team, period, amount, created = r[2], r[3], r[4], r[5]
   redis.call('HSET', key, 'state', to)
+  if reason ~= '' then redis.call('HSET', key, 'reason', reason) end
   redis.call('ZREM', K.by_state(from), id)
   redis.call('ZADD', K.by_state(to), created, id)
   if from == 'reserved' then

@@ -11,7 +11,8 @@ use redis::Value;
 use super::{RedisStore, credits, fields, from_millis, millis, parse, task_state, unexpected};
 use crate::credits::Credits;
 use crate::ledger::{
-    FinalStatus, Reports, ReservationRecord, Standing, StoreError, TaskState, UsageRow,
+    FinalStatus, OutcomeReason, Reports, ReservationRecord, Standing, StoreError, TaskState,
+    UsageRow,
 };
 
 /// The family of a reservation recorded before reservations had one: every generation was an
@@ -22,7 +23,7 @@ const FAMILY_BEFORE_ROUTES: &str = "image";
 /// that no single answer holds Redis up.
 const USAGE_PAGE: usize = 512;
 
-const RESERVATION_FIELDS: [&str; 9] = [
+const RESERVATION_FIELDS: [&str; 14] = [
     "id",
     "task_id",
     "team",
@@ -32,6 +33,11 @@ const RESERVATION_FIELDS: [&str; 9] = [
     "state",
     "request_id",
     "created_at",
+    "reason",
+    "dispatched_at",
+    "idempotency_key",
+    "retry_of",
+    "resolved_by",
 ];
 const USAGE_FIELDS: [&str; 8] = [
     "team",
@@ -90,11 +96,17 @@ impl Reports for RedisStore {
                 now,
                 request_id,
                 created_at,
+                reason,
+                dispatched_at,
+                idempotency_key,
+                retry_of,
+                resolved_by,
             ] = fields(row)?;
             // Moved on between the two reads.
             if parse::<String>(now)? != state.as_str() {
                 continue;
             }
+            let reason: Option<String> = parse(reason)?;
             records.push(ReservationRecord {
                 id: parse(id)?,
                 task_id: parse(task_id)?,
@@ -103,6 +115,14 @@ impl Reports for RedisStore {
                 period: parse(period)?,
                 reserved: credits(reserved)?,
                 state: state.as_str(),
+                reason: reason
+                    .as_deref()
+                    .and_then(OutcomeReason::parse)
+                    .map(OutcomeReason::as_str),
+                dispatched_at: parse::<Option<i64>>(dispatched_at)?.map(from_millis),
+                idempotency_key: parse(idempotency_key)?,
+                retry_of: parse(retry_of)?,
+                resolved_by: parse(resolved_by)?,
                 request_id: parse(request_id)?,
                 created_at: from_millis(parse(created_at)?),
             });

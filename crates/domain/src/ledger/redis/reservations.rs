@@ -1,5 +1,6 @@
 //! Reservations in Redis: each change of a reservation's state is one script, which changes the
-//! team's period totals in the same step.
+//! team's period totals in the same step. An Idempotency-Key's claim and answer are part of the
+//! scripts of `reserve` and `attach_task`; the claims expire by their TTL.
 
 use std::sync::LazyLock;
 
@@ -13,11 +14,13 @@ use super::{
 };
 use crate::credits::Credits;
 use crate::ledger::{
-    FinalStatus, NewReservation, ReservationId, Reservations, ReserveOutcome, SettleOutcome,
-    SettledTask, Settlement, Standing, StoreError, TaskState,
+    Abandoned, FinalStatus, NewReservation, OutcomeReason, ReservationId, Reservations,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, StoredAnswer,
+    TaskState,
 };
 
 static RESERVE: LazyLock<Script> = ledger_script!("reserve.lua");
+static DISPATCH: LazyLock<Script> = ledger_script!("dispatch.lua");
 static ATTACH: LazyLock<Script> = ledger_script!("attach.lua");
 static MOVE: LazyLock<Script> = ledger_script!("move.lua");
 static ABANDON: LazyLock<Script> = ledger_script!("abandon.lua");
@@ -31,12 +34,14 @@ impl RedisStore {
         from: TaskState,
         to: TaskState,
         charge: bool,
+        reason: Option<OutcomeReason>,
     ) -> Result<(), StoreError> {
         let mut call = self.script(&MOVE);
         call.arg(id.0.to_string())
             .arg(from.as_str())
             .arg(to.as_str())
-            .arg(flag(charge));
+            .arg(flag(charge))
+            .arg(reason.map_or("", OutcomeReason::as_str));
         accepted(self.eval(&call).await?)
     }
 
@@ -94,6 +99,11 @@ impl Reservations for RedisStore {
             .arg(callback.map_or("", |c| c.token_digest.as_str()))
             .arg(flag(forward_to.is_some()))
             .arg(forward_to.unwrap_or(""));
+        let claim = r.idempotency.as_ref();
+        call.arg(flag(claim.is_some()))
+            .arg(claim.map_or("", |c| c.key.as_str()))
+            .arg(claim.map_or("", |c| c.fingerprint.as_str()))
+            .arg(optional(claim.map(|c| millis(c.expires_at))));
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "reserved" => {
@@ -116,25 +126,78 @@ impl Reservations for RedisStore {
                     in_flight: parse(in_flight)?,
                 })
             }
+            "replay" => {
+                let [status, content_type, body] = fields(details)?;
+                Ok(ReserveOutcome::Replay(StoredAnswer {
+                    status: parse(status)?,
+                    content_type: parse(content_type)?,
+                    body: parse(body)?,
+                }))
+            }
+            "key_in_use" => Ok(ReserveOutcome::KeyInUse),
+            "key_mismatch" => Ok(ReserveOutcome::KeyMismatch),
             "conflict" => Err(conflict(details)),
             other => Err(unexpected(format!("reserve answered {other:?}"))),
         }
     }
 
-    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
-        let mut call = self.script(&ATTACH);
-        call.arg(id.0.to_string()).arg(task_id);
+    async fn mark_dispatched(
+        &self,
+        id: ReservationId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut call = self.script(&DISPATCH);
+        call.arg(id.0.to_string()).arg(millis(at));
         accepted(self.eval(&call).await?)
     }
 
+    async fn attach_task(
+        &self,
+        id: ReservationId,
+        task_id: &str,
+        answer: Option<&StoredAnswer>,
+    ) -> Result<Vec<ReservationId>, StoreError> {
+        let mut call = self.script(&ATTACH);
+        call.arg(id.0.to_string())
+            .arg(task_id)
+            .arg(flag(answer.is_some()))
+            .arg(answer.map_or(0, |a| a.status))
+            .arg(answer.map_or("", |a| a.content_type.as_str()))
+            .arg(answer.map_or(&[][..], |a| a.body.as_slice()));
+        let (tag, details) = tagged(self.eval(&call).await?)?;
+        match tag.as_str() {
+            "ok" => details
+                .into_iter()
+                .map(|released| {
+                    let text: String = parse(released)?;
+                    uuid::Uuid::parse_str(&text)
+                        .map(ReservationId)
+                        .map_err(unexpected)
+                })
+                .collect(),
+            "conflict" => Err(conflict(details)),
+            other => Err(unexpected(format!("attach answered {other:?}"))),
+        }
+    }
+
     async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
-        self.move_reservation(id, TaskState::Reserved, TaskState::Released, false)
+        self.move_reservation(id, TaskState::Reserved, TaskState::Released, false, None)
             .await
     }
 
-    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
-        self.move_reservation(id, TaskState::Reserved, TaskState::UnknownOutcome, true)
-            .await
+    async fn mark_unknown_outcome(
+        &self,
+        id: ReservationId,
+        reason: OutcomeReason,
+    ) -> Result<(), StoreError> {
+        self.move_reservation(
+            id,
+            TaskState::Reserved,
+            TaskState::UnknownOutcome,
+            true,
+            Some(reason),
+        )
+        .await
     }
 
     async fn settle(
@@ -157,29 +220,48 @@ impl Reservations for RedisStore {
             .await
     }
 
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut abandoned = 0;
+    async fn abandon_stale_reservations(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<Abandoned, StoreError> {
+        let mut abandoned = Abandoned::default();
         loop {
             let mut call = self.script(&ABANDON);
             call.arg(millis(before)).arg(ABANDON_BATCH);
-            let (moved, looked_at): (u64, usize) = match self.eval(&call).await {
+            let (unknown, released, looked_at): (u64, u64, usize) = match self.eval(&call).await {
                 // The batches before this one were applied: the store has seen this call.
-                Err(StoreError::NotTried(why)) if abandoned > 0 => {
+                Err(StoreError::NotTried(why)) if abandoned != Abandoned::default() => {
                     return Err(StoreError::Unavailable(why));
                 }
                 answer => answer?,
             };
-            abandoned += moved;
+            abandoned.unknown_outcome += unknown;
+            abandoned.released += released;
             // A short batch was the last. A full one that moved nothing would only repeat.
-            if looked_at < ABANDON_BATCH || moved == 0 {
+            if looked_at < ABANDON_BATCH || unknown + released == 0 {
                 return Ok(abandoned);
             }
         }
     }
 
     async fn release_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
-        self.move_reservation(id, TaskState::UnknownOutcome, TaskState::Released, false)
-            .await
+        self.move_reservation(
+            id,
+            TaskState::UnknownOutcome,
+            TaskState::Released,
+            false,
+            None,
+        )
+        .await
+    }
+
+    /// Nothing to delete: each claim carries a TTL that ends with it, and Redis drops it then.
+    async fn purge_expired_keys(
+        &self,
+        _now: DateTime<Utc>,
+        _limit: usize,
+    ) -> Result<u64, StoreError> {
+        Ok(0)
     }
 }
 
@@ -187,8 +269,32 @@ impl Reservations for RedisStore {
 mod tests {
     use super::*;
     use crate::ledger::Reports;
+    use crate::ledger::conformance::idempotency::{accepted, keyed};
     use crate::ledger::conformance::{at, reservation};
     use crate::ledger::redis::test_store;
+
+    #[tokio::test]
+    async fn a_key_claim_lives_as_long_as_the_key_and_no_longer() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let r = keyed("design", "k:1", "fp", "2026-11-23T10:00:00Z");
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        store
+            .attach_task(id, "ta-ttl", Some(&accepted("ta-ttl")))
+            .await
+            .unwrap();
+        // Claimed for an hour: Redis drops the claim then, answer and all.
+        let ttl: i64 = store
+            .query(redis::cmd("PTTL").arg(store.keys.idempotency("design", "k:1")))
+            .await
+            .unwrap();
+        assert!(
+            (3_590_000..=3_600_000).contains(&ttl),
+            "the claim's TTL is {ttl} ms"
+        );
+    }
 
     #[tokio::test]
     async fn amounts_beyond_double_precision_stay_exact() {
@@ -209,7 +315,7 @@ mod tests {
                 reserved: amount
             })
         );
-        store.attach_task(id, "ta-big").await.unwrap();
+        store.attach_task(id, "ta-big", None).await.unwrap();
         let consumed = Credits::from_units((1 << 60) + 3);
         let settled = store
             .settle(

@@ -7,9 +7,10 @@
 //! earlier one: two reservations can never both take the last credits. Reads use their own
 //! connections, which WAL lets run beside the writer.
 //!
-//! The operations are in one file per concern, as the ledger's traits cut them: `reservations`,
-//! `tasks`, `outbox` and `reports`. This file is the store they share: the schema and its
-//! migrations, the writer thread and the readers, and the statement helpers.
+//! The operations are in one file per concern, as the ledger's traits cut them: `reservations`
+//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox` and `reports`. This file
+//! is the store they share: the schema and its migrations, the writer thread and the readers, and
+//! the statement helpers.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Ledger, StoreError};
 
+mod idempotency;
 mod outbox;
 mod reports;
 mod reservations;
@@ -102,6 +104,32 @@ const MIGRATIONS: &[&str] = &[
     // recorded before are all image generations, the only kind the gateway served then.
     r#"
     ALTER TABLE reservations ADD COLUMN family TEXT NOT NULL DEFAULT 'image';
+    "#,
+    // When each reservation was marked as sent to the upstream, why an unknown outcome is one,
+    // and the Idempotency-Key a generation claimed, with the attempts it links: the earlier one
+    // whose outcome was unknown (`retry_of`) and the retry whose task released it
+    // (`resolved_by`). The version before recorded no dispatch, so a reservation it left waiting
+    // may have been sent: it counts as sent when it was made. Then the claims themselves, one
+    // per team and key, with the answer their repeats get once there is one.
+    r#"
+    ALTER TABLE reservations ADD COLUMN dispatched_at INTEGER;
+    ALTER TABLE reservations ADD COLUMN reason TEXT;
+    ALTER TABLE reservations ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE reservations ADD COLUMN retry_of TEXT;
+    ALTER TABLE reservations ADD COLUMN resolved_by TEXT;
+    UPDATE reservations SET dispatched_at = created_at WHERE state = 'reserved';
+    CREATE TABLE idempotency_keys (
+        team         TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        fingerprint  TEXT NOT NULL,     -- SHA-256 (hex) of the route path and the body
+        reservation  TEXT NOT NULL,     -- the attempt that holds the key now
+        expires_at   INTEGER NOT NULL,  -- unix ms; from then on the key is free
+        status       INTEGER,           -- the answer repeats get, once the upstream accepted
+        content_type TEXT,
+        body         BLOB,
+        PRIMARY KEY (team, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
     "#,
 ];
 
@@ -327,8 +355,80 @@ mod tests {
 
     use super::*;
     use crate::ledger::conformance::at;
+    use crate::ledger::conformance::idempotency::keyed;
     use crate::ledger::conformance::outbox::delivery;
-    use crate::ledger::{DeliveryState, Outbox, Reports, ReservationId, TaskState, Tasks};
+    use crate::ledger::{
+        Abandoned, DeliveryState, Outbox, Reports, ReservationId, Reservations, TaskState, Tasks,
+    };
+
+    fn claims(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM idempotency_keys", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn expired_key_claims_are_deleted_a_batch_at_a_time_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path).unwrap();
+        // Five claims lasting until 11:00 to 11:04, one each minute.
+        for n in 0..5 {
+            let made = format!("2026-11-23T10:0{n}:00Z");
+            let r = keyed("design", &format!("k-{n}"), "fp", &made);
+            store.reserve(r).await.unwrap();
+        }
+        assert_eq!(claims(&path), 5);
+        let now = at("2026-11-23T11:02:30Z");
+        assert_eq!(store.purge_expired_keys(now, 2).await.unwrap(), 2);
+        assert_eq!(store.purge_expired_keys(now, 2).await.unwrap(), 1);
+        assert_eq!(store.purge_expired_keys(now, 2).await.unwrap(), 0);
+        assert_eq!(claims(&path), 2, "the claims until 11:03 and 11:04 stay");
+    }
+
+    #[tokio::test]
+    async fn a_reservation_left_waiting_by_the_version_before_dispatch_counts_as_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let id = ReservationId::new();
+        {
+            // The schema as the version before dispatch left it, with one reservation waiting.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            let before = MIGRATIONS.len() - 1;
+            for migration in &MIGRATIONS[..before] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before as i64)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO reservations (id, team, model, period, reserved, state, request_id,
+                                           created_at)
+                 VALUES (?1, 'design', 'google/gempix2', '2026-11', 50000000, 'reserved',
+                         'req-old', ?2)",
+                params![id.0.to_string(), millis(at("2026-11-23T10:00:00Z"))],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            store
+                .abandon_stale_reservations(at("2026-11-23T10:30:00Z"))
+                .await
+                .unwrap(),
+            Abandoned {
+                unknown_outcome: 1,
+                released: 0
+            }
+        );
+        let unknown = store
+            .reservations(TaskState::UnknownOutcome, 10)
+            .await
+            .unwrap();
+        assert_eq!(unknown[0].id, id.0.to_string());
+        assert_eq!(unknown[0].dispatched_at, Some(at("2026-11-23T10:00:00Z")));
+    }
 
     #[tokio::test]
     async fn a_ledger_from_before_webhooks_keeps_its_history_and_gains_the_outbox() {

@@ -7,7 +7,9 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, from_millis, millis, query_row, unavailable};
 use crate::credits::Credits;
-use crate::ledger::{Reports, ReservationRecord, Standing, StoreError, TaskState, UsageRow};
+use crate::ledger::{
+    OutcomeReason, Reports, ReservationRecord, Standing, StoreError, TaskState, UsageRow,
+};
 
 #[async_trait]
 impl Reports for SqliteStore {
@@ -55,12 +57,14 @@ impl Reports for SqliteStore {
         self.read(move |conn| {
             let mut statement = conn
                 .prepare_cached(
-                    "SELECT id, task_id, team, model, period, reserved, request_id, created_at
+                    "SELECT id, task_id, team, model, period, reserved, request_id, created_at,
+                            reason, dispatched_at, idempotency_key, retry_of, resolved_by
                      FROM reservations WHERE state = ?1 ORDER BY created_at DESC LIMIT ?2",
                 )
                 .map_err(unavailable)?;
             let rows = statement
                 .query_map(params![state.as_str(), limit as i64], |r| {
+                    let reason: Option<String> = r.get(8)?;
                     Ok(ReservationRecord {
                         id: r.get(0)?,
                         task_id: r.get(1)?,
@@ -69,6 +73,14 @@ impl Reports for SqliteStore {
                         period: r.get(4)?,
                         reserved: Credits::from_units(r.get(5)?),
                         state: state.as_str(),
+                        reason: reason
+                            .as_deref()
+                            .and_then(OutcomeReason::parse)
+                            .map(OutcomeReason::as_str),
+                        dispatched_at: r.get::<_, Option<i64>>(9)?.map(from_millis),
+                        idempotency_key: r.get(10)?,
+                        retry_of: r.get(11)?,
+                        resolved_by: r.get(12)?,
                         request_id: r.get(6)?,
                         created_at: from_millis(r.get(7)?),
                     })

@@ -1,15 +1,19 @@
 //! Reservations in SQLite: each change of a reservation's state and the change of its team's
 //! period totals run in one transaction, so the totals always equal the sum over the reservations.
+//! An Idempotency-Key's claim and answer (see `idempotency`) join the transactions of `reserve`
+//! and `attach_task`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::idempotency::{self, KeyState};
 use super::{SqliteStore, execute, millis, query_row, unavailable};
 use crate::credits::Credits;
 use crate::ledger::{
-    FinalStatus, NewReservation, ReservationId, Reservations, ReserveOutcome, SettleOutcome,
-    SettledTask, Settlement, Standing, StoreError, TaskState,
+    Abandoned, FinalStatus, NewReservation, OutcomeReason, ReservationId, Reservations,
+    ReserveOutcome, SettleOutcome, SettledTask, Settlement, Standing, StoreError, StoredAnswer,
+    TaskState,
 };
 
 /// Adds to a period's totals; every change of a reservation's state calls it in the same
@@ -33,25 +37,33 @@ fn adjust_period(
 }
 
 /// Moves a reservation out of `from`; `charge` says whether its held amount becomes spent
-/// (unknown outcome) or is given back. Refused when the reservation is not in `from`.
-fn move_reservation(
+/// (unknown outcome) or is given back, `reason` (if any) says why. Refused when the reservation
+/// is not in `from`.
+pub(super) fn move_reservation(
     conn: &Connection,
-    id: ReservationId,
+    id: &str,
     from: TaskState,
     to: TaskState,
     charge: bool,
+    reason: Option<OutcomeReason>,
 ) -> Result<(), StoreError> {
     let row: Option<(String, String, i64)> = query_row(
         conn,
-        "UPDATE reservations SET state = ?3 WHERE id = ?1 AND state = ?2
+        "UPDATE reservations SET state = ?3, reason = coalesce(?4, reason)
+             WHERE id = ?1 AND state = ?2
              RETURNING team, period, reserved",
-        params![id.0.to_string(), from.as_str(), to.as_str()],
+        params![
+            id,
+            from.as_str(),
+            to.as_str(),
+            reason.map(OutcomeReason::as_str)
+        ],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .optional()
     .map_err(unavailable)?;
     let (team, period, amount) = row.ok_or_else(|| {
-        StoreError::Conflict(format!("reservation {} is not {}", id.0, from.as_str()))
+        StoreError::Conflict(format!("reservation {id} is not {}", from.as_str()))
     })?;
     match (from, charge) {
         (TaskState::Reserved, true) => adjust_period(conn, &team, &period, -amount, amount),
@@ -115,6 +127,17 @@ fn close_open_task(
 impl Reservations for SqliteStore {
     async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
         self.write(move |conn| {
+            // The key first: a repeat gets its answer even when the budget is spent by now.
+            let retry_of = match &r.idempotency {
+                None => None,
+                Some(claim) => match idempotency::look(conn, &r.team, claim, millis(r.created_at))?
+                {
+                    KeyState::Free { retry_of } => retry_of,
+                    KeyState::Answered(answer) => return Ok(ReserveOutcome::Replay(answer)),
+                    KeyState::InUse => return Ok(ReserveOutcome::KeyInUse),
+                    KeyState::Mismatch => return Ok(ReserveOutcome::KeyMismatch),
+                },
+            };
             let (spent, reserved): (i64, i64) = query_row(
                 conn,
                 "SELECT spent, reserved FROM budget_periods WHERE team = ?1 AND period = ?2",
@@ -152,8 +175,9 @@ impl Reservations for SqliteStore {
             execute(
                 conn,
                 "INSERT INTO reservations (id, team, model, family, period, reserved, state,
-                                           request_id, created_at, callback_digest, forward_to)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10)",
+                                           request_id, created_at, callback_digest, forward_to,
+                                           idempotency_key, retry_of)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     r.id.0.to_string(),
                     r.team,
@@ -165,9 +189,14 @@ impl Reservations for SqliteStore {
                     millis(r.created_at),
                     r.callback.as_ref().map(|c| &c.token_digest),
                     r.callback.as_ref().and_then(|c| c.forward_to.as_ref()),
+                    r.idempotency.as_ref().map(|c| &c.key),
+                    retry_of,
                 ],
             )
             .map_err(unavailable)?;
+            if let Some(claim) = &r.idempotency {
+                idempotency::claim(conn, &r.team, r.id, claim)?;
+            }
             adjust_period(conn, &r.team, &r.period, r.amount.units(), 0)?;
             Ok(ReserveOutcome::Reserved(Standing {
                 spent: Credits::from_units(spent),
@@ -177,23 +206,18 @@ impl Reservations for SqliteStore {
         .await
     }
 
-    async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
-        let task_id = task_id.to_owned();
+    async fn mark_dispatched(
+        &self,
+        id: ReservationId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let changed = execute(
                 conn,
-                "UPDATE reservations SET task_id = ?2, state = 'open'
-                     WHERE id = ?1 AND state = 'reserved'",
-                params![id.0.to_string(), task_id],
+                "UPDATE reservations SET dispatched_at = ?2 WHERE id = ?1 AND state = 'reserved'",
+                params![id.0.to_string(), millis(at)],
             )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    StoreError::Conflict(format!("task {task_id} is already recorded"))
-                }
-                other => unavailable(other),
-            })?;
+            .map_err(unavailable)?;
             if changed == 0 {
                 return Err(StoreError::Conflict(format!(
                     "reservation {} is not held",
@@ -205,21 +229,73 @@ impl Reservations for SqliteStore {
         .await
     }
 
-    async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
+    async fn attach_task(
+        &self,
+        id: ReservationId,
+        task_id: &str,
+        answer: Option<&StoredAnswer>,
+    ) -> Result<Vec<ReservationId>, StoreError> {
+        let task_id = task_id.to_owned();
+        let answer = answer.cloned();
         self.write(move |conn| {
-            move_reservation(conn, id, TaskState::Reserved, TaskState::Released, false)
+            let attached: Option<(String, Option<String>, Option<String>)> = query_row(
+                conn,
+                "UPDATE reservations SET task_id = ?2, state = 'open'
+                     WHERE id = ?1 AND state = 'reserved'
+                     RETURNING team, idempotency_key, retry_of",
+                params![id.0.to_string(), task_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::Conflict(format!("task {task_id} is already recorded"))
+                }
+                other => unavailable(other),
+            })?;
+            let Some((team, key, retry_of)) = attached else {
+                return Err(StoreError::Conflict(format!(
+                    "reservation {} is not held",
+                    id.0
+                )));
+            };
+            if let (Some(key), Some(answer)) = (key, &answer) {
+                idempotency::answer(conn, &team, &key, id, answer)?;
+            }
+            idempotency::resolve_earlier(conn, id, retry_of)
         })
         .await
     }
 
-    async fn mark_unknown_outcome(&self, id: ReservationId) -> Result<(), StoreError> {
+    async fn release(&self, id: ReservationId) -> Result<(), StoreError> {
         self.write(move |conn| {
             move_reservation(
                 conn,
-                id,
+                &id.0.to_string(),
+                TaskState::Reserved,
+                TaskState::Released,
+                false,
+                None,
+            )
+        })
+        .await
+    }
+
+    async fn mark_unknown_outcome(
+        &self,
+        id: ReservationId,
+        reason: OutcomeReason,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            move_reservation(
+                conn,
+                &id.0.to_string(),
                 TaskState::Reserved,
                 TaskState::UnknownOutcome,
                 true,
+                Some(reason),
             )
         })
         .await
@@ -250,26 +326,48 @@ impl Reservations for SqliteStore {
             .await
     }
 
-    async fn abandon_stale_reservations(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn abandon_stale_reservations(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<Abandoned, StoreError> {
         self.write(move |conn| {
+            // Made before `before` (the index's range) and, if dispatched, dispatched before it
+            // too: the upstream call it waits on may have started late.
             let mut statement = conn
                 .prepare_cached(
-                    "UPDATE reservations SET state = 'unknown_outcome'
+                    "UPDATE reservations
+                     SET state = CASE WHEN dispatched_at IS NULL
+                                      THEN 'released' ELSE 'unknown_outcome' END,
+                         reason = CASE WHEN dispatched_at IS NULL
+                                       THEN ?2 ELSE ?3 END
                      WHERE state = 'reserved' AND created_at < ?1
-                     RETURNING team, period, reserved",
+                       AND coalesce(dispatched_at, created_at) < ?1
+                     RETURNING team, period, reserved, state",
                 )
                 .map_err(unavailable)?;
-            let rows: Vec<(String, String, i64)> = statement
-                .query_map(params![millis(before)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
+            let rows: Vec<(String, String, i64, String)> = statement
+                .query_map(
+                    params![
+                        millis(before),
+                        OutcomeReason::NeverDispatched.as_str(),
+                        OutcomeReason::NoAnswerRecorded.as_str()
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
                 .map_err(unavailable)?
                 .collect::<Result<_, _>>()
                 .map_err(unavailable)?;
-            for (team, period, amount) in &rows {
-                adjust_period(conn, team, period, -amount, *amount)?;
+            let mut abandoned = Abandoned::default();
+            for (team, period, amount, state) in &rows {
+                if state == TaskState::Released.as_str() {
+                    adjust_period(conn, team, period, -amount, 0)?;
+                    abandoned.released += 1;
+                } else {
+                    adjust_period(conn, team, period, -amount, *amount)?;
+                    abandoned.unknown_outcome += 1;
+                }
             }
-            Ok(rows.len() as u64)
+            Ok(abandoned)
         })
         .await
     }
@@ -278,12 +376,22 @@ impl Reservations for SqliteStore {
         self.write(move |conn| {
             move_reservation(
                 conn,
-                id,
+                &id.0.to_string(),
                 TaskState::UnknownOutcome,
                 TaskState::Released,
                 false,
+                None,
             )
         })
         .await
+    }
+
+    async fn purge_expired_keys(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.write(move |conn| idempotency::purge(conn, millis(now), limit))
+            .await
     }
 }
