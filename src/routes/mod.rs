@@ -15,6 +15,7 @@ pub mod budget;
 pub mod callbacks;
 pub mod generate;
 pub mod health;
+pub mod openapi;
 pub mod scrape;
 pub mod task_query;
 
