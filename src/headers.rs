@@ -6,7 +6,7 @@ use http::HeaderName;
 /// The request's id: the caller's if sane, else a new one; logged, forwarded upstream and
 /// returned.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// `HIT` or `MISS`: whether a status read was answered from the status cache.
+/// `hit`, `miss` or `coalesced`: how a status read was served by the status cache.
 pub const CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// The team's credits left this period, on an accepted generation.
 pub const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining");

@@ -31,6 +31,10 @@ use ketchup_domain::config::KeyDigest;
 pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Router {
     let config = state.config.load();
     let request_timeout = config.server.request_timeout;
+    let published = routes::openapi::Published {
+        admin: admin_token_digest.is_some(),
+        metrics: config.server.metrics_listen.is_none(),
+    };
 
     // The team's limit of each kind, on the routes it applies to; inside the stack below, so
     // it runs after authentication and before the handler spends anything on the request.
@@ -63,12 +67,19 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
         )
         .route("/healthz", get(routes::health::live))
         .route("/readyz", get(routes::health::ready))
-        .fallback(routes::no_such_route)
-        .method_not_allowed_fallback(routes::no_such_method);
+        .route(
+            "/openapi.json",
+            get(move |state| routes::openapi::serve(state, published)),
+        );
     // With `server.metrics_listen`, metrics are served only there, never beside the API.
-    if config.server.metrics_listen.is_none() {
+    if published.metrics {
         routes = routes.route("/metrics", get(routes::scrape::scrape));
     }
+    // Last: the method fallback reaches only the routes added before it, and every route must
+    // answer a wrong method in the envelope.
+    let routes = routes
+        .fallback(routes::no_such_route)
+        .method_not_allowed_fallback(routes::no_such_method);
 
     let stack = ServiceBuilder::new()
         // First, so that no later layer (or log line) ever sees a key or token in clear.

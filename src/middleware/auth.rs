@@ -25,7 +25,7 @@ use ketchup_domain::{
 /// Who may call a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// No key: liveness and readiness probes.
+    /// No key: liveness and readiness probes, metrics, the OpenAPI document.
     Public,
     /// The admin token.
     Admin,
@@ -36,7 +36,7 @@ pub enum Access {
 /// The one list of routes that need no key.
 pub fn access_for(path: &str) -> Access {
     match path {
-        "/healthz" | "/readyz" | "/metrics" => Access::Public,
+        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => Access::Public,
         // The upstream calls these; the unguessable token in the path is the credential.
         _ if path.starts_with("/callbacks/") => Access::Public,
         _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,

@@ -16,6 +16,7 @@ pub mod callbacks;
 pub mod generate;
 pub mod health;
 mod idempotent;
+pub mod openapi;
 pub mod scrape;
 pub mod task_query;
 

@@ -43,7 +43,9 @@ pub use server::{
 };
 pub use store::{RateLimitsWhenUnavailable, RedisTls, StoreConfig};
 pub use teams::{Budget, BudgetPeriod, KeyEntry, KeyWindow, Limits, ModelAllowList, Team};
-pub use upstream::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig};
+pub use upstream::{
+    DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig,
+};
 pub use values::{KeyDigest, Rate, Secret, SecretSource};
 pub use webhooks::WebhooksConfig;
 

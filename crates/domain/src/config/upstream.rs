@@ -13,7 +13,8 @@ use super::values::{HttpUrl, HumanDuration, SecretSource, above_zero, secret_sou
 const DEFAULT_BASE_URL: &str = "https://api.defapi.org";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_MAX_REFERENCE_IMAGES: usize = 4;
+/// How many reference images `/api/image/gen` takes unless `max_reference_images` says otherwise.
+pub const DEFAULT_MAX_REFERENCE_IMAGES: usize = 4;
 const DEFAULT_MAX_REQUESTS_PER_SECOND: NonZeroU32 = NonZeroU32::new(50).unwrap();
 const DEFAULT_NEW_TASK_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_QUERY_RETRIES: usize = 2;
