@@ -14,6 +14,8 @@
 //! (the upstream refused, nothing was charged), `unknown_outcome` (the request may have reached
 //! the upstream but no answer came back: counted as spent until an admin releases it) and
 //! `expired` (no final status within the maximum task age: charged at its reservation).
+//! A text request is answered at once and has no task: its reservation goes from `reserved`
+//! straight to `settled` at what the answer reports.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -374,6 +376,16 @@ pub trait Reservations: Send + Sync + 'static {
     async fn settle(
         &self,
         task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Settles a reservation that never gets a task id (a text request, answered at once) at
+    /// what its answer cost, atomically and once: from `reserved`, or from `unknown_outcome`
+    /// when the reservation was given up on (by the reconciler) while its answer still ran.
+    /// `AlreadyClosed` if it was settled or released before, `NotOpen` if it is not held.
+    async fn settle_reservation(
+        &self,
+        id: ReservationId,
         settlement: Settlement,
     ) -> Result<SettleOutcome, StoreError>;
 
