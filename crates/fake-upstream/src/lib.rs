@@ -1,6 +1,7 @@
 //! A faithful fake of the Ketchup upstream (api.defapi.org), for tests, the demo and benchmarks.
 //!
-//! It answers the three endpoints with the contract's exact bodies and status codes
+//! It answers the asynchronous endpoints, the task query, the balance and the three text
+//! dialects with the contract's exact bodies and status codes
 //! (`/work/shared/upstream/CONTRACT.md`), renders on a clock-driven schedule (pending → submitted
 //! → in_progress → success | failed), calls webhooks, counts everything a test may want to
 //! assert, and injects faults on demand. Out of process it is driven through `/_fake/*`.
@@ -14,6 +15,7 @@ mod callbacks;
 mod catalog;
 mod faults;
 mod state;
+mod text;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -36,6 +38,7 @@ use tower::ServiceExt;
 
 pub use faults::{Fault, FaultRates, Faults};
 pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
+pub use text::{TextConfig, TextExchange, TextFault, TextFaults};
 
 use ketchup_domain::clock::{self, SharedClock};
 use ketchup_domain::credits::Credits;
@@ -60,6 +63,8 @@ pub struct FakeConfig {
     pub clock: SharedClock,
     /// The `/api/user` balance before any task finished.
     pub initial_balance: Credits,
+    /// The text models and how their answers come.
+    pub text: TextConfig,
 }
 
 impl FakeConfig {
@@ -76,6 +81,7 @@ impl FakeConfig {
             unknown_for: Duration::ZERO,
             clock: clock::system(),
             initial_balance: Credits::from_units(10_050_000_000),
+            text: TextConfig::default(),
         }
     }
 }
@@ -119,6 +125,7 @@ impl fmt::Debug for FakeConfig {
             .field("in_progress_for", &self.in_progress_for)
             .field("unknown_for", &self.unknown_for)
             .field("initial_balance", &self.initial_balance)
+            .field("text", &self.text)
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +161,22 @@ impl FakeHandle {
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// The failures queued for the next text requests.
+    pub fn text_faults(&self) -> &TextFaults {
+        &self.shared.text_faults
+    }
+
+    /// Every text request so far (the first [`RECORD_CAP`]), as it was answered.
+    pub fn text_exchanges(&self) -> Vec<TextExchange> {
+        self.shared.text_log.exchanges()
+    }
+
+    /// When the first event of each text stream was handed to its connection, in order: an
+    /// `Instant` of this process, to set beside when a client in it received the event.
+    pub fn text_first_chunks_sent(&self) -> Vec<std::time::Instant> {
+        self.shared.text_log.first_chunks_sent()
     }
 
     pub fn shutdown(self) {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::FakeConfig;
 use super::catalog::Endpoint;
 use super::faults::Faults;
+use super::text::{TextConfig, TextFaults, TextLog};
 use ketchup_domain::clock::SharedClock;
 use ketchup_domain::credits::Credits;
 
@@ -54,6 +55,8 @@ pub struct FakeStats {
     pub query_requests: u64,
     /// `GET /api/user` requests that arrived.
     pub user_requests: u64,
+    /// Text requests (any of the three dialects) that arrived, whatever their outcome.
+    pub text_requests: u64,
     /// Requests answered 401, on any endpoint.
     pub unauthorized: u64,
     /// Queries per existing task (ids the fake never issued are not counted here, so hostile
@@ -208,6 +211,9 @@ pub(crate) struct Shared {
     callbacks: Mutex<BTreeMap<(DateTime<Utc>, String), Uri>>,
     pub stats: Recorder,
     pub faults: Faults,
+    pub text: TextConfig,
+    pub text_faults: TextFaults,
+    pub text_log: Arc<TextLog>,
     /// Where results' files are served: the fake's own `/_fake/files`.
     pub files_url: String,
 }
@@ -219,6 +225,9 @@ impl Shared {
             authorization: format!("Bearer {}", config.token),
             schedule: Schedule::new(&config),
             prices: config.consumed,
+            text: config.text,
+            text_faults: TextFaults::default(),
+            text_log: Arc::default(),
             clock: config.clock,
             initial_balance: config.initial_balance,
             tasks: DashMap::new(),
@@ -281,6 +290,7 @@ impl Shared {
             generate_accepted: counter(&recorder.generate_accepted),
             query_requests: counter(&recorder.query_requests),
             user_requests: counter(&recorder.user_requests),
+            text_requests: counter(&recorder.text_requests),
             unauthorized: counter(&recorder.unauthorized),
             authorization_headers,
             authorization_headers_dropped,
@@ -320,6 +330,7 @@ impl Shared {
             &recorder.generate_accepted,
             &recorder.query_requests,
             &recorder.user_requests,
+            &recorder.text_requests,
             &recorder.unauthorized,
             &recorder.callbacks_sent,
             &recorder.callbacks_failed,
@@ -330,6 +341,7 @@ impl Shared {
         lock(&recorder.generate_bodies).clear();
         recorder.authorization_headers.clear();
         recorder.request_ids.clear();
+        self.text_log.clear();
         for task in self.tasks.iter() {
             task.queries.store(0, Ordering::Relaxed);
         }
@@ -344,6 +356,7 @@ pub(crate) struct Recorder {
     pub generate_accepted: AtomicU64,
     pub query_requests: AtomicU64,
     pub user_requests: AtomicU64,
+    pub text_requests: AtomicU64,
     pub unauthorized: AtomicU64,
     pub callbacks_sent: AtomicU64,
     pub callbacks_failed: AtomicU64,
