@@ -51,5 +51,5 @@ fn the_demo_offers_every_model_of_the_example_at_the_same_reserve() {
             .collect::<Vec<_>>()
     };
     assert_eq!(reserves(&demo), reserves(&example));
-    assert_eq!(example.models.len(), 18);
+    assert_eq!(example.models.len(), 21);
 }

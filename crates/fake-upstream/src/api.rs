@@ -1,7 +1,7 @@
 //! The routes: every asynchronous endpoint of the contract ([`catalog`](super::catalog)), the
-//! task query, the balance and the text dialects ([`text`](super::text)), exactly as the
-//! contract describes them, and the `/_fake/*` control API for out-of-process users (demo,
-//! benchmarks).
+//! task query and the balance, exactly as the contract describes them, and the `/_fake/*`
+//! control API for out-of-process users (demo, benchmarks). The text dialects have their own
+//! router ([`text`](super::text)).
 //!
 //! Handlers take the raw body and query string rather than axum's typed extractors, so a
 //! malformed request is still counted and gets an upstream-shaped 400 instead of axum's text.
@@ -36,7 +36,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .fold(Router::new(), |router, endpoint| {
             router.route(endpoint.path, post(generate))
         });
-    super::text::routes(submissions)
+    submissions
         .route("/api/task/query", get(query))
         .route("/api/user", get(user))
         .route("/_fake/files/{*file}", get(file))

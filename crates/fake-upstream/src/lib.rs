@@ -135,6 +135,7 @@ impl fmt::Debug for FakeConfig {
 pub struct FakeHandle {
     addr: SocketAddr,
     shared: Arc<state::Shared>,
+    text: Arc<text::TextShared>,
     server: JoinHandle<()>,
     callbacks: JoinHandle<()>,
 }
@@ -157,6 +158,7 @@ impl FakeHandle {
     /// Zeroes the statistics, as `POST /_fake/reset` does; tasks and balance stay.
     pub fn reset_stats(&self) {
         self.shared.reset_stats();
+        self.text.log.clear();
     }
 
     pub fn faults(&self) -> &Faults {
@@ -165,18 +167,18 @@ impl FakeHandle {
 
     /// The failures queued for the next text requests.
     pub fn text_faults(&self) -> &TextFaults {
-        &self.shared.text_faults
+        &self.text.faults
     }
 
     /// Every text request so far (the first [`RECORD_CAP`]), as it was answered.
     pub fn text_exchanges(&self) -> Vec<TextExchange> {
-        self.shared.text_log.exchanges()
+        self.text.log.exchanges()
     }
 
     /// When the first event of each text stream was handed to its connection, in order: an
     /// `Instant` of this process, to set beside when a client in it received the event.
     pub fn text_first_chunks_sent(&self) -> Vec<std::time::Instant> {
-        self.shared.text_log.first_chunks_sent()
+        self.text.log.first_chunks_sent()
     }
 
     pub fn shutdown(self) {
@@ -200,15 +202,19 @@ pub async fn start(config: FakeConfig) -> io::Result<FakeHandle> {
 /// Serves a fake on `listener` in background tasks. Must run inside a tokio runtime.
 pub async fn serve(config: FakeConfig, listener: TcpListener) -> io::Result<FakeHandle> {
     let addr = listener.local_addr()?;
+    let text_config = config.text.clone();
     let shared = Arc::new(state::Shared::new(
         config,
         format!("http://{addr}/_fake/files"),
     ));
-    let server = tokio::spawn(accept_loop(listener, api::router(shared.clone())));
+    let text = Arc::new(text::TextShared::new(shared.clone(), text_config));
+    let router = api::router(shared.clone()).merge(text::router(text.clone()));
+    let server = tokio::spawn(accept_loop(listener, router));
     let callbacks = tokio::spawn(callbacks::run(shared.clone()));
     Ok(FakeHandle {
         addr,
         shared,
+        text,
         server,
         callbacks,
     })

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use super::FakeConfig;
 use super::catalog::Endpoint;
 use super::faults::Faults;
-use super::text::{TextConfig, TextFaults, TextLog};
 use ketchup_domain::clock::SharedClock;
 use ketchup_domain::credits::Credits;
 
@@ -211,9 +210,6 @@ pub(crate) struct Shared {
     callbacks: Mutex<BTreeMap<(DateTime<Utc>, String), Uri>>,
     pub stats: Recorder,
     pub faults: Faults,
-    pub text: TextConfig,
-    pub text_faults: TextFaults,
-    pub text_log: Arc<TextLog>,
     /// Where results' files are served: the fake's own `/_fake/files`.
     pub files_url: String,
 }
@@ -225,9 +221,6 @@ impl Shared {
             authorization: format!("Bearer {}", config.token),
             schedule: Schedule::new(&config),
             prices: config.consumed,
-            text: config.text,
-            text_faults: TextFaults::default(),
-            text_log: Arc::default(),
             clock: config.clock,
             initial_balance: config.initial_balance,
             tasks: DashMap::new(),
@@ -341,7 +334,6 @@ impl Shared {
         lock(&recorder.generate_bodies).clear();
         recorder.authorization_headers.clear();
         recorder.request_ids.clear();
-        self.text_log.clear();
         for task in self.tasks.iter() {
             task.queries.store(0, Ordering::Relaxed);
         }

@@ -11,7 +11,7 @@ mod dialects;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -188,14 +188,34 @@ impl TextLog {
     }
 }
 
-pub(crate) fn routes(router: Router<std::sync::Arc<Shared>>) -> Router<std::sync::Arc<Shared>> {
-    router
+/// What the text routes share: the fake's own state (its token, its counters), and theirs.
+pub(crate) struct TextShared {
+    shared: Arc<Shared>,
+    config: TextConfig,
+    pub faults: TextFaults,
+    pub log: Arc<TextLog>,
+}
+
+impl TextShared {
+    pub fn new(shared: Arc<Shared>, config: TextConfig) -> Self {
+        TextShared {
+            shared,
+            config,
+            faults: TextFaults::default(),
+            log: Arc::default(),
+        }
+    }
+}
+
+pub(crate) fn router(text: Arc<TextShared>) -> Router {
+    Router::new()
         .route("/api/v1/chat/completions", post(chat_completions))
         .route("/api/v1/messages", post(messages))
         .route("/api/v1beta/models/{model_action}", post(gemini))
+        .with_state(text)
 }
 
-type SharedState = State<std::sync::Arc<Shared>>;
+type SharedState = State<Arc<TextShared>>;
 
 async fn chat_completions(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
     text(&shared, &headers, body, Dialect::OpenAi, None).await
@@ -222,15 +242,16 @@ async fn gemini(
 }
 
 async fn text(
-    shared: &Shared,
+    text: &TextShared,
     headers: &HeaderMap,
     body: Body,
     dialect: Dialect,
     gemini: Option<(String, bool)>,
 ) -> Response {
+    let (shared, config) = (&text.shared, &text.config);
     Recorder::count(&shared.stats.text_requests);
     shared.stats.observe_headers(headers);
-    let fault = shared.text_faults.draw();
+    let fault = text.faults.draw();
     if fault == Some(TextFault::Status500) {
         return wire::internal_error();
     }
@@ -252,12 +273,12 @@ async fn text(
         Ok(ask) => ask,
         Err(detail) => return wire::bad_request(detail),
     };
-    let Some(&(input_price, output_price)) = shared.text.prices.get(&ask.model) else {
+    let Some(&(input_price, output_price)) = config.prices.get(&ask.model) else {
         return wire::bad_request(format!("unsupported model: {}", ask.model));
     };
-    let words = ask.max_tokens.map_or(shared.text.answer_words, |max| {
-        max.min(shared.text.answer_words)
-    });
+    let words = ask
+        .max_tokens
+        .map_or(config.answer_words, |max| max.min(config.answer_words));
     let cost = |output: u64| {
         let units = (i128::from(ask.input_tokens) * i128::from(input_price.units())
             + i128::from(output) * i128::from(output_price.units()))
@@ -267,10 +288,10 @@ async fn text(
     let usage = (fault != Some(TextFault::NoUsage)).then(|| Usage {
         input: ask.input_tokens,
         output: words,
-        consumed: shared.text.report_consumed.then(|| cost(words)),
-        truncated: words < shared.text.answer_words,
+        consumed: config.report_consumed.then(|| cost(words)),
+        truncated: words < config.answer_words,
     });
-    let index = shared.text_log.record(TextExchange {
+    let index = text.log.record(TextExchange {
         dialect: dialect.as_str().to_owned(),
         model: ask.model.clone(),
         stream: ask.stream,
@@ -286,12 +307,12 @@ async fn text(
         words,
         usage,
         fault,
-        interval: shared.text.chunk_interval,
+        interval: config.chunk_interval,
     };
     if script.ask.stream {
-        return stream(shared.text_log.clone(), index, script);
+        return stream(text.log.clone(), index, script);
     }
-    answer_whole(&shared.text_log, index, &script).await
+    answer_whole(&text.log, index, &script).await
 }
 
 /// A whole answer; faults change when and how it comes.
@@ -348,7 +369,7 @@ struct Script {
 }
 
 /// Answers with a stream whose events a task of its own sends on `script`'s schedule.
-fn stream(log: std::sync::Arc<TextLog>, index: Option<usize>, script: Script) -> Response {
+fn stream(log: Arc<TextLog>, index: Option<usize>, script: Script) -> Response {
     let (sender, receiver) = mpsc::channel::<Result<Bytes, ()>>(16);
     tokio::spawn(async move {
         let (output, outcome) = send_script(&log, &sender, &script).await;
