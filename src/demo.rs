@@ -59,7 +59,8 @@ budget = {{ credits = "50.00", period = "daily", max_in_flight = 5 }}
         r#"
 ketchup-gateway demo: the gateway on {base}, in front of a fake upstream on {upstream}.
 Team "demo" has a budget of 50.00 credits a day. Every model of the API is offered: images
-(google/gempix2 reserves 0.50), GPT-Image, Wan, Midjourney, Sora, Grok, Seedance, Veo and Suno.
+(google/gempix2 reserves 0.50), GPT-Image, Wan, Midjourney, Sora, Grok, Seedance, Veo, Suno,
+and three text models.
 Its key (made for this run only):
 
   export KEY={team_key}
@@ -74,6 +75,12 @@ A video, reserved by its duration and polled the same way:
 
   curl -s {base}/api/sora2/gen -H "Authorization: Bearer $KEY" \
        -d '{{"model":"sora-2","prompt":"a tomato rolling downhill","duration":"10"}}'
+
+Text, streamed as it is written (OpenAI chat completions; /api/v1/messages and
+/api/v1beta/models/gemini-3.1-pro-preview:streamGenerateContent?alt=sse work the same way):
+
+  curl -sN {base}/api/v1/chat/completions -H "Authorization: Bearer $KEY" \
+       -d '{{"model":"openai/gpt-5.2","max_tokens":100,"stream":true,"messages":[{{"role":"user","content":"ketchup?"}}]}}'
 
 Health: curl -s {base}/healthz    Stop: Ctrl-C. Ledger for this run: {ledger}
 "#,

@@ -19,6 +19,10 @@ pub enum GatewayError {
     /// A request the upstream would refuse too; the detail says which field and why.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A text request the gateway refuses (its model not priced, its body unreadable), answered
+    /// in its dialect's own error shape, which that dialect's clients parse.
+    #[error("invalid request: {1}")]
+    InvalidTextRequest(ErrorShape, String),
     #[error("task not found")]
     TaskNotFound,
     /// A callback URL whose token the gateway never issued.
@@ -108,6 +112,35 @@ impl From<Refused> for GatewayError {
     }
 }
 
+/// The error bodies of the text dialects, for the errors the gateway makes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error":{"message","type","param","code"}}`
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`
+    Anthropic,
+    /// `{"error":{"code","message","status"}}`
+    Gemini,
+}
+
+impl ErrorShape {
+    /// A 400's body in this shape.
+    fn invalid_request(self, detail: &str) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            ErrorShape::OpenAi => json!({"error": {
+                "message": detail, "type": "invalid_request_error", "param": null, "code": null,
+            }}),
+            ErrorShape::Anthropic => json!({"type": "error", "error": {
+                "type": "invalid_request_error", "message": detail,
+            }}),
+            ErrorShape::Gemini => json!({"error": {
+                "code": 400, "message": detail, "status": "INVALID_ARGUMENT",
+            }}),
+        }
+    }
+}
+
 /// The upstream's error envelope.
 #[derive(Debug, Serialize)]
 pub struct Envelope<'a> {
@@ -145,12 +178,14 @@ impl GatewayError {
             GatewayError::TaskNotFound => {
                 answer(S::NOT_FOUND, "task_not_found", "task not found", None)
             }
-            GatewayError::InvalidRequest(detail) => answer(
-                S::BAD_REQUEST,
-                "invalid_request",
-                "failed",
-                Some(detail.clone()),
-            ),
+            GatewayError::InvalidRequest(detail) | GatewayError::InvalidTextRequest(_, detail) => {
+                answer(
+                    S::BAD_REQUEST,
+                    "invalid_request",
+                    "failed",
+                    Some(detail.clone()),
+                )
+            }
             GatewayError::UnknownCallback => {
                 answer(S::NOT_FOUND, "unknown_callback", "callback not found", None)
             }
@@ -292,12 +327,17 @@ impl IntoResponse for GatewayError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let envelope = Envelope {
-            code: 1,
-            message,
-            detail,
+        let body = match (&self, &detail) {
+            (GatewayError::InvalidTextRequest(shape, _), Some(detail)) => {
+                shape.invalid_request(detail).to_string().into_bytes()
+            }
+            _ => serde_json::to_vec(&Envelope {
+                code: 1,
+                message,
+                detail,
+            })
+            .expect("envelope serialises"),
         };
-        let body = serde_json::to_vec(&envelope).expect("envelope serialises");
         let mut response = (status, body).into_response();
         match &self {
             GatewayError::RateLimited(refusal) => {
@@ -374,6 +414,41 @@ mod tests {
                 r#"{"code":1,"message":"failed","detail":"prompt is required"}"#.into()
             )
         );
+    }
+
+    #[test]
+    fn a_refused_text_request_speaks_its_dialect() {
+        let body = |shape| {
+            let response =
+                GatewayError::InvalidTextRequest(shape, "model \"x\" is not offered".into())
+                    .into_response();
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            let bytes = futures_body(response);
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+        };
+        assert_eq!(
+            body(ErrorShape::OpenAi)["error"]["message"],
+            "model \"x\" is not offered"
+        );
+        assert_eq!(body(ErrorShape::Anthropic)["type"], "error");
+        assert_eq!(
+            body(ErrorShape::Anthropic)["error"]["type"],
+            "invalid_request_error"
+        );
+        assert_eq!(
+            body(ErrorShape::Gemini)["error"]["status"],
+            "INVALID_ARGUMENT"
+        );
+    }
+
+    /// The whole body of an answer made in memory.
+    fn futures_body(response: Response) -> bytes::Bytes {
+        let body = response.into_body();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(body, 1 << 16))
+            .unwrap()
     }
 
     #[test]

@@ -20,10 +20,19 @@ pub mod upstream_route {
     pub const GENERATE: &str = "generate";
     pub const QUERY: &str = "query";
     pub const BALANCE: &str = "balance";
+    pub const TEXT: &str = "text";
 }
 
 /// Every kind of failed upstream attempt (the `kind` label), for metrics created at zero.
 pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "broken", "5xx"];
+
+/// Why a text answer was charged its reservation (the `reason` label).
+pub const TEXT_RESERVATION_REASONS: [&str; 4] = [
+    "client_left",
+    "upstream_error",
+    "upstream_timeout",
+    "no_usage",
+];
 
 /// Request latencies, from 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,6 +65,10 @@ pub struct Metrics {
     pub idempotent_requests: IntCounterVec,
     /// Unknown outcomes given back because a retry with the same key got a task.
     pub unknown_outcomes_resolved: IntCounterVec,
+    /// Text requests the upstream answered, and what they used.
+    pub text_requests: IntCounterVec,
+    pub text_tokens: IntCounterVec,
+    pub text_settled_at_reservation: IntCounterVec,
     /// Tasks settled and what they cost.
     pub settlement: SettlementMetrics,
     /// Team keys' last use, expiry and refusals.
@@ -222,6 +235,27 @@ impl Metrics {
                 ),
                 &["team"]
             )),
+            text_requests: register!(IntCounterVec::new(
+                opts(
+                    "text_requests_total",
+                    "Text requests whose answer started, by team, model, dialect and whether streamed."
+                ),
+                &["team", "model", "dialect", "stream"]
+            )),
+            text_tokens: register!(IntCounterVec::new(
+                opts(
+                    "text_tokens_total",
+                    "Tokens text answers reported, by team, model and direction (input or output)."
+                ),
+                &["team", "model", "direction"]
+            )),
+            text_settled_at_reservation: register!(IntCounterVec::new(
+                opts(
+                    "text_settled_at_reservation_total",
+                    "Text answers charged their reservation because no usage came, by why: client_left, upstream_error, upstream_timeout, no_usage."
+                ),
+                &["team", "reason"]
+            )),
             settlement: SettlementMetrics::register(&registry, PREFIX)
                 .expect("settlement metrics are valid and unique"),
             keys: KeyUse::register(&registry),
@@ -381,7 +415,11 @@ impl Metrics {
             for reason in ["budget", "in_flight", "model_not_allowed"] {
                 self.budget_rejections.with_label_values(&[team, reason]);
             }
-            for limit in ["generate", "query", "global"] {
+            for reason in TEXT_RESERVATION_REASONS {
+                self.text_settled_at_reservation
+                    .with_label_values(&[team, reason]);
+            }
+            for limit in ["generate", "query", "text", "global"] {
                 self.rate_limited.with_label_values(&[team, limit]);
             }
             for outcome in ["delivered", "failed", "dead"] {
@@ -392,7 +430,11 @@ impl Metrics {
         for source in ["memory", "ledger"] {
             self.ownership_lookups.with_label_values(&[source]);
         }
-        for route in [upstream_route::GENERATE, upstream_route::QUERY] {
+        for route in [
+            upstream_route::GENERATE,
+            upstream_route::QUERY,
+            upstream_route::TEXT,
+        ] {
             for kind in UPSTREAM_ERROR_KINDS {
                 self.upstream_errors.with_label_values(&[route, kind]);
             }

@@ -48,7 +48,20 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
             router.route(&route.path, post(routes::generate::generate))
         })
         .route_layer(limited(LimitKind::Generate));
+    // Text generation in its three dialects, answered at once (streamed or not).
+    let text = Router::new()
+        .route(
+            "/api/v1/chat/completions",
+            post(routes::text::chat_completions),
+        )
+        .route("/api/v1/messages", post(routes::text::messages))
+        .route(
+            "/api/v1beta/models/{model_action}",
+            post(routes::text::gemini),
+        )
+        .route_layer(limited(LimitKind::Text));
     let mut routes = generations
+        .merge(text)
         .route(
             "/api/task/query",
             get(routes::task_query::query).route_layer(limited(LimitKind::Query)),
@@ -106,8 +119,9 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
         .layer(CatchPanicLayer::custom(|_| {
             GatewayError::Internal("a handler panicked".into()).into_response()
         }))
-        // Bounds the whole request; the handler's spawned upstream work is not cut short, so
-        // the ledger still records what the upstream accepted.
+        // Bounds the request until its answer's head; the handler's spawned upstream work is
+        // not cut short, so the ledger still records what the upstream accepted. A text
+        // answer's body streams on after it, bounded between chunks (`routes::text`).
         .layer(HandleErrorLayer::new(
             move |_: tower::BoxError| async move { GatewayError::RequestTimeout(request_timeout) },
         ))

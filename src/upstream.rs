@@ -4,7 +4,8 @@
 //! connections; a connect timeout and an overall timeout per exchange. Status reads are retried
 //! on connect errors and 5xx with exponential backoff and jitter. A generation is retried only
 //! when the connection could not be made, because once its bytes may have reached the upstream a
-//! retry could start (and charge) a second render.
+//! retry could start (and charge) a second render. Text answers are handed over at their head,
+//! their bodies read as they stream.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::metrics::{
     Metrics,
-    upstream_route::{BALANCE, GENERATE, QUERY},
+    upstream_route::{BALANCE, GENERATE, QUERY, TEXT},
 };
 use crate::rate_limiter::RateLimits;
 use crate::{headers, workers};
@@ -37,6 +39,17 @@ pub struct UpstreamResponse {
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
     /// Time spent waiting on the upstream, retries included.
+    pub elapsed: Duration,
+}
+
+/// An upstream answer whose body is still arriving (a text answer, perhaps streamed): read it
+/// chunk by chunk, each within [`UpstreamClient::idle_timeout`].
+#[derive(Debug)]
+pub struct StreamingResponse {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Incoming,
+    /// Time until the answer's head came, retries included.
     pub elapsed: Duration,
 }
 
@@ -148,6 +161,73 @@ impl UpstreamClient {
         Ok(response)
     }
 
+    /// A text request (`POST` to the same path and query as the client's), answered as soon as
+    /// the upstream's head arrives, its body left to stream. Like a generation, retried only
+    /// when the connection could not be made: a text answer is charged once it starts.
+    pub async fn open_text(
+        &self,
+        path_and_query: &str,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<StreamingResponse, UpstreamError> {
+        let started = Instant::now();
+        let url = format!("{}{path_and_query}", self.base_url);
+        let attempts = AtomicU32::new(0);
+        let attempt = || async {
+            self.pace_retry(&attempts).await;
+            let attempt_started = Instant::now();
+            let result = self.open(&url, body.clone(), request_id).await;
+            self.count_attempt(
+                TEXT,
+                attempt_started,
+                result.as_ref().map(|response| response.status),
+            );
+            result
+        };
+        let mut response = attempt
+            .retry(self.backoff())
+            .when(|e| matches!(e, UpstreamError::Connect(_)))
+            .notify(|_, _| self.count_retry(TEXT))
+            .await?;
+        response.elapsed = started.elapsed();
+        Ok(response)
+    }
+
+    /// How long a streamed answer may go without a chunk: `upstream.timeout`, which bounds each
+    /// wait on the upstream, not the whole of a long answer.
+    pub fn idle_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends a text request and waits for the answer's head only.
+    async fn open(
+        &self,
+        url: &str,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<StreamingResponse, UpstreamError> {
+        let request = self.request(Method::POST, url, body, request_id, "*/*")?;
+        let exchange = async {
+            let response = self.pool().request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Connect(error_chain(&e))
+                } else {
+                    UpstreamError::Broken(error_chain(&e))
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            Ok(StreamingResponse {
+                status: parts.status,
+                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                body,
+                elapsed: Duration::ZERO,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+    }
+
     /// `GET /api/task/query?task_id=…`.
     pub async fn query_task(
         &self,
@@ -219,16 +299,29 @@ impl UpstreamClient {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
         let result = self.attempt(method, url, body, request_id).await;
+        self.count_attempt(
+            route,
+            started,
+            result.as_ref().map(|response| response.status),
+        );
+        result
+    }
+
+    /// Counts and times one attempt by route, with the status it got or why it got none.
+    fn count_attempt(
+        &self,
+        route: &'static str,
+        started: Instant,
+        result: Result<StatusCode, &UpstreamError>,
+    ) {
         let metrics = &self.metrics;
         metrics
             .upstream_duration
             .with_label_values(&[route])
             .observe(started.elapsed().as_secs_f64());
-        let (status, error_kind) = match &result {
-            Ok(response) if response.status.is_server_error() => {
-                (response.status.as_str().to_owned(), Some("5xx"))
-            }
-            Ok(response) => (response.status.as_str().to_owned(), None),
+        let (status, error_kind) = match result {
+            Ok(status) if status.is_server_error() => (status.as_str().to_owned(), Some("5xx")),
+            Ok(status) => (status.as_str().to_owned(), None),
             Err(UpstreamError::Connect(_)) => ("error".to_owned(), Some("connect")),
             Err(UpstreamError::Timeout(_)) => ("error".to_owned(), Some("timeout")),
             Err(UpstreamError::Broken(_)) => ("error".to_owned(), Some("broken")),
@@ -243,7 +336,6 @@ impl UpstreamClient {
                 .with_label_values(&[route, kind])
                 .inc();
         }
-        result
     }
 
     async fn attempt(
@@ -253,20 +345,7 @@ impl UpstreamClient {
         body: Bytes,
         request_id: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(url)
-            .header(header::AUTHORIZATION, self.authorization.clone())
-            .header(header::ACCEPT, "application/json");
-        if !body.is_empty() {
-            request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        if let Ok(value) = HeaderValue::from_str(request_id) {
-            request = request.header(headers::REQUEST_ID, value);
-        }
-        let request = request
-            .body(Full::new(body))
-            .map_err(|e| UpstreamError::Connect(format!("cannot build the request: {e}")))?;
+        let request = self.request(method, url, body, request_id, "application/json")?;
 
         let exchange = async {
             let response = self.pool().request(request).await.map_err(|e| {
@@ -292,6 +371,33 @@ impl UpstreamClient {
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
+    }
+}
+
+impl UpstreamClient {
+    /// A request with the upstream token, the request id and, with a body, its JSON type.
+    fn request(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        request_id: &str,
+        accept: &'static str,
+    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::AUTHORIZATION, self.authorization.clone())
+            .header(header::ACCEPT, accept);
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            request = request.header(headers::REQUEST_ID, value);
+        }
+        request
+            .body(Full::new(body))
+            .map_err(|e| UpstreamError::Connect(format!("cannot build the request: {e}")))
     }
 }
 

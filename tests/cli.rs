@@ -182,7 +182,7 @@ fn the_shipped_example_config_validates() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(
         text(&output.stdout),
-        format!("{}: ok (2 teams, 18 models)\n", path.display())
+        format!("{}: ok (2 teams, 21 models)\n", path.display())
     );
 }
 

@@ -254,7 +254,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         misses as f64,
     );
     let mut no_errors = BTreeMap::new();
-    for route in ["generate", "query"] {
+    for route in ["generate", "query", "text"] {
         for kind in ["connect", "timeout", "broken", "5xx"] {
             no_errors.insert(labels(&[("route", route), ("kind", kind)]), 0.0);
         }
@@ -274,7 +274,7 @@ async fn a_scripted_workload_gives_exact_metric_values() {
             };
             rejections.insert(labels(&[("team", team), ("reason", reason)]), n);
         }
-        for limit in ["generate", "query", "global"] {
+        for limit in ["generate", "query", "text", "global"] {
             let n = if (team, limit) == ("design", "generate") {
                 1.0
             } else {

@@ -47,9 +47,9 @@ fn the_demo_offers_every_model_of_the_example_at_the_same_reserve() {
         config
             .models
             .iter()
-            .map(|(id, model)| (id.clone(), model.reserve.clone()))
+            .map(|(id, model)| (id.clone(), model.kind.clone()))
             .collect::<Vec<_>>()
     };
     assert_eq!(reserves(&demo), reserves(&example));
-    assert_eq!(example.models.len(), 18);
+    assert_eq!(example.models.len(), 21);
 }

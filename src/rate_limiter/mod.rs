@@ -37,6 +37,7 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformati
 pub enum LimitKind {
     Generate,
     Query,
+    Text,
     /// The upstream account, all teams together.
     Global,
 }
@@ -46,6 +47,7 @@ impl LimitKind {
         match self {
             LimitKind::Generate => "generate",
             LimitKind::Query => "query",
+            LimitKind::Text => "text",
             LimitKind::Global => "global",
         }
     }
@@ -82,6 +84,7 @@ struct TeamLimiters {
     limits: Limits,
     generate: Limiter,
     query: Limiter,
+    text: Limiter,
 }
 
 pub struct RateLimits {
@@ -173,6 +176,7 @@ impl RateLimits {
                         limits: team.limits,
                         generate: limiter(team.limits.generate, team.limits.generate_burst),
                         query: limiter(team.limits.query, team.limits.query_burst),
+                        text: limiter(team.limits.text, team.limits.text_burst),
                     }),
                 );
             }
@@ -244,12 +248,23 @@ impl RateLimits {
                 limiters.limits.generate_burst,
                 "start",
             ),
+            LimitKind::Text => (
+                &limiters.text,
+                limiters.limits.text,
+                limiters.limits.text_burst,
+                "send",
+            ),
             _ => (
                 &limiters.query,
                 limiters.limits.query,
                 limiters.limits.query_burst,
                 "read the status of",
             ),
+        };
+        let what = if kind == LimitKind::Text {
+            "text request"
+        } else {
+            "task"
         };
         let name = || format!("{team}:{}", kind.as_str());
         let decided = self.step(name, kind, rate, burst, limiter).await?;
@@ -258,7 +273,7 @@ impl RateLimits {
             Refused::Limited(Refusal {
                 verdict,
                 detail: format!(
-                    "team '{team}' may {action} {} task{} per {}; retry in {} s",
+                    "team '{team}' may {action} {} {what}{} per {}; retry in {} s",
                     rate.count,
                     if rate.count.get() == 1 { "" } else { "s" },
                     unit(rate.per),

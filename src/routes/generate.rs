@@ -90,9 +90,14 @@ pub fn validate(
             offered.join(", ")
         )));
     };
-    check_case(&fields, model.reserve.field()).map_err(invalid)?;
-    let amount = model
-        .reserve
+    let Some(reserve) = model.task_reserve() else {
+        return Err(invalid(format!(
+            "model {:?} is a text model: send it to a text endpoint",
+            submission.model
+        )));
+    };
+    check_case(&fields, reserve.field()).map_err(invalid)?;
+    let amount = reserve
         .for_request(&submission.model, &fields, submission.count)
         .map_err(invalid)?;
     let generation = Generation {

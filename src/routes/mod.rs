@@ -19,6 +19,7 @@ mod idempotent;
 pub mod openapi;
 pub mod scrape;
 pub mod task_query;
+pub mod text;
 
 /// Reads a request body, refusing it as soon as it passes `limit` bytes, and before reading
 /// any of it when its declared `Content-Length` (the body's exact size hint) is already over.

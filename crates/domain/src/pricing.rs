@@ -12,6 +12,9 @@
 //! not price is refused, never guessed; a field the request leaves out reserves its `default`
 //! if the admin named one, else the most any priced value costs, because what the upstream
 //! assumes then is not known here. Settlement later charges exactly what the upstream reports.
+//!
+//! A text model is priced per million input and output tokens instead ([`TextPrices`]): its
+//! request reserves the most its answer can cost, and settles at the tokens the answer reports.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +45,47 @@ pub enum Reserve {
         /// The units the upstream assumes when the field is absent; `None`: `max`.
         default: Option<u32>,
     },
+}
+
+/// A text model's prices, and the bounds of what one request for it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextPrices {
+    pub input_per_million: Credits,
+    pub output_per_million: Credits,
+    /// The output tokens a request that sets no limit of its own reserves.
+    pub max_output_tokens: u32,
+    /// The model's context: no request can be charged more input tokens than this.
+    pub max_input_tokens: Option<u32>,
+}
+
+/// Units of 10⁻⁸ credit in a price per million tokens make this many per token.
+const TOKENS_PER_PRICE: i128 = 1_000_000;
+
+impl TextPrices {
+    /// What `input` and `output` tokens cost, rounded up to the next unit of 10⁻⁸ credit (a
+    /// price per million with more than two decimals is a fraction of a unit per token);
+    /// `None` if it does not fit in an amount.
+    pub fn cost(&self, input: u64, output: u64) -> Option<Credits> {
+        let total = i128::from(input) * i128::from(self.input_per_million.units())
+            + i128::from(output) * i128::from(self.output_per_million.units());
+        let units = (total + TOKENS_PER_PRICE - 1).div_euclid(TOKENS_PER_PRICE);
+        i64::try_from(units).ok().map(Credits::from_units)
+    }
+
+    /// The most a request can cost: its input estimated from `request_bytes`, the size of its
+    /// body (no common tokenizer makes a token of less than one byte of the text it encodes, and
+    /// the JSON around the text is more bytes than the tokens the model adds for roles and
+    /// turns), capped by `max_input_tokens`; its output at `output_limit`, the request's own
+    /// limit, or `max_output_tokens` without one.
+    pub fn worst_case(&self, request_bytes: usize, output_limit: Option<u64>) -> Option<Credits> {
+        let bytes = u64::try_from(request_bytes).unwrap_or(u64::MAX);
+        let input = match self.max_input_tokens {
+            Some(cap) => bytes.min(u64::from(cap)),
+            None => bytes,
+        };
+        let output = output_limit.unwrap_or(u64::from(self.max_output_tokens));
+        self.cost(input, output)
+    }
 }
 
 /// The reserve of a field-priced model as written in TOML.
@@ -317,6 +361,50 @@ mod tests {
             assert!(cost(&seedance, json!({"duration": refused}), 1).is_err());
         }
         assert!(cost(&seedance, json!({"duration": -5}), 1).is_err());
+    }
+
+    #[test]
+    fn text_costs_are_tokens_times_prices_rounded_up_to_a_unit() {
+        let prices = TextPrices {
+            input_per_million: "2.00".parse().unwrap(),
+            output_per_million: "10.00".parse().unwrap(),
+            max_output_tokens: 100,
+            max_input_tokens: None,
+        };
+        // 25 × 2.00 / 1e6 + 12 × 10.00 / 1e6 = 0.00005 + 0.00012
+        assert_eq!(prices.cost(25, 12).unwrap().to_string(), "0.00017");
+        assert_eq!(prices.cost(0, 0).unwrap(), Credits::ZERO);
+        let fine = TextPrices {
+            input_per_million: "0.075".parse().unwrap(),
+            ..prices
+        };
+        // 7.5 units a token: one token costs 8 units, two cost 15.
+        assert_eq!(fine.cost(1, 0).unwrap().units(), 8);
+        assert_eq!(fine.cost(2, 0).unwrap().units(), 15);
+        assert!(prices.cost(u64::MAX, u64::MAX).is_none());
+    }
+
+    #[test]
+    fn the_worst_case_counts_every_byte_as_a_token_up_to_the_context() {
+        let mut prices = TextPrices {
+            input_per_million: "1.00".parse().unwrap(),
+            output_per_million: "3.00".parse().unwrap(),
+            max_output_tokens: 1000,
+            max_input_tokens: None,
+        };
+        assert_eq!(
+            prices.worst_case(500, Some(200)).unwrap(),
+            prices.cost(500, 200).unwrap()
+        );
+        assert_eq!(
+            prices.worst_case(500, None).unwrap(),
+            prices.cost(500, 1000).unwrap()
+        );
+        prices.max_input_tokens = Some(100);
+        assert_eq!(
+            prices.worst_case(500, None).unwrap(),
+            prices.cost(100, 1000).unwrap()
+        );
     }
 
     #[test]

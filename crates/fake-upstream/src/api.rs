@@ -1,6 +1,7 @@
 //! The routes: every asynchronous endpoint of the contract ([`catalog`](super::catalog)), the
 //! task query and the balance, exactly as the contract describes them, and the `/_fake/*`
-//! control API for out-of-process users (demo, benchmarks).
+//! control API for out-of-process users (demo, benchmarks). The text dialects have their own
+//! router ([`text`](super::text)).
 //!
 //! Handlers take the raw body and query string rather than axum's typed extractors, so a
 //! malformed request is still counted and gets an upstream-shaped 400 instead of axum's text.

@@ -1,6 +1,7 @@
 //! A faithful fake of the Ketchup upstream (api.defapi.org), for tests, the demo and benchmarks.
 //!
-//! It answers the three endpoints with the contract's exact bodies and status codes
+//! It answers the asynchronous endpoints, the task query, the balance and the three text
+//! dialects with the contract's exact bodies and status codes
 //! (`/work/shared/upstream/CONTRACT.md`), renders on a clock-driven schedule (pending → submitted
 //! → in_progress → success | failed), calls webhooks, counts everything a test may want to
 //! assert, and injects faults on demand. Out of process it is driven through `/_fake/*`.
@@ -14,6 +15,7 @@ mod callbacks;
 mod catalog;
 mod faults;
 mod state;
+mod text;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -36,6 +38,7 @@ use tower::ServiceExt;
 
 pub use faults::{Fault, FaultRates, Faults};
 pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
+pub use text::{TextConfig, TextExchange, TextFault, TextFaults};
 
 use ketchup_domain::clock::{self, SharedClock};
 use ketchup_domain::credits::Credits;
@@ -60,6 +63,8 @@ pub struct FakeConfig {
     pub clock: SharedClock,
     /// The `/api/user` balance before any task finished.
     pub initial_balance: Credits,
+    /// The text models and how their answers come.
+    pub text: TextConfig,
 }
 
 impl FakeConfig {
@@ -76,6 +81,7 @@ impl FakeConfig {
             unknown_for: Duration::ZERO,
             clock: clock::system(),
             initial_balance: Credits::from_units(10_050_000_000),
+            text: TextConfig::default(),
         }
     }
 }
@@ -119,6 +125,7 @@ impl fmt::Debug for FakeConfig {
             .field("in_progress_for", &self.in_progress_for)
             .field("unknown_for", &self.unknown_for)
             .field("initial_balance", &self.initial_balance)
+            .field("text", &self.text)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +135,7 @@ impl fmt::Debug for FakeConfig {
 pub struct FakeHandle {
     addr: SocketAddr,
     shared: Arc<state::Shared>,
+    text: Arc<text::TextShared>,
     server: JoinHandle<()>,
     callbacks: JoinHandle<()>,
 }
@@ -150,10 +158,27 @@ impl FakeHandle {
     /// Zeroes the statistics, as `POST /_fake/reset` does; tasks and balance stay.
     pub fn reset_stats(&self) {
         self.shared.reset_stats();
+        self.text.log.clear();
     }
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// The failures queued for the next text requests.
+    pub fn text_faults(&self) -> &TextFaults {
+        &self.text.faults
+    }
+
+    /// Every text request so far (the first [`RECORD_CAP`]), as it was answered.
+    pub fn text_exchanges(&self) -> Vec<TextExchange> {
+        self.text.log.exchanges()
+    }
+
+    /// When the first event of each text stream was handed to its connection, in order: an
+    /// `Instant` of this process, to set beside when a client in it received the event.
+    pub fn text_first_chunks_sent(&self) -> Vec<std::time::Instant> {
+        self.text.log.first_chunks_sent()
     }
 
     pub fn shutdown(self) {
@@ -177,15 +202,19 @@ pub async fn start(config: FakeConfig) -> io::Result<FakeHandle> {
 /// Serves a fake on `listener` in background tasks. Must run inside a tokio runtime.
 pub async fn serve(config: FakeConfig, listener: TcpListener) -> io::Result<FakeHandle> {
     let addr = listener.local_addr()?;
+    let text_config = config.text.clone();
     let shared = Arc::new(state::Shared::new(
         config,
         format!("http://{addr}/_fake/files"),
     ));
-    let server = tokio::spawn(accept_loop(listener, api::router(shared.clone())));
+    let text = Arc::new(text::TextShared::new(shared.clone(), text_config));
+    let router = api::router(shared.clone()).merge(text::router(text.clone()));
+    let server = tokio::spawn(accept_loop(listener, router));
     let callbacks = tokio::spawn(callbacks::run(shared.clone()));
     Ok(FakeHandle {
         addr,
         shared,
+        text,
         server,
         callbacks,
     })

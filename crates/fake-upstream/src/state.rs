@@ -54,6 +54,8 @@ pub struct FakeStats {
     pub query_requests: u64,
     /// `GET /api/user` requests that arrived.
     pub user_requests: u64,
+    /// Text requests (any of the three dialects) that arrived, whatever their outcome.
+    pub text_requests: u64,
     /// Requests answered 401, on any endpoint.
     pub unauthorized: u64,
     /// Queries per existing task (ids the fake never issued are not counted here, so hostile
@@ -281,6 +283,7 @@ impl Shared {
             generate_accepted: counter(&recorder.generate_accepted),
             query_requests: counter(&recorder.query_requests),
             user_requests: counter(&recorder.user_requests),
+            text_requests: counter(&recorder.text_requests),
             unauthorized: counter(&recorder.unauthorized),
             authorization_headers,
             authorization_headers_dropped,
@@ -320,6 +323,7 @@ impl Shared {
             &recorder.generate_accepted,
             &recorder.query_requests,
             &recorder.user_requests,
+            &recorder.text_requests,
             &recorder.unauthorized,
             &recorder.callbacks_sent,
             &recorder.callbacks_failed,
@@ -344,6 +348,7 @@ pub(crate) struct Recorder {
     pub generate_accepted: AtomicU64,
     pub query_requests: AtomicU64,
     pub user_requests: AtomicU64,
+    pub text_requests: AtomicU64,
     pub unauthorized: AtomicU64,
     pub callbacks_sent: AtomicU64,
     pub callbacks_failed: AtomicU64,

@@ -336,8 +336,8 @@ impl Spec {
             let model = &config.models[name];
             let amount: Credits = reserve.parse().expect("a generated amount");
             assert_eq!(
-                model.reserve,
-                ketchup_domain::pricing::Reserve::Flat(amount)
+                model.task_reserve(),
+                Some(&ketchup_domain::pricing::Reserve::Flat(amount))
             );
         }
         if let Some(path) = self.route {

@@ -25,7 +25,7 @@ pub struct GatewayConfig {
     reconciler: Table,
     webhooks: Table,
     admin: bool,
-    /// Model ids with their `reserve` as a TOML value.
+    /// Model ids with the lines of their table (`reserve = …`, or a text model's prices).
     models: Vec<(String, String)>,
     /// `[routes."…"]` tables, as written.
     routes: String,
@@ -116,8 +116,11 @@ impl GatewayConfig {
             webhooks: Table::default(),
             admin: false,
             models: vec![
-                ("google/gempix2".into(), r#""0.50""#.into()),
-                ("google/gemini-2.5-flash-image".into(), r#""0.25""#.into()),
+                ("google/gempix2".into(), r#"reserve = "0.50""#.into()),
+                (
+                    "google/gemini-2.5-flash-image".into(),
+                    r#"reserve = "0.25""#.into(),
+                ),
             ],
             routes: String::new(),
             teams: vec![Team::new("design", DESIGN_KEY), Team::new("ads", ADS_KEY)],
@@ -211,10 +214,23 @@ impl GatewayConfig {
 
     /// Offers `model` with `reserve` written as a TOML value (`"0.50"`, or a table pricing a
     /// field), replacing its earlier one.
-    pub fn model_reserve(mut self, model: &str, reserve: &str) -> Self {
+    pub fn model_reserve(self, model: &str, reserve: &str) -> Self {
+        self.model_table(model, &format!("reserve = {reserve}"))
+    }
+
+    /// Offers text model `model` at these prices per million input and output tokens,
+    /// replacing its earlier table; `extra` adds lines (`max_output_tokens = 100`).
+    pub fn text_model(self, model: &str, input: &str, output: &str, extra: &str) -> Self {
+        self.model_table(
+            model,
+            &format!("input_per_million = \"{input}\"\noutput_per_million = \"{output}\"\n{extra}"),
+        )
+    }
+
+    fn model_table(mut self, model: &str, lines: &str) -> Self {
         match self.models.iter_mut().find(|(name, _)| name == model) {
-            Some(entry) => entry.1 = reserve.to_owned(),
-            None => self.models.push((model.to_owned(), reserve.to_owned())),
+            Some(entry) => entry.1 = lines.to_owned(),
+            None => self.models.push((model.to_owned(), lines.to_owned())),
         }
         self
     }
@@ -327,13 +343,13 @@ impl GatewayConfig {
             let path = write_secret(dir, "admin_token", ADMIN_TOKEN);
             let _ = writeln!(out, "[admin]\ntoken_file = \"{}\"\n", path.display());
         }
-        for (model, reserve) in &self.models {
-            let _ = writeln!(out, "[models.\"{model}\"]\nreserve = {reserve}\n");
+        for (model, lines) in &self.models {
+            let _ = writeln!(out, "[models.\"{model}\"]\n{lines}\n");
         }
         out.push_str(&self.routes);
         out.push_str(
             "[defaults.limits]\ngenerate = \"1000/s\"\ngenerate_burst = 1000\n\
-             query = \"1000/s\"\nquery_burst = 1000\n",
+             query = \"1000/s\"\nquery_burst = 1000\ntext = \"1000/s\"\ntext_burst = 1000\n",
         );
         for team in &self.teams {
             let _ = writeln!(

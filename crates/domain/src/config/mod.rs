@@ -35,7 +35,7 @@ use toml::Spanned;
 use crate::route_table::{RawRoute, RouteTable};
 
 pub use cache::CacheConfig;
-pub use models::Model;
+pub use models::{DEFAULT_MAX_OUTPUT_TOKENS, Model, ModelKind};
 pub use reconciler::ReconcilerConfig;
 pub use server::{
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WORKERS,
@@ -157,7 +157,7 @@ struct RawFile {
     #[serde(default)]
     admin: admin::RawAdmin,
     #[serde(default)]
-    models: BTreeMap<String, models::RawModel>,
+    models: BTreeMap<String, Spanned<models::RawModel>>,
     #[serde(default)]
     routes: BTreeMap<String, Spanned<RawRoute>>,
     #[serde(default)]

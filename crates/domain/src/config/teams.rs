@@ -28,6 +28,11 @@ const BUILTIN_LIMITS: Limits = Limits {
         per: Duration::from_secs(1),
     },
     query_burst: NonZeroU32::new(20).unwrap(),
+    text: Rate {
+        count: NonZeroU32::new(120).unwrap(),
+        per: Duration::from_secs(60),
+    },
+    text_burst: NonZeroU32::new(20).unwrap(),
 };
 
 /// Longest team name, in bytes.
@@ -48,6 +53,8 @@ struct RawLimits {
     generate_burst: Option<NonZeroU32>,
     query: Option<Rate>,
     query_burst: Option<NonZeroU32>,
+    text: Option<Rate>,
+    text_burst: Option<NonZeroU32>,
 }
 
 /// One `[[teams]]` table as written.
@@ -122,6 +129,9 @@ pub struct Limits {
     pub generate_burst: NonZeroU32,
     pub query: Rate,
     pub query_burst: NonZeroU32,
+    /// Text requests (chat completions, messages, generateContent), streamed or not.
+    pub text: Rate,
+    pub text_burst: NonZeroU32,
 }
 
 /// Whose a key is, the admin's label for it (not secret: it names the key in logs and metrics,
@@ -373,6 +383,7 @@ fn team(
 fn merge_limits(base: Limits, raw: RawLimits) -> Limits {
     let generate = raw.generate.unwrap_or(base.generate);
     let query = raw.query.unwrap_or(base.query);
+    let text = raw.text.unwrap_or(base.text);
     Limits {
         generate,
         // A new rate without a burst of its own allows one period's worth at once.
@@ -386,6 +397,12 @@ fn merge_limits(base: Limits, raw: RawLimits) -> Limits {
             query.count
         } else {
             base.query_burst
+        }),
+        text,
+        text_burst: raw.text_burst.unwrap_or(if raw.text.is_some() {
+            text.count
+        } else {
+            base.text_burst
         }),
     }
 }

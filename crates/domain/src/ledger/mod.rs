@@ -24,6 +24,8 @@
 //! A generation may carry an Idempotency-Key ([`KeyClaim`]): `reserve` claims it in the same
 //! atomic step as the credits, and `attach_task` stores the answer its repeats get, so two
 //! requests with one key never both reach the upstream, whichever replica they reach.
+//! A text request is answered at once and has no task: its reservation goes from `reserved`
+//! straight to `settled` at what the answer reports.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -496,6 +498,16 @@ pub trait Reservations: Send + Sync + 'static {
     async fn settle(
         &self,
         task_id: &str,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Settles a reservation that never gets a task id (a text request, answered at once) at
+    /// what its answer cost, atomically and once: from `reserved`, or from `unknown_outcome`
+    /// when the reservation was given up on (by the reconciler) while its answer still ran.
+    /// `AlreadyClosed` if it was settled or released before, `NotOpen` if it is not held.
+    async fn settle_reservation(
+        &self,
+        id: ReservationId,
         settlement: Settlement,
     ) -> Result<SettleOutcome, StoreError>;
 

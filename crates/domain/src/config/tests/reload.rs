@@ -23,6 +23,12 @@ token_env = "KETCHUP_UPSTREAM_TOKEN"
 [models."google/gempix2"]
 reserve = "0.50"
 
+[models."openai/gpt-5.2"]
+input_per_million = "2.00"
+output_per_million = "10.00"
+max_output_tokens = 4096
+max_input_tokens = 400000
+
 [routes."/api/kling/gen"]
 family = "video"
 
@@ -171,10 +177,31 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
     ),
     ("[upstream]", "balance_check = \"1m\"", None),
     ("[models.\"google/gempix2\"]", "reserve = \"0.75\"", None),
+    // A model may change kind on reload: each request reads its model as it comes.
+    (
+        "[models.\"google/gempix2\"]",
+        "-reserve\ninput_per_million = \"1.00\"\noutput_per_million = \"4.00\"\n\
+         max_output_tokens = 100\nmax_input_tokens = 1000",
+        None,
+    ),
+    (
+        "[models.\"openai/gpt-5.2\"]",
+        "input_per_million = \"2.50\"\noutput_per_million = \"12.00\"\n\
+         max_output_tokens = 8000\nmax_input_tokens = 200000",
+        None,
+    ),
+    (
+        "[models.\"openai/gpt-5.2\"]",
+        "-input_per_million\n-output_per_million\n-max_output_tokens\n-max_input_tokens\n\
+         reserve = \"0.10\"",
+        None,
+    ),
     ("[defaults.limits]", "generate = \"61/min\"", None),
     ("[defaults.limits]", "generate_burst = 11", None),
     ("[defaults.limits]", "query = \"21/s\"", None),
     ("[defaults.limits]", "query_burst = 21", None),
+    ("[defaults.limits]", "text = \"121/min\"", None),
+    ("[defaults.limits]", "text_burst = 21", None),
     ("[[teams]]", "name = \"studio\"", None),
     (
         "[[teams]]",

@@ -25,6 +25,7 @@ static ATTACH: LazyLock<Script> = ledger_script!("attach.lua");
 static MOVE: LazyLock<Script> = ledger_script!("move.lua");
 static ABANDON: LazyLock<Script> = ledger_script!("abandon.lua");
 static CLOSE: LazyLock<Script> = ledger_script!("close.lua");
+static SETTLE_RESERVATION: LazyLock<Script> = ledger_script!("settle_reservation.lua");
 
 impl RedisStore {
     /// Moves a reservation from one state to another (see `move.lua`).
@@ -213,6 +214,33 @@ impl Reservations for RedisStore {
             settlement.at,
         )
         .await
+    }
+
+    async fn settle_reservation(
+        &self,
+        id: ReservationId,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        let mut call = self.script(&SETTLE_RESERVATION);
+        call.arg(id.0.to_string())
+            .arg(settlement.consumed.units())
+            .arg(settlement.status.as_str())
+            .arg(millis(settlement.at));
+        let (tag, details) = tagged(self.eval(&call).await?)?;
+        match tag.as_str() {
+            "settled" => {
+                let [team, model, reserved] = fields(details)?;
+                Ok(SettleOutcome::Settled(SettledTask {
+                    team: parse(team)?,
+                    model: parse(model)?,
+                    reserved: credits(reserved)?,
+                    consumed: settlement.consumed,
+                }))
+            }
+            "already_closed" => Ok(SettleOutcome::AlreadyClosed),
+            "not_open" => Ok(SettleOutcome::NotOpen),
+            other => Err(unexpected(format!("settle_reservation answered {other:?}"))),
+        }
     }
 
     async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {

@@ -320,6 +320,58 @@ impl Reservations for SqliteStore {
         .await
     }
 
+    async fn settle_reservation(
+        &self,
+        id: ReservationId,
+        settlement: Settlement,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.write(move |conn| {
+            let id = id.0.to_string();
+            let state: Option<String> = query_row(
+                conn,
+                "SELECT state FROM reservations WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            let from = match state.as_deref().and_then(TaskState::parse) {
+                Some(state @ (TaskState::Reserved | TaskState::UnknownOutcome)) => state,
+                Some(state) if state.is_closed() => return Ok(SettleOutcome::AlreadyClosed),
+                _ => return Ok(SettleOutcome::NotOpen),
+            };
+            let (team, model, period, reserved): (String, String, String, i64) = query_row(
+                conn,
+                "UPDATE reservations
+                     SET state = 'settled', consumed = ?2, final_status = ?3, settled_at = ?4,
+                         observed_at = ?4
+                     WHERE id = ?1
+                     RETURNING team, model, period, reserved",
+                params![
+                    id,
+                    settlement.consumed.units(),
+                    settlement.status.as_str(),
+                    millis(settlement.at)
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(unavailable)?;
+            let consumed = settlement.consumed.units();
+            match from {
+                TaskState::Reserved => adjust_period(conn, &team, &period, -reserved, consumed)?,
+                // An unknown outcome counted its reservation as spent already.
+                _ => adjust_period(conn, &team, &period, 0, consumed - reserved)?,
+            }
+            Ok(SettleOutcome::Settled(SettledTask {
+                team,
+                model,
+                reserved: Credits::from_units(reserved),
+                consumed: settlement.consumed,
+            }))
+        })
+        .await
+    }
+
     async fn expire(&self, task_id: &str, at: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         let task_id = task_id.to_owned();
         self.write(move |conn| close_open_task(conn, &task_id, TaskState::Expired, None, None, at))
