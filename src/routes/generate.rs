@@ -376,7 +376,7 @@ async fn forward(
                 UpstreamError::Connect(_) => release(&state, id).await,
                 // Maybe received: the render may run and be charged.
                 UpstreamError::Timeout(_) | UpstreamError::Broken(_) => {
-                    state.ledger.mark_unknown_outcome(id).await?;
+                    keep_as_unknown_outcome(&state, id).await?;
                 }
             }
             return Err(error.into());
@@ -390,7 +390,7 @@ async fn forward(
     }
     let Some(task_id) = accepted_task_id(&upstream.body) else {
         // A 2xx without a task id: something may have started upstream that we cannot track.
-        state.ledger.mark_unknown_outcome(id).await?;
+        keep_as_unknown_outcome(&state, id).await?;
         return Err(GatewayError::UpstreamBadResponse(
             "the upstream accepted the generation but returned no task id".into(),
         ));
@@ -429,6 +429,20 @@ async fn forward(
         .with_label_values(&[&task.team, &task.family, &task.model])
         .inc();
     Ok(pass_through(upstream))
+}
+
+/// Keeps the reservation of a generation that may have started upstream, counted as spent. One
+/// the reconciler has given up on already (its request waited past `abandon_after`, behind a slow
+/// ledger) is in that state: the client still learns what went wrong upstream, not of a conflict.
+async fn keep_as_unknown_outcome(state: &AppState, id: ReservationId) -> Result<(), GatewayError> {
+    match state.ledger.mark_unknown_outcome(id).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Conflict(e)) => {
+            tracing::debug!(reservation = %id.0, error = %e, "reservation no longer held");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Gives a reservation back after the upstream refused the generation or could not be reached.

@@ -180,10 +180,31 @@ impl Reservations for SqliteStore {
     async fn attach_task(&self, id: ReservationId, task_id: &str) -> Result<(), StoreError> {
         let task_id = task_id.to_owned();
         self.write(move |conn| {
-            let changed = execute(
+            let held: Option<(String, String, String, i64)> = query_row(
                 conn,
-                "UPDATE reservations SET task_id = ?2, state = 'open'
-                     WHERE id = ?1 AND state = 'reserved'",
+                "SELECT state, team, period, reserved FROM reservations
+                     WHERE id = ?1 AND task_id IS NULL",
+                params![id.0.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            let given_up = match held
+                .as_ref()
+                .and_then(|(state, ..)| TaskState::parse(state))
+            {
+                Some(TaskState::Reserved) => false,
+                Some(TaskState::UnknownOutcome) => true,
+                _ => {
+                    return Err(StoreError::Conflict(format!(
+                        "reservation {} is not held",
+                        id.0
+                    )));
+                }
+            };
+            execute(
+                conn,
+                "UPDATE reservations SET task_id = ?2, state = 'open' WHERE id = ?1",
                 params![id.0.to_string(), task_id],
             )
             .map_err(|e| match e {
@@ -194,11 +215,10 @@ impl Reservations for SqliteStore {
                 }
                 other => unavailable(other),
             })?;
-            if changed == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "reservation {} is not held",
-                    id.0
-                )));
+            if let (true, Some((_, team, period, amount))) = (given_up, held) {
+                // The answer came after all: what was counted as spent is held again, until the
+                // task settles at what it consumed.
+                adjust_period(conn, &team, &period, amount, -amount)?;
             }
             Ok(())
         })
