@@ -322,7 +322,7 @@ async fn job(
     );
     match outcome {
         // Fire and forget, one in four: the reconciler settles these.
-        Outcome::Accepted(_) if seq % 4 == 0 => {}
+        Outcome::Accepted(_) if seq.is_multiple_of(4) => {}
         Outcome::Accepted(task_id) => poll(team, &task_id, true, &target, &record, &stop).await,
         // Unknown to the ledger until it is back: 404s are expected meanwhile.
         Outcome::NotRecorded(task_id) => {

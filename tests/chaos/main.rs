@@ -174,7 +174,10 @@ async fn chaos(name: &str, mut redis: Option<PrivateRedis>) {
     sampler.abort();
 
     let stats = fake.stats();
-    let summary = audit::run(&target.api(), &stats, &record).await;
+    // The audit runs as a task of its own, so that the gateway's log is kept however it ends.
+    let audit = tokio::spawn(audit::run(target.api(), stats.clone(), record.clone())).await;
+    keep_log(name, &gateway);
+    let summary = audit.unwrap_or_else(|failed| std::panic::resume_unwind(failed.into_panic()));
     let report = json!({
         "test": name,
         "store": if redis.is_some() { "redis" } else { "sqlite" },
@@ -297,6 +300,14 @@ fn publish(name: &str, report: &Value) {
     }
 }
 
+/// Writes the log of the gateway's last process to `CHAOS_REPORT_DIR/{name}-gateway.log`, when
+/// that is set.
+fn keep_log(name: &str, gateway: &Gateway) {
+    if let Ok(dir) = std::env::var("CHAOS_REPORT_DIR") {
+        std::fs::write(format!("{dir}/{name}-gateway.log"), gateway.logs()).expect("log written");
+    }
+}
+
 fn assert_clean(record: &Record, audit: &[String]) {
     let seen = record.violations.lock().unwrap().clone();
     assert!(
@@ -334,8 +345,10 @@ async fn soak() {
         }));
     }
     let record = load.finish().await;
+    // The samples first: they stand whatever the audit finds.
+    publish("soak-rss", &json!({ "samples": samples }));
     let stats = fake.stats();
-    let summary = audit::run(&target.api(), &stats, &record).await;
+    let summary = audit::run(target.api(), stats.clone(), record.clone()).await;
     let rss: Vec<f64> = samples
         .iter()
         .map(|s| s["rss_kib"].as_f64().expect("a sample"))
