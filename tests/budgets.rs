@@ -18,7 +18,7 @@ use ketchup_fake_upstream::{FakeHandle, Fault, TaskStatus};
 use ketchup_testkit::api::statuses;
 use ketchup_testkit::{
     ADMIN_TOKEN, ADS_KEY, DEADLINE, DESIGN_KEY, GEMPIX, Gateway, GatewayConfig, InProcess, Reply,
-    fake_config, free_port, rendering_at, until_a_generation_reached, upstream_reads,
+    fake_config, free_port, rendering_at, until_a_generation_reached, upstream_reads, wait_until,
     wait_until_final,
 };
 use serde_json::{Value, json};
@@ -1560,4 +1560,95 @@ abandon_after = "4s""#,
     assert_eq!(r["reserved"], "0.50000000", "{listed}");
     assert_eq!(r["state"], "unknown_outcome", "{listed}");
     assert_eq!(r["reason"], "no_answer_recorded", "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_after_the_reconciler_gave_the_reservation_up_is_still_recorded() {
+    // A slow ledger (a stalled fsync, a Redis restart) can hold a generation past abandon_after,
+    // and the reconciler then gives its reservation up as unknown_outcome while the request still
+    // waits. Here the gateway's clock jumps past abandon_after instead. An answer that comes
+    // after that makes the task the team's all the same, and a timeout is still a 504.
+    let clock = ManualClock::new(at("2026-11-23T12:00:00Z"));
+    let fake = start_fake("0.37").await;
+    let gw = InProcess::start(
+        &config(&fake.base_url())
+            .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
+            .upstream("timeout = \"5s\"\nconnect_timeout = \"200ms\"")
+            .reconciler("interval = \"100ms\"\nsettle_after = \"1h\"\nabandon_after = \"10s\"")
+            .admin(),
+        clock.clone(),
+    )
+    .await;
+    // The first generation is answered after 3 s, the second never within the 5 s timeout.
+    fake.faults()
+        .inject_generate(Fault::Slow(Duration::from_secs(3)), 1);
+    fake.faults()
+        .inject_generate(Fault::Slow(Duration::from_secs(60)), 1);
+    let answered = tokio::spawn({
+        let api = gw.api.clone();
+        async move { api.generate(DESIGN_KEY, GEMPIX).await }
+    });
+    until_a_generation_reached(&fake).await;
+    let timed_out = tokio::spawn({
+        let api = gw.api.clone();
+        async move { api.generate(DESIGN_KEY, GEMPIX).await }
+    });
+    wait_until("both generations to reach the upstream", || {
+        fake.stats().generate_requests == 2
+    })
+    .await;
+
+    clock.advance(Duration::from_secs(11));
+    let given_up = gw
+        .api
+        .wait_for_budget(DESIGN_KEY, "both reservations to be given up", |b| {
+            b["reserved"] == ZERO
+        })
+        .await;
+    assert!(
+        !answered.is_finished(),
+        "the upstream answered before the reservation was given up: the test proves nothing"
+    );
+    assert_eq!(
+        given_up,
+        lifetime_budget("5.00000000", "1.00000000", ZERO, "4.00000000", 0, None)
+    );
+
+    let reply = answered.await.expect("client task");
+    let task = reply.task_id();
+    let reply = timed_out.await.expect("client task");
+    assert_eq!(reply.status, 504, "{}", reply.text);
+    assert_eq!(
+        reply.json()["message"],
+        "upstream timeout",
+        "{}",
+        reply.text
+    );
+    // The answered one is held again, the other stays an unknown outcome.
+    assert_eq!(
+        gw.api.budget(DESIGN_KEY).await,
+        lifetime_budget(
+            "5.00000000",
+            "0.50000000",
+            "0.50000000",
+            "4.00000000",
+            1,
+            None
+        )
+    );
+    let unknown = gw
+        .api
+        .admin("/admin/reservations?state=unknown_outcome")
+        .await;
+    assert_eq!(unknown["reservations"].as_array().map(Vec::len), Some(1));
+    assert_eq!(unknown["reservations"][0]["task_id"], Value::Null);
+
+    // The team reads its task, another team does not, and it settles at what it consumed.
+    assert_eq!(gw.api.query(ADS_KEY, &task).await.status, 404);
+    let reply = gw.api.wait_for_final(DESIGN_KEY, &task).await;
+    assert_eq!(reply.json()["data"]["consumed"], "0.37000000");
+    assert_eq!(
+        gw.api.budget(DESIGN_KEY).await,
+        lifetime_budget("5.00000000", "0.87000000", ZERO, "4.13000000", 0, None)
+    );
 }

@@ -442,12 +442,10 @@ async fn forward(
                 UpstreamError::Connect(_) => release(&state, id).await,
                 // Maybe received: the render may run and be charged.
                 UpstreamError::Timeout(_) => {
-                    let reason = OutcomeReason::UpstreamTimeout;
-                    state.ledger.mark_unknown_outcome(id, reason).await?;
+                    keep_as_unknown_outcome(&state, id, OutcomeReason::UpstreamTimeout).await?;
                 }
                 UpstreamError::Broken(_) => {
-                    let reason = OutcomeReason::ConnectionBroken;
-                    state.ledger.mark_unknown_outcome(id, reason).await?;
+                    keep_as_unknown_outcome(&state, id, OutcomeReason::ConnectionBroken).await?;
                 }
             }
             return Err(error.into());
@@ -461,8 +459,7 @@ async fn forward(
     }
     let Some(task_id) = accepted_task_id(&upstream.body) else {
         // A 2xx without a task id: something may have started upstream that we cannot track.
-        let reason = OutcomeReason::AcceptedWithoutTaskId;
-        state.ledger.mark_unknown_outcome(id, reason).await?;
+        keep_as_unknown_outcome(&state, id, OutcomeReason::AcceptedWithoutTaskId).await?;
         return Err(GatewayError::UpstreamBadResponse(
             "the upstream accepted the generation but returned no task id".into(),
         ));
@@ -518,6 +515,24 @@ async fn forward(
         .with_label_values(&[&task.team, &task.family, &task.model])
         .inc();
     Ok(pass_through(upstream))
+}
+
+/// Keeps the reservation of a generation that may have started upstream, counted as spent. One
+/// the reconciler has given up on already (its request waited past `abandon_after`, behind a slow
+/// ledger) is in that state: the client still learns what went wrong upstream, not of a conflict.
+async fn keep_as_unknown_outcome(
+    state: &AppState,
+    id: ReservationId,
+    reason: OutcomeReason,
+) -> Result<(), GatewayError> {
+    match state.ledger.mark_unknown_outcome(id, reason).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Conflict(e)) => {
+            tracing::debug!(reservation = %id.0, error = %e, "reservation no longer held");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Gives a reservation back after the upstream refused the generation or could not be reached.

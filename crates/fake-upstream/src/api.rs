@@ -81,9 +81,13 @@ async fn generate(
         _ => {}
     }
     let response = if shared.is_authorized(&headers) {
+        let request_id = headers
+            .get("x-request-id")
+            .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned());
+        let fail = fault == Some(Fault::FailTask);
         match body
             .map_err(String::from)
-            .and_then(|json| create_task(&shared, route, &json, fault == Some(Fault::FailTask)))
+            .and_then(|json| create_task(&shared, route, &json, fail, request_id))
         {
             Ok(task_id) => wire::ok(Created { task_id: &task_id }),
             Err(detail) => wire::bad_request(detail),
@@ -105,6 +109,7 @@ fn create_task(
     route: &'static Route,
     body: &Value,
     fail: bool,
+    request_id: Option<String>,
 ) -> Result<String, String> {
     let body = body
         .as_object()
@@ -126,7 +131,7 @@ fn create_task(
         .transpose()?;
 
     let created_at = shared.clock.now();
-    let task = Task::new(
+    let mut task = Task::new(
         route,
         order.model,
         created_at,
@@ -134,6 +139,7 @@ fn create_task(
         catalog::cost(price, order.units),
         fail || order.prompt.contains(FAIL_MARKER),
     );
+    task.request_id = request_id;
     let task_id = new_task_id();
     let final_at = task.final_at(&shared.schedule);
     // The task goes in first: the ticker may look for it as soon as its callback is scheduled.

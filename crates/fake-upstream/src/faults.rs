@@ -4,10 +4,11 @@
 //! [`Faults::inject_query`]); benchmarks and the demo set probabilities ([`FaultRates`]). A queued
 //! fault always wins over the rates. Faults hit generations and queries only (not `/api/user`),
 //! and are drawn for every request that arrives, before authentication and validation: a
-//! real server error does not care whether the request was any good.
+//! real server error does not care whether the request was any good. Every fault drawn is
+//! counted ([`FaultCounts`]), so a chaos run can say how many it suffered.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -42,12 +43,40 @@ pub struct FaultRates {
     pub fail_task: f64,
 }
 
+/// How many faults were drawn, queued and rolled alike, by endpoint and kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultCounts {
+    pub generate_500: u64,
+    pub generate_dropped: u64,
+    pub generate_slow: u64,
+    /// Generations drawn to end `failed` (if they create a task).
+    pub failed_tasks: u64,
+    pub query_500: u64,
+    pub query_dropped: u64,
+    pub query_slow: u64,
+}
+
+impl FaultCounts {
+    /// Every fault counted, of any kind.
+    pub fn total(&self) -> u64 {
+        self.generate_500
+            + self.generate_dropped
+            + self.generate_slow
+            + self.failed_tasks
+            + self.query_500
+            + self.query_dropped
+            + self.query_slow
+    }
+}
+
 /// The fault plan of one fake upstream, shared by all its connections.
 #[derive(Debug, Default)]
 pub struct Faults {
     generate: FaultQueue,
     query: FaultQueue,
     rates: RwLock<FaultRates>,
+    /// The faults drawn so far, in the slots [`Faults::draw`] gives each kind.
+    drawn: [AtomicU64; 7],
 }
 
 /// Which endpoint a fault is being drawn for.
@@ -81,8 +110,47 @@ impl Faults {
             .clone()
     }
 
-    /// Draws the fault for one request: a queued one first, else a roll of the rates.
+    /// How many faults were drawn since the start or the last [`Faults::reset_counts`].
+    pub fn counts(&self) -> FaultCounts {
+        let [g500, gdrop, gslow, q500, qdrop, qslow, failed] =
+            self.drawn.each_ref().map(|n| n.load(Ordering::Relaxed));
+        FaultCounts {
+            generate_500: g500,
+            generate_dropped: gdrop,
+            generate_slow: gslow,
+            failed_tasks: failed,
+            query_500: q500,
+            query_dropped: qdrop,
+            query_slow: qslow,
+        }
+    }
+
+    pub(crate) fn reset_counts(&self) {
+        for count in &self.drawn {
+            count.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Draws the fault for one request, a queued one first, else a roll of the rates, and
+    /// counts it.
     pub(crate) fn draw(&self, endpoint: Endpoint) -> Option<Fault> {
+        let fault = self.pick(endpoint);
+        let slot = match (endpoint, fault?) {
+            (Endpoint::Generate, Fault::Status500) => 0,
+            (Endpoint::Generate, Fault::DropConnection) => 1,
+            (Endpoint::Generate, Fault::Slow(_)) => 2,
+            (Endpoint::Query, Fault::Status500) => 3,
+            (Endpoint::Query, Fault::DropConnection) => 4,
+            (Endpoint::Query, Fault::Slow(_)) => 5,
+            (Endpoint::Generate, Fault::FailTask) => 6,
+            // A query with this fault is answered normally: nothing was injected.
+            (Endpoint::Query, Fault::FailTask) => return fault,
+        };
+        self.drawn[slot].fetch_add(1, Ordering::Relaxed);
+        fault
+    }
+
+    fn pick(&self, endpoint: Endpoint) -> Option<Fault> {
         let queue = match endpoint {
             Endpoint::Generate => &self.generate,
             Endpoint::Query => &self.query,
@@ -171,6 +239,34 @@ mod tests {
         });
         assert_eq!(faults.draw(Endpoint::Generate), Some(Fault::FailTask));
         assert_eq!(faults.draw(Endpoint::Query), None);
+    }
+
+    #[test]
+    fn every_fault_drawn_is_counted_by_endpoint_and_kind() {
+        let faults = Faults::default();
+        faults.inject_generate(Fault::Status500, 2);
+        faults.inject_generate(Fault::DropConnection, 1);
+        faults.inject_generate(Fault::Slow(Duration::ZERO), 1);
+        faults.inject_generate(Fault::FailTask, 1);
+        faults.inject_query(Fault::Status500, 1);
+        faults.inject_query(Fault::DropConnection, 2);
+        faults.inject_query(Fault::Slow(Duration::ZERO), 3);
+        faults.inject_query(Fault::FailTask, 1);
+        while faults.draw(Endpoint::Generate).is_some() {}
+        while faults.draw(Endpoint::Query).is_some() {}
+        let counts = FaultCounts {
+            generate_500: 2,
+            generate_dropped: 1,
+            generate_slow: 1,
+            failed_tasks: 1,
+            query_500: 1,
+            query_dropped: 2,
+            query_slow: 3,
+        };
+        assert_eq!(faults.counts(), counts);
+        assert_eq!(counts.total(), 11);
+        faults.reset_counts();
+        assert_eq!(faults.counts(), FaultCounts::default());
     }
 
     #[test]

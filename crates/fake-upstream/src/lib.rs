@@ -36,7 +36,7 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
 
-pub use faults::{Fault, FaultRates, Faults};
+pub use faults::{Fault, FaultCounts, FaultRates, Faults};
 pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
 pub use text::{TextConfig, TextExchange, TextFault, TextFaults};
 

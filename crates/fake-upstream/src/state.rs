@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::FakeConfig;
 use super::catalog::Endpoint;
-use super::faults::Faults;
+use super::faults::{FaultCounts, Faults};
 use ketchup_domain::clock::SharedClock;
 use ketchup_domain::credits::Credits;
 
@@ -74,6 +74,8 @@ pub struct FakeStats {
     pub callbacks_sent: u64,
     /// Callbacks given up on after every attempt failed.
     pub callbacks_failed: u64,
+    /// The faults injected so far.
+    pub faults: FaultCounts,
     /// Every task, as of now.
     pub tasks: BTreeMap<String, FakeTaskView>,
 }
@@ -85,6 +87,9 @@ pub struct FakeTaskView {
     pub status: TaskStatus,
     /// Eight decimal places, only once final (`"0.00000000"` when failed).
     pub consumed: Option<String>,
+    /// The `X-Request-Id` of the generation that created it, if it had one: which request a
+    /// task came from, when its creator never heard the answer.
+    pub request_id: Option<String>,
 }
 
 /// When a task changes status, as offsets from its creation.
@@ -126,6 +131,8 @@ pub(crate) struct Task {
     pub price: Credits,
     /// Decided at creation: the task ends `failed` instead of `success`.
     pub fails: bool,
+    /// The `X-Request-Id` of the generation that created it.
+    pub request_id: Option<String>,
     queries: AtomicU64,
 }
 
@@ -145,6 +152,7 @@ impl Task {
             images,
             price,
             fails,
+            request_id: None,
             queries: AtomicU64::new(0),
         }
     }
@@ -292,6 +300,7 @@ impl Shared {
             generate_bodies_dropped: counter(&recorder.generate_bodies_dropped),
             callbacks_sent: counter(&recorder.callbacks_sent),
             callbacks_failed: counter(&recorder.callbacks_failed),
+            faults: self.faults.counts(),
             ..FakeStats::default()
         };
         if details {
@@ -307,6 +316,7 @@ impl Shared {
                     model: task.model.clone(),
                     status,
                     consumed: task.consumed(status).map(|c| c.format_places(8)),
+                    request_id: task.request_id.clone(),
                 };
                 stats.tasks.insert(task.key().clone(), view);
             }
@@ -317,6 +327,7 @@ impl Shared {
     /// Zeroes every counter and forgets the recorded lists. Tasks, balance and pending
     /// callbacks are state, not statistics, and stay.
     pub fn reset_stats(&self) {
+        self.faults.reset_counts();
         let recorder = &self.stats;
         for counter in [
             &recorder.generate_requests,

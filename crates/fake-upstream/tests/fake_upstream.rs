@@ -12,7 +12,7 @@ use http::StatusCode;
 use ketchup_domain::clock::ManualClock;
 use ketchup_domain::credits::Credits;
 use ketchup_fake_upstream::{
-    self, FakeConfig, FakeHandle, FakeTaskView, Fault, FaultRates, TaskStatus,
+    self, FakeConfig, FakeHandle, FakeTaskView, Fault, FaultCounts, FaultRates, TaskStatus,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -290,6 +290,7 @@ async fn a_task_moves_through_every_status_on_the_clock() {
             model: "google/gempix2".into(),
             status: TaskStatus::Success,
             consumed: Some("1.00000000".into()),
+            request_id: None,
         })
     );
 }
@@ -428,6 +429,14 @@ async fn status_500_fault_answers_500_and_creates_no_task() {
     assert_eq!(stats.generate_accepted, 1);
     assert_eq!(stats.query_requests, 2);
     assert_eq!(stats.tasks.len(), 1);
+    assert_eq!(
+        stats.faults,
+        FaultCounts {
+            generate_500: 2,
+            query_500: 1,
+            ..FaultCounts::default()
+        }
+    );
 }
 
 #[tokio::test]
@@ -623,6 +632,14 @@ async fn headers_are_recorded_distinctly() {
     send(other).await;
     let stats = fake.stats();
     assert_eq!(stats.request_ids, vec!["req-1", "req-2"]);
+    let mut task_request_ids: Vec<Option<String>> =
+        stats.tasks.values().map(|t| t.request_id.clone()).collect();
+    task_request_ids.sort();
+    assert_eq!(
+        task_request_ids,
+        ["req-1", "req-1", "req-2"].map(|id| Some(id.to_owned())),
+        "each task keeps the request id of the generation that created it"
+    );
     assert_eq!(
         stats.authorization_headers,
         vec![format!("Bearer {TOKEN}"), "Bearer team-key".to_owned()]
@@ -663,7 +680,7 @@ async fn the_control_api_reports_sets_faults_and_resets() {
     assert_eq!(stats["queries_by_task"], json!({ id.clone(): 1 }));
     assert_eq!(
         stats["tasks"],
-        json!({ id.clone(): {"model": "google/gempix2", "status": "success", "consumed": "0.50000000"} })
+        json!({ id.clone(): {"model": "google/gempix2", "status": "success", "consumed": "0.50000000", "request_id": null} })
     );
     assert_eq!(stats["generate_bodies"], json!([prompt("a cat")]));
 

@@ -130,13 +130,17 @@ impl GatewayProcess {
 
     /// Waits until the process says it listens; its address.
     pub fn wait_listening(&mut self) -> SocketAddr {
-        match self.listening.recv_timeout(DEADLINE) {
-            Ok(address) => address,
-            Err(_) => {
-                let _ = self.child.kill();
-                panic!("gateway did not start; its log:\n{}", self.logs());
-            }
-        }
+        self.try_wait_listening()
+            .unwrap_or_else(|log| panic!("gateway did not start; its log:\n{log}"))
+    }
+
+    /// Waits until the process says it listens, or exits, or [`DEADLINE`] passes: its address,
+    /// or else its log (the process killed).
+    pub fn try_wait_listening(&mut self) -> Result<SocketAddr, String> {
+        self.listening.recv_timeout(DEADLINE).map_err(|_| {
+            let _ = self.child.kill();
+            self.logs()
+        })
     }
 
     /// The exit status, if the process has exited.
@@ -195,23 +199,36 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `config` into a new directory and starts the gateway on it.
     pub fn start(config: &GatewayConfig) -> Gateway {
+        Self::try_start(config)
+            .unwrap_or_else(|log| panic!("gateway did not start; its log:\n{log}"))
+    }
+
+    /// Like [`Gateway::start`], but a start that ends before it listens (its store not
+    /// answering yet, say) is an `Err` with its log, as a supervisor would see it.
+    pub fn try_start(config: &GatewayConfig) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = config.write(dir.path());
-        let (process, addr) = Self::serve(&config_path);
-        Gateway {
+        let (process, addr) = Self::try_serve(&config_path)?;
+        Ok(Gateway {
             process,
             addr,
             api: Api::new(format!("http://{addr}")),
             config: config.clone(),
             config_path,
             dir,
-        }
+        })
     }
 
-    fn serve(config_path: &Path) -> (GatewayProcess, SocketAddr) {
+    fn try_serve(config_path: &Path) -> Result<(GatewayProcess, SocketAddr), String> {
         let mut process = GatewayProcess::spawn(config_path, Launch::default());
-        let addr = process.wait_listening();
-        (process, addr)
+        let addr = process.try_wait_listening()?;
+        Ok((process, addr))
+    }
+
+    /// The process id of the running binary (a new one after each restart), to read what
+    /// `/proc` says of it.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
     }
 
     /// The process's id, to read what it holds in `/proc/{pid}/status`.
@@ -269,10 +286,19 @@ impl Gateway {
     /// Starts the binary again on the same config and ledger, once the process has ended
     /// ([`Gateway::kill`], [`Gateway::terminate`]); it listens on a new port.
     pub fn restart(&mut self) {
-        let (process, addr) = Self::serve(&self.config_path);
+        self.try_restart()
+            .unwrap_or_else(|log| panic!("gateway did not start; its log:\n{log}"));
+    }
+
+    /// Like [`Gateway::restart`], but a start that ends before it listens (its store not
+    /// answering yet, say) is an `Err` with its log, as a supervisor would see it, instead of a
+    /// panic.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        let (process, addr) = Self::try_serve(&self.config_path)?;
         self.process = process;
         self.addr = addr;
         self.api = Api::new(format!("http://{addr}"));
+        Ok(())
     }
 
     /// [`Gateway::kill`], then [`Gateway::restart`].

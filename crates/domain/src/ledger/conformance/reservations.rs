@@ -76,10 +76,54 @@ pub async fn release_gives_back_and_unknown_outcome_spends(store: &dyn Ledger) {
             reserved: Credits::ZERO
         }
     );
+    // The upstream's answer comes after all (the reservation was given up while its request
+    // still waited): the task is recorded, and its amount is held again rather than spent.
+    store.attach_task(second_id, "ta-late", None).await.unwrap();
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: Credits::ZERO,
+            reserved: credits("3.00")
+        }
+    );
+    assert_eq!(store.in_flight("design").await.unwrap(), 1);
+    let task = store.task("ta-late").await.unwrap().expect("recorded");
+    assert_eq!(
+        (task.team.as_str(), task.state),
+        ("design", TaskState::Open)
+    );
+    assert!(
+        store
+            .reservations(TaskState::UnknownOutcome, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Once: the reservation is no longer waiting for an answer.
     assert!(matches!(
-        store.attach_task(second_id, "ta-late", None).await,
+        store.attach_task(second_id, "ta-later", None).await,
         Err(StoreError::Conflict(_))
     ));
+    // An unknown outcome an admin released stays released.
+    let third = reservation("design", "1.00", Some("5.00"));
+    let third_id = third.id;
+    store.reserve(third).await.unwrap();
+    store
+        .mark_unknown_outcome(third_id, OutcomeReason::UpstreamTimeout)
+        .await
+        .unwrap();
+    store.release_unknown_outcome(third_id).await.unwrap();
+    assert!(matches!(
+        store.attach_task(third_id, "ta-released", None).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.standing("design", "2026-11").await.unwrap(),
+        Standing {
+            spent: Credits::ZERO,
+            reserved: credits("3.00")
+        }
+    );
 }
 
 pub async fn in_flight_is_counted_from_unsettled_tasks(store: &dyn Ledger) {
@@ -518,6 +562,11 @@ pub async fn invariants_hold(store: &dyn Ledger, ops: Vec<Op>) {
                     (TaskState::Reserved, Ok(next)) => made[k].3 = next,
                     (TaskState::Reserved, Err(e)) => {
                         panic!("a held reservation refused {op:?}: {e}")
+                    }
+                    // A late answer for a reservation given up as an unknown outcome.
+                    (TaskState::UnknownOutcome, Ok(TaskState::Open)) => made[k].3 = TaskState::Open,
+                    (TaskState::UnknownOutcome, Err(e)) if matches!(op, Op::Attach(_)) => {
+                        panic!("an unknown outcome refused its late task: {e}")
                     }
                     (_, Ok(_)) => panic!("{op:?} accepted on a reservation in state {state:?}"),
                     (_, Err(_)) => {}

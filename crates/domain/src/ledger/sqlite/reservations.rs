@@ -238,10 +238,30 @@ impl Reservations for SqliteStore {
         let task_id = task_id.to_owned();
         let answer = answer.cloned();
         self.write(move |conn| {
+            // A reservation given up as an unknown outcome while its request still waited (the
+            // ledger was slow, not the gateway dead) opens too: what was counted as spent is
+            // held again, until the task settles at what it consumed.
+            let held: Option<(String, String, i64)> = query_row(
+                conn,
+                "SELECT state, period, reserved FROM reservations
+                     WHERE id = ?1 AND task_id IS NULL",
+                params![id.0.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(unavailable)?;
+            let (given_up, period, amount) = match held {
+                Some((state, period, amount)) => match TaskState::parse(&state) {
+                    Some(TaskState::Reserved) => (false, period, amount),
+                    Some(TaskState::UnknownOutcome) => (true, period, amount),
+                    _ => return Err(not_held(id)),
+                },
+                None => return Err(not_held(id)),
+            };
             let attached: Option<(String, Option<String>, Option<String>)> = query_row(
                 conn,
                 "UPDATE reservations SET task_id = ?2, state = 'open'
-                     WHERE id = ?1 AND state = 'reserved'
+                     WHERE id = ?1
                      RETURNING team, idempotency_key, retry_of",
                 params![id.0.to_string(), task_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -256,11 +276,11 @@ impl Reservations for SqliteStore {
                 other => unavailable(other),
             })?;
             let Some((team, key, retry_of)) = attached else {
-                return Err(StoreError::Conflict(format!(
-                    "reservation {} is not held",
-                    id.0
-                )));
+                return Err(not_held(id));
             };
+            if given_up {
+                adjust_period(conn, &team, &period, amount, -amount)?;
+            }
             if let (Some(key), Some(answer)) = (key, &answer) {
                 idempotency::answer(conn, &team, &key, id, answer)?;
             }
@@ -446,4 +466,8 @@ impl Reservations for SqliteStore {
         self.write(move |conn| idempotency::purge(conn, millis(now), limit))
             .await
     }
+}
+
+fn not_held(id: ReservationId) -> StoreError {
+    StoreError::Conflict(format!("reservation {} is not held", id.0))
 }
