@@ -231,11 +231,6 @@ impl Gateway {
         self.process.child.id()
     }
 
-    /// The process's id, to read what it holds in `/proc/{pid}/status`.
-    pub fn pid(&self) -> u32 {
-        self.process.child.id()
-    }
-
     /// `http://{addr}{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
