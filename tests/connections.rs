@@ -129,6 +129,20 @@ async fn a_connection_over_max_connections_is_refused_until_one_closes() {
     assert!(served, "no connection was served after one of three closed");
 
     drop(held);
+    // The scrape's own connection is refused until the gateway has seen the closes.
+    let mut answered = false;
+    for _ in 0..100 {
+        let scrape = env.api().http.get(env.gateway.url("/metrics"));
+        if env.api().try_send(scrape).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered,
+        "the metrics were never answered once the connections closed"
+    );
     assert!(
         env.api()
             .metric("ketchup_gateway_connections_refused_total")

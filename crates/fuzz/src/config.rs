@@ -411,8 +411,11 @@ const WRONG: &[&str] = &[
 /// A valid file with one thing broken: it loads, or the error names the broken key.
 fn broken(u: &mut Unstructured) {
     let mut spec = Spec::generate(u);
-    // A spec that breaks a cross-table rule is not valid to begin with.
-    spec.abandon_after = Some(("1000h", Duration::from_secs(3_600_000)));
+    // A spec that breaks a cross-table rule is not valid to begin with: abandon_after outlasts
+    // the longest generation (at most 10 h with two retries of the longest timeouts) and stays
+    // within the default idempotency_ttl (24 h).
+    spec.query_retries = spec.query_retries.map(|retries| retries.min(2));
+    spec.abandon_after = Some(("20h", Duration::from_secs(72_000)));
     spec.always_intercept = None;
     spec.public_url = None;
     let mut lines: Vec<String> = spec.render().lines().map(str::to_owned).collect();

@@ -1,7 +1,7 @@
 //! The behaviour every ledger engine must show, one part per concern of the ledger: one per trait,
-//! and `idempotency` for the Idempotency-Key claims that `reserve` and `attach_task` keep (each
-//! part's tests may use any operation to set up and check what they test). Each engine runs all
-//! of it (see the bottom).
+//! `idempotency` for the Idempotency-Key claims that `reserve` and `attach_task` keep, and `text`
+//! for reservations settled without a task (each part's tests may use any operation to set up and
+//! check what they test). Each engine runs all of it (see the bottom).
 
 use chrono::{DateTime, Utc};
 
@@ -17,6 +17,8 @@ pub mod reports;
 pub mod reservations;
 #[macro_use]
 pub mod tasks;
+#[macro_use]
+pub mod text;
 
 pub fn at(text: &str) -> DateTime<Utc> {
     text.parse().expect("test timestamp")
@@ -87,6 +89,9 @@ macro_rules! conformance_suite {
             }
             mod idempotency {
                 idempotency_suite!($make);
+            }
+            mod text {
+                text_suite!($make);
             }
         }
     };
