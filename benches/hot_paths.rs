@@ -179,7 +179,7 @@ fn due_delivery(n: usize, team: &str, now: chrono::DateTime<chrono::Utc>) -> New
         task_id: format!("ta-{team}-{n}"),
         team: team.into(),
         url: "https://hooks.example/ketchup".into(),
-        body: vec![b'x'; 200],
+        body: vec![b'x'; 200].into(),
         created_at,
         deadline: now + chrono::Duration::hours(24),
     }

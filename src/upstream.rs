@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -356,11 +356,9 @@ impl UpstreamClient {
                 }
             })?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                .collect()
+            let body = read_answer(body, MAX_RESPONSE_BYTES)
                 .await
-                .map_err(|e| UpstreamError::Broken(format!("reading the answer: {e}")))?
-                .to_bytes();
+                .map_err(|e| UpstreamError::Broken(format!("reading the answer: {e}")))?;
             Ok(UpstreamResponse {
                 status: parts.status,
                 content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
@@ -401,6 +399,39 @@ impl UpstreamClient {
     }
 }
 
+/// An answer's body whole, refused once it passes `limit` bytes. A body in one piece is taken
+/// as it came; one in many is gathered into a single buffer of its declared length as it
+/// arrives, so a big answer (a result of base64 images) is held once, not in pieces and then
+/// again joined.
+async fn read_answer<B>(mut body: B, limit: usize) -> Result<Bytes, String>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    const TOO_LONG: &str = "length limit exceeded";
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+    if declared > limit {
+        return Err(TOO_LONG.into());
+    }
+    let mut whole = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame.map_err(|e| e.to_string())?.into_data() else {
+            continue;
+        };
+        if whole.len() + chunk.len() > limit {
+            return Err(TOO_LONG.into());
+        }
+        if whole.is_empty() && body.is_end_stream() {
+            return Ok(chunk);
+        }
+        if whole.is_empty() {
+            whole.reserve(declared.max(chunk.len()));
+        }
+        whole.extend_from_slice(&chunk);
+    }
+    Ok(whole.freeze())
+}
+
 enum Attempt {
     ServerError(UpstreamResponse),
     Failed(UpstreamError),
@@ -422,4 +453,69 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use hyper::body::{Frame, SizeHint};
+
+    use super::*;
+
+    /// A body of the given chunks, declaring `declared` bytes.
+    struct Chunked {
+        chunks: VecDeque<Bytes>,
+        declared: u64,
+    }
+
+    impl HttpBody for Chunked {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.chunks.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.chunks.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.declared)
+        }
+    }
+
+    fn body(chunks: &[&'static [u8]]) -> Chunked {
+        Chunked {
+            chunks: chunks.iter().map(|c| Bytes::from_static(c)).collect(),
+            declared: chunks.iter().map(|c| c.len() as u64).sum(),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_whole_once_and_refused_past_the_limit() {
+        // One piece: the very bytes that came, no copy.
+        let piece: &'static [u8] = b"{\"code\":0}";
+        let read = read_answer(body(&[piece]), 64).await.unwrap();
+        assert_eq!(read.as_ptr(), piece.as_ptr());
+        // Many: joined into one buffer of the declared length.
+        let read = read_answer(body(&[b"{\"co", b"de\"", b":0}"]), 64)
+            .await
+            .unwrap();
+        assert_eq!(read, &b"{\"code\":0}"[..]);
+        assert_eq!(read_answer(body(&[]), 64).await.unwrap(), Bytes::new());
+        // Too long, as declared or as it turns out.
+        let declared = read_answer(body(&[b"0123456789"]), 9).await.unwrap_err();
+        assert_eq!(declared, "length limit exceeded");
+        let mut understated = body(&[b"01234", b"56789"]);
+        understated.declared = 0;
+        let found = read_answer(understated, 9).await.unwrap_err();
+        assert_eq!(found, "length limit exceeded");
+    }
 }

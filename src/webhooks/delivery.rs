@@ -129,8 +129,10 @@ async fn claim(
         .map_err(|e| e.to_string())
 }
 
-async fn attempt_and_record(state: &AppState, delivery: Delivery) {
-    let outcome = attempt(state, &delivery).await;
+async fn attempt_and_record(state: &AppState, mut delivery: Delivery) {
+    // Sent as it is: a payload can be megabytes of images, not worth a copy per attempt.
+    let body = Bytes::from(std::mem::take(&mut delivery.body));
+    let outcome = attempt(state, &delivery, body).await;
     let label = match &outcome {
         AttemptOutcome::Delivered => "delivered",
         AttemptOutcome::RetryAt(..) => "failed",
@@ -169,7 +171,7 @@ enum Failure {
     Permanent(String),
 }
 
-async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
+async fn attempt(state: &AppState, delivery: &Delivery, body: Bytes) -> AttemptOutcome {
     let config = state.config.load_full();
     let now = state.clock.now();
     if now > delivery.deadline {
@@ -188,6 +190,7 @@ async fn attempt(state: &AppState, delivery: &Delivery) -> AttemptOutcome {
             Ok(key) => {
                 post(
                     delivery,
+                    body,
                     &key,
                     &allowed,
                     now,
@@ -246,8 +249,10 @@ fn backoff(config: &ketchup_domain::config::WebhooksConfig, attempts: u32) -> ch
     chrono::Duration::from_std(delay.saturating_add(jitter)).unwrap_or(chrono::Duration::MAX)
 }
 
+/// One attempt at `delivery`, whose payload is `body`.
 async fn post(
     delivery: &Delivery,
+    body: Bytes,
     key: &SigningKey,
     allowed: &Allowed,
     now: DateTime<Utc>,
@@ -266,9 +271,9 @@ async fn post(
         .header("webhook-timestamp", timestamp.to_string())
         .header(
             "webhook-signature",
-            key.sign(&delivery.id, timestamp, &delivery.body),
+            key.sign(&delivery.id, timestamp, &body),
         )
-        .body(Full::new(Bytes::from(delivery.body.clone())))
+        .body(Full::new(body))
         .map_err(|e| Failure::Permanent(format!("cannot build the request: {e}")))?;
 
     let client = client_for(allowed.clone(), timeout);

@@ -155,7 +155,7 @@ pub async fn receive(
                     task_id: task_id.clone(),
                     team: target.team.clone(),
                     url,
-                    body: upstream.data.to_vec(),
+                    body: upstream.data,
                     created_at: now,
                     deadline: now.checked_add_signed(deadline).unwrap_or(now),
                 })

@@ -28,6 +28,7 @@
 //! straight to `settled` at what the answer reports.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -181,8 +182,9 @@ pub struct NewDelivery {
     pub task_id: String,
     pub team: String,
     pub url: String,
-    /// The payload, byte for byte: the task's state as the upstream confirmed it.
-    pub body: Vec<u8>,
+    /// The payload, byte for byte: the task's state as the upstream confirmed it, shared with
+    /// the answer it was read from rather than copied (it can be megabytes of images).
+    pub body: Bytes,
     pub created_at: DateTime<Utc>,
     /// No attempt starts after this; the delivery is then dead-lettered.
     pub deadline: DateTime<Utc>,

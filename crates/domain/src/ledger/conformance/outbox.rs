@@ -9,7 +9,7 @@ pub fn delivery(id: &str, task_id: &str) -> NewDelivery {
         task_id: task_id.into(),
         team: "design".into(),
         url: "https://hooks.design.example/ketchup".into(),
-        body: br#"{"task_id":"ta-1","consumed":"0.500000"}"#.to_vec(),
+        body: br#"{"task_id":"ta-1","consumed":"0.500000"}"#[..].into(),
         created_at: at("2026-11-23T10:00:00Z"),
         deadline: at("2026-11-24T10:00:00Z"),
     }

@@ -38,7 +38,7 @@ impl Outbox for RedisStore {
             .arg(&d.task_id)
             .arg(&d.team)
             .arg(&d.url)
-            .arg(d.body.as_slice())
+            .arg(d.body.as_ref())
             .arg(millis(d.created_at))
             .arg(millis(d.deadline));
         let queued: i64 = self.eval(&call).await?;
@@ -176,7 +176,7 @@ mod tests {
         let body: Vec<u8> = (0..=255u8).chain([0, b'\r', b'\n', 0xff]).collect();
         store
             .enqueue_delivery(NewDelivery {
-                body: body.clone(),
+                body: body.clone().into(),
                 ..delivery("msg_bin", "ta-bin")
             })
             .await

@@ -50,7 +50,7 @@ impl Outbox for SqliteStore {
                     d.task_id,
                     d.team,
                     d.url,
-                    d.body,
+                    d.body.as_ref(),
                     millis(d.created_at),
                     millis(d.deadline)
                 ],
