@@ -572,8 +572,24 @@ async fn a_receiver_that_never_answers_holds_up_no_other_delivery() {
     let receiver = Receiver::answering(&[]);
     let listening = receiver.listen(0).await;
 
-    let started = Instant::now();
     start_task(&env, silent_port).await;
+    // Its delivery is under way, held by the silent receiver, before the other task starts.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let pending = env.api().admin("/admin/webhooks?state=pending").await;
+        if pending["webhooks"][0]["attempts"]
+            .as_u64()
+            .is_some_and(|attempts| attempts >= 1)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent receiver's delivery never started: {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let started = Instant::now();
     let task_id = start_task(&env, listening.port).await;
     receiver
         .wait_for("the other team's delivery", |r| r.delivered().len() == 1)
