@@ -19,7 +19,7 @@ use ketchup_fake_upstream::Fault;
 use ketchup_gateway::routes::openapi::DOCUMENT;
 use ketchup_testkit::{
     ADMIN_TOKEN, ADS_KEY, Api, DESIGN_KEY, Env, GEMPIX, Gateway, GatewayConfig, Reply, fake_config,
-    free_port,
+    free_port, wait_until_final,
 };
 use serde_json::{Value, json};
 
@@ -597,6 +597,50 @@ async fn callbacks_fit_from_acceptance_to_refusal() {
         &api.get("/admin/webhooks?state=pending", Some(ADMIN_TOKEN))
             .await,
     );
+}
+
+#[tokio::test]
+async fn confirmed_and_contradicted_callbacks_fit() {
+    // The fake's own callbacks go where nothing listens: the test sends them, once the task is
+    // final upstream.
+    let config = config()
+        .server(&format!(
+            "public_url = \"http://127.0.0.1:{}\"",
+            free_port()
+        ))
+        .signed_webhooks("design")
+        .callback_hosts("design", &["127.0.0.1"])
+        .signed_webhooks("ads");
+    let env = Env::start_with(fake_config(), config).await;
+    let api = env.api();
+    let document = Document::file();
+    let hook = format!("http://127.0.0.1:{}/hook", free_port());
+    let body = json!({"model": "google/gempix2", "prompt": "x", "callback_url": hook});
+    let task = api.generate(DESIGN_KEY, &body.to_string()).await.task_id();
+    let stats = env.fake.stats();
+    let given = stats.generate_bodies.last().unwrap()["callback_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = given.rsplit('/').next().unwrap();
+    let url = env.gateway.url(&format!("/callbacks/{token}"));
+    wait_until_final(&env.fake, std::slice::from_ref(&task)).await;
+    let path = "/callbacks/{token}";
+    for (consumed, status) in [("0.000000", 409), ("0.500000", 200)] {
+        let payload = json!({"result": [{"image": "https://img.example/1.png"}],
+            "status": "success", "task_id": task, "consumed": consumed,
+            "status_reason": {"message": null}});
+        let reply = api
+            .send(
+                api.http
+                    .post(url.clone())
+                    .header("content-type", "application/json")
+                    .body(payload.to_string()),
+            )
+            .await;
+        assert_eq!(reply.status, status, "{}", reply.text);
+        document.check("POST", path, &reply);
+    }
 }
 
 #[tokio::test]
