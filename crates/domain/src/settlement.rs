@@ -4,9 +4,11 @@
 //! The ledger makes settlement atomic and idempotent per task, so any number of readers may call
 //! this at once; exactly one of them settles, and reading a finished task again never charges it.
 
+use std::fmt;
 use std::sync::Arc;
 
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
 use crate::{
@@ -74,29 +76,118 @@ pub fn final_status(status: &str) -> Option<FinalStatus> {
 /// The final state in a task-query answer body (`{"code":0,"data":{…}}`); `None` for a body
 /// that is not JSON, as for one whose task is still running.
 ///
-/// Read into borrowed fields rather than a `Value`: this runs on every status read that reaches
+/// Read field by field rather than into a `Value`: this runs on every status read that reaches
 /// the upstream, and the rest of the body (result URLs, reasons) need not be built to be skipped.
-/// The text is checked as UTF-8 first, since skipping a field does not check its string.
+/// It reads what [`final_state`] reads of the same body as a `Value`: the text is checked as UTF-8
+/// first (skipping a field does not check its string), and only objects are read (a derived
+/// reader would also take an array of the fields in order).
 pub fn final_state_of_query(body: &[u8]) -> Option<(FinalStatus, Consumed)> {
-    #[derive(serde::Deserialize)]
-    struct Answer<'a> {
-        code: i64,
-        #[serde(borrow)]
-        data: Option<Fields<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow)]
-        status: Option<std::borrow::Cow<'a, str>>,
-        consumed: Option<Value>,
-    }
     let answer: Answer = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
-    if answer.code != 0 {
+    if answer.code != Some(0) {
         return None;
     }
     let fields = answer.data?;
-    let status = final_status(fields.status.as_deref()?)?;
-    Some((status, Consumed::from_json(fields.consumed.as_ref())))
+    Some((
+        fields.status?,
+        Consumed::from_json(fields.consumed.as_ref()),
+    ))
+}
+
+/// What settlement reads of a task query's answer; of a key written twice, the last counts.
+struct Answer {
+    code: Option<i64>,
+    data: Option<QueryFields>,
+}
+
+/// What settlement reads of a task query's `data`.
+struct QueryFields {
+    /// `None` for a status that is not final.
+    status: Option<FinalStatus>,
+    consumed: Option<Value>,
+}
+
+/// A key of an object settlement reads: one of the names it reads, or `None`, told apart
+/// without keeping the key.
+struct Key(Option<&'static str>);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                let read = ["code", "data", "status", "consumed"];
+                Ok(Key(read.into_iter().find(|name| *name == key)))
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Answer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnswerVisitor;
+        impl<'de> Visitor<'de> for AnswerVisitor {
+            type Value = Answer;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a task query's answer, a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Answer, A::Error> {
+                let mut answer = Answer {
+                    code: None,
+                    data: None,
+                };
+                while let Some(Key(key)) = entries.next_key()? {
+                    match key {
+                        Some("code") => answer.code = entries.next_value::<Value>()?.as_i64(),
+                        Some("data") => answer.data = entries.next_value()?,
+                        _ => drop(entries.next_value::<IgnoredAny>()?),
+                    }
+                }
+                Ok(answer)
+            }
+        }
+        deserializer.deserialize_map(AnswerVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for QueryFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = QueryFields;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a task's fields, a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<QueryFields, A::Error> {
+                let mut fields = QueryFields {
+                    status: None,
+                    consumed: None,
+                };
+                while let Some(Key(key)) = entries.next_key()? {
+                    match key {
+                        Some("status") => {
+                            let status = entries.next_value::<Value>()?;
+                            fields.status = status.as_str().and_then(final_status);
+                        }
+                        Some("consumed") => fields.consumed = Some(entries.next_value()?),
+                        _ => drop(entries.next_value::<IgnoredAny>()?),
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
 }
 
 /// `consumed − reserved` in credits: negative when the reservation was too high.
@@ -293,6 +384,12 @@ mod tests {
             final_state_of_query(br#"{"code":1,"data":{"status":"success"}}"#),
             None
         );
+        // The fields in order in an array, as a derived reader would take them: not an object.
+        assert_eq!(
+            final_state_of_query(br#"{"code":0,"data":["failed","0.5"]}"#),
+            None
+        );
+        assert_eq!(final_state_of_query(br#"[0,{"status":"success"}]"#), None);
         // Not JSON, though its one broken string is in a field the reading skips.
         assert_eq!(
             final_state_of_query(b"{\"code\":0,\"data\":{\"status\":\"success\",\"x\":\"\xff\"}}"),

@@ -273,14 +273,17 @@ fn walk<'a>(fields: &'a Map<String, Value>, path: &str) -> Vec<&'a Value> {
 }
 
 /// No object on any path the route read holds a key that a case-insensitive reader takes for
-/// the path's name there, besides the name itself.
+/// the path's name there, besides the name itself. The objects on a path are those the route
+/// reads: an array's elements after a `[]` step, the value itself after any other.
 fn one_meaning(route: &Route, fields: &Map<String, Value>) {
     let paths: BTreeSet<String> = read_paths(route).into_iter().collect();
     for path in &paths {
-        let steps: Vec<&str> = path.split('.').collect();
         let mut objects = vec![fields];
-        for step in &steps {
-            let name = step.strip_suffix("[]").unwrap_or(step);
+        for step in path.split('.') {
+            let (name, each) = match step.strip_suffix("[]") {
+                Some(name) => (name, true),
+                None => (step, false),
+            };
             for object in &objects {
                 if let Some(other) = object.keys().find(|k| *k != name && reads_as(k, name)) {
                     panic!("{other:?} reads as {name:?} on the path {path:?}, yet passed");
@@ -289,9 +292,10 @@ fn one_meaning(route: &Route, fields: &Map<String, Value>) {
             objects = objects
                 .iter()
                 .filter_map(|object| object.get(name))
-                .flat_map(|v| match v {
-                    Value::Array(items) => items.iter().collect(),
-                    other => vec![other],
+                .flat_map(|v| match (each, v) {
+                    (true, Value::Array(items)) => items.iter().collect(),
+                    (true, _) => Vec::new(),
+                    (false, other) => vec![other],
                 })
                 .filter_map(Value::as_object)
                 .collect();
