@@ -99,7 +99,7 @@ fn main() -> Result<(), String> {
         let open = prometheus::IntGauge::new("open", "-").map_err(|e| e.to_string())?;
         let refused = prometheus::IntCounter::new("refused", "-").map_err(|e| e.to_string())?;
         let mut workers = Workers::start(
-            workers,
+            "http-worker",
             app,
             // The gateway's defaults: the floor serves each connection as the gateway does.
             ConnectionLimits {
@@ -110,7 +110,9 @@ fn main() -> Result<(), String> {
             CancellationToken::new(),
             TaskTracker::new(),
             ConnectionCounts {
-                accepted,
+                accepted: (0..workers.get())
+                    .map(|index| accepted.with_label_values(&[&index.to_string()]))
+                    .collect(),
                 open,
                 refused,
             },

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub open_connections: IntGauge,
     pub refused_connections: IntCounter,
+    pub ops_open_connections: IntGauge,
+    pub ops_refused_connections: IntCounter,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub overhead: HistogramVec,
@@ -282,7 +284,7 @@ impl Metrics {
             connections: register!(IntCounterVec::new(
                 opts(
                     "connections_accepted_total",
-                    "Client connections accepted, by the HTTP worker thread that serves them."
+                    "Client connections accepted, by the HTTP worker thread that serves them (ops: server.metrics_listen's)."
                 ),
                 &["worker"]
             )),
@@ -293,6 +295,14 @@ impl Metrics {
             refused_connections: register!(IntCounter::with_opts(opts(
                 "connections_refused_total",
                 "New client connections closed unread because server.max_connections were open."
+            ))),
+            ops_open_connections: register!(IntGauge::with_opts(opts(
+                "ops_connections_open",
+                "Connections open now on server.metrics_listen, at most 32."
+            ))),
+            ops_refused_connections: register!(IntCounter::with_opts(opts(
+                "ops_connections_refused_total",
+                "New connections to server.metrics_listen closed unread because 32 were open."
             ))),
             cache_requests: register!(IntCounterVec::new(
                 opts(

@@ -141,9 +141,13 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
     routes.layer(stack).with_state(state)
 }
 
-/// The separate metrics listener's router (`server.metrics_listen`): `/metrics` only.
-pub fn metrics_router(state: Arc<AppState>) -> Router {
+/// The operations listener's router (`server.metrics_listen`): the metrics and the health
+/// checks, so that scrapes and probes are answered on a port of their own while the API's is at
+/// `server.max_connections`.
+pub fn ops_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(routes::scrape::scrape))
+        .route("/healthz", get(routes::health::live))
+        .route("/readyz", get(routes::health::ready))
         .with_state(state)
 }

@@ -148,13 +148,6 @@ impl Server {
         let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
         let retention = tokio::spawn(webhooks::retention::run(state.clone()));
         let balance = tokio::spawn(balance::run(state.clone()));
-        let metrics_server = metrics_listener.map(|listener| {
-            if let Ok(address) = listener.local_addr() {
-                tracing::info!(%address, "metrics listening");
-            }
-            let app = router::metrics_router(state.clone());
-            tokio::spawn(async move { axum::serve(listener, app).await })
-        });
         let (shutdown_timeout, worker_count, limits) = {
             let server = &state.config.load().server;
             let limits = ConnectionLimits {
@@ -172,19 +165,50 @@ impl Server {
             stop: stop.clone(),
             background: state.background.clone(),
         };
+        let accepted = &state.metrics.connections;
         let mut workers = Workers::start(
-            worker_count,
+            "http-worker",
             router::router(state.clone(), admin_token_digest),
             limits,
             stop.clone(),
             state.background.clone(),
             ConnectionCounts {
-                accepted: state.metrics.connections.clone(),
+                accepted: (0..worker_count.get())
+                    .map(|index| accepted.with_label_values(&[&index.to_string()]))
+                    .collect(),
                 open: state.metrics.open_connections.clone(),
                 refused: state.metrics.refused_connections.clone(),
             },
         )
         .map_err(|e| format!("cannot start the HTTP workers: {e}"))?;
+        // Scrapes and probes get a worker and connection places of their own, so that they are
+        // answered while the API's port is full.
+        let mut ops = match metrics_listener {
+            Some(listener) => {
+                let ops_limits = ConnectionLimits {
+                    max_connections: OPS_MAX_CONNECTIONS,
+                    ..limits
+                };
+                let ops_workers = Workers::start(
+                    "ops-worker",
+                    router::ops_router(state.clone()),
+                    ops_limits,
+                    stop.clone(),
+                    state.background.clone(),
+                    ConnectionCounts {
+                        accepted: vec![accepted.with_label_values(&["ops"])],
+                        open: state.metrics.ops_open_connections.clone(),
+                        refused: state.metrics.ops_refused_connections.clone(),
+                    },
+                )
+                .map_err(|e| format!("cannot start the operations worker: {e}"))?;
+                if let Ok(address) = listener.local_addr() {
+                    tracing::info!(%address, "metrics listening, and health checks");
+                }
+                Some((listener, ops_workers))
+            }
+            None => None,
+        };
         tracing::info!(
             %address,
             upstream = %state.config.load().upstream.base_url,
@@ -196,6 +220,11 @@ impl Server {
                 (stream, remote) = axum::serve::Listener::accept(&mut listener) => {
                     workers.hand(stream, remote);
                 }
+                (stream, remote) = accept_ops(&mut ops) => {
+                    if let Some((_, ops_workers)) = &mut ops {
+                        ops_workers.hand(stream, remote);
+                    }
+                }
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -203,8 +232,15 @@ impl Server {
         tracing::info!("shutting down: finishing in-flight requests");
         // Closed now, so that new connections are refused rather than left waiting.
         drop(listener);
+        let ops_workers = ops.map(|(_listener, ops_workers)| ops_workers);
         stop_on_drop.stop();
-        if tokio::time::timeout(shutdown_timeout, workers.finished())
+        let finished = async {
+            workers.finished().await;
+            if let Some(ops_workers) = ops_workers {
+                ops_workers.finished().await;
+            }
+        };
+        if tokio::time::timeout(shutdown_timeout, finished)
             .await
             .is_err()
         {
@@ -217,11 +253,22 @@ impl Server {
         balance.abort();
         webhooks.abort();
         retention.abort();
-        if let Some(metrics_server) = metrics_server {
-            metrics_server.abort();
-        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Most open connections on `server.metrics_listen`: a few scrapers and probes need no more,
+/// and a cap keeps a flood there from taking the descriptors the API's port needs.
+const OPS_MAX_CONNECTIONS: usize = 32;
+
+/// The next connection to the operations listener; never, without one.
+async fn accept_ops(
+    ops: &mut Option<(TcpListener, Workers)>,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    match ops {
+        Some((listener, _)) => axum::serve::Listener::accept(listener).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -18,7 +18,6 @@ use std::convert::Infallible;
 use std::future::pending;
 use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -47,10 +46,10 @@ pub fn current() -> Option<usize> {
     WORKER.with(Cell::get)
 }
 
-/// A connection, and its place among the `server.max_connections` open ones (freed on close).
+/// A connection, and its place among the most open ones (freed on close).
 type Handoff = (std::net::TcpStream, Place);
 
-/// An open connection's place under `server.max_connections`, counted in the open gauge.
+/// An open connection's place under the most open ones, counted in the open gauge.
 struct Place {
     _permit: OwnedSemaphorePermit,
     open: IntGauge,
@@ -75,11 +74,11 @@ pub struct ConnectionLimits {
 
 /// Where the workers count their connections.
 pub struct ConnectionCounts {
-    /// Accepted, by the worker that serves them.
-    pub accepted: IntCounterVec,
+    /// Accepted, one counter per worker: as many workers start as there are counters.
+    pub accepted: Vec<IntCounter>,
     /// Open now.
     pub open: IntGauge,
-    /// Closed unread at `server.max_connections`.
+    /// Closed unread at the most open connections.
     pub refused: IntCounter,
 }
 
@@ -100,27 +99,29 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers serving `app`, counting their connections in `counts`. When `stop` is cancelled each stops taking
-    /// connections, finishes the requests it has, then waits until `background` (closed by then)
-    /// is empty, since work spawned by its handlers runs on its runtime.
+    /// Starts a worker per counter in `counts.accepted`, threads named `{name}-{index}`, serving
+    /// `app`. When `stop` is cancelled each stops taking connections, finishes the requests it
+    /// has, then waits until `background` (closed by then) is empty, since work spawned by its
+    /// handlers runs on its runtime.
     pub fn start(
-        count: NonZeroUsize,
+        name: &str,
         app: Router,
         limits: ConnectionLimits,
         stop: CancellationToken,
         background: TaskTracker,
         counts: ConnectionCounts,
     ) -> io::Result<Workers> {
+        let count = counts.accepted.len();
         let mut workers = Workers {
-            handoffs: Vec::with_capacity(count.get()),
-            accepted: Vec::with_capacity(count.get()),
+            handoffs: Vec::with_capacity(count),
+            accepted: counts.accepted,
             places: Arc::new(Semaphore::new(limits.max_connections)),
             open: counts.open,
             refused: counts.refused,
             next: 0,
-            finished: Vec::with_capacity(count.get()),
+            finished: Vec::with_capacity(count),
         };
-        for index in 0..count.get() {
+        for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .on_thread_park(logging::hand_over_gathered)
@@ -129,7 +130,7 @@ impl Workers {
             let (done, finished) = oneshot::channel::<()>();
             let (app, stop, background) = (app.clone(), stop.clone(), background.clone());
             std::thread::Builder::new()
-                .name(format!("http-worker-{index}"))
+                .name(format!("{name}-{index}"))
                 .spawn(move || {
                     WORKER.set(Some(index));
                     logging::gather_lines_on_this_thread();
@@ -141,9 +142,6 @@ impl Workers {
                     drop(done);
                 })?;
             workers.handoffs.push(handoff);
-            workers
-                .accepted
-                .push(counts.accepted.with_label_values(&[&index.to_string()]));
             workers.finished.push(finished);
         }
         Ok(workers)
@@ -156,7 +154,7 @@ impl Workers {
             // Closed unread: the client sees the connection end and may retry later, and the
             // process keeps the descriptors it needs for the connections it serves. Debug: a
             // flood would otherwise be a flood of log lines too.
-            tracing::debug!(%remote, "at server.max_connections; closing a new connection");
+            tracing::debug!(%remote, "at the most open connections; closing a new connection");
             return;
         };
         self.open.inc();

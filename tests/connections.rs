@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ketchup_testkit::{DESIGN_KEY, Env, GatewayConfig, fake_config};
+use ketchup_testkit::{DESIGN_KEY, Env, GatewayConfig, fake_config, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -151,4 +151,83 @@ async fn a_connection_over_max_connections_is_refused_until_one_closes() {
     );
     let open = env.api().metric("ketchup_gateway_connections_open").await;
     assert!((1.0..=3.0).contains(&open), "{open}");
+}
+
+/// Connections to `addr`, each with `HEALTHZ` answered, opened until one is closed unread:
+/// the ones that fill the listener's places (besides any the harness's clients hold).
+async fn fill(addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    loop {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(HEALTHZ).await;
+        let answer = read_until_answered(&mut stream).await;
+        if answer.is_empty() {
+            return held;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+        assert!(held.len() <= 64, "{addr} takes connections without end");
+    }
+}
+
+/// The first bytes the gateway sends on `stream`; empty if it closes it unanswered.
+async fn read_until_answered(stream: &mut TcpStream) -> String {
+    let mut buffer = vec![0u8; 1 << 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buffer));
+    let n = read
+        .await
+        .expect("neither answered nor closed")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_scrapes_are_answered_on_the_ops_port_while_the_api_port_is_full() {
+    let ops_port = free_port();
+    let env = gateway(&format!(
+        "max_connections = 3\nmetrics_listen = \"127.0.0.1:{ops_port}\""
+    ))
+    .await;
+    env.gateway.wait_for_log("metrics listening").await;
+    let full = fill(env.gateway.addr).await;
+    assert!(
+        full.len() <= 3,
+        "{} connections over a cap of 3",
+        full.len()
+    );
+
+    let ops = format!("http://127.0.0.1:{ops_port}");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let reply = env
+            .api()
+            .send(env.api().http.get(format!("{ops}{path}")))
+            .await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
+    }
+    let refused = env
+        .api()
+        .send(env.api().http.get(format!("{ops}/metrics")))
+        .await;
+    assert!(
+        refused
+            .text
+            .contains("ketchup_gateway_connections_refused_total 1"),
+        "{}",
+        refused.text
+    );
+
+    // The ops port has places of its own, and a cap too: a flood there is refused, while the
+    // connections it has are served.
+    let mut flood = fill(format!("127.0.0.1:{ops_port}").parse().unwrap()).await;
+    assert!(
+        flood.len() <= 32,
+        "{} connections over a cap of 32",
+        flood.len()
+    );
+    let mut kept = flood.pop().unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_answered(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
