@@ -82,6 +82,11 @@ pub struct ConnectionCounts {
     pub refused: IntCounter,
 }
 
+/// Most bytes of an HTTP/1 request head (hyper answers 431 above it; HTTP/2 has hyper's own
+/// 16 KiB). Real heads, a bearer key among them, take a few KiB; hyper's default of 400 KiB let
+/// each slow client hold that much until its head-read timeout.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Between HTTP/2 pings to a connection that has gone quiet, and the longest wait for each
 /// answer: a peer that vanished without closing is found within both.
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -208,7 +213,8 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())

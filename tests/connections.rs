@@ -57,6 +57,29 @@ async fn a_connection_that_sends_no_request_head_in_time_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_head_over_64_kib_is_refused_so_slow_clients_hold_little() {
+    let env = gateway("").await;
+    let head = |padding: usize| {
+        format!(
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
+            "a".repeat(padding)
+        )
+    };
+    let mut fits = TcpStream::connect(env.gateway.addr).await.unwrap();
+    fits.write_all(head(60_000).as_bytes()).await.unwrap();
+    let mut buffer = [0u8; 64];
+    let n = fits.read(&mut buffer).await.unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+
+    let mut over = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let _ = over.write_all(head(70_000).as_bytes()).await;
+    let answer = read_until_closed(&mut over, Duration::from_secs(3))
+        .await
+        .expect("an oversized head's connection is still open");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_idle_connection_is_closed_after_the_keep_alive_timeout() {
     let env = gateway(r#"keep_alive_timeout = "1s""#).await;
     let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
