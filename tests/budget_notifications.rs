@@ -281,3 +281,38 @@ async fn two_replicas_racing_across_a_threshold_send_one_notification() {
     let queued = a.api.metric(NOTIFIED_50).await + b.api.metric(NOTIFIED_50).await;
     assert_eq!(queued, 1.0, "queued by one replica");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_url_the_ssrf_guard_refuses_is_dead_lettered_unsent() {
+    let receiver = Receiver::answering(&[]);
+    let listening = receiver.listen(0).await;
+    let fake = start_fake(fake_config()).await;
+    // Loopback, and no callback_hosts to allow it.
+    let gateway = Gateway::start(
+        &notified(
+            r#"credits = "1.00", period = "monthly""#,
+            "[50]",
+            listening.port,
+        )
+        .callback_hosts("design", &[])
+        .upstream_url(&fake.base_url()),
+    );
+    assert_eq!(generate(&gateway).await, 200);
+
+    let deadline = std::time::Instant::now() + ketchup_testkit::DEADLINE;
+    let dead = loop {
+        let dead = gateway.api.admin("/admin/webhooks?state=dead").await;
+        if dead["webhooks"].as_array().is_some_and(|d| !d.is_empty()) {
+            break dead;
+        }
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let delivery = &dead["webhooks"][0];
+    let period = month(Utc::now());
+    assert_eq!(delivery["task_id"], format!("budget:design:{period}:50"));
+    let error = delivery["last_error"].as_str().unwrap();
+    assert!(error.contains("loopback"), "{error}");
+    tokio::time::sleep(QUIET).await;
+    assert!(receiver.seen().is_empty(), "nothing reached the receiver");
+}
