@@ -89,6 +89,8 @@ pub struct Metrics {
     pub callbacks: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub webhook_deliveries_deleted: IntCounter,
+    /// Budget notifications queued, by team and threshold (a percentage of its `notify_at`).
+    pub budget_notifications: IntCounterVec,
     /// The upstream account's balance, as last read, and what it went down by in all.
     pub upstream_credit: GaugeVec,
     pub upstream_credit_consumed: CounterVec,
@@ -348,6 +350,13 @@ impl Metrics {
                 "webhook_deliveries_deleted_total",
                 "Delivered and dead webhook deliveries deleted once [webhooks] keep_finished had passed."
             ))),
+            budget_notifications: register!(IntCounterVec::new(
+                opts(
+                    "budget_notifications_total",
+                    "Budget notifications queued for delivery to a team's notify_url, by team and threshold (a percentage of budget.notify_at): one per threshold and budget period."
+                ),
+                &["team", "threshold"]
+            )),
             upstream_credit: register!(GaugeVec::new(
                 opts(
                     "upstream_credit",
@@ -434,6 +443,13 @@ impl Metrics {
             }
             for outcome in ["delivered", "failed", "dead"] {
                 self.webhook_deliveries.with_label_values(&[team, outcome]);
+            }
+            if let Some(budget) = config.team(team).and_then(|t| t.budget) {
+                for percent in budget.notify_at.iter() {
+                    let threshold = percent.to_string();
+                    self.budget_notifications
+                        .with_label_values(&[team, threshold.as_str()]);
+                }
             }
             self.unknown_outcomes_resolved.with_label_values(&[team]);
         }

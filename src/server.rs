@@ -24,6 +24,7 @@ use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest, RateLimitsWhenUnavailable, Secret, StoreConfig},
     ledger::{Ledger, redis::RedisStore, sqlite::SqliteStore},
+    notices::Notifier,
     ownership::OwnershipIndex,
     redis_client::RedisEndpoint,
     settlement::Settler,
@@ -108,6 +109,7 @@ impl Server {
             background: TaskTracker::new(),
             webhook_wake: tokio::sync::Notify::new(),
             accounts: Accounts::new(&[DEFAULT_ACCOUNT]),
+            notifier: Notifier::default(),
         });
         Ok(Server {
             listener,
@@ -147,6 +149,7 @@ impl Server {
         let reconciler = tokio::spawn(reconciler::run(state.clone()));
         let webhooks = tokio::spawn(webhooks::delivery::run(state.clone()));
         let retention = tokio::spawn(webhooks::retention::run(state.clone()));
+        let notices = tokio::spawn(webhooks::notices::run(state.clone()));
         let balance = tokio::spawn(balance::run(state.clone()));
         let (shutdown_timeout, worker_count, limits) = {
             let server = &state.config.load().server;
@@ -253,6 +256,7 @@ impl Server {
         balance.abort();
         webhooks.abort();
         retention.abort();
+        notices.abort();
         tracing::info!("stopped");
         Ok(())
     }

@@ -11,8 +11,8 @@ use crate::{
     upstream::UpstreamClient,
 };
 use ketchup_domain::{
-    clock::SharedClock, config::Config, ledger::Ledger, ownership::OwnershipIndex,
-    settlement::Settler,
+    clock::SharedClock, config::Config, ledger::Ledger, notices::Notifier,
+    ownership::OwnershipIndex, settlement::Settler,
 };
 
 /// What every handler shares.
@@ -40,4 +40,6 @@ pub struct AppState {
     pub webhook_wake: tokio::sync::Notify,
     /// The upstream account as the balance check last saw it.
     pub accounts: Accounts,
+    /// Budget notifications, and which of them this process knows to be claimed.
+    pub notifier: Notifier,
 }

@@ -26,7 +26,7 @@ use crate::{
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
     state::AppState,
     upstream::UpstreamError,
-    webhooks::{self, target},
+    webhooks::{self, notices, target},
 };
 use ketchup_domain::{
     body::{check_case, check_unique_keys},
@@ -206,6 +206,7 @@ pub async fn generate(
         idempotency: claim,
     };
     let id = reservation.id;
+    let reservation_period = reservation.period.clone();
     let reservation_model = reservation.model.clone();
     let keyed = reservation.idempotency.is_some();
     // Armed before the reservation is even sent: a client that hangs up from here until the
@@ -229,7 +230,10 @@ pub async fn generate(
         count_key(&state, &team.name, &outcome);
     }
     let standing = match outcome {
-        ReserveOutcome::Reserved(standing) => standing,
+        ReserveOutcome::Reserved(standing) => {
+            notices::after_reservation(&state, &team, &reservation_period, standing, now);
+            standing
+        }
         ReserveOutcome::Replay(answer) => {
             hold.armed = false;
             if let Some(task_id) = accepted_task_id(&answer.body) {

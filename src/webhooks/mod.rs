@@ -6,9 +6,11 @@
 //! polling. Outbound: the task's confirmed state is then delivered to the team's own URL from a
 //! durable outbox in the ledger (`delivery`), signed the
 //! Standard Webhooks way (`signing`), and only to addresses the team may reach (`target`).
-//! Finished deliveries are deleted once they have been kept long enough (`retention`).
+//! Finished deliveries are deleted once they have been kept long enough (`retention`). Budget
+//! notifications (`notices`) go through the same outbox, signing and guard.
 
 pub mod delivery;
+pub mod notices;
 pub mod retention;
 pub mod signing;
 pub mod target;

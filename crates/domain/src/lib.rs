@@ -1,6 +1,6 @@
 //! The gateway's domain, free of any HTTP framework: exact credits, budget periods, the validated
-//! configuration, the ledger (its traits and both engines), settlement of what a task cost, and
-//! the in-memory index of who owns which task.
+//! configuration, the ledger (its traits and both engines), settlement of what a task cost,
+//! budget notifications, and the in-memory index of who owns which task.
 //!
 //! The web layer (the root package) depends on this crate and never the other way round, so
 //! everything here can be tested and benchmarked without a server.
@@ -11,6 +11,7 @@ pub mod config;
 pub mod credits;
 pub mod idempotency;
 pub mod ledger;
+pub mod notices;
 pub mod ownership;
 pub mod period;
 pub mod pricing;

@@ -29,6 +29,7 @@ use crate::{
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
     state::AppState,
     upstream::{UpstreamError, UpstreamResponse},
+    webhooks::notices,
 };
 use dialect::Dialect;
 use ketchup_domain::{
@@ -301,7 +302,7 @@ fn forwarded(uri: &Uri) -> String {
 /// Reserves the request's worst case in the team's budget.
 async fn reserve(
     state: &Arc<AppState>,
-    team: &Team,
+    team: &Arc<Team>,
     model: &str,
     amount: Credits,
     request_id: &str,
@@ -323,6 +324,7 @@ async fn reserve(
         idempotency: None,
     };
     let id = reservation.id;
+    let period_key = reservation.period.clone();
     let outcome = match state.ledger.reserve(reservation).await {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -342,7 +344,10 @@ async fn reserve(
             .inc();
     };
     match outcome {
-        ReserveOutcome::Reserved(_) => Ok(id),
+        ReserveOutcome::Reserved(standing) => {
+            notices::after_reservation(state, team, &period_key, standing, now);
+            Ok(id)
+        }
         // Only a reservation with an Idempotency-Key meets a key's claim, and a text request
         // carries none: a store that answers so is wrong, and nothing was reserved.
         ReserveOutcome::Replay(_) | ReserveOutcome::KeyInUse | ReserveOutcome::KeyMismatch => {

@@ -42,7 +42,10 @@ pub use server::{
     ServerConfig,
 };
 pub use store::{RateLimitsWhenUnavailable, RedisTls, StoreConfig};
-pub use teams::{Budget, BudgetPeriod, KeyEntry, KeyWindow, Limits, ModelAllowList, Team};
+pub use teams::{
+    Budget, BudgetPeriod, KeyEntry, KeyWindow, Limits, MAX_THRESHOLDS, ModelAllowList, Team,
+    Thresholds,
+};
 pub use upstream::{
     DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig,
 };

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Invalid;
-use super::values::{Instant, KeyDigest, Rate, SecretSource, secret_source};
+use super::values::{HttpUrl, Instant, KeyDigest, Rate, SecretSource, secret_source};
 use crate::credits::Credits;
 
 /// The limits of a team when neither it nor `[defaults.limits]` sets them.
@@ -70,6 +70,7 @@ pub(super) struct RawTeam {
     #[serde(default)]
     callback_hosts: Vec<String>,
     models: Option<Spanned<Vec<Spanned<String>>>>,
+    notify_url: Option<Spanned<HttpUrl>>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +88,7 @@ struct RawBudget {
     credits: Credits,
     period: BudgetPeriod,
     max_in_flight: Option<Spanned<u32>>,
+    notify_at: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Debug)]
@@ -98,6 +100,9 @@ pub struct Team {
     pub callback_hosts: Vec<String>,
     /// The models the team may use; `None`: every configured model.
     pub models: Option<ModelAllowList>,
+    /// Where the team's budget notifications go (http(s)); set exactly when its budget has
+    /// `notify_at`, and only beside a webhook secret, which signs them.
+    pub notify_url: Option<String>,
 }
 
 impl Team {
@@ -112,6 +117,63 @@ pub struct Budget {
     pub credits: Credits,
     pub period: BudgetPeriod,
     pub max_in_flight: Option<u32>,
+    /// The percentages of `credits` at which the team is notified; empty: none.
+    pub notify_at: Thresholds,
+}
+
+/// Most percentages one `notify_at` may list.
+pub const MAX_THRESHOLDS: usize = 10;
+
+/// A set of whole percentages from 1 to 100, one bit each: what a budget's `notify_at` lists,
+/// and which of them a team's spending has reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Thresholds(u128);
+
+impl Thresholds {
+    /// The set of `percents`; `None` if one is outside 1..=100.
+    pub fn of(percents: impl IntoIterator<Item = u8>) -> Option<Thresholds> {
+        let mut set = Thresholds::default();
+        for percent in percents {
+            if !(1..=100).contains(&percent) {
+                return None;
+            }
+            set.0 |= 1 << percent;
+        }
+        Some(set)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, percent: u8) -> bool {
+        percent <= 100 && self.0 & (1 << percent) != 0
+    }
+
+    /// The percentages in this set and not in `other`.
+    pub fn without(self, other: Thresholds) -> Thresholds {
+        Thresholds(self.0 & !other.0)
+    }
+
+    pub fn with(self, other: Thresholds) -> Thresholds {
+        Thresholds(self.0 | other.0)
+    }
+
+    /// The percentages in ascending order.
+    pub fn iter(self) -> impl Iterator<Item = u8> {
+        (1..=100u8).filter(move |&p| self.contains(p))
+    }
+
+    /// Those of the set that `used` credits reach or pass, out of `budget`: `used` is at least
+    /// `percent`/100 of it, exactly, in integer units.
+    pub fn reached(self, budget: Credits, used: Credits) -> Thresholds {
+        let (budget, used) = (i128::from(budget.units()), i128::from(used.units()));
+        Thresholds::of(
+            self.iter()
+                .filter(|&p| used * 100 >= budget * i128::from(p)),
+        )
+        .expect("a subset of the set")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -342,6 +404,10 @@ fn team(
             format!("{table} keys is empty; add one with `ketchup-gateway keygen --team {name}`"),
         ));
     }
+    let notify_at_span = raw
+        .budget
+        .as_ref()
+        .and_then(|b| b.notify_at.as_ref().map(Spanned::span));
     let budget = match raw.budget {
         None => None,
         Some(budget) => Some(Budget {
@@ -356,6 +422,10 @@ fn team(
                 }
                 cap => cap.map(Spanned::into_inner),
             },
+            notify_at: match budget.notify_at {
+                None => Thresholds::default(),
+                Some(list) => notify_at(&table, budget.credits, list)?,
+            },
         }),
     };
     let webhook_secret = secret_source(
@@ -363,6 +433,12 @@ fn team(
         "webhook_secret",
         raw.webhook_secret_env,
         raw.webhook_secret_file,
+    )?;
+    let notify_url = notify_url(
+        &table,
+        notify_at_span,
+        webhook_secret.is_some(),
+        raw.notify_url,
     )?;
     let team = Team {
         name,
@@ -376,8 +452,106 @@ fn team(
             .models
             .map(|list| allow_list(&table, list, models))
             .transpose()?,
+        notify_url,
     };
     Ok((team, raw.keys.into_inner()))
+}
+
+/// A budget's `notify_at`: 1 to [`MAX_THRESHOLDS`] whole percentages of a budget above zero,
+/// each from 1 to 100, strictly increasing (so none twice).
+fn notify_at(
+    table: &str,
+    credits: Credits,
+    list: Spanned<Vec<Spanned<i64>>>,
+) -> Result<Thresholds, Invalid> {
+    let key = format!("{table} budget.notify_at");
+    let span = list.span();
+    let list = list.into_inner();
+    if list.is_empty() {
+        return Err(Invalid::at(
+            span,
+            format!("{key} is empty; leave it out for no budget notifications"),
+        ));
+    }
+    if list.len() > MAX_THRESHOLDS {
+        return Err(Invalid::at(
+            span,
+            format!(
+                "{key} lists {} percentages; at most {MAX_THRESHOLDS}",
+                list.len()
+            ),
+        ));
+    }
+    if credits <= Credits::ZERO {
+        return Err(Invalid::at(
+            span,
+            format!("{key} needs a budget above zero credits: it names percentages of it"),
+        ));
+    }
+    let mut percents = Vec::with_capacity(list.len());
+    for written in list {
+        let at = written.span();
+        let percent = match u8::try_from(*written.get_ref()) {
+            Ok(p @ 1..=100) => p,
+            _ => {
+                return Err(Invalid::at(
+                    at,
+                    format!(
+                        "{key}: {} is not a whole percentage from 1 to 100",
+                        written.get_ref()
+                    ),
+                ));
+            }
+        };
+        if let Some(&before) = percents.last()
+            && percent <= before
+        {
+            let what = if percent == before {
+                "is listed twice"
+            } else {
+                "comes after a larger one"
+            };
+            return Err(Invalid::at(
+                at,
+                format!("{key}: {percent} {what}; list each percentage once, smallest first"),
+            ));
+        }
+        percents.push(percent);
+    }
+    Ok(Thresholds::of(percents).expect("each checked to be from 1 to 100"))
+}
+
+/// A team's `notify_url`, which goes with `budget.notify_at` both ways (either alone would be a
+/// notification configured to go nowhere, or never to be sent), and needs a webhook secret:
+/// notifications are signed as every delivery is.
+fn notify_url(
+    table: &str,
+    notify_at: Option<std::ops::Range<usize>>,
+    signed: bool,
+    url: Option<Spanned<HttpUrl>>,
+) -> Result<Option<String>, Invalid> {
+    match (url, notify_at) {
+        (None, Some(notify_at)) => Err(Invalid::at(
+            notify_at,
+            format!("{table} budget.notify_at needs notify_url: where the notifications go"),
+        )),
+        (None, None) => Ok(None),
+        (Some(url), None) => Err(Invalid::at(
+            url.span(),
+            format!(
+                "{table} notify_url needs budget.notify_at: the percentages of the budget at \
+                 which to notify"
+            ),
+        )),
+        (Some(url), Some(_)) if !signed => Err(Invalid::at(
+            url.span(),
+            format!(
+                "{table} notify_url needs webhook_secret_env or webhook_secret_file: budget \
+                 notifications are signed as every delivery is"
+            ),
+        )),
+        (Some(url), Some(_)) => Ok(Some(url.into_inner().0.into())),
+    }
 }
 
 fn merge_limits(base: Limits, raw: RawLimits) -> Limits {

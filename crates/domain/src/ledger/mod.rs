@@ -2,7 +2,8 @@
 //!
 //! Its operations are cut by concern, each trait with its own callers: [`Reservations`] (credits
 //! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
-//! [`Outbox`] (webhook deliveries) and [`Reports`] (what teams and admins read). Domain code takes
+//! [`Outbox`] (webhook deliveries), [`BudgetNotices`] (the one notification per budget threshold
+//! and period) and [`Reports`] (what teams and admins read). Domain code takes
 //! the narrowest it needs (the settler [`Reservations`], the ownership index's fill [`Tasks`]);
 //! [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
 //! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
@@ -179,6 +180,8 @@ pub struct CallbackTarget {
 pub struct NewDelivery {
     /// Sent as `webhook-id`, the same on every attempt, so receivers can drop repeats.
     pub id: String,
+    /// The task whose state it delivers; a budget notification names its claim here instead,
+    /// `budget:{team}:{period}:{percent}` (no upstream task id has that form).
     pub task_id: String,
     pub team: String,
     pub url: String,
@@ -622,6 +625,31 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 }
 
+/// A team's claim that its spending reached `percent` of its budget in `period`, with the
+/// notification that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetNotice {
+    pub team: String,
+    pub period: String,
+    /// From 1 to 100.
+    pub percent: u8,
+    /// From then on the claim may be forgotten: a while after its period ended, when no gateway
+    /// asks about that period any more. `None` for a lifetime budget: kept for good.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Queued with the claim; its `task_id` is the claim's name (see [`NewDelivery::task_id`]).
+    pub delivery: NewDelivery,
+}
+
+/// Budget notifications, at most one per team, period and threshold, whichever replica sees the
+/// threshold reached and however often.
+#[async_trait]
+pub trait BudgetNotices: Send + Sync + 'static {
+    /// Claims the notice's threshold for its team and period and queues its delivery, in one
+    /// atomic step; durable when it returns. `false`, and nothing queued, when it was claimed
+    /// before. Claims of the team that expired by the delivery's `created_at` are forgotten.
+    async fn claim_budget_notice(&self, notice: BudgetNotice) -> Result<bool, StoreError>;
+}
+
 /// What teams and admins read about credits: a team's standing and tasks in flight, reservations
 /// by state, usage. Reads only.
 #[async_trait]
@@ -652,7 +680,7 @@ pub trait Reports: Send + Sync + 'static {
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
-pub trait Ledger: Reservations + Tasks + Outbox + Reports {
+pub trait Ledger: Reservations + Tasks + Outbox + BudgetNotices + Reports {
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

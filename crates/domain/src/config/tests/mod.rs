@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::*;
 
 mod models;
+mod notify;
 mod reload;
 mod teams;
 
@@ -508,7 +509,7 @@ fn a_value_inside_a_team_names_the_team_and_the_key() {
             ads("budjet = {}"),
             "gateway.toml:16:1: [[teams]] name = \"ads\": unknown field `budjet`, expected one \
              of `name`, `keys`, `budget`, `limits`, `webhook_secret_env`, \
-             `webhook_secret_file`, `callback_hosts`, `models`",
+             `webhook_secret_file`, `callback_hosts`, `models`, `notify_url`",
         ),
         (
             format!("{MINIMAL}\n[[teams]]\nkeys = []\n"),

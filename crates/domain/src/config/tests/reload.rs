@@ -228,6 +228,12 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
     ("[[teams]]", "models = [\"google/*\"]", None),
     (
         "[[teams]]",
+        "budget = { credits = \"250.00\", period = \"monthly\", notify_at = [50, 80] }\n\
+         notify_url = \"https://hooks.design.example/budget\"",
+        None,
+    ),
+    (
+        "[[teams]]",
         "keys = [{ sha256 = \"c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2\", \
          expires_at = \"2027-01-01T00:00:00Z\", not_before = \"2026-12-01T00:00:00Z\" }]",
         None,

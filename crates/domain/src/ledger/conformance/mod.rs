@@ -10,6 +10,8 @@ use super::*;
 #[macro_use]
 pub mod idempotency;
 #[macro_use]
+pub mod notices;
+#[macro_use]
 pub mod outbox;
 #[macro_use]
 pub mod reports;
@@ -83,6 +85,9 @@ macro_rules! conformance_suite {
             }
             mod outbox {
                 outbox_suite!($make);
+            }
+            mod notices {
+                notices_suite!($make);
             }
             mod reports {
                 reports_suite!($make);

@@ -7,7 +7,7 @@
 //! records.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`,
-//! `tasks`, `outbox` and `reports`, each with its scripts and the fields it reads. This file is
+//! `tasks`, `outbox`, `notices` and `reports`, each with its scripts and the fields it reads. This file is
 //! the store they share: the connection, the key layout, the one call helper, and the decoding of
 //! answers.
 //!
@@ -40,6 +40,7 @@ macro_rules! ledger_script {
     };
 }
 
+mod notices;
 mod outbox;
 mod reports;
 mod reservations;
@@ -73,13 +74,14 @@ const RECONNECT_RETRIES: usize = 2;
 /// | `P deliveries-due:{team}` | sorted set | the team's pending deliveries by next attempt (or end of lease) |
 /// | `P deliveries-due-teams` | set | the teams that have pending deliveries |
 /// | `P deliveries:{state}` | sorted set | ids of the deliveries in a state, by `updated_at` |
+/// | `P budget-notice:{team}:{period}:{percent}` | string, with a TTL unless lifetime | the id of the delivery a team's budget notification queued (the team escaped as in `period`); it expires at the claim's `expires_at` |
 ///
 /// Budget periods are part of their key, so a new period starts from zero without a reset job.
-/// Only Idempotency-Key claims have a TTL, the key's lifetime. Otherwise, as in the SQLite
-/// ledger, only finished webhook deliveries go, deleted by the gateway once
-/// `[webhooks] keep_finished` has passed. The scripts name keys they derive from
-/// stored fields (a reservation's period and team), so the store needs one Redis server, not a
-/// cluster.
+/// Only Idempotency-Key claims (for the key's lifetime) and budget notification claims (until
+/// their `expires_at`, after their period) have a TTL. Otherwise, as in the SQLite ledger, only
+/// finished webhook deliveries go, deleted by the gateway once `[webhooks] keep_finished` has
+/// passed. The scripts name keys they derive from stored fields (a reservation's period and
+/// team), so the store needs one Redis server, not a cluster.
 pub struct RedisStore {
     connection: ConnectionManager,
     keys: Keys,

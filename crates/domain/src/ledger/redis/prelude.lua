@@ -74,3 +74,17 @@ local function move_reservation(id, from, to, charge, reason)
   return nil
 end
 
+-- Queues a webhook delivery unless its id or its task has one already; returns 1 if queued, else
+-- 0. The check and the insert are one step with whatever else the calling script does.
+local function queue_delivery(id, task_id, team, url, body, created, deadline)
+  local key = K.delivery(id)
+  if redis.call('EXISTS', key) == 1 then return 0 end
+  if redis.call('SETNX', K.delivery_of_task(task_id), id) == 0 then return 0 end
+  redis.call('HSET', key, 'id', id, 'task_id', task_id, 'team', team, 'url', url,
+    'body', body, 'state', 'pending', 'attempts', 0, 'next_attempt_at', created,
+    'created_at', created, 'deadline', deadline, 'updated_at', created)
+  redis.call('ZADD', K.due(team), created, id)
+  redis.call('SADD', K.due_teams, team)
+  redis.call('ZADD', K.deliveries('pending'), created, id)
+  return 1
+end

@@ -8,7 +8,7 @@
 //! connections, which WAL lets run beside the writer.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`
-//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox` and `reports`. This file
+//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `notices` and `reports`. This file
 //! is the store they share: the schema and its migrations, the writer thread and the readers, and
 //! the statement helpers.
 
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Ledger, StoreError};
 
 mod idempotency;
+mod notices;
 mod outbox;
 mod reports;
 mod reservations;
@@ -130,6 +131,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (team, key)
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+    "#,
+    // Budget notifications: one claim per team, period and threshold, taken in the transaction
+    // that queues its delivery, so a notification is neither lost nor sent twice.
+    r#"
+    CREATE TABLE budget_notices (
+        team        TEXT NOT NULL,
+        period      TEXT NOT NULL,
+        percent     INTEGER NOT NULL,   -- of the team's budget, 1 to 100
+        delivery_id TEXT NOT NULL,      -- the delivery it queued
+        claimed_at  INTEGER NOT NULL,   -- unix ms
+        expires_at  INTEGER,            -- unix ms; from then on forgotten; NULL: kept (lifetime)
+        PRIMARY KEY (team, period, percent)
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -396,7 +410,10 @@ mod tests {
             // The schema as the version before dispatch left it, with one reservation waiting.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
-            let before = MIGRATIONS.len() - 1;
+            let before = MIGRATIONS
+                .iter()
+                .position(|m| m.contains("ADD COLUMN dispatched_at"))
+                .unwrap();
             for migration in &MIGRATIONS[..before] {
                 conn.execute_batch(migration).unwrap();
             }

@@ -35,30 +35,32 @@ fn teams_with_pending_deliveries(conn: &Connection) -> Result<Vec<String>, Store
     }
 }
 
+/// Queues a delivery, in the caller's transaction; `false` if its id or task has one already.
+pub(super) fn queue(conn: &Connection, d: &NewDelivery) -> Result<bool, StoreError> {
+    let inserted = execute(
+        conn,
+        "INSERT INTO deliveries (id, task_id, team, url, body, state, next_attempt_at,
+                                 created_at, deadline, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7, ?6)
+         ON CONFLICT DO NOTHING",
+        params![
+            d.id,
+            d.task_id,
+            d.team,
+            d.url,
+            d.body.as_ref(),
+            millis(d.created_at),
+            millis(d.deadline)
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(inserted == 1)
+}
+
 #[async_trait]
 impl Outbox for SqliteStore {
     async fn enqueue_delivery(&self, d: NewDelivery) -> Result<bool, StoreError> {
-        self.write(move |conn| {
-            let inserted = execute(
-                conn,
-                "INSERT INTO deliveries (id, task_id, team, url, body, state, next_attempt_at,
-                                         created_at, deadline, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7, ?6)
-                 ON CONFLICT DO NOTHING",
-                params![
-                    d.id,
-                    d.task_id,
-                    d.team,
-                    d.url,
-                    d.body.as_ref(),
-                    millis(d.created_at),
-                    millis(d.deadline)
-                ],
-            )
-            .map_err(unavailable)?;
-            Ok(inserted == 1)
-        })
-        .await
+        self.write(move |conn| queue(conn, &d)).await
     }
 
     async fn claim_deliveries(
