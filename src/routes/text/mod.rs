@@ -48,13 +48,15 @@ const MAX_ERROR_BYTES: usize = 1 << 20;
 /// What a handler learnt of its caller, from the layers before it.
 struct Sender {
     team: Arc<Team>,
+    /// The name of the key it came with, which its reservation records.
+    key: Arc<str>,
     request_id: RequestId,
     facts: Arc<RequestFacts>,
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
@@ -62,6 +64,7 @@ pub async fn chat_completions(
 ) -> Result<Response, GatewayError> {
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -70,7 +73,7 @@ pub async fn chat_completions(
 
 pub async fn messages(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
@@ -78,6 +81,7 @@ pub async fn messages(
 ) -> Result<Response, GatewayError> {
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -88,7 +92,7 @@ pub async fn messages(
 /// its last colon.
 pub async fn gemini(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     Path(model_action): Path<String>,
@@ -107,6 +111,7 @@ pub async fn gemini(
     };
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -131,6 +136,7 @@ async fn serve(
 ) -> Result<Response, GatewayError> {
     let Sender {
         team,
+        key,
         request_id,
         facts,
     } = caller;
@@ -163,7 +169,7 @@ async fn serve(
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
-    let id = reserve(&state, &team, &ask.model, amount, request_id.as_str()).await?;
+    let id = reserve(&state, &team, &key, &ask.model, amount, request_id.as_str()).await?;
     let mut hold = Hold {
         state: state.clone(),
         id,
@@ -302,6 +308,7 @@ fn forwarded(uri: &Uri) -> String {
 async fn reserve(
     state: &Arc<AppState>,
     team: &Team,
+    key: &str,
     model: &str,
     amount: Credits,
     request_id: &str,
@@ -311,6 +318,7 @@ async fn reserve(
     let reservation = NewReservation {
         id: ReservationId::new(),
         team: team.name.clone(),
+        key: key.to_owned(),
         model: model.to_owned(),
         family: FAMILY.to_owned(),
         amount,

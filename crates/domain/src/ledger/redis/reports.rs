@@ -39,8 +39,9 @@ const RESERVATION_FIELDS: [&str; 14] = [
     "retry_of",
     "resolved_by",
 ];
-const USAGE_FIELDS: [&str; 8] = [
+const USAGE_FIELDS: [&str; 9] = [
     "team",
+    "key_label",
     "family",
     "model",
     "state",
@@ -184,13 +185,14 @@ impl Reports for RedisStore {
     }
 }
 
-/// A usage row's day, team, family and model: its group, and its place in the report.
-type UsageKey = (String, String, String, String);
+/// A usage row's day, team, key, family and model: its group, and its place in the report.
+type UsageKey = (String, String, String, String, String);
 
 /// Adds one reservation to its usage row, as the SQLite engine's `GROUP BY` does.
 fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<(), StoreError> {
     let [
         team,
+        key,
         family,
         model,
         state,
@@ -204,6 +206,8 @@ fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<()
         return Ok(());
     }
     let team: String = parse(team)?;
+    // No key name on those recorded before keys were.
+    let key = parse::<Option<String>>(key)?.unwrap_or_default();
     let family = parse::<Option<String>>(family)?.unwrap_or_else(|| FAMILY_BEFORE_ROUTES.into());
     let model: String = parse(model)?;
     let final_status: Option<String> = parse(final_status)?;
@@ -218,10 +222,17 @@ fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<()
         .format("%Y-%m-%d")
         .to_string();
     let row = rows
-        .entry((day.clone(), team.clone(), family.clone(), model.clone()))
+        .entry((
+            day.clone(),
+            team.clone(),
+            key.clone(),
+            family.clone(),
+            model.clone(),
+        ))
         .or_insert_with(|| UsageRow {
             day,
             team,
+            key,
             family,
             model,
             tasks: 0,

@@ -8,9 +8,9 @@
 //! connections, which WAL lets run beside the writer.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`
-//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox` and `reports`. This file
-//! is the store they share: the schema and its migrations, the writer thread and the readers, and
-//! the statement helpers.
+//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `reports` and `audit`.
+//! This file is the store they share: the schema and its migrations, the writer thread and the
+//! readers, and the statement helpers.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Ledger, StoreError};
 
+mod audit;
 mod idempotency;
 mod outbox;
 mod reports;
@@ -130,6 +131,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (team, key)
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+    "#,
+    // The name of the team key that made each reservation, which usage is split by (empty on
+    // those recorded before), and the audit trail of admin actions. AUTOINCREMENT: an id is
+    // never reused once its action is deleted, so a listing's `before` cursor stays true.
+    r#"
+    ALTER TABLE reservations ADD COLUMN key_label TEXT NOT NULL DEFAULT '';
+    CREATE TABLE admin_actions (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         INTEGER NOT NULL,    -- unix ms
+        admin      TEXT NOT NULL,       -- the admin token's label
+        action     TEXT NOT NULL,       -- method and route, e.g. 'POST /admin/reservations/{id}/release'
+        target     TEXT NOT NULL,       -- the route's path parameters as sent
+        status     INTEGER NOT NULL,    -- the HTTP status answered
+        request_id TEXT NOT NULL
+    );
+    CREATE INDEX admin_actions_at ON admin_actions (at);
     "#,
 ];
 
@@ -396,7 +413,10 @@ mod tests {
             // The schema as the version before dispatch left it, with one reservation waiting.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
-            let before = MIGRATIONS.len() - 1;
+            let before = MIGRATIONS
+                .iter()
+                .position(|m| m.contains("ADD COLUMN dispatched_at"))
+                .unwrap();
             for migration in &MIGRATIONS[..before] {
                 conn.execute_batch(migration).unwrap();
             }
