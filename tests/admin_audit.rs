@@ -63,7 +63,22 @@ fn without_ids(actions: &Value) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_admin_change_is_in_the_audit_trail_with_who_and_what_and_survives_a_restart() {
-    let config = GatewayConfig::new()
+    audit_trail_on(GatewayConfig::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_trail_in_redis_survives_a_restart_too() {
+    let Some(url) = ketchup_test_redis::url() else {
+        return;
+    };
+    let prefix = format!("test-{}:", uuid::Uuid::now_v7().simple());
+    audit_trail_on(GatewayConfig::new().redis(&url, &prefix)).await;
+}
+
+/// Releases, refused attempts and reads by two admins on a gateway whose store `base` sets, then
+/// the trail as listed, paged and filtered, before and after a restart.
+async fn audit_trail_on(base: GatewayConfig) {
+    let config = base
         .budget("design", r#"{ credits = "5.00", period = "lifetime" }"#)
         .upstream(r#"timeout = "300ms""#)
         .admin()
@@ -309,4 +324,34 @@ async fn usage_and_the_spend_metric_split_a_teams_spend_between_its_keys() {
     // Every configured key has its series from the start, the ones that spent nothing at zero.
     scrape.assert_eq(spent, &[("team", "ads"), ("key", "ads-test")], 0.0);
     assert_eq!(scrape.series(spent).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconciler_deletes_admin_actions_once_keep_audit_has_passed() {
+    let config = GatewayConfig::new()
+        .admin()
+        .admin_lines(r#"keep_audit = "1s""#)
+        .reconciler(r#"interval = "100ms""#);
+    let env = Env::start_with(rendering_at(Duration::from_millis(100), "0.50"), config).await;
+    let path = "/admin/reservations/0191c6f6-0000-7000-8000-000000000000/release";
+    let refused = post_as(&env, path, ADMIN_TOKEN, "audit-kept-1").await;
+    assert_eq!(refused.status, 409, "{}", refused.text);
+    let listed = env.api().admin("/admin/audit").await;
+    assert_eq!(
+        listed["actions"][0]["request_id"], "audit-kept-1",
+        "{listed}"
+    );
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let listed = env.api().admin("/admin/audit").await;
+        if listed["actions"] == json!([]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "kept: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.gateway
+        .wait_for_log("admin actions past [admin] keep_audit deleted")
+        .await;
 }

@@ -290,6 +290,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reservation_recorded_without_a_key_name_is_reported_with_an_empty_one() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let old = reservation("design", "0.50", None);
+        let key = store.keys.reservation(&old.id.0.to_string());
+        store.reserve(old).await.unwrap();
+        // As a version before keys were recorded wrote it.
+        let removed: u64 = store
+            .query(redis::cmd("HDEL").arg(&key).arg("key_label"))
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, [""]);
+    }
+
+    #[tokio::test]
     async fn usage_reads_past_a_page_of_equal_times() {
         let Some(store) = test_store().await else {
             return;

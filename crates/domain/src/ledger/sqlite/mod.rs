@@ -375,7 +375,8 @@ mod tests {
     use crate::ledger::conformance::idempotency::keyed;
     use crate::ledger::conformance::outbox::delivery;
     use crate::ledger::{
-        Abandoned, DeliveryState, Outbox, Reports, ReservationId, Reservations, TaskState, Tasks,
+        Abandoned, Audit, AuditQuery, DeliveryState, Outbox, Reports, ReservationId, Reservations,
+        TaskState, Tasks,
     };
 
     fn claims(path: &Path) -> i64 {
@@ -529,5 +530,55 @@ mod tests {
         let families: Vec<(&str, u64)> =
             rows.iter().map(|r| (r.family.as_str(), r.tasks)).collect();
         assert_eq!(families, [("image", 1)]);
+    }
+
+    #[tokio::test]
+    async fn tasks_recorded_before_key_names_are_reported_with_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let before_keys = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("ADD COLUMN key_label"))
+            .unwrap();
+        {
+            // The schema as the version before key names left it, with one settled task.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for migration in &MIGRATIONS[..before_keys] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before_keys as i64)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO reservations (id, task_id, team, model, period, reserved, consumed,
+                                           state, final_status, request_id, created_at)
+                 VALUES (?1, 'ta-old', 'design', 'google/gempix2', '2026-11', 50000000, 40000000,
+                         'settled', 'success', 'req-old', ?2)",
+                params![
+                    ReservationId::new().0.to_string(),
+                    millis(at("2026-11-23T10:00:00Z"))
+                ],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let keys: Vec<(&str, u64)> = rows.iter().map(|r| (r.key.as_str(), r.tasks)).collect();
+        assert_eq!(keys, [("", 1)]);
+        assert!(
+            store
+                .admin_actions(AuditQuery {
+                    before: None,
+                    since: None,
+                    admin: None,
+                    limit: 10
+                })
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
