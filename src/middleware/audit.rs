@@ -32,6 +32,8 @@ use ketchup_domain::{
 
 /// Longest target recorded, in characters: path parameters are whatever the admin sent.
 const MAX_TARGET: usize = 256;
+/// Longest method recorded: HTTP lets a client name any method, of any length.
+const MAX_METHOD: usize = 16;
 
 /// Where admin actions are recorded, the clock that dates them, and the tracker shutdown waits
 /// on, so a record being written is not cut off.
@@ -76,7 +78,8 @@ pub async fn record(State(trail): State<AuditTrail>, request: Request, next: Nex
             .collect(),
         Err(_) => String::new(),
     };
-    let action = format!("{} {}", parts.method, route.as_str());
+    let method: String = parts.method.as_str().chars().take(MAX_METHOD).collect();
+    let action = format!("{method} {}", route.as_str());
     let request_id = parts
         .extensions
         .get::<RequestId>()
