@@ -140,6 +140,7 @@ fn ledger(c: &mut Criterion) {
             let reservation = NewReservation {
                 id,
                 team: "team-57".into(),
+                key: "bench".into(),
                 model: "google/gempix2".into(),
                 family: "image".into(),
                 amount: Credits::from_units(50_000_000),

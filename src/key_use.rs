@@ -18,16 +18,6 @@ pub struct KeyUse {
     refusals: IntCounterVec,
 }
 
-/// A key's `key` label: the admin's label, or for a key without one the start of its digest
-/// (which the config file shows anyway), so two unlabelled keys stay apart.
-pub fn label_of(digest: &KeyDigest, entry: &KeyEntry) -> String {
-    if entry.label.is_empty() {
-        format!("sha256:{}", &digest.to_hex()[..12])
-    } else {
-        entry.label.to_string()
-    }
-}
-
 impl KeyUse {
     pub fn register(registry: &Registry) -> Self {
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("ketchup_gateway");
@@ -85,7 +75,11 @@ impl KeyUse {
 
     pub fn refused(&self, digest: &KeyDigest, entry: &KeyEntry, window: KeyWindow) {
         self.refusals
-            .with_label_values(&[&entry.team.name, &label_of(digest, entry), window.as_str()])
+            .with_label_values(&[
+                entry.team.name.as_str(),
+                &entry.name(digest),
+                window.as_str(),
+            ])
             .inc();
     }
 
@@ -97,7 +91,7 @@ impl KeyUse {
         self.expiry.reset();
         self.last_used_gauge.reset();
         for (digest, entry) in config.key_entries() {
-            let labels = [entry.team.name.as_str(), &label_of(digest, entry)];
+            let labels = [entry.team.name.as_str(), &entry.name(digest)];
             if let Some(end) = entry.expires_at {
                 self.expiry.with_label_values(&labels).set(end.timestamp());
             }

@@ -422,7 +422,8 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Creates the labelled counters that alerts compute rates of, at zero, for every configured
-    /// team: a counter that first appears at 1 would hide its first event from `increase()`.
+    /// team (and key): a counter that first appears at 1 would hide its first event from
+    /// `increase()`.
     pub fn start_at_zero(&self, config: &Config) {
         for team in &config.teams {
             let team = team.name.as_str();
@@ -452,6 +453,11 @@ impl Metrics {
                 }
             }
             self.unknown_outcomes_resolved.with_label_values(&[team]);
+        }
+        for (digest, entry) in config.key_entries() {
+            self.settlement
+                .credits_spent
+                .with_label_values(&[entry.team.name.as_str(), &entry.name(digest)]);
         }
         for source in ["memory", "ledger"] {
             self.ownership_lookups.with_label_values(&[source]);

@@ -5,8 +5,9 @@
 //! most once per `settle_after` per task, which is at least a second). Tasks past `max_task_age`
 //! settle at their reservation as `expired`; reservations that never got the upstream's answer
 //! (the gateway stopped mid-request) become `unknown_outcome` if they were dispatched, and are
-//! given back if they never were. It also deletes expired Idempotency-Key claims. All its state
-//! is in the ledger, so after a restart it simply carries on.
+//! given back if they never were. It also deletes expired Idempotency-Key claims and admin actions
+//! past `[admin] keep_audit`. All its state is in the ledger, so after a restart it simply
+//! carries on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ async fn pass(state: &AppState, reads: &DefaultDirectRateLimiter) -> Result<usiz
         );
     }
     purge_expired_keys(state, now).await?;
+    delete_old_admin_actions(state, ago(state.config.load().admin.keep_audit)).await?;
 
     // A pass reads what the cap allows in one interval, so the backlog drains at the cap.
     let batch = (f64::from(config.max_reads_per_second.get()) * config.interval.as_secs_f64())
@@ -109,6 +111,27 @@ async fn purge_expired_keys(state: &AppState, now: DateTime<Utc>) -> Result<(), 
             return Ok(());
         }
     }
+}
+
+/// Deletes every admin action made before `before` (`[admin] keep_audit` ago), a batch at a time,
+/// so the audit trail holds what its retention keeps and no more.
+async fn delete_old_admin_actions(state: &AppState, before: DateTime<Utc>) -> Result<(), String> {
+    let mut deleted = 0;
+    loop {
+        let batch = state
+            .ledger
+            .delete_admin_actions(before, PURGE_BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        deleted += batch;
+        if batch < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, "admin actions past [admin] keep_audit deleted");
+    }
+    Ok(())
 }
 
 async fn expire(state: &AppState, task: &TaskRecord) {

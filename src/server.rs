@@ -1,5 +1,6 @@
 //! Starting, reloading and stopping the gateway.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use crate::{
     accounts::{Accounts, DEFAULT_ACCOUNT},
     balance,
     metrics::Metrics,
+    middleware::auth::AdminTokens,
     rate_limiter::{RateLimits, shared::SharedLimits},
     reconciler, router,
     state::AppState,
@@ -22,7 +24,10 @@ use crate::{
 };
 use ketchup_domain::{
     clock::SharedClock,
-    config::{Config, KeyDigest, RateLimitsWhenUnavailable, Secret, StoreConfig},
+    config::{
+        AdminConfig, Config, KeyDigest, RateLimitsWhenUnavailable, SINGLE_TOKEN_LABEL, Secret,
+        StoreConfig,
+    },
     ledger::{Ledger, redis::RedisStore, sqlite::SqliteStore},
     notices::Notifier,
     ownership::OwnershipIndex,
@@ -35,8 +40,8 @@ pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
-    /// SHA-256 of the admin token; `None` turns the admin API off.
-    admin_token_digest: Option<KeyDigest>,
+    /// The admin tokens' digests and labels; none turns the admin API off.
+    admin_tokens: AdminTokens,
 }
 
 impl Server {
@@ -63,13 +68,7 @@ impl Server {
             metrics.clone(),
             rate_limits.clone(),
         )?;
-        let admin_token_digest = match &config.admin_token {
-            Some(source) => {
-                let token = source.resolve("admin token").map_err(|e| e.to_string())?;
-                Some(KeyDigest::of(token.expose()))
-            }
-            None => None,
-        };
+        let admin_tokens = admin_tokens(&config.admin)?;
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
@@ -115,7 +114,7 @@ impl Server {
             listener,
             metrics_listener,
             state,
-            admin_token_digest,
+            admin_tokens,
         })
     }
 
@@ -134,7 +133,7 @@ impl Server {
             mut listener,
             metrics_listener,
             state,
-            admin_token_digest,
+            admin_tokens,
         } = self;
         // Handlers are installed before the gateway says it is listening: a signal that came
         // earlier would otherwise get the default action and kill the process.
@@ -171,7 +170,7 @@ impl Server {
         let accepted = &state.metrics.connections;
         let mut workers = Workers::start(
             "http-worker",
-            router::router(state.clone(), admin_token_digest),
+            router::router(state.clone(), admin_tokens),
             limits,
             stop.clone(),
             state.background.clone(),
@@ -297,6 +296,27 @@ impl Drop for StopOnDrop {
 
 /// The Redis to connect to: the URL with its password (from the environment or a file) put in,
 /// a `Secret` so that it is never printed, and the store's TLS certificates.
+/// The admin tokens by digest, each with its label: the one of `token_env` or `token_file` (read
+/// now) labelled `admin`, and the labelled `tokens`.
+fn admin_tokens(admin: &AdminConfig) -> Result<AdminTokens, String> {
+    let mut tokens: HashMap<KeyDigest, Arc<str>> = admin
+        .tokens
+        .iter()
+        .map(|token| (token.digest, Arc::from(token.label.as_str())))
+        .collect();
+    if let Some(source) = &admin.token {
+        let token = source.resolve("admin token").map_err(|e| e.to_string())?;
+        let digest = KeyDigest::of(token.expose());
+        if let Some(label) = tokens.insert(digest, SINGLE_TOKEN_LABEL.into()) {
+            return Err(format!(
+                "[admin] the token of token_env or token_file is also in tokens, labelled \
+                 {label:?}: give each admin one token, so the audit trail names one label"
+            ));
+        }
+    }
+    Ok(Arc::new(tokens))
+}
+
 fn redis_endpoint(store: &StoreConfig) -> Result<RedisEndpoint, String> {
     let StoreConfig::Redis {
         url, password, tls, ..

@@ -245,6 +245,7 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     let row = json!({
         "day": day,
         "team": "design",
+        "key": "design-test",
         "family": "image",
         "model": "google/gempix2",
         "tasks": 10,
@@ -305,8 +306,8 @@ async fn polled_tasks_settle_at_what_they_consumed_and_usage_agrees() {
     assert_eq!(
         csv.text.lines().collect::<Vec<_>>(),
         vec![
-            "day,team,family,model,tasks,succeeded,failed,unsettled,credits".to_owned(),
-            format!("{day},design,image,google/gempix2,10,10,0,0,3.70000000"),
+            "day,team,key,family,model,tasks,succeeded,failed,unsettled,credits".to_owned(),
+            format!("{day},design,design-test,image,google/gempix2,10,10,0,0,3.70000000"),
         ]
     );
 
@@ -551,6 +552,7 @@ async fn the_reconciler_settles_tasks_nobody_polls() {
         json!({"from": from, "to": to, "rows": [{
             "day": from,
             "team": "design",
+            "key": "design-test",
             "family": "image",
             "model": "google/gempix2",
             "tasks": 5,
@@ -1253,6 +1255,7 @@ async fn a_daily_budget_rolls_over_at_midnight_and_costs_stay_in_their_day() {
         json!({
             "day": day,
             "team": "design",
+            "key": "design-test",
             "family": "image",
             "model": "google/gempix2",
             "tasks": tasks,
@@ -1484,6 +1487,7 @@ max_task_age = "24h""#,
         json!({"from": "2026-11-23", "to": "2026-11-24", "rows": [{
             "day": "2026-11-23",
             "team": "design",
+            "key": "design-test",
             "family": "image",
             "model": "google/gempix2",
             "tasks": 1,

@@ -491,6 +491,7 @@ async fn reserve_as_a_gateway_killed_before_dispatch(gateway: &Gateway, store: &
     let reservation = NewReservation {
         id: ReservationId::new(),
         team: "design".into(),
+        key: "design-test".into(),
         model: "google/gempix2".into(),
         family: "image".into(),
         amount: "0.50".parse::<Credits>().unwrap(),

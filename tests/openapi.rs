@@ -352,6 +352,7 @@ async fn every_route_example_is_accepted_and_every_answer_fits() {
         "/admin/reservations?state=settled",
         "/admin/reservations",
         "/admin/webhooks?state=delivered",
+        "/admin/audit",
     ] {
         let reply = api.get(path, Some(ADMIN_TOKEN)).await;
         assert_eq!(reply.status, 200, "{path}: {}", reply.text);
@@ -369,7 +370,7 @@ async fn every_route_example_is_accepted_and_every_answer_fits() {
                 .header("accept", "text/csv"),
         )
         .await;
-    assert!(csv.text.starts_with("day,team,family"), "{}", csv.text);
+    assert!(csv.text.starts_with("day,team,key,family"), "{}", csv.text);
     document.check("GET", "/admin/usage", &csv);
     for path in ["/healthz", "/readyz", "/metrics"] {
         let reply = api.get(path, None).await;
@@ -685,6 +686,15 @@ async fn the_upstreams_failures_fit() {
         .await;
     assert_eq!(released.status, 200, "{}", released.text);
     document.check("POST", "/admin/reservations/{id}/release", &released);
+    // The release is in the audit trail.
+    let trail = api.get("/admin/audit?limit=1", Some(ADMIN_TOKEN)).await;
+    assert_eq!(
+        trail.json()["actions"][0]["target"],
+        id.as_str(),
+        "{}",
+        trail.text
+    );
+    document.check("GET", "/admin/audit", &trail);
 
     faults.inject_generate(Fault::DropConnection, 1);
     let dropped = api.generate(DESIGN_KEY, GEMPIX).await;

@@ -1,9 +1,11 @@
 //! Authentication, deny by default: every route needs a team key except the few listed in
 //! [`access_for`]. A key is looked up by its SHA-256 digest and must be inside its validity
 //! window (`not_before`, `expires_at`), else it gets the same 401 as an unknown key; the team it
-//! belongs to is put in the request's extensions for the handlers, and the key itself goes no
-//! further. `/admin/*` takes the admin token instead, and no team key opens it.
+//! belongs to and the key's name are put in the request's extensions for the handlers, and the
+//! key itself goes no further. `/admin/*` takes an admin token instead, and no team key opens
+//! it; the admin's label goes in the extensions, for the audit trail.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::{
@@ -44,9 +46,21 @@ pub fn access_for(path: &str) -> Access {
     }
 }
 
-/// The authenticated team, in the request's extensions.
+/// The authenticated caller, in the request's extensions: its team, and the name of the key it
+/// used ([`ketchup_domain::config::KeyEntry::name`]), which its reservations record as the key
+/// that spent.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Arc<Team>);
+pub struct Caller {
+    pub team: Arc<Team>,
+    pub key: Arc<str>,
+}
+
+/// The label of the admin token an admin request came with, in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Admin(pub Arc<str>);
+
+/// The admin tokens' digests, each with its admin's label. Empty, the admin API does not exist.
+pub type AdminTokens = Arc<HashMap<KeyDigest, Arc<str>>>;
 
 fn bearer(request: &Request) -> Option<&str> {
     let value = request
@@ -58,13 +72,12 @@ fn bearer(request: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// What authentication reads: the live configuration's keys, the admin token's digest, the
-/// clock keys' windows are judged by, and the metrics that watch keys.
+/// What authentication reads: the live configuration's keys, the admin tokens, the clock keys'
+/// windows are judged by, and the metrics that watch keys.
 #[derive(Clone)]
 pub struct Keys {
     config: Arc<ArcSwap<Config>>,
-    /// `None` turns the admin API off.
-    admin_token_digest: Option<KeyDigest>,
+    admin_tokens: AdminTokens,
     clock: SharedClock,
     metrics: Arc<Metrics>,
 }
@@ -72,13 +85,13 @@ pub struct Keys {
 impl Keys {
     pub fn new(
         config: Arc<ArcSwap<Config>>,
-        admin_token_digest: Option<KeyDigest>,
+        admin_tokens: AdminTokens,
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
         Keys {
             config,
-            admin_token_digest,
+            admin_tokens,
             clock,
             metrics,
         }
@@ -89,23 +102,25 @@ pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: 
     match access_for(request.uri().path()) {
         Access::Public => return next.run(request).await,
         Access::Admin => {
-            let presented = bearer(&request).map(KeyDigest::of);
-            return match keys.admin_token_digest {
-                // Without an admin token the admin API does not exist.
-                None => GatewayError::NoSuchRoute {
+            // Without an admin token the admin API does not exist.
+            if keys.admin_tokens.is_empty() {
+                return GatewayError::NoSuchRoute {
                     method: request.method().to_string(),
                     path: request.uri().path().chars().take(200).collect(),
                 }
-                .into_response(),
-                // Digests of equal length are compared, so the time taken says nothing useful.
-                Some(expected) if presented == Some(expected) => {
-                    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-                        facts.set_team("admin");
-                    }
-                    next.run(request).await
-                }
-                Some(_) => GatewayError::InvalidApiKey.into_response(),
+                .into_response();
+            }
+            // Looked up by digest, as team keys are: the time taken says nothing of the token.
+            let presented = bearer(&request).map(KeyDigest::of);
+            let Some(label) = presented.and_then(|digest| keys.admin_tokens.get(&digest)) else {
+                return GatewayError::InvalidApiKey.into_response();
             };
+            if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+                facts.set_team("admin");
+                facts.set_key(label.clone());
+            }
+            request.extensions_mut().insert(Admin(label.clone()));
+            return next.run(request).await;
         }
         Access::Team => {}
     }
@@ -125,7 +140,10 @@ pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: 
     match entry.window_at(now) {
         KeyWindow::Valid => {
             keys.metrics.keys.used(&digest, now);
-            request.extensions_mut().insert(Caller(entry.team));
+            request.extensions_mut().insert(Caller {
+                key: entry.name(&digest),
+                team: entry.team,
+            });
             next.run(request).await
         }
         outside => {

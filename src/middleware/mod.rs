@@ -1,5 +1,6 @@
 //! The gateway's own middleware, one per file. The stack itself is assembled in `router::router`.
 
+pub mod audit;
 pub mod auth;
 pub mod rate_limit;
 pub mod request_id;

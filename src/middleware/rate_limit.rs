@@ -22,7 +22,7 @@ pub async fn limit(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(Caller(team)) = request.extensions().get::<Caller>() else {
+    let Some(Caller { team, .. }) = request.extensions().get::<Caller>() else {
         return next.run(request).await;
     };
     match limits.check_team(&team.name, kind).await {

@@ -1,5 +1,5 @@
-//! The admin API, behind the admin token: every team's standing, usage reports, and the
-//! reservations whose outcome is unknown.
+//! The admin API, behind an admin token: every team's standing, usage reports, the reservations
+//! whose outcome is unknown, and the audit trail of what admins changed.
 
 use std::sync::Arc;
 
@@ -7,16 +7,18 @@ use axum::{
     extract::{Path, RawQuery, State},
     response::{IntoResponse, Response},
 };
-use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use super::{budget::standing, json};
 use crate::{error::GatewayError, state::AppState};
-use ketchup_domain::ledger::{DeliveryState, ReservationId, TaskState, UsageRow};
+use ketchup_domain::ledger::{AuditQuery, DeliveryState, ReservationId, TaskState, UsageRow};
 
 /// Most reservations one listing returns.
 const LISTING_LIMIT: usize = 1000;
+/// Admin actions one page of the audit trail lists unless `limit` says otherwise.
+const AUDIT_PAGE: usize = 100;
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
@@ -87,15 +89,17 @@ pub async fn usage(
 }
 
 /// The usage rows as CSV, a header line first. Team names and route families are labels of
-/// letters, digits, '-' and '_'; the config does not restrict model names, so a comma, quote or
-/// newline in one is replaced. No field needs CSV quoting.
+/// letters, digits, '-' and '_'; the config does not restrict key labels or model names, so a
+/// comma, quote or newline in one is replaced. No field needs CSV quoting.
 fn usage_csv(rows: &[UsageRow]) -> String {
-    let mut csv = String::from("day,team,family,model,tasks,succeeded,failed,unsettled,credits\n");
+    let mut csv =
+        String::from("day,team,key,family,model,tasks,succeeded,failed,unsettled,credits\n");
     for row in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{}\n",
             row.day,
             row.team,
+            row.key.replace([',', '"', '\n'], "_"),
             row.family,
             row.model.replace([',', '"', '\n'], "_"),
             row.tasks,
@@ -161,6 +165,65 @@ pub async fn upstream(State(state): State<Arc<AppState>>) -> Response {
     )
 }
 
+/// `GET /admin/audit?limit=&before=&since=&admin=`: admin actions, newest first. `limit` (1 to
+/// 1000, default 100) bounds the page; `before` (an action's id) starts it below the last one of
+/// the page before, which `next_before` gives while there may be more; `since` (RFC 3339) and
+/// `admin` (a label) filter.
+pub async fn audit(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let param = |name: &str| query_param(query.as_deref(), name);
+    let limit = match param("limit") {
+        None => AUDIT_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=LISTING_LIMIT).contains(n))
+            .ok_or_else(|| {
+                GatewayError::InvalidRequest(format!(
+                    "limit must be a whole number from 1 to {LISTING_LIMIT}"
+                ))
+            })?,
+    };
+    let before = param("before")
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| {
+                GatewayError::InvalidRequest(
+                    "before must be an action's id, as next_before gives it".into(),
+                )
+            })
+        })
+        .transpose()?;
+    let since = param("since")
+        .map(|text| {
+            DateTime::parse_from_rfc3339(&text)
+                .map(|at| at.with_timezone(&Utc))
+                .map_err(|_| {
+                    GatewayError::InvalidRequest(
+                        "since must be an RFC 3339 time such as 2026-11-01T00:00:00Z".into(),
+                    )
+                })
+        })
+        .transpose()?;
+    let actions = state
+        .ledger
+        .admin_actions(AuditQuery {
+            before,
+            since,
+            admin: param("admin"),
+            limit,
+        })
+        .await?;
+    let next_before = (actions.len() == limit)
+        .then(|| actions.last().map(|action| action.id))
+        .flatten();
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "actions": actions, "next_before": next_before }),
+    ))
+}
+
 /// `POST /admin/reservations/{id}/release`: the admin has checked that the upstream did not
 /// charge a reservation whose outcome was unknown; its credits go back to the team.
 pub async fn release_reservation(
@@ -182,10 +245,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usage_csv_puts_the_family_after_the_team_in_every_line() {
+    fn usage_csv_puts_the_key_and_family_after_the_team_in_every_line() {
         let row = UsageRow {
             day: "2026-11-23".into(),
             team: "design".into(),
+            key: "ci,\"bot\"".into(),
             family: "video".into(),
             model: "odd,\"model\"".into(),
             tasks: 3,
@@ -197,8 +261,8 @@ mod tests {
         assert_eq!(
             usage_csv(&[row]).lines().collect::<Vec<_>>(),
             [
-                "day,team,family,model,tasks,succeeded,failed,unsettled,credits",
-                "2026-11-23,design,video,odd__model_,3,1,1,1,1.20000000",
+                "day,team,key,family,model,tasks,succeeded,failed,unsettled,credits",
+                "2026-11-23,design,ci__bot_,video,odd__model_,3,1,1,1,1.20000000",
             ]
         );
     }

@@ -83,7 +83,7 @@ pub async fn standing(state: &AppState, team: &Team) -> Result<BudgetView, Gatew
 
 pub async fn budget(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, .. }): Extension<Caller>,
 ) -> Result<Response, GatewayError> {
     let view = standing(&state, &team).await?;
     Ok(json(StatusCode::OK, &json!(view)))
@@ -91,7 +91,7 @@ pub async fn budget(
 
 pub async fn user_balance(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, .. }): Extension<Caller>,
 ) -> Result<Response, GatewayError> {
     let view = standing(&state, &team).await?;
     Ok(json(

@@ -153,7 +153,10 @@ fn intercept_callback(
 
 pub async fn generate(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller {
+        team,
+        key: caller_key,
+    }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
@@ -194,6 +197,7 @@ pub async fn generate(
     let reservation = NewReservation {
         id: ReservationId::new(),
         team: team.name.clone(),
+        key: caller_key.to_string(),
         model: generation.model,
         family: generation.family.clone(),
         amount,

@@ -96,7 +96,7 @@ async fn owned_task<'a>(
 
 pub async fn query(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, .. }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     RawQuery(query): RawQuery,

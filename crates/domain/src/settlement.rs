@@ -200,6 +200,7 @@ const RESERVATION_ERROR_BUCKETS: &[f64] = &[
 pub struct SettlementMetrics {
     pub tasks_finished: IntCounterVec,
     pub credits_consumed: CounterVec,
+    pub credits_spent: CounterVec,
     pub reservation_error: HistogramVec,
     pub settlements_without_consumed: IntCounterVec,
 }
@@ -220,6 +221,14 @@ impl SettlementMetrics {
                 opts("credits_consumed_total", "Credits charged by settled tasks."),
                 &["team", "model"],
             )?,
+            credits_spent: CounterVec::new(
+                opts(
+                    "credits_spent_total",
+                    "Credits charged by settled tasks and text answers, by the team key that made \
+                     them (its label; `unknown` for a key no longer configured).",
+                ),
+                &["team", "key"],
+            )?,
             reservation_error: HistogramVec::new(
                 HistogramOpts::new(
                     "reservation_error_credits",
@@ -239,6 +248,7 @@ impl SettlementMetrics {
         };
         registry.register(Box::new(metrics.tasks_finished.clone()))?;
         registry.register(Box::new(metrics.credits_consumed.clone()))?;
+        registry.register(Box::new(metrics.credits_spent.clone()))?;
         registry.register(Box::new(metrics.reservation_error.clone()))?;
         registry.register(Box::new(metrics.settlements_without_consumed.clone()))?;
         Ok(metrics)
@@ -346,6 +356,16 @@ impl Settler {
         self.metrics
             .credits_consumed
             .with_label_values(&[team, model])
+            .inc_by(settled.consumed.as_f64_for_metrics());
+        self.count_spent(config, settled);
+    }
+
+    /// Adds what a settled reservation charged to its key's spend.
+    pub fn count_spent(&self, config: &Config, settled: &SettledTask) {
+        let key = config.key_label(&settled.team, &settled.key);
+        self.metrics
+            .credits_spent
+            .with_label_values(&[config.team_label(&settled.team), key])
             .inc_by(settled.consumed.as_f64_for_metrics());
     }
 }

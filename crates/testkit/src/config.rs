@@ -25,6 +25,8 @@ pub struct GatewayConfig {
     reconciler: Table,
     webhooks: Table,
     admin: bool,
+    /// Other lines of `[admin]` (labelled `tokens`, `keep_audit`).
+    admin_lines: Table,
     /// Model ids with the lines of their table (`reserve = …`, or a text model's prices).
     models: Vec<(String, String)>,
     /// `[routes."…"]` tables, as written.
@@ -115,6 +117,7 @@ impl GatewayConfig {
             reconciler: Table::default(),
             webhooks: Table::default(),
             admin: false,
+            admin_lines: Table::default(),
             models: vec![
                 ("google/gempix2".into(), r#"reserve = "0.50""#.into()),
                 (
@@ -204,6 +207,12 @@ impl GatewayConfig {
     /// An admin API, taking [`ADMIN_TOKEN`] (from a `token_file`).
     pub fn admin(mut self) -> Self {
         self.admin = true;
+        self
+    }
+
+    /// Other lines of `[admin]`: labelled `tokens`, `keep_audit`.
+    pub fn admin_lines(mut self, lines: &str) -> Self {
+        self.admin_lines.set(lines);
         self
     }
 
@@ -339,9 +348,14 @@ impl GatewayConfig {
                 table(&mut out, name, lines);
             }
         }
-        if self.admin {
-            let path = write_secret(dir, "admin_token", ADMIN_TOKEN);
-            let _ = writeln!(out, "[admin]\ntoken_file = \"{}\"\n", path.display());
+        if self.admin || !self.admin_lines.0.is_empty() {
+            out.push_str("[admin]\n");
+            if self.admin {
+                let path = write_secret(dir, "admin_token", ADMIN_TOKEN);
+                let _ = writeln!(out, "token_file = \"{}\"", path.display());
+            }
+            self.admin_lines.render(&mut out);
+            out.push('\n');
         }
         for (model, lines) in &self.models {
             let _ = writeln!(out, "[models.\"{model}\"]\n{lines}\n");

@@ -49,13 +49,15 @@ const MAX_ERROR_BYTES: usize = 1 << 20;
 /// What a handler learnt of its caller, from the layers before it.
 struct Sender {
     team: Arc<Team>,
+    /// The name of the key it came with, which its reservation records.
+    key: Arc<str>,
     request_id: RequestId,
     facts: Arc<RequestFacts>,
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
@@ -63,6 +65,7 @@ pub async fn chat_completions(
 ) -> Result<Response, GatewayError> {
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -71,7 +74,7 @@ pub async fn chat_completions(
 
 pub async fn messages(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
@@ -79,6 +82,7 @@ pub async fn messages(
 ) -> Result<Response, GatewayError> {
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -89,7 +93,7 @@ pub async fn messages(
 /// its last colon.
 pub async fn gemini(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(team)): Extension<Caller>,
+    Extension(Caller { team, key }): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(facts): Extension<Arc<RequestFacts>>,
     Path(model_action): Path<String>,
@@ -108,6 +112,7 @@ pub async fn gemini(
     };
     let caller = Sender {
         team,
+        key,
         request_id,
         facts,
     };
@@ -132,6 +137,7 @@ async fn serve(
 ) -> Result<Response, GatewayError> {
     let Sender {
         team,
+        key,
         request_id,
         facts,
     } = caller;
@@ -164,7 +170,7 @@ async fn serve(
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
-    let id = reserve(&state, &team, &ask.model, amount, request_id.as_str()).await?;
+    let id = reserve(&state, &team, &key, &ask.model, amount, request_id.as_str()).await?;
     let mut hold = Hold {
         state: state.clone(),
         id,
@@ -303,6 +309,7 @@ fn forwarded(uri: &Uri) -> String {
 async fn reserve(
     state: &Arc<AppState>,
     team: &Arc<Team>,
+    key: &str,
     model: &str,
     amount: Credits,
     request_id: &str,
@@ -312,6 +319,7 @@ async fn reserve(
     let reservation = NewReservation {
         id: ReservationId::new(),
         team: team.name.clone(),
+        key: key.to_owned(),
         model: model.to_owned(),
         family: FAMILY.to_owned(),
         amount,

@@ -145,6 +145,7 @@ impl Settle {
                     .credits_consumed
                     .with_label_values(&[team, model])
                     .inc_by(metrics::credits(settled.consumed));
+                self.state.settler.count_spent(&config, &settled);
                 let error = settled.consumed.units() - settled.reserved.units();
                 settlement_metrics
                     .reservation_error

@@ -34,6 +34,7 @@ use toml::Spanned;
 
 use crate::route_table::{RawRoute, RouteTable};
 
+pub use admin::{AdminConfig, AdminToken, SINGLE_TOKEN_LABEL};
 pub use cache::CacheConfig;
 pub use models::{DEFAULT_MAX_OUTPUT_TOKENS, Model, ModelKind};
 pub use reconciler::ReconcilerConfig;
@@ -134,7 +135,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub reconciler: ReconcilerConfig,
     pub webhooks: WebhooksConfig,
-    pub admin_token: Option<SecretSource>,
+    pub admin: AdminConfig,
     pub models: BTreeMap<String, Model>,
     /// The asynchronous endpoints served: the built-in ones and `[routes."…"]`.
     pub routes: RouteTable,
@@ -209,7 +210,7 @@ impl Config {
         let cache = raw.cache.try_into()?;
         let reconciler = raw.reconciler.try_into()?;
         let webhooks = raw.webhooks.try_into()?;
-        let admin_token = admin::admin_token(raw.admin)?;
+        let admin = raw.admin.try_into()?;
         let models = models::models(raw.models)?;
         let model_ids: Vec<&str> = models.keys().map(String::as_str).collect();
         let teams = teams::teams(raw.teams, raw.defaults, &model_ids)?;
@@ -220,7 +221,7 @@ impl Config {
             cache,
             reconciler,
             webhooks,
-            admin_token,
+            admin,
             models,
             routes,
             teams: teams.teams,
@@ -246,7 +247,7 @@ impl Config {
             cache,
             reconciler,
             webhooks,
-            admin_token,
+            admin,
             // Read by each request, or taken on by the rate limits and metrics at reload.
             models: _,
             routes,
@@ -277,8 +278,7 @@ impl Config {
                 reconciler.restart_only_changes(&new.reconciler),
             ),
             in_part("webhooks", webhooks.restart_only_changes(&new.webhooks)),
-            // The admin token is read once, at start.
-            whole("admin", *admin_token != new.admin_token),
+            in_part("admin", admin.restart_only_changes(&new.admin)),
             // The router is built once, at start: a reload changes what a route checks, but
             // adds or removes no path.
             whole("routes", !routes.same_paths(&new.routes)),
@@ -309,6 +309,16 @@ impl Config {
         } else {
             "unknown"
         }
+    }
+
+    /// A key's metric label: the name ([`KeyEntry::name`]) of one of the team's configured keys,
+    /// else `unknown`, so that labels stay a bounded set whatever a ledger row says.
+    pub fn key_label<'a>(&self, team: &str, key: &'a str) -> &'a str {
+        let configured = self
+            .keys
+            .iter()
+            .any(|(digest, entry)| entry.team.name == team && *entry.name(digest) == *key);
+        if configured { key } else { "unknown" }
     }
 
     /// A model's metric label: its configured id, else `other`.

@@ -225,6 +225,17 @@ impl KeyWindow {
 }
 
 impl KeyEntry {
+    /// The key's name in usage reports and metrics: the admin's label, or for a key without one
+    /// the start of its digest (which the config file shows anyway), so two unlabelled keys stay
+    /// apart.
+    pub fn name(&self, digest: &KeyDigest) -> Arc<str> {
+        if self.label.is_empty() {
+            format!("sha256:{}", &digest.to_hex()[..12]).into()
+        } else {
+            self.label.clone()
+        }
+    }
+
     /// `not_before` is the first valid instant; `expires_at` the first invalid one.
     pub fn window_at(&self, now: DateTime<Utc>) -> KeyWindow {
         if self.not_before.is_some_and(|start| now < start) {

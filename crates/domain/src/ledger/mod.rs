@@ -3,9 +3,9 @@
 //! Its operations are cut by concern, each trait with its own callers: [`Reservations`] (credits
 //! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
 //! [`Outbox`] (webhook deliveries), [`BudgetNotices`] (the one notification per budget threshold
-//! and period) and [`Reports`] (what teams and admins read). Domain code takes
-//! the narrowest it needs (the settler [`Reservations`], the ownership index's fill [`Tasks`]);
-//! [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
+//! and period), [`Reports`] (what teams and admins read) and [`Audit`] (the trail of admin
+//! actions). Domain code takes the narrowest it needs (the settler [`Reservations`], the ownership
+//! index's fill [`Tasks`]); [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
 //! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
 //! on which one runs.
 //!
@@ -63,6 +63,9 @@ impl Default for ReservationId {
 pub struct NewReservation {
     pub id: ReservationId,
     pub team: String,
+    /// The name of the team key that made it ([`crate::config::KeyEntry::name`]), which usage
+    /// and the spend metric are split by.
+    pub key: String,
     pub model: String,
     /// The family of the route the generation came through (`image`, `video`, …), for usage.
     pub family: String,
@@ -394,6 +397,8 @@ pub enum SettleOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettledTask {
     pub team: String,
+    /// The name of the team key that made it; empty for reservations recorded before keys were.
+    pub key: String,
     pub model: String,
     pub reserved: Credits,
     pub consumed: Credits,
@@ -422,11 +427,13 @@ pub struct ReservationRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// One row of usage: a team's tasks of one route family and model started on one UTC day.
+/// One row of usage: the tasks of one team key, route family and model started on one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageRow {
     pub day: String,
     pub team: String,
+    /// The name of the team key that made them; empty for tasks recorded before keys were.
+    pub key: String,
     pub family: String,
     pub model: String,
     pub tasks: u64,
@@ -667,8 +674,8 @@ pub trait Reports: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ReservationRecord>, StoreError>;
 
-    /// Usage per UTC day, team, route family and model for tasks started in `[from, to)`, in
-    /// that order.
+    /// Usage per UTC day, team, key, route family and model for tasks started in `[from, to)`,
+    /// in that order.
     async fn usage(
         &self,
         team: Option<&str>,
@@ -677,10 +684,68 @@ pub trait Reports: Send + Sync + 'static {
     ) -> Result<Vec<UsageRow>, StoreError>;
 }
 
+/// An admin API call that changed state, or tried to, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAdminAction {
+    pub at: DateTime<Utc>,
+    /// The label of the admin token it was made with; never the token.
+    pub admin: String,
+    /// The method and route as the router names it: `POST /admin/reservations/{id}/release`.
+    pub action: String,
+    /// What it acted on: the route's path parameters as sent (a reservation id).
+    pub target: String,
+    /// The HTTP status the admin was answered: a refused attempt is recorded too.
+    pub status: u16,
+    pub request_id: String,
+}
+
+/// An admin action as `GET /admin/audit` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdminActionRecord {
+    /// Its place in the trail: a later action has a higher id, and ids are never reused.
+    pub id: u64,
+    pub at: DateTime<Utc>,
+    pub admin: String,
+    pub action: String,
+    pub target: String,
+    pub status: u16,
+    pub request_id: String,
+}
+
+/// Which admin actions a listing wants: newest first, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only actions with a lower id: where the previous page ended.
+    pub before: Option<u64>,
+    /// Only actions at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+    /// Only actions of the admin with this label.
+    pub admin: Option<String>,
+    pub limit: usize,
+}
+
+/// The audit trail of admin actions: recorded as they are answered, listed for admins, and
+/// deleted once `[admin] keep_audit` has passed.
+#[async_trait]
+pub trait Audit: Send + Sync + 'static {
+    /// Records an action; durable when it returns. Returns its id.
+    async fn record_admin_action(&self, action: NewAdminAction) -> Result<u64, StoreError>;
+
+    /// The actions `query` asks for, newest (highest id) first.
+    async fn admin_actions(&self, query: AuditQuery) -> Result<Vec<AdminActionRecord>, StoreError>;
+
+    /// Deletes up to `limit` actions made before `before`, oldest first, and returns how many.
+    async fn delete_admin_actions(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
+}
+
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
-pub trait Ledger: Reservations + Tasks + Outbox + BudgetNotices + Reports {
+pub trait Ledger: Reservations + Tasks + Outbox + BudgetNotices + Reports + Audit {
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

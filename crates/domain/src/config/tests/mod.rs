@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 
+mod admin;
 mod models;
 mod notify;
 mod reload;

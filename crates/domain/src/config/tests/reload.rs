@@ -168,13 +168,20 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
     (
         "[admin]",
         "token_env = \"KETCHUP_ADMIN_TOKEN\"",
-        Some("[admin]"),
+        Some("[admin] token_env or token_file"),
     ),
     (
         "[admin]",
         "token_file = \"/run/secrets/admin\"",
-        Some("[admin]"),
+        Some("[admin] token_env or token_file"),
     ),
+    (
+        "[admin]",
+        "tokens = [{ sha256 = \"2222222222222222222222222222222222222222222222222222222222222222\", \
+         label = \"alice\" }]",
+        Some("[admin] tokens"),
+    ),
+    ("[admin]", "keep_audit = \"30d\"", None),
     ("[upstream]", "balance_check = \"1m\"", None),
     ("[models.\"google/gempix2\"]", "reserve = \"0.75\"", None),
     // A model may change kind on reload: each request reads its model as it comes.
@@ -338,7 +345,7 @@ fn a_reload_that_changes_several_restart_only_settings_names_each_in_file_order(
             "[server] listen",
             "[store]",
             "[webhooks] max_concurrent_deliveries",
-            "[admin]"
+            "[admin] token_env or token_file"
         ]
     );
 }

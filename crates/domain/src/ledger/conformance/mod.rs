@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use super::*;
 
 #[macro_use]
+pub mod audit;
+#[macro_use]
 pub mod idempotency;
 #[macro_use]
 pub mod notices;
@@ -34,6 +36,7 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
     NewReservation {
         id: ReservationId::new(),
         team: team.into(),
+        key: "main".into(),
         model: "google/gempix2".into(),
         family: "image".into(),
         amount: credits(amount),
@@ -97,6 +100,9 @@ macro_rules! conformance_suite {
             }
             mod text {
                 text_suite!($make);
+            }
+            mod audit {
+                audit_suite!($make);
             }
         }
     };

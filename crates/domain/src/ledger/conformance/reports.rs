@@ -1,6 +1,6 @@
-//! Reports: usage per day, team, route family and model. The other reports (standing, tasks in
-//! flight, reservations by state) are checked throughout the other parts, against what each step
-//! there must have left.
+//! Reports: usage per day, team, key, route family and model. The other reports (standing, tasks
+//! in flight, reservations by state) are checked throughout the other parts, against what each
+//! step there must have left.
 
 use super::*;
 
@@ -40,6 +40,7 @@ pub async fn usage_is_reported_per_day_team_and_model(store: &dyn Ledger) {
         vec![UsageRow {
             day: "2026-11-23".into(),
             team: "design".into(),
+            key: "main".into(),
             family: "image".into(),
             model: "google/gempix2".into(),
             tasks: 3,
@@ -105,6 +106,7 @@ pub async fn usage_keeps_route_families_apart(store: &dyn Ledger) {
     let row = |family: &str, model: &str, tasks, succeeded, failed, unsettled, charged| UsageRow {
         day: "2026-11-23".into(),
         team: "design".into(),
+        key: "main".into(),
         family: family.into(),
         model: model.into(),
         tasks,
@@ -124,6 +126,76 @@ pub async fn usage_keeps_route_families_apart(store: &dyn Ledger) {
     );
 }
 
+pub async fn usage_splits_a_team_between_its_keys(store: &dyn Ledger) {
+    let by = |key: &str, amount: &str| NewReservation {
+        key: key.into(),
+        ..reservation("design", amount, None)
+    };
+    let tasks = [
+        ("ta-ci-1", by("ci", "1.00")),
+        ("ta-ci-2", by("ci", "1.00")),
+        ("ta-alice", by("alice", "2.00")),
+    ];
+    for (task_id, r) in tasks {
+        let id = r.id;
+        store.reserve(r).await.unwrap();
+        store.attach_task(id, task_id, None).await.unwrap();
+    }
+    // Settling and expiring a task both name the key that made it.
+    let settled = store
+        .settle("ta-ci-1", settlement(FinalStatus::Success, "0.30000001"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&settled, SettleOutcome::Settled(task) if task.key == "ci"),
+        "{settled:?}"
+    );
+    let expired = store
+        .expire("ta-alice", at("2026-11-24T10:00:00Z"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&expired, SettleOutcome::Settled(task) if task.key == "alice"),
+        "{expired:?}"
+    );
+    // A text answer, settled without a task.
+    let text = NewReservation {
+        family: "text".into(),
+        ..by("ci", "0.50")
+    };
+    let text_id = text.id;
+    store.reserve(text).await.unwrap();
+    let settled = store
+        .settle_reservation(text_id, settlement(FinalStatus::Success, "0.00000007"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&settled, SettleOutcome::Settled(task) if task.key == "ci"),
+        "{settled:?}"
+    );
+
+    let rows = store
+        .usage(
+            Some("design"),
+            at("2026-11-23T00:00:00Z"),
+            at("2026-11-24T00:00:00Z"),
+        )
+        .await
+        .unwrap();
+    let spend: Vec<(&str, &str, u64, Credits)> = rows
+        .iter()
+        .map(|r| (r.key.as_str(), r.family.as_str(), r.tasks, r.credits))
+        .collect();
+    assert_eq!(
+        spend,
+        [
+            ("alice", "image", 1, credits("2.00")),
+            ("ci", "image", 2, credits("0.30000001")),
+            ("ci", "text", 1, credits("0.00000007")),
+        ]
+    );
+}
+
 /// The reports tests, for `conformance_suite!` to run against one engine.
 macro_rules! reports_suite {
     ($make:expr) => {
@@ -139,6 +211,12 @@ macro_rules! reports_suite {
         async fn usage_keeps_route_families_apart() {
             let store = $make;
             suite::usage_keeps_route_families_apart(&*store).await;
+        }
+
+        #[tokio::test]
+        async fn usage_splits_a_team_between_its_keys() {
+            let store = $make;
+            suite::usage_splits_a_team_between_its_keys(&*store).await;
         }
     };
 }

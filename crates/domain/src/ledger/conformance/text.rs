@@ -40,6 +40,7 @@ pub async fn a_reservation_without_a_task_settles_once_at_its_cost(
                     task,
                     SettledTask {
                         team: "design".into(),
+                        key: "main".into(),
                         model: "openai/gpt-5.2".into(),
                         reserved: credits("1.00"),
                         consumed: credits("0.00017"),

@@ -39,8 +39,9 @@ const RESERVATION_FIELDS: [&str; 14] = [
     "retry_of",
     "resolved_by",
 ];
-const USAGE_FIELDS: [&str; 8] = [
+const USAGE_FIELDS: [&str; 9] = [
     "team",
+    "key_label",
     "family",
     "model",
     "state",
@@ -184,13 +185,14 @@ impl Reports for RedisStore {
     }
 }
 
-/// A usage row's day, team, family and model: its group, and its place in the report.
-type UsageKey = (String, String, String, String);
+/// A usage row's day, team, key, family and model: its group, and its place in the report.
+type UsageKey = (String, String, String, String, String);
 
 /// Adds one reservation to its usage row, as the SQLite engine's `GROUP BY` does.
 fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<(), StoreError> {
     let [
         team,
+        key,
         family,
         model,
         state,
@@ -204,6 +206,8 @@ fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<()
         return Ok(());
     }
     let team: String = parse(team)?;
+    // No key name on those recorded before keys were.
+    let key = parse::<Option<String>>(key)?.unwrap_or_default();
     let family = parse::<Option<String>>(family)?.unwrap_or_else(|| FAMILY_BEFORE_ROUTES.into());
     let model: String = parse(model)?;
     let final_status: Option<String> = parse(final_status)?;
@@ -218,10 +222,17 @@ fn tally(rows: &mut BTreeMap<UsageKey, UsageRow>, hash: Vec<Value>) -> Result<()
         .format("%Y-%m-%d")
         .to_string();
     let row = rows
-        .entry((day.clone(), team.clone(), family.clone(), model.clone()))
+        .entry((
+            day.clone(),
+            team.clone(),
+            key.clone(),
+            family.clone(),
+            model.clone(),
+        ))
         .or_insert_with(|| UsageRow {
             day,
             team,
+            key,
             family,
             model,
             tasks: 0,
@@ -276,6 +287,28 @@ mod tests {
             .unwrap();
         let families: Vec<&str> = rows.iter().map(|r| r.family.as_str()).collect();
         assert_eq!(families, ["image"]);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_recorded_without_a_key_name_is_reported_with_an_empty_one() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let old = reservation("design", "0.50", None);
+        let key = store.keys.reservation(&old.id.0.to_string());
+        store.reserve(old).await.unwrap();
+        // As a version before keys were recorded wrote it.
+        let removed: u64 = store
+            .query(redis::cmd("HDEL").arg(&key).arg("key_label"))
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, [""]);
     }
 
     #[tokio::test]

@@ -65,9 +65,10 @@ impl RedisStore {
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "settled" => {
-                let [team, model, reserved, consumed] = fields(details)?;
+                let [team, model, reserved, consumed, key] = fields(details)?;
                 Ok(SettleOutcome::Settled(SettledTask {
                     team: parse(team)?,
+                    key: parse(key)?,
                     model: parse(model)?,
                     reserved: credits(reserved)?,
                     consumed: credits(consumed)?,
@@ -104,7 +105,8 @@ impl Reservations for RedisStore {
         call.arg(flag(claim.is_some()))
             .arg(claim.map_or("", |c| c.key.as_str()))
             .arg(claim.map_or("", |c| c.fingerprint.as_str()))
-            .arg(optional(claim.map(|c| millis(c.expires_at))));
+            .arg(optional(claim.map(|c| millis(c.expires_at))))
+            .arg(&r.key);
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "reserved" => {
@@ -229,9 +231,10 @@ impl Reservations for RedisStore {
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "settled" => {
-                let [team, model, reserved] = fields(details)?;
+                let [team, model, reserved, key] = fields(details)?;
                 Ok(SettleOutcome::Settled(SettledTask {
                     team: parse(team)?,
+                    key: parse(key)?,
                     model: parse(model)?,
                     reserved: credits(reserved)?,
                     consumed: settlement.consumed,

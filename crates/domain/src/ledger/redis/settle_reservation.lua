@@ -5,7 +5,8 @@
 -- ARGV: prefix, reservation id, consumed units, final status, at
 local id, consumed, status, at = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = K.reservation(id)
-local r = redis.call('HMGET', key, 'state', 'team', 'model', 'period', 'reserved', 'created_at')
+local r = redis.call('HMGET', key, 'state', 'team', 'model', 'period', 'reserved', 'created_at',
+  'key_label')
 local state, team, model, period, reserved, created = r[1], r[2], r[3], r[4], r[5], r[6]
 if state == 'settled' or state == 'released' or state == 'expired' then
   return { 'already_closed' }
@@ -22,4 +23,5 @@ else
   redis.call('HINCRBY', K.period(team, period), 'spent', negate(reserved))
   adjust(team, period, '0', consumed)
 end
-return { 'settled', team, model, reserved }
+-- No key name on those recorded before keys were.
+return { 'settled', team, model, reserved, r[7] or '' }

@@ -8,9 +8,9 @@
 //! connections, which WAL lets run beside the writer.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`
-//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `notices` and `reports`. This file
-//! is the store they share: the schema and its migrations, the writer thread and the readers, and
-//! the statement helpers.
+//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `notices`, `reports` and
+//! `audit`. This file is the store they share: the schema and its migrations, the writer thread
+//! and the readers, and the statement helpers.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Ledger, StoreError};
 
+mod audit;
 mod idempotency;
 mod notices;
 mod outbox;
@@ -144,6 +145,22 @@ const MIGRATIONS: &[&str] = &[
         expires_at  INTEGER,            -- unix ms; from then on forgotten; NULL: kept (lifetime)
         PRIMARY KEY (team, period, percent)
     ) WITHOUT ROWID;
+    "#,
+    // The name of the team key that made each reservation, which usage is split by (empty on
+    // those recorded before), and the audit trail of admin actions. AUTOINCREMENT: an id is
+    // never reused once its action is deleted, so a listing's `before` cursor stays true.
+    r#"
+    ALTER TABLE reservations ADD COLUMN key_label TEXT NOT NULL DEFAULT '';
+    CREATE TABLE admin_actions (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         INTEGER NOT NULL,    -- unix ms
+        admin      TEXT NOT NULL,       -- the admin token's label
+        action     TEXT NOT NULL,       -- method and route, e.g. 'POST /admin/reservations/{id}/release'
+        target     TEXT NOT NULL,       -- the route's path parameters as sent
+        status     INTEGER NOT NULL,    -- the HTTP status answered
+        request_id TEXT NOT NULL
+    );
+    CREATE INDEX admin_actions_at ON admin_actions (at);
     "#,
 ];
 
@@ -372,7 +389,8 @@ mod tests {
     use crate::ledger::conformance::idempotency::keyed;
     use crate::ledger::conformance::outbox::delivery;
     use crate::ledger::{
-        Abandoned, DeliveryState, Outbox, Reports, ReservationId, Reservations, TaskState, Tasks,
+        Abandoned, Audit, AuditQuery, DeliveryState, Outbox, Reports, ReservationId, Reservations,
+        TaskState, Tasks,
     };
 
     fn claims(path: &Path) -> i64 {
@@ -526,5 +544,55 @@ mod tests {
         let families: Vec<(&str, u64)> =
             rows.iter().map(|r| (r.family.as_str(), r.tasks)).collect();
         assert_eq!(families, [("image", 1)]);
+    }
+
+    #[tokio::test]
+    async fn tasks_recorded_before_key_names_are_reported_with_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let before_keys = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("ADD COLUMN key_label"))
+            .unwrap();
+        {
+            // The schema as the version before key names left it, with one settled task.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for migration in &MIGRATIONS[..before_keys] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before_keys as i64)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO reservations (id, task_id, team, model, period, reserved, consumed,
+                                           state, final_status, request_id, created_at)
+                 VALUES (?1, 'ta-old', 'design', 'google/gempix2', '2026-11', 50000000, 40000000,
+                         'settled', 'success', 'req-old', ?2)",
+                params![
+                    ReservationId::new().0.to_string(),
+                    millis(at("2026-11-23T10:00:00Z"))
+                ],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let rows = store
+            .usage(None, at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+            .await
+            .unwrap();
+        let keys: Vec<(&str, u64)> = rows.iter().map(|r| (r.key.as_str(), r.tasks)).collect();
+        assert_eq!(keys, [("", 1)]);
+        assert!(
+            store
+                .admin_actions(AuditQuery {
+                    before: None,
+                    since: None,
+                    admin: None,
+                    limit: 10
+                })
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

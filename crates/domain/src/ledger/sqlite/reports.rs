@@ -102,7 +102,7 @@ impl Reports for SqliteStore {
             let mut statement = conn
                 .prepare_cached(
                     "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch') AS day, team,
-                            family, model,
+                            key_label, family, model,
                             count(*),
                             coalesce(sum(final_status = 'success'), 0),
                             coalesce(sum(final_status = 'failed'), 0),
@@ -113,7 +113,8 @@ impl Reports for SqliteStore {
                      FROM reservations
                      WHERE created_at >= ?1 AND created_at < ?2 AND state != 'released'
                        AND (?3 IS NULL OR team = ?3)
-                     GROUP BY day, team, family, model ORDER BY day, team, family, model",
+                     GROUP BY day, team, key_label, family, model
+                     ORDER BY day, team, key_label, family, model",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -122,13 +123,14 @@ impl Reports for SqliteStore {
                     Ok(UsageRow {
                         day: r.get(0)?,
                         team: r.get(1)?,
-                        family: r.get(2)?,
-                        model: r.get(3)?,
-                        tasks: count(4)?,
-                        succeeded: count(5)?,
-                        failed: count(6)?,
-                        unsettled: count(7)?,
-                        credits: Credits::from_units(r.get(8)?),
+                        key: r.get(2)?,
+                        family: r.get(3)?,
+                        model: r.get(4)?,
+                        tasks: count(5)?,
+                        succeeded: count(6)?,
+                        failed: count(7)?,
+                        unsettled: count(8)?,
+                        credits: Credits::from_units(r.get(9)?),
                     })
                 })
                 .map_err(unavailable)?;

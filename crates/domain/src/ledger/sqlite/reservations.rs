@@ -82,13 +82,13 @@ fn close_open_task(
     consumed: Option<Credits>,
     at: DateTime<Utc>,
 ) -> Result<SettleOutcome, StoreError> {
-    let row: Option<(String, String, String, i64, i64)> = query_row(
+    let row: Option<(String, String, String, String, i64, i64)> = query_row(
         conn,
         "UPDATE reservations
              SET state = ?2, consumed = coalesce(?3, reserved), final_status = ?4,
                  settled_at = ?5, observed_at = ?5
              WHERE task_id = ?1 AND state = 'open'
-             RETURNING team, model, period, reserved, consumed",
+             RETURNING team, key_label, model, period, reserved, consumed",
         params![
             task_id,
             to.as_str(),
@@ -96,11 +96,20 @@ fn close_open_task(
             status.map(FinalStatus::as_str),
             millis(at)
         ],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
     )
     .optional()
     .map_err(unavailable)?;
-    let Some((team, model, period, reserved, consumed)) = row else {
+    let Some((team, key, model, period, reserved, consumed)) = row else {
         let closed: Option<String> = query_row(
             conn,
             "SELECT state FROM reservations WHERE task_id = ?1",
@@ -117,6 +126,7 @@ fn close_open_task(
     adjust_period(conn, &team, &period, -reserved, consumed)?;
     Ok(SettleOutcome::Settled(SettledTask {
         team,
+        key,
         model,
         reserved: Credits::from_units(reserved),
         consumed: Credits::from_units(consumed),
@@ -176,8 +186,8 @@ impl Reservations for SqliteStore {
                 conn,
                 "INSERT INTO reservations (id, team, model, family, period, reserved, state,
                                            request_id, created_at, callback_digest, forward_to,
-                                           idempotency_key, retry_of)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11, ?12)",
+                                           idempotency_key, retry_of, key_label)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     r.id.0.to_string(),
                     r.team,
@@ -191,6 +201,7 @@ impl Reservations for SqliteStore {
                     r.callback.as_ref().and_then(|c| c.forward_to.as_ref()),
                     r.idempotency.as_ref().map(|c| &c.key),
                     retry_of,
+                    r.key,
                 ],
             )
             .map_err(unavailable)?;
@@ -360,22 +371,23 @@ impl Reservations for SqliteStore {
                 Some(state) if state.is_closed() => return Ok(SettleOutcome::AlreadyClosed),
                 _ => return Ok(SettleOutcome::NotOpen),
             };
-            let (team, model, period, reserved): (String, String, String, i64) = query_row(
-                conn,
-                "UPDATE reservations
+            let (team, key, model, period, reserved): (String, String, String, String, i64) =
+                query_row(
+                    conn,
+                    "UPDATE reservations
                      SET state = 'settled', consumed = ?2, final_status = ?3, settled_at = ?4,
                          observed_at = ?4
                      WHERE id = ?1
-                     RETURNING team, model, period, reserved",
-                params![
-                    id,
-                    settlement.consumed.units(),
-                    settlement.status.as_str(),
-                    millis(settlement.at)
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .map_err(unavailable)?;
+                     RETURNING team, key_label, model, period, reserved",
+                    params![
+                        id,
+                        settlement.consumed.units(),
+                        settlement.status.as_str(),
+                        millis(settlement.at)
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .map_err(unavailable)?;
             let consumed = settlement.consumed.units();
             match from {
                 TaskState::Reserved => adjust_period(conn, &team, &period, -reserved, consumed)?,
@@ -384,6 +396,7 @@ impl Reservations for SqliteStore {
             }
             Ok(SettleOutcome::Settled(SettledTask {
                 team,
+                key,
                 model,
                 reserved: Credits::from_units(reserved),
                 consumed: settlement.consumed,
