@@ -73,6 +73,7 @@ pub fn router(state: Arc<AppState>, admin_token_digest: Option<KeyDigest>) -> Ro
         .route("/admin/reservations", get(routes::admin::reservations))
         .route("/admin/webhooks", get(routes::admin::webhooks))
         .route("/admin/upstream", get(routes::admin::upstream))
+        .route("/admin/models", get(routes::calibration::models))
         .route("/callbacks/{token}", post(routes::callbacks::receive))
         .route(
             "/admin/reservations/{id}/release",

@@ -321,6 +321,7 @@ async fn reserve(
         created_at: now,
         callback: None,
         idempotency: None,
+        cost: None,
     };
     let id = reservation.id;
     let outcome = match state.ledger.reserve(reservation).await {

@@ -29,9 +29,10 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
+use crate::calibration::{CostHistogram, CostKey, CostKeyOf, CostSample};
 use crate::credits::Credits;
 
 pub mod breaker;
@@ -79,6 +80,8 @@ pub struct NewReservation {
     pub callback: Option<CallbackRoute>,
     /// The request's Idempotency-Key, claimed with the reservation.
     pub idempotency: Option<KeyClaim>,
+    /// What the task's cost is set against when it settles; `None` for a text request.
+    pub cost: Option<CostKey>,
 }
 
 /// An Idempotency-Key, as a generation claims it for its team. A key names one request: the same
@@ -394,6 +397,9 @@ pub struct SettledTask {
     pub model: String,
     pub reserved: Credits,
     pub consumed: Credits,
+    /// As the reservation recorded it: `None` for a text request, or one recorded before
+    /// reservations kept it.
+    pub cost: Option<CostKey>,
 }
 
 /// A reservation as admins see it.
@@ -649,10 +655,27 @@ pub trait Reports: Send + Sync + 'static {
     ) -> Result<Vec<UsageRow>, StoreError>;
 }
 
+/// The settled costs reservations are calibrated against (see [`crate::calibration`]): a record
+/// per UTC day, model and cost-field value, kept for [`crate::calibration::WINDOW_DAYS`].
+#[async_trait]
+pub trait Calibration: Send + Sync + 'static {
+    /// Adds one settled task's cost to its day's record, and deletes the records of days before
+    /// the window that ends on that day.
+    async fn record_cost(&self, sample: &CostSample) -> Result<(), StoreError>;
+
+    /// Every record of the UTC days from `first` to `last`, both included: one per day, model
+    /// and value.
+    async fn settled_costs(
+        &self,
+        first: NaiveDate,
+        last: NaiveDate,
+    ) -> Result<Vec<(CostKeyOf, CostHistogram)>, StoreError>;
+}
+
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
-pub trait Ledger: Reservations + Tasks + Outbox + Reports {
+pub trait Ledger: Reservations + Tasks + Outbox + Reports + Calibration {
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

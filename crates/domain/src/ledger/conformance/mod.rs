@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use super::*;
 
 #[macro_use]
+pub mod calibration;
+#[macro_use]
 pub mod idempotency;
 #[macro_use]
 pub mod outbox;
@@ -42,6 +44,10 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
         created_at: at("2026-11-23T10:00:00Z"),
         callback: None,
         idempotency: None,
+        cost: Some(crate::calibration::CostKey {
+            value: None,
+            count: 1,
+        }),
     }
 }
 
@@ -92,6 +98,9 @@ macro_rules! conformance_suite {
             }
             mod text {
                 text_suite!($make);
+            }
+            mod calibration {
+                calibration_suite!($make);
             }
         }
     };

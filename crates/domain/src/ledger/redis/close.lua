@@ -6,7 +6,8 @@ local task_id, to, consumed, status, at = ARGV[2], ARGV[3], ARGV[4], ARGV[5], AR
 local id = redis.call('GET', K.task(task_id))
 if not id then return { 'not_open' } end
 local key = K.reservation(id)
-local r = redis.call('HMGET', key, 'state', 'team', 'model', 'period', 'reserved', 'created_at')
+local r = redis.call('HMGET', key, 'state', 'team', 'model', 'period', 'reserved', 'created_at',
+  'cost_count', 'cost_value')
 local state, team, model, period, reserved, created = r[1], r[2], r[3], r[4], r[5], r[6]
 if state ~= 'open' then
   if state == 'settled' or state == 'released' or state == 'expired' then
@@ -22,4 +23,4 @@ redis.call('ZADD', K.by_state(to), created, id)
 redis.call('ZREM', K.unobserved, id)
 redis.call('SREM', K.in_flight(team), id)
 adjust(team, period, negate(reserved), consumed)
-return { 'settled', team, model, reserved, consumed }
+return { 'settled', team, model, reserved, consumed, r[7], r[8] }

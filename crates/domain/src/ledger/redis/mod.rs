@@ -7,9 +7,9 @@
 //! records.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`,
-//! `tasks`, `outbox` and `reports`, each with its scripts and the fields it reads. This file is
-//! the store they share: the connection, the key layout, the one call helper, and the decoding of
-//! answers.
+//! `tasks`, `outbox`, `reports` and `calibration`, each with its scripts and the fields it reads.
+//! This file is the store they share: the connection, the key layout, the one call helper, and
+//! the decoding of answers.
 //!
 //! Every round trip goes through that helper, which bounds it by the command timeout and puts it
 //! behind the circuit breaker (see `breaker`), so an outage costs clients fast errors rather than
@@ -40,6 +40,7 @@ macro_rules! ledger_script {
     };
 }
 
+mod calibration;
 mod outbox;
 mod reports;
 mod reservations;
@@ -59,7 +60,7 @@ const RECONNECT_RETRIES: usize = 2;
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch` (no `family` on those recorded before routes had one: read as `image`; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by` |
+/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch` (no `family` on those recorded before routes had one: read as `image`; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by`, and `cost_count` (with `cost_value` for a field-priced model) for a task's reservation |
 /// | `P task:{task_id}` | string | the id of the reservation that owns the task |
 /// | `P callback:{digest}` | string | the id of the reservation a callback token leads to |
 /// | `P idempotency:{team}:{key}` | hash, with a TTL | a team's claim of an Idempotency-Key (the team escaped as in `period`): `fingerprint reservation expires_at`, and `status content_type body` once its request has its answer; it expires with the key |
@@ -73,9 +74,11 @@ const RECONNECT_RETRIES: usize = 2;
 /// | `P deliveries-due:{team}` | sorted set | the team's pending deliveries by next attempt (or end of lease) |
 /// | `P deliveries-due-teams` | set | the teams that have pending deliveries |
 /// | `P deliveries:{state}` | sorted set | ids of the deliveries in a state, by `updated_at` |
+/// | `P settled-costs:{day}` | set, with a TTL | the models and cost-field values (JSON `[model, value or null]`) settled on a UTC day |
+/// | `P settled-costs:{day}:{member}` | hash, with a TTL | their settled costs that day: `settled over max` and `b:{bucket}` counts (see `calibration`); both expire when the window stops covering the day |
 ///
 /// Budget periods are part of their key, so a new period starts from zero without a reset job.
-/// Only Idempotency-Key claims have a TTL, the key's lifetime. Otherwise, as in the SQLite
+/// Only Idempotency-Key claims and settled costs have a TTL. Otherwise, as in the SQLite
 /// ledger, only finished webhook deliveries go, deleted by the gateway once
 /// `[webhooks] keep_finished` has passed. The scripts name keys they derive from
 /// stored fields (a reservation's period and team), so the store needs one Redis server, not a
