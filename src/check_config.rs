@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use ketchup_domain::calibration::{self, Fit, Line, Row};
+use ketchup_domain::calibration::{self, Line, Row};
 use ketchup_domain::config::Config;
 use serde::Deserialize;
 
@@ -141,7 +141,6 @@ pub fn table(rows: &[Row]) -> String {
             (None, Some(value)) => value.clone(),
             _ => "-".to_owned(),
         };
-        let fit = row.fit();
         cells.push([
             row.model.clone(),
             value,
@@ -151,12 +150,7 @@ pub fn table(rows: &[Row]) -> String {
             amount(seen.map(|s| s.p50)),
             amount(seen.map(|s| s.p99)),
             amount(seen.map(|s| s.max)),
-            if fit == Fit::Covers {
-                "ok"
-            } else {
-                fit.as_str()
-            }
-            .to_owned(),
+            row.fit().as_str().to_owned(),
         ]);
     }
     let mut widths = [0; 9];

@@ -8,9 +8,10 @@
 //! per UTC day, model and cost-field value, the count of settled tasks, how many of them cost
 //! more than they reserved, the exact largest cost, and a histogram of costs whose buckets are
 //! amounts of three significant decimal digits ([`bucket`]). Days older than [`WINDOW_DAYS`] are
-//! deleted as new ones are written. Storage is bounded: the keys are configured models and the
-//! values their reserve prices, and a key holds at most a few thousand buckets whatever the
-//! traffic (about 900 per power of ten the costs span).
+//! deleted as new ones are written. Storage is bounded whatever the traffic: the keys are the
+//! configured models and the values their reserves price (a per-unit count as a number, so `05`
+//! and `5` are one), and a key holds at most 900 buckets per power of ten its costs span (under
+//! 20 000 in all, a handful in practice).
 //!
 //! The error bound: the count, the over-reservation count and the largest cost are exact; a
 //! quantile is the upper bound of its bucket, never below the true quantile and less than 1 %
@@ -225,9 +226,9 @@ impl Fit {
 }
 
 /// A line of the table as `GET /admin/models` gives it: amounts as exact decimal strings,
-/// the figures `null` where nothing was settled.
+/// the figures `null` where nothing was settled. Read back by `check-config --against`, which
+/// takes a line with fields it does not know, as a newer gateway may answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Line {
     pub model: String,
     pub field: Option<String>,
