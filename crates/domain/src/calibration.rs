@@ -443,4 +443,74 @@ mod tests {
         };
         assert_eq!(single.summary().p99, c("0.12345678"));
     }
+
+    fn seen(max: &str) -> Observed {
+        Observed {
+            settled: 3,
+            over_reservation: 0,
+            p50: c(max),
+            p99: c(max),
+            max: c(max),
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_line_per_priced_value_then_what_is_no_longer_priced() {
+        let config = Config::parse(
+            std::path::Path::new("gateway.toml"),
+            r#"
+[upstream]
+token_env = "KETCHUP_UPSTREAM_TOKEN"
+
+[models."seedance-2.0"]
+reserve = { by = "duration", per_unit = "0.12", max = 15 }
+
+[models."wan"]
+reserve = { by = "duration", per_unit = "0.10", max = 10, default = 5 }
+
+[models."gpt-5"]
+input_per_million = "1.00"
+output_per_million = "2.00"
+
+[[teams]]
+name = "design"
+keys = [{ sha256 = "c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2", label = "prod" }]
+"#,
+        )
+        .unwrap();
+        let observed: BTreeMap<CostKeyOf, Observed> = [
+            (("seedance-2.0".into(), Some("10".into())), seen("1.10")),
+            (("seedance-2.0".into(), Some("5".into())), seen("0.70")),
+            (("seedance-2.0".into(), Some("20".into())), seen("2.40")),
+            (("gone".into(), None), seen("1.00")),
+        ]
+        .into();
+        let lines: Vec<(String, Option<String>, Option<Credits>, Fit)> = rows(&config, &observed)
+            .iter()
+            .map(|r| (r.model.clone(), r.value.clone(), r.reservation, r.fit()))
+            .collect();
+        let some = |text: &str| Some(text.to_owned());
+        assert_eq!(
+            lines,
+            [
+                // Units in order as numbers; 20 is past `max`: no longer priced.
+                (
+                    "seedance-2.0".into(),
+                    some("5"),
+                    Some(c("0.60")),
+                    Fit::BelowP99
+                ),
+                (
+                    "seedance-2.0".into(),
+                    some("10"),
+                    Some(c("1.20")),
+                    Fit::Covers
+                ),
+                // Nothing observed: the default.
+                ("wan".into(), some("5"), Some(c("0.50")), Fit::NoData),
+                ("gone".into(), None, None, Fit::NotPriced),
+                ("seedance-2.0".into(), some("20"), None, Fit::NotPriced),
+            ]
+        );
+    }
 }
