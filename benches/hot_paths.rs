@@ -151,6 +151,7 @@ fn ledger(c: &mut Criterion) {
                 created_at: chrono::Utc::now(),
                 callback: None,
                 idempotency: None,
+                cost: None,
             };
             store.reserve(reservation).await.expect("reserve");
             store

@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod balance;
+pub mod check_config;
 pub mod demo;
 pub mod error;
 pub mod headers;

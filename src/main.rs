@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ketchup_domain::{clock, config::Config};
 use ketchup_gateway::{
+    check_config::{self, Verdict},
     demo, keygen,
     logging::{self, LogFormat},
     server::Server,
@@ -37,8 +38,16 @@ enum Command {
         #[arg(long, short, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration file and exit.
-    CheckConfig { path: PathBuf },
+    /// Validate a configuration file and exit; with --against, also print its reservations
+    /// against the costs a running gateway settled (admin token in KETCHUP_ADMIN_TOKEN). Exits
+    /// 1 if the file is invalid or the gateway cannot be read, 2 if a reservation is below the
+    /// largest cost settled for it.
+    CheckConfig {
+        path: PathBuf,
+        /// A running gateway's base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        against: Option<String>,
+    },
     /// Print a new team key (once) and the line to paste into the team's `keys`.
     Keygen {
         #[arg(long)]
@@ -80,16 +89,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), String> = match cli.command {
-        Command::CheckConfig { path } => Config::load(&path)
-            .map(|config| {
-                println!(
-                    "{}: ok ({} teams, {} models)",
-                    path.display(),
-                    config.teams.len(),
-                    config.models.len()
-                );
-            })
-            .map_err(|e| e.to_string()),
+        Command::CheckConfig { path, against } => {
+            match runtime(Some(1), "check-config")
+                .block_on(check_config::run(&path, against.as_deref()))
+            {
+                Ok(Verdict::Fits) => Ok(()),
+                Ok(Verdict::BelowSettled) => return ExitCode::from(2),
+                Err(e) => Err(e),
+            }
+        }
         Command::Keygen {
             team,
             webhook_secret: true,

@@ -73,6 +73,7 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
         .route("/admin/webhooks", get(routes::admin::webhooks))
         .route("/admin/upstream", get(routes::admin::upstream))
         .route("/admin/audit", get(routes::admin::audit))
+        .route("/admin/models", get(routes::calibration::models))
         .route("/callbacks/{token}", post(routes::callbacks::receive))
         .route(
             "/admin/reservations/{id}/release",

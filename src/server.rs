@@ -83,6 +83,7 @@ impl Server {
         let owners = Arc::new(OwnershipIndex::new(config.cache.max_owners));
         let settler = Settler::new(
             ledger.clone(),
+            ledger.clone(),
             owners.clone(),
             clock.clone(),
             metrics.settlement.clone(),

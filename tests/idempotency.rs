@@ -502,6 +502,7 @@ async fn reserve_as_a_gateway_killed_before_dispatch(gateway: &Gateway, store: &
         created_at: Utc::now(),
         callback: None,
         idempotency: None,
+        cost: None,
     };
     let id = reservation.id.0.to_string();
     let outcome = match store {

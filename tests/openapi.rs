@@ -353,6 +353,7 @@ async fn every_route_example_is_accepted_and_every_answer_fits() {
         "/admin/reservations",
         "/admin/webhooks?state=delivered",
         "/admin/audit",
+        "/admin/models",
     ] {
         let reply = api.get(path, Some(ADMIN_TOKEN)).await;
         assert_eq!(reply.status, 200, "{path}: {}", reply.text);

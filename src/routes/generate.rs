@@ -30,6 +30,7 @@ use crate::{
 };
 use ketchup_domain::{
     body::{check_case, check_unique_keys},
+    calibration::CostKey,
     config::{BudgetPeriod, Config, Team},
     credits::Credits,
     idempotency,
@@ -49,6 +50,8 @@ pub struct Generation {
     pub family: String,
     /// What the request reserves: the most it can cost under the configuration.
     pub amount: Credits,
+    /// What its settled cost is set against: the value it was priced at, and `n`.
+    pub cost: CostKey,
     pub callback_url: Option<String>,
     /// Whether the route's upstream endpoint takes a `callback_url` the client did not send.
     pub accepts_callback: bool,
@@ -104,6 +107,10 @@ pub fn validate(
         model: submission.model,
         family: route.family.clone(),
         amount,
+        cost: CostKey {
+            value: reserve.priced_value(&fields),
+            count: submission.count,
+        },
         callback_url: submission.callback_url,
         accepts_callback: route.accepts_callback,
     };
@@ -208,6 +215,7 @@ pub async fn generate(
         created_at: now,
         callback,
         idempotency: claim,
+        cost: Some(generation.cost),
     };
     let id = reservation.id;
     let reservation_period = reservation.period.clone();
@@ -609,6 +617,10 @@ mod tests {
                 model: "google/gempix2".into(),
                 family: "image".into(),
                 amount: "1.50".parse().unwrap(),
+                cost: CostKey {
+                    value: None,
+                    count: 3
+                },
                 callback_url: Some("http://hooks.example/cb".into()),
                 accepts_callback: true,
             }
@@ -623,6 +635,7 @@ mod tests {
         };
         assert_eq!(sora(r#""15""#).unwrap().amount, "1.50".parse().unwrap());
         assert_eq!(sora(r#""15""#).unwrap().family, "video");
+        assert_eq!(sora(r#""15""#).unwrap().cost.value.as_deref(), Some("15"));
         assert!(
             matches!(sora("15"), Err(GatewayError::InvalidRequest(d)) if d == "duration must be a string here")
         );

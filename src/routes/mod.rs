@@ -12,6 +12,7 @@ use crate::{error::GatewayError, upstream::UpstreamResponse};
 
 pub mod admin;
 pub mod budget;
+pub mod calibration;
 pub mod callbacks;
 pub mod generate;
 pub mod health;

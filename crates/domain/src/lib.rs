@@ -6,6 +6,7 @@
 //! everything here can be tested and benchmarked without a server.
 
 pub mod body;
+pub mod calibration;
 pub mod clock;
 pub mod config;
 pub mod credits;

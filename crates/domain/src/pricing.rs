@@ -205,6 +205,41 @@ impl Reserve {
         }
     }
 
+    /// The value of the cost field a request with these fields is priced at, as the reserve names
+    /// it (a price table's key, a number of units), the field's default or dearest value when the
+    /// request leaves it out; `None` for a flat reserve. For a request [`Reserve::for_request`]
+    /// accepted.
+    pub fn priced_value(&self, fields: &Map<String, Value>) -> Option<String> {
+        match self {
+            Reserve::Flat(_) => None,
+            Reserve::ByValue {
+                field,
+                prices,
+                default,
+            } => match present(fields, field) {
+                Some(value) => value_key(value).map(|key| key.into_owned()),
+                None => default.clone().or_else(|| {
+                    prices
+                        .iter()
+                        .max_by_key(|(_, price)| **price)
+                        .map(|(value, _)| value.clone())
+                }),
+            },
+            Reserve::PerUnit {
+                field,
+                max,
+                default,
+                ..
+            } => match present(fields, field) {
+                // As a number: `"05"` and `5` are one value.
+                Some(value) => value_key(value)
+                    .and_then(|key| key.parse::<u32>().ok())
+                    .map(|units| units.to_string()),
+                None => Some(default.unwrap_or(*max).to_string()),
+            },
+        }
+    }
+
     /// The reservation of a request for `model` with these fields and this count (`n`); `Err`
     /// is a 400's detail naming the field.
     pub fn for_request(
@@ -361,6 +396,26 @@ mod tests {
             assert!(cost(&seedance, json!({"duration": refused}), 1).is_err());
         }
         assert!(cost(&seedance, json!({"duration": -5}), 1).is_err());
+    }
+
+    #[test]
+    fn the_priced_value_is_what_the_reservation_was_priced_at() {
+        let value =
+            |reserve: &Reserve, body: Value| reserve.priced_value(body.as_object().unwrap());
+        let sora =
+            reserve(r#"{ by = "duration", prices = { "10" = "1.00", "25" = "2.50" } }"#).unwrap();
+        assert_eq!(value(&sora, json!({"duration": 10})), Some("10".into()));
+        assert_eq!(value(&sora, json!({})), Some("25".into()));
+        let seedance = reserve(r#"{ by = "duration", per_unit = "0.12", max = 15 }"#).unwrap();
+        assert_eq!(
+            value(&seedance, json!({"duration": "05"})),
+            Some("5".into())
+        );
+        assert_eq!(
+            value(&seedance, json!({"duration": null})),
+            Some("15".into())
+        );
+        assert_eq!(value(&reserve(r#""0.50""#).unwrap(), json!({})), None);
     }
 
     #[test]

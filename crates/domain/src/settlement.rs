@@ -7,16 +7,20 @@
 use std::fmt;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
 use crate::{
+    calibration::CostSample,
     clock::SharedClock,
     config::Config,
     credits::Credits,
     ledger::{
-        FinalStatus, Reservations, SettleOutcome, SettledTask, Settlement, StoreError, TaskRecord,
+        Calibration, FinalStatus, Reservations, SettleOutcome, SettledTask, Settlement, StoreError,
+        TaskRecord,
     },
     ownership::OwnershipIndex,
 };
@@ -203,6 +207,7 @@ pub struct SettlementMetrics {
     pub credits_spent: CounterVec,
     pub reservation_error: HistogramVec,
     pub settlements_without_consumed: IntCounterVec,
+    pub settled_over_reservation: IntCounterVec,
 }
 
 impl SettlementMetrics {
@@ -245,21 +250,31 @@ impl SettlementMetrics {
                 ),
                 &["team", "reason"],
             )?,
+            settled_over_reservation: IntCounterVec::new(
+                opts(
+                    "settled_over_reservation_total",
+                    "Tasks whose upstream `consumed` exceeded what they reserved: while this grows, a team can overrun its budget.",
+                ),
+                &["model"],
+            )?,
         };
         registry.register(Box::new(metrics.tasks_finished.clone()))?;
         registry.register(Box::new(metrics.credits_consumed.clone()))?;
         registry.register(Box::new(metrics.credits_spent.clone()))?;
         registry.register(Box::new(metrics.reservation_error.clone()))?;
         registry.register(Box::new(metrics.settlements_without_consumed.clone()))?;
+        registry.register(Box::new(metrics.settled_over_reservation.clone()))?;
         Ok(metrics)
     }
 }
 
 /// Settles tasks: the ledger's idempotent step, the ownership index told the task is closed,
-/// and the metrics of what it cost. The one handle the status read, the callback and the
-/// reconciler share, so that each settles the same way.
+/// the metrics of what it cost, and its cost added to what reservations are calibrated from. The
+/// one handle the status read, the callback and the reconciler share, so that each settles the
+/// same way.
 pub struct Settler {
     ledger: Arc<dyn Reservations>,
+    costs: Arc<dyn Calibration>,
     owners: Arc<OwnershipIndex>,
     clock: SharedClock,
     metrics: SettlementMetrics,
@@ -268,12 +283,14 @@ pub struct Settler {
 impl Settler {
     pub fn new(
         ledger: Arc<dyn Reservations>,
+        costs: Arc<dyn Calibration>,
         owners: Arc<OwnershipIndex>,
         clock: SharedClock,
         metrics: SettlementMetrics,
     ) -> Self {
         Settler {
             ledger,
+            costs,
             owners,
             clock,
             metrics,
@@ -339,8 +356,37 @@ impl Settler {
                 consumed = %settled.consumed,
                 "task settled"
             );
+            if matches!(consumed, Consumed::Exact(_)) {
+                self.calibrate(config, settled, settlement.at).await;
+            }
         }
         Ok(outcome)
+    }
+
+    /// Counts a task whose upstream cost exceeded its reservation, and adds its cost to the
+    /// settled costs by model and value. The settlement stands if that write fails: the
+    /// calibration misses one task, which is logged.
+    async fn calibrate(&self, config: &Config, settled: &SettledTask, at: DateTime<Utc>) {
+        if settled.consumed > settled.reserved {
+            self.metrics
+                .settled_over_reservation
+                .with_label_values(&[config.model_label(&settled.model)])
+                .inc();
+            tracing::warn!(
+                model = %settled.model,
+                reserved = %settled.reserved,
+                consumed = %settled.consumed,
+                "a task cost more than it reserved"
+            );
+        }
+        let Some(sample) = settled.cost.as_ref().and_then(|key| {
+            CostSample::new(&settled.model, key, settled.reserved, settled.consumed, at)
+        }) else {
+            return;
+        };
+        if let Err(e) = self.costs.record_cost(&sample).await {
+            tracing::warn!(model = %settled.model, error = %e, "settled cost not recorded for calibration");
+        }
     }
 
     /// Counts a task that reached the end of its life: `success`, `failed` or `expired`.

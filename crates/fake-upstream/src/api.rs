@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use http::{HeaderMap, Uri};
+use ketchup_domain::credits::Credits;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -27,6 +28,9 @@ use super::wire::{self, Created, TaskData};
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// A prompt containing this ends in a failed task: a deterministic failure for demos.
 const FAIL_MARKER: &str = "[fail]";
+/// A prompt containing `[charge:0.35]` ends in a task that consumed exactly that, whatever the
+/// model's price: a cost a reservation may not cover, for tests of what the gateway settles.
+const CHARGE_MARKER: &str = "[charge:";
 
 type SharedState = State<Arc<Shared>>;
 
@@ -130,13 +134,17 @@ fn create_task(
         })
         .transpose()?;
 
+    let cost = match charged(&order.prompt) {
+        Some(charge) => charge?,
+        None => catalog::cost(price, order.units),
+    };
     let created_at = shared.clock.now();
     let mut task = Task::new(
         route,
         order.model,
         created_at,
         order.images,
-        catalog::cost(price, order.units),
+        cost,
         fail || order.prompt.contains(FAIL_MARKER),
     );
     task.request_id = request_id;
@@ -153,6 +161,16 @@ fn create_task(
     }
     Recorder::count(&shared.stats.generate_accepted);
     Ok(task_id)
+}
+
+/// The cost a prompt's [`CHARGE_MARKER`] names; `Some(Err)` for one that names no amount.
+fn charged(prompt: &str) -> Option<Result<Credits, String>> {
+    let (_, rest) = prompt.split_once(CHARGE_MARKER)?;
+    Some(
+        rest.split_once(']')
+            .and_then(|(amount, _)| amount.parse().ok())
+            .ok_or_else(|| format!("{CHARGE_MARKER}…] must name an amount such as 0.35")),
+    )
 }
 
 /// `ta823dfb-eaac-44fd-aec2-3e2c7ba8e071` (as in the captured response): a v4 uuid whose first
@@ -274,6 +292,17 @@ async fn control_reset(State(shared): SharedState) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prompt_can_name_what_its_task_costs() {
+        assert_eq!(charged("a cat"), None);
+        assert_eq!(
+            charged("a cat [charge:0.35] in a hat"),
+            Some(Ok("0.35".parse().unwrap()))
+        );
+        assert!(matches!(charged("[charge:lots]"), Some(Err(_))));
+        assert!(matches!(charged("[charge:0.35"), Some(Err(_))));
+    }
 
     #[test]
     fn task_ids_have_the_upstream_shape() {

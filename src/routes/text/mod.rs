@@ -330,6 +330,7 @@ async fn reserve(
         created_at: now,
         callback: None,
         idempotency: None,
+        cost: None,
     };
     let id = reservation.id;
     let period_key = reservation.period.clone();

@@ -3,9 +3,10 @@
 //! Its operations are cut by concern, each trait with its own callers: [`Reservations`] (credits
 //! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
 //! [`Outbox`] (webhook deliveries), [`BudgetNotices`] (the one notification per budget threshold
-//! and period), [`Reports`] (what teams and admins read) and [`Audit`] (the trail of admin
-//! actions). Domain code takes the narrowest it needs (the settler [`Reservations`], the ownership
-//! index's fill [`Tasks`]); [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
+//! and period), [`Reports`] (what teams and admins read), [`Audit`] (the trail of admin
+//! actions) and [`Calibration`] (the settled costs reservations are tuned from). Domain code
+//! takes the narrowest it needs (the settler [`Reservations`], the ownership index's fill
+//! [`Tasks`]); [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
 //! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
 //! on which one runs.
 //!
@@ -30,9 +31,10 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
+use crate::calibration::{CostHistogram, CostKey, CostKeyOf, CostSample};
 use crate::credits::Credits;
 
 pub mod breaker;
@@ -83,6 +85,8 @@ pub struct NewReservation {
     pub callback: Option<CallbackRoute>,
     /// The request's Idempotency-Key, claimed with the reservation.
     pub idempotency: Option<KeyClaim>,
+    /// What the task's cost is set against when it settles; `None` for a text request.
+    pub cost: Option<CostKey>,
 }
 
 /// An Idempotency-Key, as a generation claims it for its team. A key names one request: the same
@@ -402,6 +406,9 @@ pub struct SettledTask {
     pub model: String,
     pub reserved: Credits,
     pub consumed: Credits,
+    /// As the reservation recorded it: `None` for a text request, or one recorded before
+    /// reservations kept it.
+    pub cost: Option<CostKey>,
 }
 
 /// A reservation as admins see it.
@@ -742,10 +749,29 @@ pub trait Audit: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 }
 
+/// The settled costs reservations are calibrated against (see [`crate::calibration`]): a record
+/// per UTC day, model and cost-field value, kept for [`crate::calibration::WINDOW_DAYS`].
+#[async_trait]
+pub trait Calibration: Send + Sync + 'static {
+    /// Adds one settled task's cost to its day's record, and deletes the records of days before
+    /// the window that ends on that day.
+    async fn record_cost(&self, sample: &CostSample) -> Result<(), StoreError>;
+
+    /// Every record of the UTC days from `first` to `last`, both included: one per day, model
+    /// and value.
+    async fn settled_costs(
+        &self,
+        first: NaiveDate,
+        last: NaiveDate,
+    ) -> Result<Vec<(CostKeyOf, CostHistogram)>, StoreError>;
+}
+
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
-pub trait Ledger: Reservations + Tasks + Outbox + BudgetNotices + Reports + Audit {
+pub trait Ledger:
+    Reservations + Tasks + Outbox + BudgetNotices + Reports + Audit + Calibration
+{
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -10,6 +10,8 @@ use super::*;
 #[macro_use]
 pub mod audit;
 #[macro_use]
+pub mod calibration;
+#[macro_use]
 pub mod idempotency;
 #[macro_use]
 pub mod notices;
@@ -47,6 +49,10 @@ pub fn reservation(team: &str, amount: &str, limit: Option<&str>) -> NewReservat
         created_at: at("2026-11-23T10:00:00Z"),
         callback: None,
         idempotency: None,
+        cost: Some(crate::calibration::CostKey {
+            value: None,
+            count: 1,
+        }),
     }
 }
 
@@ -103,6 +109,9 @@ macro_rules! conformance_suite {
             }
             mod audit {
                 audit_suite!($make);
+            }
+            mod calibration {
+                calibration_suite!($make);
             }
         }
     };

@@ -8,6 +8,7 @@ fn text_reservation(amount: &str, limit: Option<&str>) -> NewReservation {
     NewReservation {
         model: "openai/gpt-5.2".into(),
         family: "text".into(),
+        cost: None,
         ..reservation("design", amount, limit)
     }
 }
@@ -44,6 +45,7 @@ pub async fn a_reservation_without_a_task_settles_once_at_its_cost(
                         model: "openai/gpt-5.2".into(),
                         reserved: credits("1.00"),
                         consumed: credits("0.00017"),
+                        cost: None,
                     }
                 );
             }

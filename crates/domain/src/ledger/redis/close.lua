@@ -7,7 +7,7 @@ local id = redis.call('GET', K.task(task_id))
 if not id then return { 'not_open' } end
 local key = K.reservation(id)
 local r = redis.call('HMGET', key, 'state', 'team', 'model', 'period', 'reserved', 'created_at',
-  'key_label')
+  'key_label', 'cost_count', 'cost_value')
 local state, team, model, period, reserved, created = r[1], r[2], r[3], r[4], r[5], r[6]
 if state ~= 'open' then
   if state == 'settled' or state == 'released' or state == 'expired' then
@@ -24,4 +24,4 @@ redis.call('ZREM', K.unobserved, id)
 redis.call('SREM', K.in_flight(team), id)
 adjust(team, period, negate(reserved), consumed)
 -- No key name on those recorded before keys were.
-return { 'settled', team, model, reserved, consumed, r[7] or '' }
+return { 'settled', team, model, reserved, consumed, r[7] or '', r[8], r[9] }

@@ -7,9 +7,9 @@
 //! records.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`,
-//! `tasks`, `outbox`, `notices`, `reports` and `audit`, each with its scripts and the fields it
-//! reads. This file is the store they share: the connection, the key layout, the one call helper,
-//! and the decoding of answers.
+//! `tasks`, `outbox`, `notices`, `reports`, `audit` and `calibration`, each with its scripts and
+//! the fields it reads. This file is the store they share: the connection, the key layout, the
+//! one call helper, and the decoding of answers.
 //!
 //! Every round trip goes through that helper, which bounds it by the command timeout and puts it
 //! behind the circuit breaker (see `breaker`), so an outage costs clients fast errors rather than
@@ -41,6 +41,7 @@ macro_rules! ledger_script {
 }
 
 mod audit;
+mod calibration;
 mod notices;
 mod outbox;
 mod reports;
@@ -61,7 +62,7 @@ const RECONNECT_RETRIES: usize = 2;
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch key_label` (no `family` on those recorded before routes had one: read as `image`; no `key_label` on those recorded before keys were: read as empty; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by` |
+/// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch key_label` (no `family` on those recorded before routes had one: read as `image`; no `key_label` on those recorded before keys were: read as empty; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by`, and `cost_count` (with `cost_value` for a field-priced model) for a task's reservation |
 /// | `P task:{task_id}` | string | the id of the reservation that owns the task |
 /// | `P callback:{digest}` | string | the id of the reservation a callback token leads to |
 /// | `P idempotency:{team}:{key}` | hash, with a TTL | a team's claim of an Idempotency-Key (the team escaped as in `period`): `fingerprint reservation expires_at`, and `status content_type body` once its request has its answer; it expires with the key |
@@ -78,14 +79,16 @@ const RECONNECT_RETRIES: usize = 2;
 /// | `P budget-notice:{team}:{period}:{percent}` | string, with a TTL unless lifetime | the id of the delivery a team's budget notification queued (the team escaped as in `period`); it expires at the claim's `expires_at` |
 /// | `P audit` | sorted set | admin actions, each member `{id}|{JSON of the rest}`, by id |
 /// | `P audit-seq` | string | the last admin action's id |
+/// | `P settled-costs:{day}` | set, with a TTL | the models and cost-field values (JSON `[model, value or null]`) settled on a UTC day |
+/// | `P settled-costs:{day}:{member}` | hash, with a TTL | their settled costs that day: `settled over max` and `b:{bucket}` counts (see `calibration`); both expire when the window stops covering the day |
 ///
 /// Budget periods are part of their key, so a new period starts from zero without a reset job.
-/// Only Idempotency-Key claims (for the key's lifetime) and budget notification claims (until
-/// their `expires_at`, after their period) have a TTL. Otherwise, as in the SQLite ledger, only
-/// finished webhook deliveries go, deleted by the gateway once `[webhooks] keep_finished` has
-/// passed, and admin actions, once `[admin] keep_audit` has. The scripts name keys they derive
-/// from stored fields (a reservation's period and team), so the store needs one Redis server,
-/// not a cluster.
+/// Only Idempotency-Key claims (for the key's lifetime), budget notification claims (until
+/// their `expires_at`, after their period) and settled costs (while the calibration window
+/// covers their day) have a TTL. Otherwise, as in the SQLite ledger, only finished webhook
+/// deliveries go, deleted by the gateway once `[webhooks] keep_finished` has passed, and admin
+/// actions, once `[admin] keep_audit` has. The scripts name keys they derive from stored fields
+/// (a reservation's period and team), so the store needs one Redis server, not a cluster.
 pub struct RedisStore {
     connection: ConnectionManager,
     keys: Keys,

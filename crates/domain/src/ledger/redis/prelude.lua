@@ -35,6 +35,7 @@ local K = {
   -- All teams' pending deliveries in one set, as versions before the per-team sets kept them.
   due_before_teams = P .. 'deliveries-due',
   deliveries = function(state) return P .. 'deliveries:' .. state end,
+  settled_costs = function(day) return P .. 'settled-costs:' .. day end,
 }
 
 -- Negates a unit string without going through a double.

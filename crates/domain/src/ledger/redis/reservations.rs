@@ -12,6 +12,7 @@ use super::{
     ABANDON_BATCH, RedisStore, accepted, conflict, credits, fields, flag, millis, optional, parse,
     tagged, unexpected,
 };
+use crate::calibration::CostKey;
 use crate::credits::Credits;
 use crate::ledger::{
     Abandoned, FinalStatus, NewReservation, OutcomeReason, ReservationId, Reservations,
@@ -65,13 +66,21 @@ impl RedisStore {
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "settled" => {
-                let [team, model, reserved, consumed, key] = fields(details)?;
+                let [team, model, reserved, consumed, key, count, value] = fields(details)?;
+                let count: Option<i64> = parse(count)?;
                 Ok(SettleOutcome::Settled(SettledTask {
                     team: parse(team)?,
                     key: parse(key)?,
                     model: parse(model)?,
                     reserved: credits(reserved)?,
                     consumed: credits(consumed)?,
+                    cost: match count {
+                        Some(count) => Some(CostKey {
+                            value: parse(value)?,
+                            count,
+                        }),
+                        None => None,
+                    },
                 }))
             }
             "already_closed" => Ok(SettleOutcome::AlreadyClosed),
@@ -107,6 +116,11 @@ impl Reservations for RedisStore {
             .arg(claim.map_or("", |c| c.fingerprint.as_str()))
             .arg(optional(claim.map(|c| millis(c.expires_at))))
             .arg(&r.key);
+        let cost = r.cost.as_ref();
+        let cost_value = cost.and_then(|c| c.value.as_deref());
+        call.arg(optional(cost.map(|c| c.count)))
+            .arg(flag(cost_value.is_some()))
+            .arg(cost_value.unwrap_or(""));
         let (tag, details) = tagged(self.eval(&call).await?)?;
         match tag.as_str() {
             "reserved" => {
@@ -238,6 +252,7 @@ impl Reservations for RedisStore {
                     model: parse(model)?,
                     reserved: credits(reserved)?,
                     consumed: settlement.consumed,
+                    cost: None,
                 }))
             }
             "already_closed" => Ok(SettleOutcome::AlreadyClosed),

@@ -4,7 +4,8 @@
 -- ARGV: prefix, id, team, model, family, period, amount, limit or '', max in flight or '',
 --       request id, created at, has callback ('1' or ''), callback digest, has forward ('1' or
 --       ''), forward to, has key ('1' or ''), key, fingerprint, key expires at, the name of
---       the team key that made it
+--       the team key that made it, cost count or '' (no cost key), has cost value ('1' or ''),
+--       cost value
 local id, team, model, family, period = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local amount, limit, max_in_flight, request_id = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local created = ARGV[11]
@@ -12,6 +13,7 @@ local has_callback, digest = ARGV[12] == '1', ARGV[13]
 local has_forward, forward_to = ARGV[14] == '1', ARGV[15]
 local has_key, idempotency_key, fingerprint, expires = ARGV[16] == '1', ARGV[17], ARGV[18], ARGV[19]
 local key_label = ARGV[20]
+local cost_count, has_cost_value, cost_value = ARGV[21], ARGV[22] == '1', ARGV[23]
 
 -- The key first: a repeat gets its answer even when the budget is spent by now.
 local claim, retry_of = nil, nil
@@ -61,6 +63,8 @@ redis.call('HSET', key, 'id', id, 'team', team, 'model', model, 'family', family
   'created_at', created, 'dispatch', 'pending', 'key_label', key_label)
 if has_callback then redis.call('HSET', key, 'callback_digest', digest) end
 if has_forward then redis.call('HSET', key, 'forward_to', forward_to) end
+if cost_count ~= '' then redis.call('HSET', key, 'cost_count', cost_count) end
+if has_cost_value then redis.call('HSET', key, 'cost_value', cost_value) end
 if claim then
   redis.call('HSET', key, 'idempotency_key', idempotency_key)
   if retry_of then redis.call('HSET', key, 'retry_of', retry_of) end

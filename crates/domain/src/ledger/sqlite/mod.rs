@@ -8,9 +8,9 @@
 //! connections, which WAL lets run beside the writer.
 //!
 //! The operations are in one file per concern, as the ledger's traits cut them: `reservations`
-//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `notices`, `reports` and
-//! `audit`. This file is the store they share: the schema and its migrations, the writer thread
-//! and the readers, and the statement helpers.
+//! (with `idempotency`, the keys reservations claim), `tasks`, `outbox`, `notices`, `reports`,
+//! `audit` and `calibration`. This file is the store they share: the schema and its migrations,
+//! the writer thread and the readers, and the statement helpers.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Ledger, StoreError};
 
 mod audit;
+mod calibration;
 mod idempotency;
 mod notices;
 mod outbox;
@@ -161,6 +162,33 @@ const MIGRATIONS: &[&str] = &[
         request_id TEXT NOT NULL
     );
     CREATE INDEX admin_actions_at ON admin_actions (at);
+    "#,
+    // What each task's cost is set against (its cost-field value, `n`), and the settled costs
+    // per UTC day, model and value that reservations are calibrated from (`calibration`):
+    // totals, and a histogram of costs by bucket. `priced` is 0 for a flat reserve (`value`
+    // then empty).
+    r#"
+    ALTER TABLE reservations ADD COLUMN cost_value TEXT;
+    ALTER TABLE reservations ADD COLUMN cost_count INTEGER;
+    CREATE TABLE settled_costs (
+        day      TEXT NOT NULL,         -- UTC, YYYY-MM-DD
+        model    TEXT NOT NULL,
+        priced   INTEGER NOT NULL,
+        value    TEXT NOT NULL,
+        settled  INTEGER NOT NULL,
+        over     INTEGER NOT NULL,      -- tasks that cost more than they reserved
+        max      INTEGER NOT NULL,      -- units of 1e-8, per output
+        PRIMARY KEY (day, model, priced, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE settled_cost_buckets (
+        day      TEXT NOT NULL,
+        model    TEXT NOT NULL,
+        priced   INTEGER NOT NULL,
+        value    TEXT NOT NULL,
+        bucket   INTEGER NOT NULL,      -- the bucket's upper bound, units of 1e-8
+        settled  INTEGER NOT NULL,
+        PRIMARY KEY (day, model, priced, value, bucket)
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -431,7 +459,7 @@ mod tests {
             let before = MIGRATIONS
                 .iter()
                 .position(|m| m.contains("ADD COLUMN dispatched_at"))
-                .unwrap();
+                .expect("the migration that records dispatch");
             for migration in &MIGRATIONS[..before] {
                 conn.execute_batch(migration).unwrap();
             }

@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::idempotency::{self, KeyState};
 use super::{SqliteStore, execute, millis, query_row, unavailable};
+use crate::calibration::CostKey;
 use crate::credits::Credits;
 use crate::ledger::{
     Abandoned, FinalStatus, NewReservation, OutcomeReason, ReservationId, Reservations,
@@ -74,6 +75,19 @@ pub(super) fn move_reservation(
 }
 
 /// Closes an open task as `to`, charging `consumed` (or its reservation when `None`).
+/// What closing an open task reads back: team, the name of the key that reserved it, model,
+/// period, reserved, consumed, and the cost key's value and count.
+type OpenTaskRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<String>,
+    Option<i64>,
+);
+
 fn close_open_task(
     conn: &Connection,
     task_id: &str,
@@ -82,13 +96,13 @@ fn close_open_task(
     consumed: Option<Credits>,
     at: DateTime<Utc>,
 ) -> Result<SettleOutcome, StoreError> {
-    let row: Option<(String, String, String, String, i64, i64)> = query_row(
+    let row: Option<OpenTaskRow> = query_row(
         conn,
         "UPDATE reservations
              SET state = ?2, consumed = coalesce(?3, reserved), final_status = ?4,
                  settled_at = ?5, observed_at = ?5
              WHERE task_id = ?1 AND state = 'open'
-             RETURNING team, key_label, model, period, reserved, consumed",
+             RETURNING team, key_label, model, period, reserved, consumed, cost_value, cost_count",
         params![
             task_id,
             to.as_str(),
@@ -104,12 +118,14 @@ fn close_open_task(
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
             ))
         },
     )
     .optional()
     .map_err(unavailable)?;
-    let Some((team, key, model, period, reserved, consumed)) = row else {
+    let Some((team, key, model, period, reserved, consumed, cost_value, cost_count)) = row else {
         let closed: Option<String> = query_row(
             conn,
             "SELECT state FROM reservations WHERE task_id = ?1",
@@ -130,6 +146,10 @@ fn close_open_task(
         model,
         reserved: Credits::from_units(reserved),
         consumed: Credits::from_units(consumed),
+        cost: cost_count.map(|count| CostKey {
+            value: cost_value,
+            count,
+        }),
     }))
 }
 
@@ -186,8 +206,10 @@ impl Reservations for SqliteStore {
                 conn,
                 "INSERT INTO reservations (id, team, model, family, period, reserved, state,
                                            request_id, created_at, callback_digest, forward_to,
-                                           idempotency_key, retry_of, key_label)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                           idempotency_key, retry_of, key_label, cost_value,
+                                           cost_count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                         ?14, ?15)",
                 params![
                     r.id.0.to_string(),
                     r.team,
@@ -202,6 +224,8 @@ impl Reservations for SqliteStore {
                     r.idempotency.as_ref().map(|c| &c.key),
                     retry_of,
                     r.key,
+                    r.cost.as_ref().and_then(|c| c.value.as_ref()),
+                    r.cost.as_ref().map(|c| c.count),
                 ],
             )
             .map_err(unavailable)?;
@@ -400,6 +424,7 @@ impl Reservations for SqliteStore {
                 model,
                 reserved: Credits::from_units(reserved),
                 consumed: settlement.consumed,
+                cost: None,
             }))
         })
         .await
