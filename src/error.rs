@@ -74,6 +74,13 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("upstream answered in an unexpected way: {0}")]
     UpstreamBadResponse(String),
+    /// Every upstream account is out of rotation (its token refused, or its credit at the
+    /// floor): nothing was sent.
+    #[error(
+        "no upstream account can take this request now: every account's token was refused or \
+         its credit is at the floor; nothing was sent or charged, retry later"
+    )]
+    NoUpstreamAccount,
     /// The ledger could not be used (an outage), or refused the operation (a conflict).
     #[error(transparent)]
     Ledger(#[from] StoreError),
@@ -275,6 +282,12 @@ impl GatewayError {
                 S::BAD_GATEWAY,
                 "upstream_bad_response",
                 "bad upstream response",
+                said(),
+            ),
+            GatewayError::NoUpstreamAccount => answer(
+                S::SERVICE_UNAVAILABLE,
+                "no_upstream_account",
+                "upstream account unavailable",
                 said(),
             ),
             // A refusal is the ledger working as meant (the operation does not apply), not an

@@ -13,6 +13,7 @@ use crate::{error::GatewayError, upstream::UpstreamResponse};
 pub mod admin;
 pub mod budget;
 pub mod callbacks;
+mod failover;
 pub mod generate;
 pub mod health;
 mod idempotent;

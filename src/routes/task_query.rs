@@ -213,9 +213,9 @@ pub(super) async fn read_status(
     if let Err(refused) = state.rate_limits.check_global(team).await {
         return (Fetched::Failed(refused.into()), Said::Nothing);
     }
-    let upstream = match state.upstream.query_task(task_id, request_id).await {
+    let upstream = match state.query_task(task_id, request_id).await {
         Ok(upstream) => upstream,
-        Err(e) => return (Fetched::Failed(e.into()), Said::Nothing),
+        Err(e) => return (Fetched::Failed(e), Said::Nothing),
     };
     facts.add_upstream_wait(upstream.elapsed);
 

@@ -44,7 +44,8 @@ pub use server::{
 pub use store::{RateLimitsWhenUnavailable, RedisTls, StoreConfig};
 pub use teams::{Budget, BudgetPeriod, KeyEntry, KeyWindow, Limits, ModelAllowList, Team};
 pub use upstream::{
-    DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig,
+    DEFAULT_ACCOUNT, DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_ACCOUNTS,
+    MAX_RETRY_DELAY, UpstreamAccount, UpstreamConfig,
 };
 pub use values::{KeyDigest, Rate, Secret, SecretSource};
 pub use webhooks::WebhooksConfig;

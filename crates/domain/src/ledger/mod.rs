@@ -2,7 +2,8 @@
 //!
 //! Its operations are cut by concern, each trait with its own callers: [`Reservations`] (credits
 //! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
-//! [`Outbox`] (webhook deliveries) and [`Reports`] (what teams and admins read). Domain code takes
+//! [`Outbox`] (webhook deliveries), [`Reports`] (what teams and admins read) and
+//! [`TaskAccounts`] (which upstream account started each task). Domain code takes
 //! the narrowest it needs (the settler [`Reservations`], the ownership index's fill [`Tasks`]);
 //! [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
 //! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
@@ -649,10 +650,23 @@ pub trait Reports: Send + Sync + 'static {
     ) -> Result<Vec<UsageRow>, StoreError>;
 }
 
+/// Which upstream account started each task: its status can only be read with that account's
+/// token, by any replica, before and after a restart. Nothing here moves credits.
+#[async_trait]
+pub trait TaskAccounts: Send + Sync + 'static {
+    /// Records that `account` started `task_id`; durable when it returns. The first record of a
+    /// task stays: a task is started once, by one account.
+    async fn record_task_account(&self, task_id: &str, account: &str) -> Result<(), StoreError>;
+
+    /// The account that started the task; `None` for one recorded without (before accounts were
+    /// recorded) or not known.
+    async fn task_account(&self, task_id: &str) -> Result<Option<String>, StoreError>;
+}
+
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
-pub trait Ledger: Reservations + Tasks + Outbox + Reports {
+pub trait Ledger: Reservations + Tasks + Outbox + Reports + TaskAccounts {
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 }

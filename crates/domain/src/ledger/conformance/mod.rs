@@ -16,6 +16,8 @@ pub mod reports;
 #[macro_use]
 pub mod reservations;
 #[macro_use]
+pub mod task_accounts;
+#[macro_use]
 pub mod tasks;
 #[macro_use]
 pub mod text;
@@ -92,6 +94,9 @@ macro_rules! conformance_suite {
             }
             mod text {
                 text_suite!($make);
+            }
+            mod task_accounts {
+                task_accounts_suite!($make);
             }
         }
     };

@@ -26,6 +26,7 @@ mod idempotency;
 mod outbox;
 mod reports;
 mod reservations;
+mod task_accounts;
 mod tasks;
 
 /// Most writes committed by one transaction.
@@ -130,6 +131,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (team, key)
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+    "#,
+    // The upstream account that started each task. Tasks recorded before have none: they were
+    // all started with the one token there was then.
+    r#"
+    CREATE TABLE task_accounts (
+        task_id TEXT PRIMARY KEY,
+        account TEXT NOT NULL
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -396,7 +405,10 @@ mod tests {
             // The schema as the version before dispatch left it, with one reservation waiting.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
-            let before = MIGRATIONS.len() - 1;
+            let before = MIGRATIONS
+                .iter()
+                .position(|m| m.contains("ADD COLUMN dispatched_at"))
+                .unwrap();
             for migration in &MIGRATIONS[..before] {
                 conn.execute_batch(migration).unwrap();
             }
