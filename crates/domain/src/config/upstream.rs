@@ -211,14 +211,17 @@ fn balance_check(raw: Option<Spanned<HumanDuration>>) -> Result<Option<Duration>
 
 impl UpstreamConfig {
     /// Each account's token, in the accounts' order; an error names the account whose token
-    /// cannot be read.
+    /// cannot be read (as `upstream token` for the one of `token_env`/`token_file`).
     pub fn resolve_tokens(&self) -> Result<Vec<super::Secret>, super::ConfigError> {
         self.accounts
             .iter()
             .map(|account| {
-                account
-                    .token
-                    .resolve(&format!("upstream account {} token", account.name))
+                let what = if self.accounts_from_tables {
+                    format!("upstream account {} token", account.name)
+                } else {
+                    "upstream token".to_owned()
+                };
+                account.token.resolve(&what)
             })
             .collect()
     }
