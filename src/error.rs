@@ -81,6 +81,13 @@ pub enum GatewayError {
          its credit is at the floor; nothing was sent or charged, retry later"
     )]
     NoUpstreamAccount,
+    /// The upstream refuses the token of the account that started the task, the only one that
+    /// can read it: not the team's key.
+    #[error(
+        "the upstream refuses the token of the upstream account that started this task, the \
+         only one that can read it; retry once the account's token is replaced"
+    )]
+    TaskAccountRefused,
     /// The ledger could not be used (an outage), or refused the operation (a conflict).
     #[error(transparent)]
     Ledger(#[from] StoreError),
@@ -282,6 +289,12 @@ impl GatewayError {
                 S::BAD_GATEWAY,
                 "upstream_bad_response",
                 "bad upstream response",
+                said(),
+            ),
+            GatewayError::TaskAccountRefused => answer(
+                S::SERVICE_UNAVAILABLE,
+                "task_account_refused",
+                "upstream account unavailable",
                 said(),
             ),
             GatewayError::NoUpstreamAccount => answer(

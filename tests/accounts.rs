@@ -142,6 +142,14 @@ async fn a_revoked_account_fails_over_and_its_tasks_keep_their_own_token_across_
         1.0
     );
 
+    // main's task can be read with main's token only: while the upstream refuses it, the team
+    // hears that, not that its own key is wrong.
+    let refused = env.api().query(DESIGN_KEY, &first).await;
+    let (status, body) = refused.status_json();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["message"], "upstream account unavailable", "{body}");
+    assert_eq!(env.fake.stats().foreign_queries, 0);
+
     // main's own task is read with main's token, whatever its rotation (the upstream takes the
     // token again here), spare's with spare's.
     env.fake.restore("default");
