@@ -1,7 +1,9 @@
-//! Reads the upstream account's own balance (`GET /api/user` with its token) every
-//! `[upstream] balance_check`, for admins and alerts: how much credit the shared account has
-//! left, how fast it goes, and whether the upstream still takes the token. A reload's new
-//! interval applies from the next check.
+//! Reads each upstream account's own balance (`GET /api/user` with its token) every
+//! `[upstream] balance_check`, for admins, alerts and the rotation: how much credit each account
+//! has left, how fast it goes, and whether the upstream still takes its token. An account at or
+//! below `[upstream] balance_floor`, or whose token is refused, leaves rotation; a read of its
+//! credit above the floor brings it back. A reload's new interval and floor apply from the next
+//! check.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::{
-    accounts::{Check, DEFAULT_ACCOUNT},
+    accounts::{AccountId, Check, refuses_token},
     metrics::credits,
     state::AppState,
 };
@@ -24,17 +26,21 @@ pub async fn run(state: Arc<AppState>) {
             tokio::time::sleep(WHILE_OFF).await;
             continue;
         };
-        check(&state, DEFAULT_ACCOUNT).await;
+        for account in (0..state.accounts.len()).map(AccountId) {
+            check(&state, account).await;
+        }
         tokio::time::sleep(every).await;
     }
 }
 
-async fn check(state: &AppState, account: &str) {
+async fn check(state: &AppState, id: AccountId) {
     // A balance read is a request to the account like any other.
     state.rate_limits.wait_global().await;
     let request_id = format!("balance-{}", uuid::Uuid::now_v7().simple());
-    let check = match state.upstream.account_balance(&request_id).await {
-        Ok(answer) if matches!(answer.status.as_u16(), 401 | 403) => Check::Unauthorized,
+    let name = state.accounts.name(id);
+    let account = name.as_str();
+    let check = match state.upstream.account_balance(id, &request_id).await {
+        Ok(answer) if refuses_token(answer.status) => Check::Unauthorized,
         Ok(answer) if answer.status.is_success() => match credit_of(&answer.body) {
             Some(credit) => Check::Credit(credit),
             None => Check::Failed("the upstream's answer has no data.credit".into()),
@@ -54,7 +60,7 @@ async fn check(state: &AppState, account: &str) {
         Check::Unauthorized => {
             tracing::error!(
                 account,
-                "the upstream refused the account's token: rotate it ([upstream] token_env or token_file)"
+                "the upstream refused the account's token: rotate it (its token_env or token_file)"
             );
             "unauthorized"
         }
@@ -71,7 +77,8 @@ async fn check(state: &AppState, account: &str) {
         .upstream_balance_checks
         .with_label_values(&[account, outcome])
         .inc();
-    let lost = state.accounts.record(account, check, state.clock.now());
+    let floor = state.config.load().upstream.balance_floor;
+    let lost = state.accounts.record(id, check, floor, state.clock.now());
     if lost > Credits::ZERO {
         metrics
             .upstream_credit_consumed

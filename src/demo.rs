@@ -53,7 +53,7 @@ budget = {{ credits = "50.00", period = "daily", max_in_flight = 5 }}
         models = MODELS,
     );
     let config = Config::parse(Path::new("<demo>"), &text).map_err(|e| e.to_string())?;
-    let server = Server::bind(config, &upstream_token, clock::system()).await?;
+    let server = Server::bind(config, &[upstream_token], clock::system()).await?;
     let base = format!("http://{}", server.local_addr());
     println!(
         r#"

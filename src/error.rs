@@ -74,6 +74,20 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("upstream answered in an unexpected way: {0}")]
     UpstreamBadResponse(String),
+    /// Every upstream account is out of rotation (its token refused, or its credit at the
+    /// floor): nothing was sent.
+    #[error(
+        "no upstream account can take this request now: every account's token was refused or \
+         its credit is at the floor; nothing was sent or charged, retry later"
+    )]
+    NoUpstreamAccount,
+    /// The upstream refuses the token of the account that started the task, the only one that
+    /// can read it: not the team's key.
+    #[error(
+        "the upstream refuses the token of the upstream account that started this task, the \
+         only one that can read it; retry once the account's token is replaced"
+    )]
+    TaskAccountRefused,
     /// The ledger could not be used (an outage), or refused the operation (a conflict).
     #[error(transparent)]
     Ledger(#[from] StoreError),
@@ -275,6 +289,18 @@ impl GatewayError {
                 S::BAD_GATEWAY,
                 "upstream_bad_response",
                 "bad upstream response",
+                said(),
+            ),
+            GatewayError::TaskAccountRefused => answer(
+                S::SERVICE_UNAVAILABLE,
+                "task_account_refused",
+                "upstream account unavailable",
+                said(),
+            ),
+            GatewayError::NoUpstreamAccount => answer(
+                S::SERVICE_UNAVAILABLE,
+                "no_upstream_account",
+                "upstream account unavailable",
                 said(),
             ),
             // A refusal is the ledger working as meant (the operation does not apply), not an

@@ -200,12 +200,11 @@ fn control_runtime() -> tokio::runtime::Runtime {
 
 async fn serve(path: PathBuf) -> Result<(), String> {
     let config = Config::load(&path).map_err(|e| e.to_string())?;
-    let token = config
+    let tokens = config
         .upstream
-        .token
-        .resolve("upstream token")
+        .resolve_tokens()
         .map_err(|e| e.to_string())?;
-    let server = Server::bind(config, &token, clock::system()).await?;
+    let server = Server::bind(config, &tokens, clock::system()).await?;
     server.run(Some(path)).await
 }
 

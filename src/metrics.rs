@@ -95,6 +95,11 @@ pub struct Metrics {
     pub upstream_credit: GaugeVec,
     pub upstream_credit_consumed: CounterVec,
     pub upstream_balance_checks: IntCounterVec,
+    /// Whether each upstream account is out of rotation, and why; how often it left; how many
+    /// are in.
+    pub upstream_account_out: IntGaugeVec,
+    pub upstream_account_removals: IntCounterVec,
+    pub upstream_accounts_in_rotation: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -379,6 +384,27 @@ impl Metrics {
                 ),
                 &["account", "outcome"]
             )),
+            upstream_account_out: register!(IntGaugeVec::new(
+                opts(
+                    "upstream_account_out_of_rotation",
+                    "1 while the upstream account takes no new generation, by why: unauthorized \
+                     (the upstream refused its token) or below_floor (its credit is at or below \
+                     [upstream] balance_floor)."
+                ),
+                &["account", "reason"]
+            )),
+            upstream_account_removals: register!(IntCounterVec::new(
+                opts(
+                    "upstream_account_removals_total",
+                    "Times the upstream account left rotation, by why: unauthorized or below_floor."
+                ),
+                &["account", "reason"]
+            )),
+            upstream_accounts_in_rotation: register!(IntGauge::with_opts(opts(
+                "upstream_accounts_in_rotation",
+                "Upstream accounts that take new generations; at 0 every generation is refused \
+                 with a 503."
+            ))),
             registry,
         };
         let build = GaugeVec::new(

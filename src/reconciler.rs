@@ -157,7 +157,7 @@ async fn expire(state: &AppState, task: &TaskRecord) {
 
 async fn observe(state: &AppState, task: &TaskRecord) {
     let request_id = format!("reconciler-{}", uuid::Uuid::now_v7());
-    match state.upstream.query_task(&task.task_id, &request_id).await {
+    match state.query_task(&task.task_id, &request_id).await {
         Ok(answer) if answer.status.is_success() => {
             if let Some((status, consumed)) = settlement::final_state_of_query(&answer.body) {
                 match state

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    accounts::{Accounts, DEFAULT_ACCOUNT},
+    accounts::Accounts,
     balance,
     metrics::Metrics,
     middleware::auth::AdminTokens,
@@ -45,11 +45,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the ledger, builds the upstream client and binds the listener. Every failure here is
-    /// reported before anything is served.
+    /// Opens the ledger, builds the upstream client (with `upstream_tokens`, one per account of
+    /// `[upstream]`, in its order) and binds the listener. Every failure here is reported before
+    /// anything is served.
     pub async fn bind(
         config: Config,
-        upstream_token: &Secret,
+        upstream_tokens: &[Secret],
         clock: SharedClock,
     ) -> Result<Server, String> {
         let ledger = open_ledger(&config.store).await?;
@@ -64,7 +65,7 @@ impl Server {
         let upstream = UpstreamClient::new(
             &config.upstream,
             config.server.workers,
-            upstream_token,
+            upstream_tokens,
             metrics.clone(),
             rate_limits.clone(),
         )?;
@@ -81,6 +82,16 @@ impl Server {
             None => None,
         };
         let owners = Arc::new(OwnershipIndex::new(config.cache.max_owners));
+        let account_names: Vec<&str> = config
+            .upstream
+            .accounts
+            .iter()
+            .map(|account| account.name.as_str())
+            .collect();
+        let accounts = Accounts::new(&account_names, &metrics);
+        let task_accounts = moka::sync::Cache::builder()
+            .max_capacity(config.cache.max_owners)
+            .build();
         let settler = Settler::new(
             ledger.clone(),
             ledger.clone(),
@@ -108,7 +119,8 @@ impl Server {
             clock,
             background: TaskTracker::new(),
             webhook_wake: tokio::sync::Notify::new(),
-            accounts: Accounts::new(&[DEFAULT_ACCOUNT]),
+            accounts,
+            task_accounts,
             notifier: Notifier::default(),
         });
         Ok(Server {

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::accounts::AccountId;
 use crate::metrics::{
     Metrics,
     upstream_route::{BALANCE, GENERATE, QUERY, TEXT},
@@ -76,16 +77,18 @@ pub struct UpstreamClient {
     /// the client when it is exhausted); retries wait for it here.
     limits: Arc<RateLimits>,
     base_url: String,
-    authorization: HeaderValue,
+    /// `Bearer <token>` of each account, in the config's order ([`AccountId`]).
+    authorizations: Box<[HeaderValue]>,
     timeout: Duration,
     retries: usize,
 }
 
 impl UpstreamClient {
+    /// A client sending `tokens`, one per account of `config`, in its order.
     pub fn new(
         config: &UpstreamConfig,
         workers: NonZeroUsize,
-        token: &Secret,
+        tokens: &[Secret],
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
     ) -> Result<Self, String> {
@@ -107,18 +110,32 @@ impl UpstreamClient {
                     .build(https.clone())
             })
             .collect();
-        let mut authorization = HeaderValue::try_from(format!("Bearer {}", token.expose()))
-            .map_err(|_| {
-                "the upstream token contains characters not allowed in a header".to_owned()
-            })?;
-        // Marks the value so hyper's HPACK never indexes it and debug output hides it.
-        authorization.set_sensitive(true);
+        if tokens.len() != config.accounts.len() {
+            return Err("one upstream token is needed for each account".to_owned());
+        }
+        let authorizations = tokens
+            .iter()
+            .zip(&config.accounts)
+            .map(|(token, account)| {
+                let mut authorization = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        format!(
+                            "the token of upstream account {} contains characters not allowed \
+                             in a header",
+                            account.name
+                        )
+                    })?;
+                // Marks the value so hyper's HPACK never indexes it and debug output hides it.
+                authorization.set_sensitive(true);
+                Ok(authorization)
+            })
+            .collect::<Result<_, String>>()?;
         Ok(UpstreamClient {
             pools,
             metrics,
             limits,
             base_url: config.base_url.as_str().trim_end_matches('/').to_owned(),
-            authorization,
+            authorizations,
             timeout: config.timeout,
             retries: config.query_retries,
         })
@@ -137,9 +154,11 @@ impl UpstreamClient {
             .with_jitter()
     }
 
-    /// A generation (`POST` to the route's path, the same as upstream) with the client's body.
+    /// A generation (`POST` to the route's path, the same as upstream) with the client's body,
+    /// sent with `account`'s token.
     pub async fn generate(
         &self,
+        account: AccountId,
         path: &str,
         body: Bytes,
         request_id: &str,
@@ -149,8 +168,8 @@ impl UpstreamClient {
         let attempts = AtomicU32::new(0);
         let attempt = || async {
             self.pace_retry(&attempts).await;
-            self.send(GENERATE, Method::POST, &url, body.clone(), request_id)
-                .await
+            let request = self.request(account, Method::POST, &url, body.clone(), request_id)?;
+            self.send(GENERATE, request).await
         };
         let mut response = attempt
             .retry(self.backoff())
@@ -166,6 +185,7 @@ impl UpstreamClient {
     /// when the connection could not be made: a text answer is charged once it starts.
     pub async fn open_text(
         &self,
+        account: AccountId,
         path_and_query: &str,
         body: Bytes,
         request_id: &str,
@@ -176,7 +196,7 @@ impl UpstreamClient {
         let attempt = || async {
             self.pace_retry(&attempts).await;
             let attempt_started = Instant::now();
-            let result = self.open(&url, body.clone(), request_id).await;
+            let result = self.open(account, &url, body.clone(), request_id).await;
             self.count_attempt(
                 TEXT,
                 attempt_started,
@@ -202,11 +222,15 @@ impl UpstreamClient {
     /// Sends a text request and waits for the answer's head only.
     async fn open(
         &self,
+        account: AccountId,
         url: &str,
         body: Bytes,
         request_id: &str,
     ) -> Result<StreamingResponse, UpstreamError> {
-        let request = self.request(Method::POST, url, body, request_id, "*/*")?;
+        let mut request = self.request(account, Method::POST, url, body, request_id)?;
+        request
+            .headers_mut()
+            .insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         let exchange = async {
             let response = self.pool().request(request).await.map_err(|e| {
                 if e.is_connect() {
@@ -228,9 +252,10 @@ impl UpstreamClient {
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
     }
 
-    /// `GET /api/task/query?task_id=…`.
+    /// `GET /api/task/query?task_id=…` with `account`'s token: the one that started the task.
     pub async fn query_task(
         &self,
+        account: AccountId,
         task_id: &str,
         request_id: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
@@ -240,9 +265,8 @@ impl UpstreamClient {
         let attempts = AtomicU32::new(0);
         let attempt = || async {
             self.pace_retry(&attempts).await;
-            let response = self
-                .send(QUERY, Method::GET, &url, Bytes::new(), request_id)
-                .await?;
+            let request = self.request(account, Method::GET, &url, Bytes::new(), request_id)?;
+            let response = self.send(QUERY, request).await?;
             if response.status.is_server_error() {
                 return Err(Attempt::ServerError(response));
             }
@@ -264,14 +288,15 @@ impl UpstreamClient {
         Ok(response)
     }
 
-    /// `GET /api/user`: the account's own balance. Not retried: the next check is the retry.
+    /// `GET /api/user`: `account`'s own balance. Not retried: the next check is the retry.
     pub async fn account_balance(
         &self,
+        account: AccountId,
         request_id: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let url = format!("{}/api/user", self.base_url);
-        self.send(BALANCE, Method::GET, &url, Bytes::new(), request_id)
-            .await
+        let request = self.request(account, Method::GET, &url, Bytes::new(), request_id)?;
+        self.send(BALANCE, request).await
     }
 
     /// A retry is one more request to the upstream account: it waits for the account's limit.
@@ -292,13 +317,10 @@ impl UpstreamClient {
     async fn send(
         &self,
         route: &'static str,
-        method: Method,
-        url: &str,
-        body: Bytes,
-        request_id: &str,
+        request: Request<Full<Bytes>>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let result = self.attempt(method, url, body, request_id).await;
+        let result = self.attempt(request).await;
         self.count_attempt(
             route,
             started,
@@ -340,13 +362,8 @@ impl UpstreamClient {
 
     async fn attempt(
         &self,
-        method: Method,
-        url: &str,
-        body: Bytes,
-        request_id: &str,
+        request: Request<Full<Bytes>>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let request = self.request(method, url, body, request_id, "application/json")?;
-
         let exchange = async {
             let response = self.pool().request(request).await.map_err(|e| {
                 if e.is_connect() {
@@ -373,20 +390,23 @@ impl UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// A request with the upstream token, the request id and, with a body, its JSON type.
+    /// A request with `account`'s token, the request id and, with a body, its JSON type.
     fn request(
         &self,
+        account: AccountId,
         method: Method,
         url: &str,
         body: Bytes,
         request_id: &str,
-        accept: &'static str,
     ) -> Result<Request<Full<Bytes>>, UpstreamError> {
         let mut request = Request::builder()
             .method(method)
             .uri(url)
-            .header(header::AUTHORIZATION, self.authorization.clone())
-            .header(header::ACCEPT, accept);
+            .header(
+                header::AUTHORIZATION,
+                self.authorizations[account.0].clone(),
+            )
+            .header(header::ACCEPT, "application/json");
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }

@@ -327,6 +327,20 @@ fn serve_refuses_to_start_without_the_upstream_token() {
 }
 
 #[test]
+fn serve_names_the_account_whose_token_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base_config()
+        .upstream_accounts(&[("main", "dk-main"), ("spare", "\n")])
+        .write(dir.path());
+    let output = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(
+        text(&output.stderr),
+        "ketchup-gateway: upstream account spare token: the secret is empty\n"
+    );
+}
+
+#[test]
 fn serve_refuses_an_empty_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let token = write(dir.path(), "token", "\n");

@@ -557,20 +557,23 @@ async fn upstream_errors_pass_through_unchanged() {
     assert_eq!(env.fake.stats().query_requests, 4);
 }
 
+/// The upstream refusing the gateway's own token is not the team's key being wrong: the one
+/// account leaves rotation and the team hears that no account can take its request.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_upstream_that_rejects_the_token_is_passed_through() {
+async fn an_upstream_that_rejects_the_token_is_a_503_not_the_teams_401() {
     let mut fake = fake_config();
     fake.token = "dk-some-other-token".into();
     let env = Env::start_with(fake, GatewayConfig::new()).await;
-    let (status, body) = env
-        .api()
-        .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
-        .await
-        .status_json();
-    assert_eq!(
-        (status, body),
-        (401, json!({"code": 1, "message": "Invalid API key"}))
-    );
+    for sent in [1, 1] {
+        let (status, body) = env
+            .api()
+            .generate(DESIGN_KEY, r#"{"model":"google/gempix2","prompt":"x"}"#)
+            .await
+            .status_json();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["message"], "upstream account unavailable", "{body}");
+        assert_eq!(env.fake.stats().generate_requests, sent);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -490,6 +490,8 @@ async fn a_scripted_workload_gives_exact_metric_values() {
         "family",
         // A key's label from the configuration, never the key.
         "key",
+        // An upstream account's name from the configuration, never its token.
+        "account",
     ]
     .into();
     assert!(

@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderValue, Uri};
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
+use super::failover::{self, Sent};
 use super::idempotent::{count_key, idempotency_key, note_resolved, replay, stored_answer};
 use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
@@ -436,6 +437,11 @@ async fn forward(
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
+    // With every account out of rotation nothing is sent: the client learns why, at once.
+    if !state.accounts.any_in_rotation() {
+        release(&state, id).await;
+        return Err(GatewayError::NoUpstreamAccount);
+    }
     // Durably before a byte leaves: a reservation left by a gateway that stopped is then either
     // never sent (given back) or perhaps sent (an unknown outcome), never a guess.
     if let Err(error) = state.ledger.mark_dispatched(id, state.clock.now()).await {
@@ -446,13 +452,20 @@ async fn forward(
         }
         return Err(error.into());
     }
-    let upstream = match state
-        .upstream
-        .generate(&task.path, body, request_id.as_str())
-        .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
+    let sent = failover::send(&state, "generation", |account| {
+        state
+            .upstream
+            .generate(account, &task.path, body.clone(), request_id.as_str())
+    })
+    .await;
+    let (account, upstream) = match sent {
+        Sent::Answered(account, upstream) => (account, upstream),
+        // Every account in rotation refused its token: nothing started.
+        Sent::NoAccount => {
+            release(&state, id).await;
+            return Err(GatewayError::NoUpstreamAccount);
+        }
+        Sent::Failed(error) => {
             match error {
                 // Certainly not received: nothing can have started.
                 UpstreamError::Connect(_) => release(&state, id).await,
@@ -482,11 +495,9 @@ async fn forward(
     };
     facts.set_task_id(&task_id);
     let answer = task.keyed.then(|| stored_answer(&upstream, &task_id));
-    match state
-        .ledger
-        .attach_task(id, &task_id, answer.as_ref())
-        .await
-    {
+    state.started_with(&task_id, account);
+    let account = state.accounts.name(account);
+    match failover::record_task(&state, id, &task_id, &account, answer.as_ref()).await {
         // Its first status read, moments from now, need not ask the ledger who owns it.
         Ok(resolved) => {
             state.owners.record(&task_id, &task.team, false);
@@ -504,7 +515,7 @@ async fn forward(
             // the client learns its id now, so it need not start (and pay for) another.
             tracing::warn!(error = %e, task_id, "could not record a task the upstream accepted; retrying");
             let (shared, recorded) = (state.clone(), task_id.clone());
-            let team = task.team.clone();
+            let (team, account) = (task.team.clone(), account.clone());
             keep_trying(
                 &state,
                 id,
@@ -512,11 +523,11 @@ async fn forward(
                 move || {
                     let (state, task_id) = (shared.clone(), recorded.clone());
                     let (team, answer) = (team.clone(), answer.clone());
+                    let account = account.clone();
                     async move {
-                        let resolved = state
-                            .ledger
-                            .attach_task(id, &task_id, answer.as_ref())
-                            .await?;
+                        let resolved =
+                            failover::record_task(&state, id, &task_id, &account, answer.as_ref())
+                                .await?;
                         note_resolved(&state, &team, id, &resolved);
                         Ok(())
                     }

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod budget;
 pub mod calibration;
 pub mod callbacks;
+mod failover;
 pub mod generate;
 pub mod health;
 mod idempotent;

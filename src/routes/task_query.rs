@@ -11,6 +11,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::{
+    accounts::refuses_token,
     error::GatewayError,
     headers,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
@@ -213,9 +214,16 @@ pub(super) async fn read_status(
     if let Err(refused) = state.rate_limits.check_global(team).await {
         return (Fetched::Failed(refused.into()), Said::Nothing);
     }
-    let upstream = match state.upstream.query_task(task_id, request_id).await {
+    let upstream = match state.query_task(task_id, request_id).await {
+        // Its account's token, not the team's key: the team is told so.
+        Ok(upstream) if refuses_token(upstream.status) => {
+            return (
+                Fetched::Failed(GatewayError::TaskAccountRefused),
+                Said::Nothing,
+            );
+        }
         Ok(upstream) => upstream,
-        Err(e) => return (Fetched::Failed(e.into()), Said::Nothing),
+        Err(e) => return (Fetched::Failed(e), Said::Nothing),
     };
     facts.add_upstream_wait(upstream.elapsed);
 

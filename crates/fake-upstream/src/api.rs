@@ -84,14 +84,14 @@ async fn generate(
         Some(Fault::DropConnection) => return connection.drop_now().await,
         _ => {}
     }
-    let response = if shared.is_authorized(&headers) {
+    let response = if let Some(account) = shared.authorize(&headers) {
         let request_id = headers
             .get("x-request-id")
             .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned());
         let fail = fault == Some(Fault::FailTask);
         match body
             .map_err(String::from)
-            .and_then(|json| create_task(&shared, route, &json, fail, request_id))
+            .and_then(|json| create_task(&shared, route, &json, fail, request_id, account))
         {
             Ok(task_id) => wire::ok(Created { task_id: &task_id }),
             Err(detail) => wire::bad_request(detail),
@@ -114,6 +114,7 @@ fn create_task(
     body: &Value,
     fail: bool,
     request_id: Option<String>,
+    account: usize,
 ) -> Result<String, String> {
     let body = body
         .as_object()
@@ -148,6 +149,7 @@ fn create_task(
         fail || order.prompt.contains(FAIL_MARKER),
     );
     task.request_id = request_id;
+    task.account = account;
     let task_id = new_task_id();
     let final_at = task.final_at(&shared.schedule);
     // The task goes in first: the ticker may look for it as soon as its callback is scheduled.
@@ -204,10 +206,10 @@ async fn query(
 }
 
 fn answer_query(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Response {
-    if !shared.is_authorized(headers) {
+    let Some(account) = shared.authorize(headers) else {
         Recorder::count(&shared.stats.unauthorized);
         return wire::unauthorized_query();
-    }
+    };
     let task_id = query.and_then(|query| {
         url::form_urlencoded::parse(query.as_bytes())
             .find_map(|(key, value)| (key == "task_id").then_some(value))
@@ -218,6 +220,11 @@ fn answer_query(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Re
     let Some(task) = shared.tasks.get(task_id.as_ref()) else {
         return wire::task_not_found();
     };
+    // Another account has no such task.
+    if task.account != account {
+        Recorder::count(&shared.stats.foreign_queries);
+        return wire::task_not_found();
+    }
     task.count_query();
     let now = shared.clock.now();
     // The contract's open point: a brand-new task can briefly be unknown to queries.
@@ -228,7 +235,8 @@ fn answer_query(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Re
     wire::ok(TaskData::new(&shared.files_url, task.key(), &task, status))
 }
 
-/// `GET /api/user`: the account balance, lowered by every task that has finished.
+/// `GET /api/user`: the balance of the token's account, lowered by every task of it that has
+/// finished.
 async fn user(State(shared): SharedState, headers: HeaderMap) -> Response {
     #[derive(serde::Serialize)]
     struct Balance {
@@ -236,12 +244,12 @@ async fn user(State(shared): SharedState, headers: HeaderMap) -> Response {
     }
     Recorder::count(&shared.stats.user_requests);
     shared.stats.observe_headers(&headers);
-    if !shared.is_authorized(&headers) {
+    let Some(account) = shared.authorize(&headers) else {
         Recorder::count(&shared.stats.unauthorized);
         return wire::unauthorized();
-    }
+    };
     wire::ok(Balance {
-        credit: shared.balance(shared.clock.now()).format_places(8),
+        credit: shared.balance(account, shared.clock.now()).format_places(8),
     })
 }
 

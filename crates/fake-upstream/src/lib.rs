@@ -37,17 +37,31 @@ use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
 
 pub use faults::{Fault, FaultCounts, FaultRates, Faults};
-pub use state::{FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
+pub use state::{FakeAccountView, FakeStats, FakeTaskView, RECORD_CAP, TaskStatus};
 pub use text::{TextConfig, TextExchange, TextFault, TextFaults};
 
 use ketchup_domain::clock::{self, SharedClock};
 use ketchup_domain::credits::Credits;
 
+/// The name of the account of [`FakeConfig::token`].
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// An account beside the default one: its own token, its own balance, its own tasks (which only
+/// its token can read).
+#[derive(Clone)]
+pub struct FakeAccount {
+    pub name: String,
+    pub token: String,
+    pub initial_balance: Credits,
+}
+
 /// How the fake behaves. [`FakeConfig::new`] gives working defaults; adjust the fields.
 #[derive(Clone)]
 pub struct FakeConfig {
-    /// The only accepted bearer token.
+    /// The default account's bearer token (the only one, unless `accounts` adds more).
     pub token: String,
+    /// More accounts, each with its own token and balance.
+    pub accounts: Vec<FakeAccount>,
     /// Model → what one unit of a successful task consumes: an image (times `n`, and 2 or 4
     /// for an `image_size` of `2k` or `4k`), a second of video, or the task for endpoints
     /// without either. A model missing here gets a 400.
@@ -61,7 +75,7 @@ pub struct FakeConfig {
     pub unknown_for: Duration,
     /// Task states are computed from `clock.now() - created_at`.
     pub clock: SharedClock,
-    /// The `/api/user` balance before any task finished.
+    /// The default account's `/api/user` balance before any task finished.
     pub initial_balance: Credits,
     /// The text models and how their answers come.
     pub text: TextConfig,
@@ -74,6 +88,7 @@ impl FakeConfig {
     pub fn new(token: impl Into<String>) -> Self {
         FakeConfig {
             token: token.into(),
+            accounts: Vec::new(),
             consumed: default_prices(),
             pending_for: Duration::from_secs(1),
             submitted_for: Duration::from_secs(1),
@@ -125,6 +140,10 @@ impl fmt::Debug for FakeConfig {
             .field("in_progress_for", &self.in_progress_for)
             .field("unknown_for", &self.unknown_for)
             .field("initial_balance", &self.initial_balance)
+            .field(
+                "accounts",
+                &self.accounts.iter().map(|a| &a.name).collect::<Vec<_>>(),
+            )
             .field("text", &self.text)
             .finish_non_exhaustive()
     }
@@ -153,6 +172,28 @@ impl FakeHandle {
     /// A snapshot of everything counted so far, with every task as of now.
     pub fn stats(&self) -> FakeStats {
         self.shared.stats(true)
+    }
+
+    /// Revokes account `name`'s token: every call with it is answered 401 until
+    /// [`FakeHandle::restore`]. Panics if there is no such account.
+    pub fn revoke(&self, name: &str) {
+        assert!(
+            self.shared.set_revoked(name, true),
+            "no fake account {name}"
+        );
+    }
+
+    /// Accepts account `name`'s token again.
+    pub fn restore(&self, name: &str) {
+        assert!(
+            self.shared.set_revoked(name, false),
+            "no fake account {name}"
+        );
+    }
+
+    /// Adds `amount` to account `name`'s balance (a negative amount takes it away).
+    pub fn top_up(&self, name: &str, amount: Credits) {
+        assert!(self.shared.top_up(name, amount), "no fake account {name}");
     }
 
     /// Zeroes the statistics, as `POST /_fake/reset` does; tasks and balance stay.

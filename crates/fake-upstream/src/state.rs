@@ -6,7 +6,7 @@
 //! needs a timer to advance.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -15,9 +15,9 @@ use dashmap::{DashMap, DashSet};
 use http::{HeaderMap, Uri};
 use serde::{Deserialize, Serialize};
 
-use super::FakeConfig;
 use super::catalog::Endpoint;
 use super::faults::{FaultCounts, Faults};
+use super::{DEFAULT_ACCOUNT, FakeConfig};
 use ketchup_domain::clock::SharedClock;
 use ketchup_domain::credits::Credits;
 
@@ -58,6 +58,11 @@ pub struct FakeStats {
     pub text_requests: u64,
     /// Requests answered 401, on any endpoint.
     pub unauthorized: u64,
+    /// Task queries made with another account's token than the one that created the task
+    /// (answered 404 "task not found", as that account has no such task).
+    pub foreign_queries: u64,
+    /// Each account by name: its balance, what it spent, whether its token is revoked.
+    pub accounts: BTreeMap<String, FakeAccountView>,
     /// Queries per existing task (ids the fake never issued are not counted here, so hostile
     /// ids cannot grow the map); tasks never queried are absent.
     pub queries_by_task: BTreeMap<String, u64>,
@@ -80,9 +85,23 @@ pub struct FakeStats {
     pub tasks: BTreeMap<String, FakeTaskView>,
 }
 
+/// One account as [`FakeStats`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeAccountView {
+    /// What `/api/user` answers for it now, eight decimal places.
+    pub balance: String,
+    /// What its finished tasks consumed, eight decimal places.
+    pub spent: String,
+    /// Tasks it created.
+    pub tasks: u64,
+    pub revoked: bool,
+}
+
 /// One task as [`FakeStats`] shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FakeTaskView {
+    /// The name of the account whose token created it.
+    pub account: String,
     pub model: String,
     pub status: TaskStatus,
     /// Eight decimal places, only once final (`"0.00000000"` when failed).
@@ -133,6 +152,8 @@ pub(crate) struct Task {
     pub fails: bool,
     /// The `X-Request-Id` of the generation that created it.
     pub request_id: Option<String>,
+    /// The account whose token created it: the only one that can read it.
+    pub account: usize,
     queries: AtomicU64,
 }
 
@@ -153,6 +174,7 @@ impl Task {
             price,
             fails,
             request_id: None,
+            account: 0,
             queries: AtomicU64::new(0),
         }
     }
@@ -205,14 +227,24 @@ pub(crate) struct PendingCallback {
     pub due: DateTime<Utc>,
 }
 
-/// The state shared by the server, its handlers and the callback ticker.
-pub(crate) struct Shared {
+/// One account of the fake: a token, a balance, and whether the token still works.
+pub(crate) struct Account {
+    pub name: String,
     /// The full accepted `Authorization` value, `Bearer <token>`, to compare bytes directly.
     authorization: String,
+    initial_balance: Credits,
+    /// Added by top-ups, in units of 10⁻⁸.
+    topped_up: AtomicI64,
+    revoked: AtomicBool,
+}
+
+/// The state shared by the server, its handlers and the callback ticker.
+pub(crate) struct Shared {
+    /// The first is the default account ([`FakeConfig::token`]), then [`FakeConfig::accounts`].
+    pub accounts: Vec<Account>,
     pub prices: BTreeMap<String, Credits>,
     pub schedule: Schedule,
     pub clock: SharedClock,
-    initial_balance: Credits,
     pub tasks: DashMap<String, Task>,
     /// Callbacks not yet sent, keyed by (due time, task id) so a tick only touches due ones.
     callbacks: Mutex<BTreeMap<(DateTime<Utc>, String), Uri>>,
@@ -224,13 +256,31 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn new(config: FakeConfig, files_url: String) -> Self {
+        let account = |name: &str, token: &str, initial_balance: Credits| Account {
+            name: name.to_owned(),
+            authorization: format!("Bearer {token}"),
+            initial_balance,
+            topped_up: AtomicI64::new(0),
+            revoked: AtomicBool::new(false),
+        };
+        let accounts = std::iter::once(account(
+            DEFAULT_ACCOUNT,
+            &config.token,
+            config.initial_balance,
+        ))
+        .chain(
+            config
+                .accounts
+                .iter()
+                .map(|a| account(&a.name, &a.token, a.initial_balance)),
+        )
+        .collect();
         Shared {
             files_url,
-            authorization: format!("Bearer {}", config.token),
+            accounts,
             schedule: Schedule::new(&config),
             prices: config.consumed,
             clock: config.clock,
-            initial_balance: config.initial_balance,
             tasks: DashMap::new(),
             callbacks: Mutex::new(BTreeMap::new()),
             stats: Recorder::default(),
@@ -238,22 +288,66 @@ impl Shared {
         }
     }
 
-    pub fn is_authorized(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(http::header::AUTHORIZATION)
-            .is_some_and(|value| value.as_bytes() == self.authorization.as_bytes())
+    /// The account whose token the request carries, unless that token is revoked.
+    pub fn authorize(&self, headers: &HeaderMap) -> Option<usize> {
+        let value = headers.get(http::header::AUTHORIZATION)?;
+        self.accounts.iter().position(|account| {
+            value.as_bytes() == account.authorization.as_bytes()
+                && !account.revoked.load(Ordering::Relaxed)
+        })
     }
 
-    /// The account balance: the initial one minus what every task final by `now` consumed.
-    /// Computed by a scan rather than kept, so it follows a manual clock exactly; `/api/user` is
-    /// not a hot path.
-    pub fn balance(&self, now: DateTime<Utc>) -> Credits {
+    pub fn is_authorized(&self, headers: &HeaderMap) -> bool {
+        self.authorize(headers).is_some()
+    }
+
+    /// The account named `name`.
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|account| account.name == name)
+    }
+
+    /// What account `index`'s tasks final by `now` consumed.
+    fn spent(&self, index: usize, now: DateTime<Utc>) -> Credits {
         self.tasks
             .iter()
-            .fold(self.initial_balance, |balance, task| {
+            .filter(|task| task.account == index)
+            .fold(Credits::ZERO, |spent, task| {
                 let consumed = task.consumed(task.status(now, &self.schedule));
-                balance.saturating_sub(consumed.unwrap_or(Credits::ZERO))
+                spent
+                    .checked_add(consumed.unwrap_or(Credits::ZERO))
+                    .unwrap_or(spent)
             })
+    }
+
+    /// Account `index`'s balance: its initial one and top-ups minus what its tasks final by
+    /// `now` consumed. Computed by a scan rather than kept, so it follows a manual clock
+    /// exactly; `/api/user` is not a hot path.
+    pub fn balance(&self, index: usize, now: DateTime<Utc>) -> Credits {
+        let account = &self.accounts[index];
+        let topped_up = Credits::from_units(account.topped_up.load(Ordering::Relaxed));
+        account
+            .initial_balance
+            .checked_add(topped_up)
+            .unwrap_or(account.initial_balance)
+            .saturating_sub(self.spent(index, now))
+    }
+
+    /// Revokes (`true`) or restores account `name`'s token; `false` if there is no such account.
+    pub fn set_revoked(&self, name: &str, revoked: bool) -> bool {
+        self.account(name)
+            .map(|account| account.revoked.store(revoked, Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Adds `amount` (negative to take away) to account `name`'s balance.
+    pub fn top_up(&self, name: &str, amount: Credits) -> bool {
+        self.account(name)
+            .map(|account| {
+                account
+                    .topped_up
+                    .fetch_add(amount.units(), Ordering::Relaxed)
+            })
+            .is_some()
     }
 
     pub fn schedule_callback(&self, callback: PendingCallback) {
@@ -293,6 +387,7 @@ impl Shared {
             user_requests: counter(&recorder.user_requests),
             text_requests: counter(&recorder.text_requests),
             unauthorized: counter(&recorder.unauthorized),
+            foreign_queries: counter(&recorder.foreign_queries),
             authorization_headers,
             authorization_headers_dropped,
             request_ids,
@@ -303,9 +398,18 @@ impl Shared {
             faults: self.faults.counts(),
             ..FakeStats::default()
         };
+        let now = self.clock.now();
+        for (index, account) in self.accounts.iter().enumerate() {
+            let view = FakeAccountView {
+                balance: self.balance(index, now).format_places(8),
+                spent: self.spent(index, now).format_places(8),
+                tasks: self.tasks.iter().filter(|t| t.account == index).count() as u64,
+                revoked: account.revoked.load(Ordering::Relaxed),
+            };
+            stats.accounts.insert(account.name.clone(), view);
+        }
         if details {
             stats.generate_bodies = lock(&recorder.generate_bodies).clone();
-            let now = self.clock.now();
             for task in self.tasks.iter() {
                 let status = task.status(now, &self.schedule);
                 let queries = counter(&task.queries);
@@ -313,6 +417,7 @@ impl Shared {
                     stats.queries_by_task.insert(task.key().clone(), queries);
                 }
                 let view = FakeTaskView {
+                    account: self.accounts[task.account].name.clone(),
                     model: task.model.clone(),
                     status,
                     consumed: task.consumed(status).map(|c| c.format_places(8)),
@@ -336,6 +441,7 @@ impl Shared {
             &recorder.user_requests,
             &recorder.text_requests,
             &recorder.unauthorized,
+            &recorder.foreign_queries,
             &recorder.callbacks_sent,
             &recorder.callbacks_failed,
             &recorder.generate_bodies_dropped,
@@ -361,6 +467,7 @@ pub(crate) struct Recorder {
     pub user_requests: AtomicU64,
     pub text_requests: AtomicU64,
     pub unauthorized: AtomicU64,
+    pub foreign_queries: AtomicU64,
     pub callbacks_sent: AtomicU64,
     pub callbacks_failed: AtomicU64,
     authorization_headers: DistinctLog,

@@ -12,7 +12,8 @@ use http::StatusCode;
 use ketchup_domain::clock::ManualClock;
 use ketchup_domain::credits::Credits;
 use ketchup_fake_upstream::{
-    self, FakeConfig, FakeHandle, FakeTaskView, Fault, FaultCounts, FaultRates, TaskStatus,
+    self, FakeAccount, FakeConfig, FakeHandle, FakeTaskView, Fault, FaultCounts, FaultRates,
+    TaskStatus,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -287,6 +288,7 @@ async fn a_task_moves_through_every_status_on_the_clock() {
     assert_eq!(
         stats.tasks.get(&id),
         Some(&FakeTaskView {
+            account: "default".into(),
             model: "google/gempix2".into(),
             status: TaskStatus::Success,
             consumed: Some("1.00000000".into()),
@@ -403,6 +405,72 @@ async fn the_balance_drops_as_tasks_finish() {
     clock.advance(Duration::from_secs(3));
     assert_eq!(balance().await, credit("99.25000000"));
     assert_eq!(fake.stats().user_requests, 4);
+}
+
+#[tokio::test]
+async fn each_account_has_its_own_token_balance_and_tasks() {
+    const SPARE: &str = "dk-spare-0123456789";
+    let (fake, clock) = fake(|config| {
+        config.accounts.push(FakeAccount {
+            name: "spare".into(),
+            token: SPARE.into(),
+            initial_balance: "10.00".parse().expect("amount"),
+        });
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let user = |token: &'static str| {
+        send(
+            client
+                .get(format!("{}/api/user", fake.base_url()))
+                .bearer_auth(token),
+        )
+    };
+    let credit =
+        |amount: &str| format!(r#"{{"code":0,"message":"ok","data":{{"credit":"{amount}"}}}}"#);
+    let (status, text) = send(
+        client
+            .post(format!("{}/api/image/gen", fake.base_url()))
+            .bearer_auth(SPARE)
+            .json(&prompt("spare's")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let reply: Value = serde_json::from_str(&text).expect("JSON reply");
+    let spares = reply["data"]["task_id"]
+        .as_str()
+        .expect("task id")
+        .to_owned();
+    let defaults = create(&client, &fake, prompt("default's")).await;
+    clock.advance(Duration::from_secs(6));
+    // Only the account that created a task can read it.
+    let read = |task: &str, token: &'static str| {
+        send(
+            client
+                .get(format!("{}/api/task/query?task_id={task}", fake.base_url()))
+                .bearer_auth(token),
+        )
+    };
+    assert_eq!(read(&spares, SPARE).await.0, StatusCode::OK);
+    assert_eq!(read(&spares, TOKEN).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(read(&defaults, SPARE).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(user(SPARE).await.1, credit("9.50000000"));
+    assert_eq!(user(TOKEN).await.1, credit("100.00000000"));
+    let stats = fake.stats();
+    assert_eq!(stats.foreign_queries, 2);
+    assert_eq!(stats.tasks[&spares].account, "spare");
+    assert_eq!(stats.tasks[&defaults].account, "default");
+    assert_eq!(stats.accounts["spare"].spent, "0.50000000");
+    assert_eq!(stats.accounts["spare"].tasks, 1);
+    // A revoked token is refused everywhere until restored; a top-up raises the balance.
+    fake.revoke("spare");
+    assert_eq!(user(SPARE).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(read(&spares, SPARE).await.0, StatusCode::UNAUTHORIZED);
+    assert!(fake.stats().accounts["spare"].revoked);
+    fake.restore("spare");
+    fake.top_up("spare", "1.25".parse().expect("amount"));
+    assert_eq!(user(SPARE).await.1, credit("10.75000000"));
+    assert_eq!(user(TOKEN).await.1, credit("100.00000000"));
 }
 
 #[tokio::test]
@@ -680,7 +748,7 @@ async fn the_control_api_reports_sets_faults_and_resets() {
     assert_eq!(stats["queries_by_task"], json!({ id.clone(): 1 }));
     assert_eq!(
         stats["tasks"],
-        json!({ id.clone(): {"model": "google/gempix2", "status": "success", "consumed": "0.50000000", "request_id": null} })
+        json!({ id.clone(): {"account": "default", "model": "google/gempix2", "status": "success", "consumed": "0.50000000", "request_id": null} })
     );
     assert_eq!(stats["generate_bodies"], json!([prompt("a cat")]));
 

@@ -298,7 +298,9 @@ impl Spec {
             true => SecretSource::Env("KETCHUP_UPSTREAM_TOKEN".into()),
             false => SecretSource::File("/run/secrets/upstream_token".into()),
         };
-        assert_eq!(upstream.token, token);
+        assert_eq!(upstream.accounts.len(), 1);
+        assert_eq!(upstream.accounts[0].name, "default");
+        assert_eq!(upstream.accounts[0].token, token);
         let base = self.base_url.unwrap_or("https://api.defapi.org");
         assert_eq!(upstream.base_url.as_str().trim_end_matches('/'), base);
         assert_eq!(upstream.timeout, duration(self.timeout, 30));

@@ -20,6 +20,8 @@ use crate::{ADMIN_TOKEN, ADS_KEY, DESIGN_KEY, WEBHOOK_SECRET, digest, free_port}
 pub struct GatewayConfig {
     server: Table,
     upstream: Table,
+    /// `[[upstream.accounts]]`: name and token, each token written to a file of its own.
+    accounts: Vec<(String, String)>,
     store: Table,
     cache: Table,
     reconciler: Table,
@@ -112,6 +114,7 @@ impl GatewayConfig {
         let mut config = GatewayConfig {
             server: Table::default(),
             upstream: Table::default(),
+            accounts: Vec::new(),
             store: Table::default(),
             cache: Table::default(),
             reconciler: Table::default(),
@@ -170,6 +173,18 @@ impl GatewayConfig {
         self.upstream.remove("token_env");
         self.upstream
             .set(&format!("token_file = \"{}\"", path.display()));
+        self
+    }
+
+    /// Names the upstream accounts in `[[upstream.accounts]]` instead of the one token of
+    /// `KETCHUP_UPSTREAM_TOKEN`: each `(name, token)`, its token read from a file.
+    pub fn upstream_accounts(mut self, accounts: &[(&str, &str)]) -> Self {
+        self.upstream.remove("token_env");
+        self.upstream.remove("token_file");
+        self.accounts = accounts
+            .iter()
+            .map(|(name, token)| ((*name).to_owned(), (*token).to_owned()))
+            .collect();
         self
     }
 
@@ -334,6 +349,14 @@ impl GatewayConfig {
         };
         table(&mut out, "server", &self.server);
         table(&mut out, "upstream", &self.upstream);
+        for (name, token) in &self.accounts {
+            let path = write_secret(dir, &format!("upstream_token_{name}"), token);
+            let _ = writeln!(
+                out,
+                "[[upstream.accounts]]\nname = \"{name}\"\ntoken_file = \"{}\"\n",
+                path.display()
+            );
+        }
         let mut store = self.store.clone();
         if !store.has("kind") {
             store.set(&format!("path = \"{}\"", dir.join("ledger.db").display()));

@@ -46,7 +46,13 @@ impl InProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let text = config.render(dir.path());
         let config = Config::parse(Path::new("gateway.toml"), &text).expect("config parses");
-        let server = Server::bind(config, &Secret::new(UPSTREAM_TOKEN), clock)
+        let tokens: Vec<Secret> = config
+            .upstream
+            .accounts
+            .iter()
+            .map(|_| Secret::new(UPSTREAM_TOKEN))
+            .collect();
+        let server = Server::bind(config, &tokens, clock)
             .await
             .expect("gateway binds");
         let addr = server.local_addr();

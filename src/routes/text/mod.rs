@@ -23,6 +23,7 @@ use axum::{
 use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt, Limited};
 
+use super::failover::{self, Sent};
 use super::{budget::rfc3339, pass_through, read_body};
 use crate::{
     error::GatewayError,
@@ -186,6 +187,10 @@ async fn serve(
     } else {
         body
     };
+    // With every account out of rotation nothing is sent: the client learns why, at once.
+    if !state.accounts.any_in_rotation() {
+        return Err(GatewayError::NoUpstreamAccount);
+    }
     // Durably before a byte leaves, as for generations: a reservation left by a gateway that
     // stopped is then either never sent (given back) or perhaps sent (an unknown outcome).
     if let Err(error) = state.ledger.mark_dispatched(id, state.clock.now()).await {
@@ -196,13 +201,22 @@ async fn serve(
         return Err(error.into());
     }
     hold.stage = Stage::Sent;
-    let upstream = match state
-        .upstream
-        .open_text(&forwarded(uri), body, request_id.as_str())
-        .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
+    let path = forwarded(uri);
+    let sent = failover::send(&state, "text request", |account| {
+        state
+            .upstream
+            .open_text(account, &path, body.clone(), request_id.as_str())
+    })
+    .await;
+    let upstream = match sent {
+        Sent::Answered(_, upstream) => upstream,
+        // Every account in rotation refused its token: nothing was generated.
+        Sent::NoAccount => {
+            hold.stage = Stage::Done;
+            release_in_background(&state, id);
+            return Err(GatewayError::NoUpstreamAccount);
+        }
+        Sent::Failed(error) => {
             hold.stage = Stage::Done;
             match error {
                 // Certainly not received: nothing was generated.

@@ -48,7 +48,8 @@ pub use teams::{
     Thresholds,
 };
 pub use upstream::{
-    DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_RETRY_DELAY, UpstreamConfig,
+    DEFAULT_ACCOUNT, DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_ACCOUNTS,
+    MAX_RETRY_DELAY, UpstreamAccount, UpstreamConfig,
 };
 pub use values::{KeyDigest, Rate, Secret, SecretSource};
 pub use webhooks::WebhooksConfig;

@@ -4,9 +4,10 @@
 //! held, then charged or given back), [`Tasks`] (who owns what, and which tasks nobody watches),
 //! [`Outbox`] (webhook deliveries), [`BudgetNotices`] (the one notification per budget threshold
 //! and period), [`Reports`] (what teams and admins read), [`Audit`] (the trail of admin
-//! actions) and [`Calibration`] (the settled costs reservations are tuned from). Domain code
-//! takes the narrowest it needs (the settler [`Reservations`], the ownership index's fill
-//! [`Tasks`]); [`Ledger`] is all of them, for the gateway's shared state. Every engine implements them all and
+//! actions), [`Calibration`] (the settled costs reservations are tuned from) and [`TaskAccounts`]
+//! (which upstream account started each task). Domain code takes the narrowest it needs (the
+//! settler [`Reservations`], the ownership index's fill [`Tasks`]); [`Ledger`] is all of them,
+//! for the gateway's shared state. Every engine implements them all and
 //! passes the same conformance suite (`conformance/`), so the gateway's guarantees do not depend
 //! on which one runs.
 //!
@@ -766,11 +767,24 @@ pub trait Calibration: Send + Sync + 'static {
     ) -> Result<Vec<(CostKeyOf, CostHistogram)>, StoreError>;
 }
 
+/// Which upstream account started each task: its status can only be read with that account's
+/// token, by any replica, before and after a restart. Nothing here moves credits.
+#[async_trait]
+pub trait TaskAccounts: Send + Sync + 'static {
+    /// Records that `account` started `task_id`; durable when it returns. The first record of a
+    /// task stays: a task is started once, by one account.
+    async fn record_task_account(&self, task_id: &str, account: &str) -> Result<(), StoreError>;
+
+    /// The account that started the task; `None` for one recorded without (before accounts were
+    /// recorded) or not known.
+    async fn task_account(&self, task_id: &str) -> Result<Option<String>, StoreError>;
+}
+
 /// The whole ledger, for what needs all of it: the gateway's shared state, which each route and
 /// worker uses its part of, and `/readyz`.
 #[async_trait]
 pub trait Ledger:
-    Reservations + Tasks + Outbox + BudgetNotices + Reports + Audit + Calibration
+    Reservations + Tasks + Outbox + BudgetNotices + Reports + Audit + Calibration + TaskAccounts
 {
     /// Cheap round trip that proves the store can be used (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
+use crate::credits::Credits;
 
 mod admin;
 mod models;
@@ -617,6 +618,97 @@ fn the_balance_check_runs_every_five_minutes_unless_set_or_off() {
         every("balance_check = \"500ms\"").unwrap_err().to_string(),
         "gateway.toml:4:17: [upstream] balance_check must be \"0s\" (off) or at least \"1s\""
     );
+}
+
+#[test]
+fn upstream_accounts_are_the_one_token_or_named_tables_never_both() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(
+        config.upstream.accounts,
+        [UpstreamAccount {
+            name: "default".into(),
+            token: SecretSource::Env("KETCHUP_UPSTREAM_TOKEN".into()),
+        }]
+    );
+    assert_eq!(config.upstream.balance_floor, Credits::ZERO);
+    let tables = |accounts: &str| {
+        MINIMAL.replace(
+            "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\n",
+            &format!("balance_floor = \"5.00\"\n{accounts}"),
+        )
+    };
+    let two = tables(
+        "[[upstream.accounts]]\nname = \"main\"\ntoken_env = \"MAIN\"\n\
+         [[upstream.accounts]]\nname = \"spare-2\"\ntoken_file = \"/run/secrets/spare\"\n",
+    );
+    let config = parse(&two).unwrap();
+    assert_eq!(config.upstream.balance_floor, "5.00".parse().unwrap());
+    assert_eq!(
+        config.upstream.accounts,
+        [
+            UpstreamAccount {
+                name: "main".into(),
+                token: SecretSource::Env("MAIN".into()),
+            },
+            UpstreamAccount {
+                name: "spare-2".into(),
+                token: SecretSource::File("/run/secrets/spare".into()),
+            },
+        ]
+    );
+    let cases = [
+        (
+            MINIMAL.replace(
+                "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\n",
+                "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\naccounts = [{ name = \"a\", token_env = \"A\" }]\n",
+            ),
+            "gateway.toml:4:12: [upstream] accounts and [upstream] token_env/token_file are both \
+             set: name every account in [[upstream.accounts]], or keep the one token",
+        ),
+        (
+            MINIMAL.replace("token_env = \"KETCHUP_UPSTREAM_TOKEN\"\n", ""),
+            "gateway.toml:2:1: [upstream] needs token_env or token_file, or \
+             [[upstream.accounts]]: the upstream token is never written in this file",
+        ),
+        (
+            tables("[[upstream.accounts]]\nname = \"Main\"\ntoken_env = \"A\"\n"),
+            "gateway.toml:5:8: [[upstream.accounts]] name \"Main\" must be 1 to 32 lowercase \
+             letters, digits, '-' or '_'",
+        ),
+        (
+            tables(
+                "[[upstream.accounts]]\nname = \"a\"\ntoken_env = \"A\"\n\
+                 [[upstream.accounts]]\nname = \"a\"\ntoken_env = \"B\"\n",
+            ),
+            "gateway.toml:8:8: [[upstream.accounts]] name \"a\" is used twice",
+        ),
+        (
+            tables("[[upstream.accounts]]\nname = \"a\"\n"),
+            "gateway.toml:4:1: [[upstream.accounts]] name = \"a\": needs token_env or token_file",
+        ),
+        (
+            tables(
+                "[[upstream.accounts]]\nname = \"a\"\ntoken_env = \"A\"\ntoken_file = \"/a\"\n",
+            ),
+            "gateway.toml:7:14: [[upstream.accounts]] name = \"a\": token_env and token_file are \
+             both set: set one, not both",
+        ),
+        (
+            MINIMAL.replace(
+                "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\n",
+                "token_env = \"KETCHUP_UPSTREAM_TOKEN\"\nbalance_floor = \"-1\"\n",
+            ),
+            "gateway.toml:4:17: [upstream] balance_floor: credit amount \"-1\" is not a plain \
+             decimal number such as \"0.50\"",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(error_of(&text), expected, "{text}");
+    }
+    let many: String = (0..=MAX_ACCOUNTS)
+        .map(|i| format!("[[upstream.accounts]]\nname = \"a{i}\"\ntoken_env = \"A\"\n"))
+        .collect();
+    assert!(error_of(&tables(&many)).contains("must list 1 to 16 accounts"));
 }
 
 #[test]

@@ -183,6 +183,18 @@ const RELOADS: &[(&str, &str, Option<&str>)] = &[
     ),
     ("[admin]", "keep_audit = \"30d\"", None),
     ("[upstream]", "balance_check = \"1m\"", None),
+    ("[upstream]", "balance_floor = \"5.00\"", None),
+    // The upstream client holds every account's token from the start.
+    (
+        "[upstream]",
+        "-token_env\naccounts = [{ name = \"default\", token_env = \"KETCHUP_UPSTREAM_TOKEN\" }]",
+        None,
+    ),
+    (
+        "[upstream]",
+        "-token_env\naccounts = [{ name = \"main\", token_env = \"KETCHUP_UPSTREAM_TOKEN\" }]",
+        Some("[upstream] accounts"),
+    ),
     ("[models.\"google/gempix2\"]", "reserve = \"0.75\"", None),
     // A model may change kind on reload: each request reads its model as it comes.
     (

@@ -22,6 +22,8 @@ pub mod reports;
 #[macro_use]
 pub mod reservations;
 #[macro_use]
+pub mod task_accounts;
+#[macro_use]
 pub mod tasks;
 #[macro_use]
 pub mod text;
@@ -112,6 +114,9 @@ macro_rules! conformance_suite {
             }
             mod calibration {
                 calibration_suite!($make);
+            }
+            mod task_accounts {
+                task_accounts_suite!($make);
             }
         }
     };

@@ -46,6 +46,7 @@ mod notices;
 mod outbox;
 mod reports;
 mod reservations;
+mod task_accounts;
 mod tasks;
 
 /// Stale reservations abandoned per script call: each call is short, however many there are.
@@ -64,6 +65,7 @@ const RECONNECT_RETRIES: usize = 2;
 /// |---|---|---|
 /// | `P reservation:{id}` | hash | one reservation: `id team model family period reserved state request_id created_at dispatch key_label` (no `family` on those recorded before routes had one: read as `image`; no `key_label` on those recorded before keys were: read as empty; `dispatch` is `pending`, then `sent`, and missing on those recorded before it was kept: perhaps sent), then as they become known `dispatched_at task_id consumed final_status settled_at observed_at callback_digest forward_to reason idempotency_key retry_of resolved_by`, and `cost_count` (with `cost_value` for a field-priced model) for a task's reservation |
 /// | `P task:{task_id}` | string | the id of the reservation that owns the task |
+/// | `P task-account:{task_id}` | string | the upstream account that started the task |
 /// | `P callback:{digest}` | string | the id of the reservation a callback token leads to |
 /// | `P idempotency:{team}:{key}` | hash, with a TTL | a team's claim of an Idempotency-Key (the team escaped as in `period`): `fingerprint reservation expires_at`, and `status content_type body` once its request has its answer; it expires with the key |
 /// | `P period:{team}:{period}` | hash | `spent` and `reserved` of a team in a budget period (`%` and `:` in the team escaped as `%25`, `%3A`) |
@@ -116,6 +118,10 @@ impl Keys {
 
     fn task(&self, task_id: &str) -> String {
         format!("{}task:{task_id}", self.prefix)
+    }
+
+    fn task_account(&self, task_id: &str) -> String {
+        format!("{}task-account:{task_id}", self.prefix)
     }
 
     fn callback(&self, digest: &str) -> String {

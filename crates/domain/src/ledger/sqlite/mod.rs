@@ -29,6 +29,7 @@ mod notices;
 mod outbox;
 mod reports;
 mod reservations;
+mod task_accounts;
 mod tasks;
 
 /// Most writes committed by one transaction.
@@ -188,6 +189,14 @@ const MIGRATIONS: &[&str] = &[
         bucket   INTEGER NOT NULL,      -- the bucket's upper bound, units of 1e-8
         settled  INTEGER NOT NULL,
         PRIMARY KEY (day, model, priced, value, bucket)
+    ) WITHOUT ROWID;
+    "#,
+    // The upstream account that started each task. Tasks recorded before have none: they were
+    // all started with the one token there was then.
+    r#"
+    CREATE TABLE task_accounts (
+        task_id TEXT PRIMARY KEY,
+        account TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
 ];
