@@ -115,6 +115,7 @@ async fn a_key_opens_the_gateway_only_inside_its_window() {
 async fn a_model_outside_the_team_allow_list_is_refused_and_reserves_nothing() {
     let config = GatewayConfig::new()
         .admin()
+        .text_model("openai/gpt-5.2", "2.00", "10.00", "")
         .team_lines("design", r#"models = ["google/gempix*"]"#);
     let env = Env::start_with(fake_config(), config).await;
     let api = env.api();
@@ -135,10 +136,25 @@ async fn a_model_outside_the_team_allow_list_is_refused_and_reserves_nothing() {
     let budget = api.budget(DESIGN_KEY).await;
     assert_eq!(budget["reserved"], "0.00000000", "{budget}");
     assert_eq!(budget["in_flight"], 0, "{budget}");
+    // A text model is held to the same list.
+    let chat = json!({"model": "openai/gpt-5.2", "messages": [{"role": "user", "content": "hi"}]});
+    let reply = api
+        .send(
+            api.http
+                .post(env.gateway.url("/api/v1/chat/completions"))
+                .bearer_auth(DESIGN_KEY)
+                .json(&chat),
+        )
+        .await;
+    assert_eq!(reply.status, 403, "{}", reply.text);
+    assert_eq!(reply.json()["message"], "model not allowed");
+    assert_eq!(env.fake.stats().text_requests, 0);
+    let budget = api.budget(DESIGN_KEY).await;
+    assert_eq!(budget["reserved"], "0.00000000", "{budget}");
     api.scrape().await.assert_eq(
         "ketchup_gateway_budget_rejections_total",
         &[("team", "design"), ("reason", "model_not_allowed")],
-        1.0,
+        2.0,
     );
 
     // What the globs match is served; a team without a list may use every configured model.

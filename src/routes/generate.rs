@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::failover::{self, Sent};
 use super::idempotent::{count_key, idempotency_key, note_resolved, replay, stored_answer};
-use super::{budget::rfc3339, pass_through, read_body};
+use super::{budget::rfc3339, check_model_allowed, pass_through, read_body};
 use crate::{
     error::GatewayError,
     headers,
@@ -175,18 +175,7 @@ pub async fn generate(
     let body = read_body(body, config.server.max_body_bytes).await?;
     let key = idempotency_key(&headers)?;
     let (generation, fields) = validate(uri.path(), &body, &config)?;
-    if let Some(allowed) = team
-        .models
-        .as_ref()
-        .filter(|list| !list.allows(&generation.model))
-    {
-        count_rejection(&state, &team.name, "model_not_allowed");
-        return Err(GatewayError::ModelNotAllowed(format!(
-            "team '{}' may use {}",
-            team.name,
-            allowed.patterns().join(", ")
-        )));
-    }
+    check_model_allowed(&state, &team, &generation.model)?;
     let now = state.clock.now();
     // Of the body as the client sent it, before the gateway puts its own callback in.
     let claim = key.map(|key| KeyClaim {

@@ -8,7 +8,8 @@ use axum::{
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
-use crate::{error::GatewayError, upstream::UpstreamResponse};
+use crate::{error::GatewayError, state::AppState, upstream::UpstreamResponse};
+use ketchup_domain::config::Team;
 
 pub mod admin;
 pub mod budget;
@@ -22,6 +23,24 @@ pub mod openapi;
 pub mod scrape;
 pub mod task_query;
 pub mod text;
+
+/// Refuses a model outside the team's `models` allow-list before anything is reserved or sent,
+/// counted as a budget rejection. Generations and text requests alike.
+pub fn check_model_allowed(state: &AppState, team: &Team, model: &str) -> Result<(), GatewayError> {
+    let Some(allowed) = team.models.as_ref().filter(|list| !list.allows(model)) else {
+        return Ok(());
+    };
+    state
+        .metrics
+        .budget_rejections
+        .with_label_values(&[&team.name, "model_not_allowed"])
+        .inc();
+    Err(GatewayError::ModelNotAllowed(format!(
+        "team '{}' may use {}",
+        team.name,
+        allowed.patterns().join(", ")
+    )))
+}
 
 /// Reads a request body, refusing it as soon as it passes `limit` bytes, and before reading
 /// any of it when its declared `Content-Length` (the body's exact size hint) is already over.

@@ -24,7 +24,7 @@ use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt, Limited};
 
 use super::failover::{self, Sent};
-use super::{budget::rfc3339, pass_through, read_body};
+use super::{budget::rfc3339, check_model_allowed, pass_through, read_body};
 use crate::{
     error::GatewayError,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
@@ -164,6 +164,7 @@ async fn serve(
             offered.join(", ")
         )));
     };
+    check_model_allowed(&state, &team, &ask.model)?;
     let amount = prices
         .worst_case(body.len(), ask.output_limit)
         .ok_or_else(|| invalid("the output token limit is too large to be priced".into()))?;
