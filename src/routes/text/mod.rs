@@ -20,10 +20,14 @@ use axum::{
     extract::{Extension, Path, State},
     response::Response,
 };
+use chrono::{DateTime, Utc};
 use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt, Limited};
 
-use super::{budget::rfc3339, pass_through, read_body};
+use super::{
+    budget::{insert_budget_headers, rfc3339},
+    pass_through, read_body,
+};
 use crate::{
     error::GatewayError,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
@@ -34,7 +38,7 @@ use dialect::Dialect;
 use ketchup_domain::{
     config::{BudgetPeriod, Team},
     credits::Credits,
-    ledger::{NewReservation, OutcomeReason, ReservationId, ReserveOutcome, StoreError},
+    ledger::{NewReservation, OutcomeReason, ReservationId, ReserveOutcome, Standing, StoreError},
     period,
 };
 use meter::{MeteredBody, is_event_stream};
@@ -163,7 +167,16 @@ async fn serve(
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
-    let id = reserve(&state, &team, &ask.model, amount, request_id.as_str()).await?;
+    let reserved_at = state.clock.now();
+    let (id, standing) = reserve(
+        &state,
+        &team,
+        &ask.model,
+        amount,
+        request_id.as_str(),
+        reserved_at,
+    )
+    .await?;
     let mut hold = Hold {
         state: state.clone(),
         id,
@@ -273,6 +286,11 @@ async fn serve(
     if event_stream {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
+    // The answer's head goes before its usage is known: the standing is the one its worst
+    // case was reserved against, as for a generation; the settlement gives back the rest.
+    if let Some(budget) = team.budget {
+        insert_budget_headers(headers, budget, standing, reserved_at);
+    }
     Ok(response)
 }
 
@@ -298,15 +316,15 @@ fn forwarded(uri: &Uri) -> String {
     }
 }
 
-/// Reserves the request's worst case in the team's budget.
+/// Reserves the request's worst case in the team's budget; the standing includes it.
 async fn reserve(
     state: &Arc<AppState>,
     team: &Team,
     model: &str,
     amount: Credits,
     request_id: &str,
-) -> Result<ReservationId, GatewayError> {
-    let now = state.clock.now();
+    now: DateTime<Utc>,
+) -> Result<(ReservationId, Standing), GatewayError> {
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     let reservation = NewReservation {
         id: ReservationId::new(),
@@ -342,7 +360,7 @@ async fn reserve(
             .inc();
     };
     match outcome {
-        ReserveOutcome::Reserved(_) => Ok(id),
+        ReserveOutcome::Reserved(standing) => Ok((id, standing)),
         // Only a reservation with an Idempotency-Key meets a key's claim, and a text request
         // carries none: a store that answers so is wrong, and nothing was reserved.
         ReserveOutcome::Replay(_) | ReserveOutcome::KeyInUse | ReserveOutcome::KeyMismatch => {
