@@ -167,24 +167,33 @@ async fn serve(
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
-    let reserved_at = state.clock.now();
-    let (id, standing) = reserve(
-        &state,
-        &team,
-        &ask.model,
-        amount,
-        request_id.as_str(),
-        reserved_at,
-    )
-    .await?;
+    // Held before the reservation is even sent: a client that leaves while the ledger applies
+    // it must not leave credits held until the reconciler gives them up.
     let mut hold = Hold {
         state: state.clone(),
-        id,
+        id: ReservationId::new(),
         reserved: amount,
         team: team.name.clone(),
         model: ask.model.clone(),
         prices,
         stage: Stage::Reserved,
+    };
+    let id = hold.id;
+    let reserved_at = state.clock.now();
+    let reservation = ToReserve {
+        id,
+        model: &ask.model,
+        amount,
+        request_id: request_id.as_str(),
+        now: reserved_at,
+    };
+    let standing = match reserve(&state, &team, reservation).await {
+        Ok(standing) => standing,
+        Err(error) => {
+            // Refused, or given back by `reserve` itself: nothing left for the hold.
+            hold.stage = Stage::Done;
+            return Err(error);
+        }
     };
 
     let body = if ask.add_usage_chunk {
@@ -316,18 +325,32 @@ fn forwarded(uri: &Uri) -> String {
     }
 }
 
+/// One reservation to make: its id (which the handler's hold already has), model, amount, the
+/// request it is for, and when.
+struct ToReserve<'a> {
+    id: ReservationId,
+    model: &'a str,
+    amount: Credits,
+    request_id: &'a str,
+    now: DateTime<Utc>,
+}
+
 /// Reserves the request's worst case in the team's budget; the standing includes it.
 async fn reserve(
     state: &Arc<AppState>,
     team: &Team,
-    model: &str,
-    amount: Credits,
-    request_id: &str,
-    now: DateTime<Utc>,
-) -> Result<(ReservationId, Standing), GatewayError> {
+    wanted: ToReserve<'_>,
+) -> Result<Standing, GatewayError> {
+    let ToReserve {
+        id,
+        model,
+        amount,
+        request_id,
+        now,
+    } = wanted;
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     let reservation = NewReservation {
-        id: ReservationId::new(),
+        id,
         team: team.name.clone(),
         model: model.to_owned(),
         family: FAMILY.to_owned(),
@@ -340,7 +363,6 @@ async fn reserve(
         callback: None,
         idempotency: None,
     };
-    let id = reservation.id;
     let outcome = match state.ledger.reserve(reservation).await {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -360,7 +382,7 @@ async fn reserve(
             .inc();
     };
     match outcome {
-        ReserveOutcome::Reserved(standing) => Ok((id, standing)),
+        ReserveOutcome::Reserved(standing) => Ok(standing),
         // Only a reservation with an Idempotency-Key meets a key's claim, and a text request
         // carries none: a store that answers so is wrong, and nothing was reserved.
         ReserveOutcome::Replay(_) | ReserveOutcome::KeyInUse | ReserveOutcome::KeyMismatch => {
