@@ -4,13 +4,14 @@
 --                "gen":    POST /api/image/gen with a small JSON body
 --                "mixed":  generations over five routes in turn (image, Sora video, Seedance
 --                          video, Midjourney, Suno), each with its own body
+--                "text":   POST /api/v1/chat/completions with BENCH_BODY
 --   BENCH_IDS    status mode: a file with one "TOKEN TASK_ID" pair per line (the bearer token
 --                may differ per line, so one run can spread over many teams); a line with only
 --                a task id uses BENCH_TOKEN
 --   BENCH_TOKEN  the bearer token (team key for the gateway, upstream token for the fake)
 --   BENCH_KEYS   gen mode, optional: a file with one bearer token per line, used round robin
 --                (many teams generating at once) instead of BENCH_TOKEN
---   BENCH_BODY   gen mode: the request body (default: one gempix2 image)
+--   BENCH_BODY   gen and text modes: the request body (default: one gempix2 image)
 --
 -- At the end it prints one machine-readable line that bench/run parses:
 --   BENCH requests=N duration_us=N rps=F p50_us=N p90_us=N p99_us=N p999_us=N max_us=N
@@ -66,7 +67,9 @@ function init(args)
       end
     end
     local routes = { { "/api/image/gen", body } }
-    if mode == "mixed" then
+    if mode == "text" then
+      routes = { { "/api/v1/chat/completions", body } }
+    elseif mode == "mixed" then
       routes = {
         { "/api/image/gen", body },
         { "/api/sora2/gen", '{"model":"sora-2","prompt":"bench","duration":"10"}' },

@@ -19,6 +19,7 @@ use tower_http::{
 
 use crate::{
     error::GatewayError,
+    headers,
     middleware::{audit, auth, rate_limit, request_id, request_metrics, trace},
     rate_limiter::LimitKind,
     routes,
@@ -99,6 +100,8 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
         // First, so that no later layer (or log line) ever sees a key or token in clear.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
+            headers::ANTHROPIC_API_KEY,
+            headers::GOOGLE_API_KEY,
         ]))
         // Before tracing, so the request span carries the id.
         .layer(middleware::from_fn(request_id::assign))

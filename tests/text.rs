@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ketchup_domain::credits::Credits;
 use ketchup_domain::pricing::TextPrices;
 use ketchup_fake_upstream::{FakeConfig, TextExchange, TextFault};
-use ketchup_testkit::{DEADLINE, DESIGN_KEY, Env, GatewayConfig, UPSTREAM_TOKEN, fake_config};
+use ketchup_testkit::{
+    ADS_KEY, DEADLINE, DESIGN_KEY, Env, GatewayConfig, UPSTREAM_TOKEN, fake_config,
+};
 use serde_json::{Value, json};
 
 const OPENAI: &str = "openai/gpt-5.2";
@@ -496,4 +498,183 @@ async fn an_answers_consumed_is_the_charge() {
     let consumed = credits(&answer["consumed"]);
     assert_ne!(consumed, cost_of(&env.fake.text_exchanges()));
     wait_settled(&env, consumed).await;
+}
+
+/// The exchanges since `from`, each checked to carry the upstream token and no trace of the
+/// team's key: not in a header (an `x-api-key` or `x-goog-api-key` passed on), not in the query.
+fn assert_no_team_key_upstream(exchanges: &[TextExchange]) {
+    for exchange in exchanges {
+        let authorization: Vec<&str> = exchange
+            .headers
+            .iter()
+            .filter(|(name, _)| name == "authorization")
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(
+            authorization,
+            [format!("Bearer {UPSTREAM_TOKEN}")],
+            "{exchange:?}"
+        );
+        assert!(
+            exchange
+                .headers
+                .iter()
+                .all(|(name, value)| !value.contains(DESIGN_KEY)
+                    && name != "x-api-key"
+                    && name != "x-goog-api-key"),
+            "{exchange:?}"
+        );
+        assert!(
+            !exchange.query.as_deref().unwrap_or("").contains("key"),
+            "{exchange:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_dialects_clients_authenticate_their_way_on_its_routes_only() {
+    let env = Env::start_with(fake(Duration::from_millis(5), 4), config("10.00")).await;
+    let api = env.api();
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: &Value| client.post(api.url(path)).json(body);
+    let (messages, anthropic) = request("anthropic", true, 50);
+    let (chat, openai) = request("openai", false, 50);
+    let (generate, gemini) = request("gemini", false, 50);
+    let (stream_generate, gemini_streamed) = request("gemini", true, 50);
+
+    // Each dialect's own way, on its own routes: accepted, and the team's.
+    let accepted = [
+        post(&messages, &anthropic).header("x-api-key", DESIGN_KEY),
+        post(&generate, &gemini).header("x-goog-api-key", DESIGN_KEY),
+        post(
+            &format!("{stream_generate}&key={DESIGN_KEY}"),
+            &gemini_streamed,
+        ),
+        // The same key in two places is one key.
+        post(&messages, &anthropic)
+            .header("x-api-key", DESIGN_KEY)
+            .bearer_auth(DESIGN_KEY),
+        post(&format!("{generate}?key={DESIGN_KEY}"), &gemini).header("x-goog-api-key", DESIGN_KEY),
+    ];
+    for request in accepted {
+        let reply = api.send(request).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let exchanges = env.fake.text_exchanges();
+    assert_eq!(exchanges.len(), 5);
+    assert_no_team_key_upstream(&exchanges);
+    // Gemini's other query parameters still reach the upstream.
+    assert_eq!(exchanges[2].query.as_deref(), Some("alt=sse"));
+    let spent = cost_of(&exchanges);
+    wait_settled(&env, spent).await;
+
+    // Elsewhere, or a wrong or second key: the 401 of an unknown key, nothing sent upstream.
+    let refused = [
+        post(&chat, &openai).header("x-api-key", DESIGN_KEY),
+        post(&chat, &openai).header("x-goog-api-key", DESIGN_KEY),
+        post(&format!("{chat}?key={DESIGN_KEY}"), &openai),
+        post(&messages, &anthropic).header("x-goog-api-key", DESIGN_KEY),
+        post(&format!("{messages}?key={DESIGN_KEY}"), &anthropic),
+        post(&generate, &gemini).header("x-api-key", DESIGN_KEY),
+        post(
+            "/api/image/gen",
+            &json!({"model": "google/gempix2", "prompt": "a tomato"}),
+        )
+        .header("x-api-key", DESIGN_KEY),
+        post(
+            "/api/image/gen",
+            &json!({"model": "google/gempix2", "prompt": "a tomato"}),
+        )
+        .header("x-goog-api-key", DESIGN_KEY),
+        client
+            .get(api.url(&format!("/gateway/v1/budget?key={DESIGN_KEY}")))
+            .header("x-goog-api-key", DESIGN_KEY),
+        post(&messages, &anthropic).header("x-api-key", "kgw_not_a_key"),
+        post(&generate, &gemini).header("x-goog-api-key", ""),
+        // Two different keys: which team would pay is a guess.
+        post(&messages, &anthropic)
+            .header("x-api-key", DESIGN_KEY)
+            .bearer_auth(ADS_KEY),
+        post(&format!("{generate}?key={ADS_KEY}"), &gemini).header("x-goog-api-key", DESIGN_KEY),
+        post(
+            &format!("{generate}?key={DESIGN_KEY}&key=kgw_other"),
+            &gemini,
+        ),
+    ];
+    for (i, request) in refused.into_iter().enumerate() {
+        let reply = api.send(request).await;
+        assert_eq!(
+            reply.status_json(),
+            (401, json!({"code": 1, "message": "Invalid API key"})),
+            "refused request {i}"
+        );
+    }
+    assert_eq!(env.fake.text_exchanges().len(), 5);
+    assert_eq!(env.fake.stats().generate_requests, 0);
+    let budget = api.budget(DESIGN_KEY).await;
+    assert_eq!(credits(&budget["spent"]), spent);
+}
+
+#[tokio::test]
+async fn a_text_answer_carries_the_budget_its_worst_case_left() {
+    let env = Env::start_with(fake(Duration::from_millis(5), 6), config("10.00")).await;
+    let api = env.api();
+    let budget: Credits = "10.00".parse().unwrap();
+    let mut spent = Credits::ZERO;
+    let reset = api.budget(DESIGN_KEY).await["resets_at"].clone();
+    assert!(reset.is_string(), "{reset}");
+    for (dialect, stream) in [("openai", false), ("anthropic", true), ("gemini", true)] {
+        let (path, body) = request(dialect, stream, 200);
+        let model = match dialect {
+            "openai" => OPENAI,
+            "anthropic" => ANTHROPIC,
+            _ => GEMINI,
+        };
+        let worst = prices(model)
+            .worst_case(serde_json::to_vec(&body).unwrap().len(), Some(200))
+            .unwrap();
+        let reply = api
+            .send(
+                reqwest::Client::new()
+                    .post(api.url(&path))
+                    .bearer_auth(DESIGN_KEY)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        // At the head, before the answer's usage is known: what reserving its worst case left.
+        let expected = budget
+            .checked_sub(spent)
+            .and_then(|left| left.checked_sub(worst))
+            .unwrap();
+        assert_eq!(
+            reply.header("x-budget-remaining").as_deref(),
+            Some(expected.format_places(8).as_str()),
+            "{dialect}"
+        );
+        assert_eq!(
+            reply.header("x-budget-reset").as_ref(),
+            reset.as_str().map(str::to_owned).as_ref()
+        );
+        spent = cost_of(&env.fake.text_exchanges());
+        assert!(
+            spent < budget.checked_sub(expected).unwrap(),
+            "settled below the worst case"
+        );
+        wait_settled(&env, spent).await;
+    }
+    // Refused upstream: nothing was reserved for long, no standing to tell.
+    env.fake.text_faults().inject(TextFault::Status500, 1);
+    let (path, body) = request("openai", false, 200);
+    let reply = api
+        .send(
+            reqwest::Client::new()
+                .post(api.url(&path))
+                .bearer_auth(DESIGN_KEY)
+                .json(&body),
+        )
+        .await;
+    assert_eq!(reply.status, 500, "{}", reply.text);
+    assert_eq!(reply.header("x-budget-remaining"), None);
+    assert_eq!(reply.header("x-budget-reset"), None);
 }

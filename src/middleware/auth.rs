@@ -4,9 +4,12 @@
 //! belongs to and the key's name are put in the request's extensions for the handlers, and the
 //! key itself goes no further. `/admin/*` takes an admin token instead, and no team key opens
 //! it; the admin's label goes in the extensions, for the audit trail.
+//!
+//! A team key comes as `Authorization: Bearer`, and on the text routes of a dialect whose
+//! public clients send their key elsewhere, also where they send it ([`key_places`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use axum::{
     extract::{Request, State},
@@ -18,7 +21,7 @@ use http::header;
 use super::request_metrics::RequestFacts;
 use arc_swap::ArcSwap;
 
-use crate::{error::GatewayError, metrics::Metrics};
+use crate::{error::GatewayError, headers, metrics::Metrics};
 use ketchup_domain::{
     clock::SharedClock,
     config::{Config, KeyDigest, KeyWindow, Team},
@@ -70,6 +73,62 @@ fn bearer(request: &Request) -> Option<&str> {
         .ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Where a path's clients may put a team key besides `Authorization: Bearer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyPlaces {
+    /// Nowhere else.
+    Bearer,
+    /// Anthropic messages: the Anthropic clients send their key as `x-api-key`.
+    Anthropic,
+    /// Gemini: the Google clients send `x-goog-api-key`; the REST examples put it in the
+    /// `key` query parameter.
+    Gemini,
+}
+
+fn key_places(path: &str) -> KeyPlaces {
+    match path {
+        "/api/v1/messages" => KeyPlaces::Anthropic,
+        _ if path.starts_with("/api/v1beta/models/") => KeyPlaces::Gemini,
+        _ => KeyPlaces::Bearer,
+    }
+}
+
+/// The team key a request presents, in any of its path's places. `None` when it presents none,
+/// one that is not readable text, or different keys in different places (which team pays would
+/// be a guess): each gets the 401 of an unknown key.
+fn team_key(request: &Request) -> Option<Cow<'_, str>> {
+    let request_headers = request.headers();
+    let mut keys: Vec<Cow<'_, str>> = Vec::new();
+    for value in request_headers.get_all(header::AUTHORIZATION) {
+        let (scheme, key) = value.to_str().ok()?.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            keys.push(Cow::Borrowed(key.trim()));
+        }
+    }
+    let places = key_places(request.uri().path());
+    let header_name = match places {
+        KeyPlaces::Bearer => None,
+        KeyPlaces::Anthropic => Some(headers::ANTHROPIC_API_KEY),
+        KeyPlaces::Gemini => Some(headers::GOOGLE_API_KEY),
+    };
+    if let Some(name) = header_name {
+        for value in request_headers.get_all(name) {
+            keys.push(Cow::Borrowed(value.to_str().ok()?.trim()));
+        }
+    }
+    if places == KeyPlaces::Gemini
+        && let Some(query) = request.uri().query()
+    {
+        keys.extend(
+            url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(name, _)| name == "key")
+                .map(|(_, key)| key),
+        );
+    }
+    let first = keys.pop()?;
+    keys.iter().all(|key| *key == first).then_some(first)
 }
 
 /// What authentication reads: the live configuration's keys, the admin tokens, the clock keys'
@@ -124,7 +183,7 @@ pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: 
         }
         Access::Team => {}
     }
-    let Some(digest) = bearer(&request).map(KeyDigest::of) else {
+    let Some(digest) = team_key(&request).map(|key| KeyDigest::of(&key)) else {
         return GatewayError::InvalidApiKey.into_response();
     };
     let Some(entry) = keys.config.load().key_by_digest(&digest).cloned() else {

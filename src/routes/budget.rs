@@ -8,15 +8,16 @@ use axum::{
     response::Response,
 };
 use chrono::{DateTime, Utc};
-use http::StatusCode;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
 use super::json;
-use crate::{error::GatewayError, middleware::auth::Caller, state::AppState};
+use crate::{error::GatewayError, headers, middleware::auth::Caller, state::AppState};
 use ketchup_domain::{
-    config::{BudgetPeriod, Team},
+    config::{Budget, BudgetPeriod, Team},
     credits::Credits,
+    ledger::Standing,
     period,
 };
 
@@ -47,6 +48,31 @@ pub fn current_period(
         period::period_key(period, now),
         period::period_end(period, now),
     )
+}
+
+/// `X-Budget-Remaining` and `X-Budget-Reset` from the standing a reservation made at `now` left:
+/// what an accepted request tells its team of its budget, without another call.
+pub fn insert_budget_headers(
+    headers: &mut HeaderMap,
+    budget: Budget,
+    standing: Standing,
+    now: DateTime<Utc>,
+) {
+    let remaining = budget
+        .credits
+        .saturating_sub(standing.spent)
+        .saturating_sub(standing.reserved)
+        .max(Credits::ZERO);
+    headers.insert(
+        headers::BUDGET_REMAINING,
+        HeaderValue::from_str(&remaining.format_places(8)).expect("digits are header-safe"),
+    );
+    if let Some(end) = period::period_end(budget.period, now) {
+        headers.insert(
+            headers::BUDGET_RESET,
+            HeaderValue::from_str(&rfc3339(end)).expect("a timestamp is header-safe"),
+        );
+    }
 }
 
 pub fn rfc3339(at: DateTime<Utc>) -> String {

@@ -14,16 +14,18 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Uri};
+use http::{HeaderMap, Uri};
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
 use super::failover::{self, Sent};
 use super::idempotent::{count_key, idempotency_key, note_resolved, replay, stored_answer};
-use super::{budget::rfc3339, check_model_allowed, pass_through, read_body};
+use super::{
+    budget::{insert_budget_headers, rfc3339},
+    check_model_allowed, pass_through, read_body,
+};
 use crate::{
     error::GatewayError,
-    headers,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
     state::AppState,
     upstream::UpstreamError,
@@ -307,22 +309,7 @@ pub async fn generate(
     if let Some(budget) = team.budget
         && response.status().is_success()
     {
-        let remaining = budget
-            .credits
-            .saturating_sub(standing.spent)
-            .saturating_sub(standing.reserved)
-            .max(Credits::ZERO);
-        let headers = response.headers_mut();
-        headers.insert(
-            headers::BUDGET_REMAINING,
-            HeaderValue::from_str(&remaining.format_places(8)).expect("digits are header-safe"),
-        );
-        if let Some(end) = period::period_end(budget.period, now) {
-            headers.insert(
-                headers::BUDGET_RESET,
-                HeaderValue::from_str(&rfc3339(end)).expect("a timestamp is header-safe"),
-            );
-        }
+        insert_budget_headers(response.headers_mut(), budget, standing, now);
     }
     Ok(response)
 }

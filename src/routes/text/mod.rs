@@ -20,11 +20,15 @@ use axum::{
     extract::{Extension, Path, State},
     response::Response,
 };
+use chrono::{DateTime, Utc};
 use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt, Limited};
 
 use super::failover::{self, Sent};
-use super::{budget::rfc3339, check_model_allowed, pass_through, read_body};
+use super::{
+    budget::{insert_budget_headers, rfc3339},
+    check_model_allowed, pass_through, read_body,
+};
 use crate::{
     error::GatewayError,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
@@ -36,7 +40,7 @@ use dialect::Dialect;
 use ketchup_domain::{
     config::{BudgetPeriod, Team},
     credits::Credits,
-    ledger::{NewReservation, OutcomeReason, ReservationId, ReserveOutcome, StoreError},
+    ledger::{NewReservation, OutcomeReason, ReservationId, ReserveOutcome, Standing, StoreError},
     period,
 };
 use meter::{MeteredBody, is_event_stream};
@@ -172,15 +176,33 @@ async fn serve(
     // The upstream account's limit is checked before anything is reserved: a refused request
     // must not hold credits.
     state.rate_limits.check_global(&team.name).await?;
-    let id = reserve(&state, &team, &key, &ask.model, amount, request_id.as_str()).await?;
+    // Held before the reservation is even sent: a client that leaves while the ledger applies
+    // it must not leave credits held until the reconciler gives them up.
     let mut hold = Hold {
         state: state.clone(),
-        id,
+        id: ReservationId::new(),
         reserved: amount,
         team: team.name.clone(),
         model: ask.model.clone(),
         prices,
         stage: Stage::Reserved,
+    };
+    let id = hold.id;
+    let reserved_at = state.clock.now();
+    let reservation = ToReserve {
+        id,
+        model: &ask.model,
+        amount,
+        request_id: request_id.as_str(),
+        now: reserved_at,
+    };
+    let standing = match reserve(&state, &team, &key, reservation).await {
+        Ok(standing) => standing,
+        Err(error) => {
+            // Refused, or given back by `reserve` itself: nothing left for the hold.
+            hold.stage = Stage::Done;
+            return Err(error);
+        }
     };
 
     let body = if ask.add_usage_chunk {
@@ -295,6 +317,11 @@ async fn serve(
     if event_stream {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
+    // The answer's head goes before its usage is known: the standing is the one its worst
+    // case was reserved against, as for a generation; the settlement gives back the rest.
+    if let Some(budget) = team.budget {
+        insert_budget_headers(headers, budget, standing, reserved_at);
+    }
     Ok(response)
 }
 
@@ -320,19 +347,33 @@ fn forwarded(uri: &Uri) -> String {
     }
 }
 
-/// Reserves the request's worst case in the team's budget.
+/// One reservation to make: its id (which the handler's hold already has), model, amount, the
+/// request it is for, and when.
+struct ToReserve<'a> {
+    id: ReservationId,
+    model: &'a str,
+    amount: Credits,
+    request_id: &'a str,
+    now: DateTime<Utc>,
+}
+
+/// Reserves the request's worst case in the team's budget; the standing includes it.
 async fn reserve(
     state: &Arc<AppState>,
     team: &Arc<Team>,
     key: &str,
-    model: &str,
-    amount: Credits,
-    request_id: &str,
-) -> Result<ReservationId, GatewayError> {
-    let now = state.clock.now();
+    wanted: ToReserve<'_>,
+) -> Result<Standing, GatewayError> {
+    let ToReserve {
+        id,
+        model,
+        amount,
+        request_id,
+        now,
+    } = wanted;
     let period = team.budget.map_or(BudgetPeriod::Lifetime, |b| b.period);
     let reservation = NewReservation {
-        id: ReservationId::new(),
+        id,
         team: team.name.clone(),
         key: key.to_owned(),
         model: model.to_owned(),
@@ -347,7 +388,6 @@ async fn reserve(
         idempotency: None,
         cost: None,
     };
-    let id = reservation.id;
     let period_key = reservation.period.clone();
     let outcome = match state.ledger.reserve(reservation).await {
         Ok(outcome) => outcome,
@@ -370,7 +410,7 @@ async fn reserve(
     match outcome {
         ReserveOutcome::Reserved(standing) => {
             notices::after_reservation(state, team, &period_key, standing, now);
-            Ok(id)
+            Ok(standing)
         }
         // Only a reservation with an Idempotency-Key meets a key's claim, and a text request
         // carries none: a store that answers so is wrong, and nothing was reserved.

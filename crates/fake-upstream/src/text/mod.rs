@@ -19,7 +19,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::{Router, routing::post};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderValue, Uri, header};
 use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -113,6 +113,10 @@ pub struct TextExchange {
     pub stream: bool,
     /// The body as received.
     pub body: Value,
+    /// The request's headers as received (names in lower case), and its query string: what a
+    /// gateway passed on besides the body.
+    pub headers: Vec<(String, String)>,
+    pub query: Option<String>,
     /// The tokens the answer used (and reported, unless it was sent without usage).
     pub input_tokens: u64,
     pub output_tokens: u64,
@@ -217,12 +221,24 @@ pub(crate) fn router(text: Arc<TextShared>) -> Router {
 
 type SharedState = State<Arc<TextShared>>;
 
-async fn chat_completions(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
-    text(&shared, &headers, body, Dialect::OpenAi, None).await
+async fn chat_completions(
+    State(shared): SharedState,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request = Received::new(&uri, &headers);
+    text(&shared, request, body, Dialect::OpenAi, None).await
 }
 
-async fn messages(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
-    text(&shared, &headers, body, Dialect::Anthropic, None).await
+async fn messages(
+    State(shared): SharedState,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request = Received::new(&uri, &headers);
+    text(&shared, request, body, Dialect::Anthropic, None).await
 }
 
 /// `/api/v1beta/models/{model}:generateContent` and `:streamGenerateContent` (one path segment,
@@ -230,6 +246,7 @@ async fn messages(State(shared): SharedState, headers: HeaderMap, body: Body) ->
 async fn gemini(
     State(shared): SharedState,
     Path(model_action): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -238,24 +255,50 @@ async fn gemini(
         Some((model, "streamGenerateContent")) if !model.is_empty() => (model.to_owned(), true),
         _ => return wire::route_not_found(),
     };
-    text(&shared, &headers, body, Dialect::Gemini, Some(stream)).await
+    let request = Received::new(&uri, &headers);
+    text(&shared, request, body, Dialect::Gemini, Some(stream)).await
+}
+
+/// A text request's head, as the fake saw it.
+struct Received<'a> {
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+}
+
+impl<'a> Received<'a> {
+    fn new(uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        Received {
+            headers,
+            query: uri.query(),
+        }
+    }
+
+    fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), value)
+            })
+            .collect()
+    }
 }
 
 async fn text(
     text: &TextShared,
-    headers: &HeaderMap,
+    request: Received<'_>,
     body: Body,
     dialect: Dialect,
     gemini: Option<(String, bool)>,
 ) -> Response {
     let (shared, config) = (&text.shared, &text.config);
     Recorder::count(&shared.stats.text_requests);
-    shared.stats.observe_headers(headers);
+    shared.stats.observe_headers(request.headers);
     let fault = text.faults.draw();
     if fault == Some(TextFault::Status500) {
         return wire::internal_error();
     }
-    if !shared.is_authorized(headers) {
+    if !shared.is_authorized(request.headers) {
         Recorder::count(&shared.stats.unauthorized);
         return wire::unauthorized();
     }
@@ -296,6 +339,8 @@ async fn text(
         model: ask.model.clone(),
         stream: ask.stream,
         body: json,
+        headers: request.header_pairs(),
+        query: request.query.map(str::to_owned),
         input_tokens: ask.input_tokens,
         output_tokens: 0,
         outcome: "running".to_owned(),
