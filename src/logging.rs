@@ -51,45 +51,42 @@ pub fn write_json_line(
 }
 
 /// The line [`write_json_line`] writes: the members the JSON layer starts an event's line with
-/// (level, target, timestamp, message), then those of `fields`, then a newline.
+/// (level, target, timestamp, message), then those of `fields`, which must serialize as a JSON
+/// object, then a newline. The four are written directly and the fields' object joined on after
+/// them, rather than through serde's `flatten`, which goes through a generic map for each field.
 pub fn json_line(
     level: tracing::Level,
     target: &str,
     message: &str,
     fields: &impl serde::Serialize,
 ) -> Option<Vec<u8>> {
-    let line = CallersLine {
-        level: level.as_str(),
-        target,
-        timestamp: Now,
-        message,
-        fields,
-    };
     let mut text = Vec::with_capacity(512);
-    serde_json::to_writer(&mut text, &line).ok()?;
+    // RFC 3339 in UTC, to the microsecond, as the log layers write it: by chrono's RFC 3339
+    // writer rather than a strftime pattern, which is parsed anew at every use.
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    for (name, value) in [
+        ("{\"level\":", level.as_str()),
+        (",\"target\":", target),
+        (",\"timestamp\":", &now),
+        (",\"message\":", message),
+    ] {
+        text.extend_from_slice(name.as_bytes());
+        serde_json::to_writer(&mut text, value).ok()?;
+    }
+    let fields_start = text.len();
+    serde_json::to_writer(&mut text, fields).ok()?;
+    // The fields' object joins the line: its opening brace becomes the comma before its first
+    // member, and an empty one leaves only the closing brace.
+    match &text[fields_start..] {
+        b"{}" => {
+            text.truncate(fields_start);
+            text.push(b'}');
+        }
+        [b'{', ..] => text[fields_start] = b',',
+        _ => return None,
+    }
     text.push(b'\n');
     Some(text)
-}
-
-#[derive(serde::Serialize)]
-struct CallersLine<'a, F> {
-    level: &'a str,
-    target: &'a str,
-    timestamp: Now,
-    message: &'a str,
-    #[serde(flatten)]
-    fields: &'a F,
-}
-
-/// The timestamp of a line, as the log layers write it: RFC 3339 in UTC, to the microsecond, by
-/// chrono's RFC 3339 writer rather than a strftime pattern, which is parsed anew at every use.
-struct Now;
-
-impl serde::Serialize for Now {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        serializer.serialize_str(&now)
-    }
 }
 
 /// Installs the global subscriber. The level comes from `RUST_LOG` (default `info`).

@@ -4,14 +4,18 @@
 //! belongs to is put in the request's extensions for the handlers, and the key itself goes no
 //! further. `/admin/*` takes the admin token instead, and no team key opens it.
 
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::{
-    extract::{Request, State},
-    middleware::Next,
+    extract::Request,
     response::{IntoResponse, Response},
 };
+use futures_util::future::Either;
 use http::header;
+use tower::{Layer, Service};
 
 use super::request_metrics::RequestFacts;
 use arc_swap::ArcSwap;
@@ -85,52 +89,98 @@ impl Keys {
     }
 }
 
-pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: Next) -> Response {
-    match access_for(request.uri().path()) {
-        Access::Public => return next.run(request).await,
-        Access::Admin => {
-            let presented = bearer(&request).map(KeyDigest::of);
-            return match keys.admin_token_digest {
-                // Without an admin token the admin API does not exist.
-                None => GatewayError::NoSuchRoute {
-                    method: request.method().to_string(),
-                    path: request.uri().path().chars().take(200).collect(),
-                }
-                .into_response(),
-                // Digests of equal length are compared, so the time taken says nothing useful.
-                Some(expected) if presented == Some(expected) => {
-                    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-                        facts.set_team("admin");
+impl<S> Layer<S> for Keys {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            keys: Arc::new(self.clone()),
+            inner,
+        }
+    }
+}
+
+/// The layer's service: a refused request is answered at once, an admitted one goes on to
+/// `inner` as it is, without a future of this layer's own.
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    keys: Arc<Keys>,
+    inner: S,
+}
+
+impl<S> Service<Request> for Authenticate<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        match self.keys.admit(&mut request) {
+            Ok(()) => {
+                // The service that was made ready is the one called; its clone waits for the next.
+                let ready = self.inner.clone();
+                Either::Right(std::mem::replace(&mut self.inner, ready).call(request))
+            }
+            Err(refused) => Either::Left(ready(Ok(refused.into_response()))),
+        }
+    }
+}
+
+impl Keys {
+    /// Lets the request through (with its team in its extensions), or answers it.
+    fn admit(&self, request: &mut Request) -> Result<(), GatewayError> {
+        match access_for(request.uri().path()) {
+            Access::Public => return Ok(()),
+            Access::Admin => {
+                let presented = bearer(request).map(KeyDigest::of);
+                return match self.admin_token_digest {
+                    // Without an admin token the admin API does not exist.
+                    None => Err(GatewayError::NoSuchRoute {
+                        method: request.method().to_string(),
+                        path: request.uri().path().chars().take(200).collect(),
+                    }),
+                    // Digests of equal length are compared, so the time taken says nothing useful.
+                    Some(expected) if presented == Some(expected) => {
+                        if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+                            facts.set_team("admin");
+                        }
+                        Ok(())
                     }
-                    next.run(request).await
-                }
-                Some(_) => GatewayError::InvalidApiKey.into_response(),
-            };
+                    Some(_) => Err(GatewayError::InvalidApiKey),
+                };
+            }
+            Access::Team => {}
         }
-        Access::Team => {}
-    }
-    let Some(digest) = bearer(&request).map(KeyDigest::of) else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    let Some(entry) = keys.config.load().key_by_digest(&digest).cloned() else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    // The request's log line names the team and key label whether or not the key is in its
-    // window: an operator asking why a team gets 401 finds the expired key there.
-    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-        facts.set_team(&entry.team.name);
-        facts.set_key(entry.label.clone());
-    }
-    let now = keys.clock.now();
-    match entry.window_at(now) {
-        KeyWindow::Valid => {
-            keys.metrics.keys.used(&digest, now);
-            request.extensions_mut().insert(Caller(entry.team));
-            next.run(request).await
+        let Some(digest) = bearer(request).map(KeyDigest::of) else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let config = self.config.load();
+        let Some(entry) = config.key_by_digest(&digest) else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        // The request's log line names the team and key label whether or not the key is in its
+        // window: an operator asking why a team gets 401 finds the expired key there.
+        if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+            facts.set_team(&entry.team.name);
+            facts.set_key(entry.label.clone());
         }
-        outside => {
-            keys.metrics.keys.refused(&digest, &entry, outside);
-            GatewayError::InvalidApiKey.into_response()
+        let now = self.clock.now();
+        match entry.window_at(now) {
+            KeyWindow::Valid => {
+                self.metrics.keys.used(&digest, now);
+                request.extensions_mut().insert(Caller(entry.team.clone()));
+                Ok(())
+            }
+            outside => {
+                self.metrics.keys.refused(&digest, entry, outside);
+                Err(GatewayError::InvalidApiKey)
+            }
         }
     }
 }

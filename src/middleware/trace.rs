@@ -7,68 +7,49 @@
 //! needs to follow one request. Headers are never recorded, so keys and tokens cannot reach the
 //! log.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use http::{Request, Response};
-use tower_http::trace::{MakeSpan, OnResponse};
+use http::{Method, Response};
 use tracing::Span;
 
-use super::{
-    request_id::RequestId,
-    request_metrics::{RequestFacts, route_of},
-};
+use super::{request_id::RequestId, request_metrics::RequestFacts};
 use crate::{error::ErrorKind, logging};
 
-#[derive(Debug, Clone, Copy)]
-pub struct RequestSpan;
-
-impl<B> MakeSpan<B> for RequestSpan {
-    fn make_span(&mut self, request: &Request<B>) -> Span {
-        let route = route_of(request.extensions());
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .map_or("", |id| id.as_str());
-        tracing::info_span!(
-            "request",
-            request_id,
-            method = %request.method(),
-            route,
-        )
-    }
+/// The request's span: its id, method and route.
+pub fn span(request_id: &RequestId, method: &Method, route: &str) -> Span {
+    tracing::info_span!(
+        "request",
+        request_id = request_id.as_str(),
+        method = method.as_str(),
+        route,
+    )
 }
-
-#[derive(Debug, Clone, Copy)]
-pub struct LogResponse;
 
 /// The closing line's target, as a `tracing` event here gets, and its message.
 const TARGET: &str = module_path!();
 const MESSAGE: &str = "request finished";
 
-impl<B> OnResponse<B> for LogResponse {
-    fn on_response(self, response: &Response<B>, latency: Duration, _: &Span) {
-        if !tracing::enabled!(tracing::Level::INFO) {
-            return;
-        }
-        let facts = response.extensions().get::<Arc<RequestFacts>>();
-        let facts = facts.map(|facts| &**facts);
-        let line = RequestLine {
-            request_id: facts.and_then(RequestFacts::request_id),
-            method: facts.map(RequestFacts::method),
-            route: facts.map(RequestFacts::route),
-            status: response.status().as_u16(),
-            latency_ms: millis(latency),
-            error: response.extensions().get::<ErrorKind>().map(|k| k.0),
-            team: facts.and_then(RequestFacts::team),
-            key: facts.and_then(RequestFacts::key),
-            task_id: facts.and_then(RequestFacts::task_id),
-            upstream_ms: facts.and_then(RequestFacts::upstream_wait).map(millis),
-        };
-        if logging::json_lines() {
-            logging::write_json_line(tracing::Level::INFO, TARGET, MESSAGE, &line);
-        } else {
-            log_event(&line);
-        }
+/// Writes the request's closing line, if the log level takes it.
+pub fn log_response<B>(response: &Response<B>, facts: &RequestFacts, latency: Duration) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let line = RequestLine {
+        request_id: facts.request_id(),
+        method: Some(facts.method()),
+        route: Some(facts.route()),
+        status: response.status().as_u16(),
+        latency_ms: millis(latency),
+        error: response.extensions().get::<ErrorKind>().map(|k| k.0),
+        team: facts.team(),
+        key: facts.key(),
+        task_id: facts.task_id(),
+        upstream_ms: facts.upstream_wait().map(millis),
+    };
+    if logging::json_lines() {
+        logging::write_json_line(tracing::Level::INFO, TARGET, MESSAGE, &line);
+    } else {
+        log_event(&line);
     }
 }
 
