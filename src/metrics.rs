@@ -100,6 +100,17 @@ pub struct Metrics {
     pub upstream_account_out: IntGaugeVec,
     pub upstream_account_removals: IntCounterVec,
     pub upstream_accounts_in_rotation: IntGauge,
+    /// A status read's counters, resolved once, so that a read counts without label lookups.
+    pub status_reads: StatusReadCounters,
+}
+
+/// The series of `ownership_lookups` and `cache_requests` that every status read counts.
+pub struct StatusReadCounters {
+    pub owner_from_memory: IntCounter,
+    pub owner_from_ledger: IntCounter,
+    pub cache_hit: IntCounter,
+    pub cache_miss: IntCounter,
+    pub cache_coalesced: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -124,6 +135,20 @@ impl Metrics {
                 metric
             }};
         }
+        let ownership_lookups = register!(IntCounterVec::new(
+            opts(
+                "ownership_lookups_total",
+                "Status reads by where their task's owner came from: memory (the ownership index) or ledger."
+            ),
+            &["source"]
+        ));
+        let cache_requests = register!(IntCounterVec::new(
+            opts(
+                "cache_requests_total",
+                "Status reads by how the cache served them: hit, miss, coalesced."
+            ),
+            &["result"]
+        ));
         let metrics = Metrics {
             requests: register!(IntCounterVec::new(
                 opts(
@@ -311,13 +336,6 @@ impl Metrics {
                 "ops_connections_refused_total",
                 "New connections to server.metrics_listen closed unread because 32 were open."
             ))),
-            cache_requests: register!(IntCounterVec::new(
-                opts(
-                    "cache_requests_total",
-                    "Status reads by how the cache served them: hit, miss, coalesced."
-                ),
-                &["result"]
-            )),
             cache_entries: register!(IntGauge::with_opts(opts(
                 "cache_entries",
                 "Task statuses in the cache."
@@ -326,13 +344,6 @@ impl Metrics {
                 "cache_evictions_total",
                 "Statuses evicted from the cache to keep it within max_entries."
             ))),
-            ownership_lookups: register!(IntCounterVec::new(
-                opts(
-                    "ownership_lookups_total",
-                    "Status reads by where their task's owner came from: memory (the ownership index) or ledger."
-                ),
-                &["source"]
-            )),
             owners_in_memory: register!(IntGauge::with_opts(opts(
                 "owners_in_memory",
                 "Tasks whose owner the ownership index holds (at most cache.max_owners)."
@@ -405,6 +416,15 @@ impl Metrics {
                 "Upstream accounts that take new generations; at 0 every generation is refused \
                  with a 503."
             ))),
+            status_reads: StatusReadCounters {
+                owner_from_memory: ownership_lookups.with_label_values(&["memory"]),
+                owner_from_ledger: ownership_lookups.with_label_values(&["ledger"]),
+                cache_hit: cache_requests.with_label_values(&["hit"]),
+                cache_miss: cache_requests.with_label_values(&["miss"]),
+                cache_coalesced: cache_requests.with_label_values(&["coalesced"]),
+            },
+            ownership_lookups,
+            cache_requests,
             registry,
         };
         let build = GaugeVec::new(

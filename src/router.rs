@@ -5,22 +5,12 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    error_handling::HandleErrorLayer,
-    middleware,
-    response::IntoResponse,
     routing::{get, post},
 };
-use http::header;
 use tower::ServiceBuilder;
-use tower_http::{
-    catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
-    trace::TraceLayer,
-};
 
 use crate::{
-    error::GatewayError,
-    headers,
-    middleware::{audit, auth, rate_limit, request_id, request_metrics, trace},
+    middleware::{audit, auth, outer, rate_limit, request_metrics},
     rate_limiter::LimitKind,
     routes,
     state::AppState,
@@ -38,8 +28,7 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
 
     // The team's limit of each kind, on the routes it applies to; inside the stack below, so
     // it runs after authentication and before the handler spends anything on the request.
-    let limited =
-        |kind| middleware::from_fn_with_state((state.rate_limits.clone(), kind), rate_limit::limit);
+    let limited = |kind| rate_limit::Limit::new(state.rate_limits.clone(), kind);
     // Every asynchronous endpoint of the route table, each at its upstream path.
     let generations = config
         .routes
@@ -97,53 +86,25 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
         .method_not_allowed_fallback(routes::no_such_method);
 
     let stack = ServiceBuilder::new()
-        // First, so that no later layer (or log line) ever sees a key or token in clear.
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            headers::ANTHROPIC_API_KEY,
-            headers::GOOGLE_API_KEY,
-        ]))
-        // Before tracing, so the request span carries the id.
-        .layer(middleware::from_fn(request_id::assign))
-        // One span and one closing log line per request, covering everything below.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(trace::RequestSpan)
-                .on_request(())
-                .on_response(trace::LogResponse)
-                .on_failure(()),
-        )
-        // Inside tracing, outside everything that can refuse a request: every answer is counted.
-        .layer(middleware::from_fn_with_state(
+        // First: the team key and token headers hidden from everything after it, the request
+        // id, the span and closing log line, the metrics, the panic guard and the request
+        // timeout, around everything below, so every answer (a refusal too) is counted and
+        // logged.
+        .layer(outer::Outer::new(
             request_metrics::RequestMetrics::new(state.metrics.clone(), state.config.clone()),
-            request_metrics::record,
+            request_timeout,
         ))
-        // A bug in a handler answers 500 in the envelope instead of dropping the connection;
-        // inside tracing so the 500 is logged with its request id.
-        .layer(CatchPanicLayer::custom(|_| {
-            GatewayError::Internal("a handler panicked".into()).into_response()
-        }))
-        // Bounds the request until its answer's head; the handler's spawned upstream work is
-        // not cut short, so the ledger still records what the upstream accepted. A text
-        // answer's body streams on after it, bounded between chunks (`routes::text`).
-        .layer(HandleErrorLayer::new(
-            move |_: tower::BoxError| async move { GatewayError::RequestTimeout(request_timeout) },
-        ))
-        .timeout(request_timeout)
         // Everything above also protects unauthenticated requests; the rate limits on the
         // routes above need the team it finds.
-        .layer(middleware::from_fn_with_state(
-            auth::Keys::new(
-                state.config.clone(),
-                admin_tokens,
-                state.clock.clone(),
-                state.metrics.clone(),
-            ),
-            auth::authenticate,
+        .layer(auth::Keys::new(
+            state.config.clone(),
+            admin_tokens,
+            state.clock.clone(),
+            state.metrics.clone(),
         ))
         // Inside authentication, which names the admin; around every route, so each admin
         // route that changes state is recorded in the audit trail without a line of its own.
-        .layer(middleware::from_fn_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             audit::AuditTrail::new(
                 state.ledger.clone(),
                 state.clock.clone(),

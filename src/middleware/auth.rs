@@ -9,14 +9,18 @@
 //! public clients send their key elsewhere, also where they send it ([`key_places`]).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::task::{Context, Poll};
 use std::{borrow::Cow, sync::Arc};
 
 use axum::{
-    extract::{Request, State},
-    middleware::Next,
+    extract::Request,
     response::{IntoResponse, Response},
 };
+use futures_util::future::Either;
 use http::header;
+use tower::{Layer, Service};
 
 use super::request_metrics::RequestFacts;
 use arc_swap::ArcSwap;
@@ -157,57 +161,104 @@ impl Keys {
     }
 }
 
-pub async fn authenticate(State(keys): State<Keys>, mut request: Request, next: Next) -> Response {
-    match access_for(request.uri().path()) {
-        Access::Public => return next.run(request).await,
-        Access::Admin => {
-            // Without an admin token the admin API does not exist.
-            if keys.admin_tokens.is_empty() {
-                return GatewayError::NoSuchRoute {
-                    method: request.method().to_string(),
-                    path: request.uri().path().chars().take(200).collect(),
+impl<S> Layer<S> for Keys {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            keys: Arc::new(self.clone()),
+            inner,
+        }
+    }
+}
+
+/// The layer's service: a refused request is answered at once, an admitted one goes on to
+/// `inner` as it is, without a future of this layer's own.
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    keys: Arc<Keys>,
+    inner: S,
+}
+
+impl<S> Service<Request> for Authenticate<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        match self.keys.admit(&mut request) {
+            Ok(()) => {
+                // The service that was made ready is the one called; its clone waits for the next.
+                let ready = self.inner.clone();
+                Either::Right(std::mem::replace(&mut self.inner, ready).call(request))
+            }
+            Err(refused) => Either::Left(ready(Ok(refused.into_response()))),
+        }
+    }
+}
+
+impl Keys {
+    /// Lets the request through (with its caller in its extensions), or answers it.
+    fn admit(&self, request: &mut Request) -> Result<(), GatewayError> {
+        match access_for(request.uri().path()) {
+            Access::Public => return Ok(()),
+            Access::Admin => {
+                // Without an admin token the admin API does not exist.
+                if self.admin_tokens.is_empty() {
+                    return Err(GatewayError::NoSuchRoute {
+                        method: request.method().to_string(),
+                        path: request.uri().path().chars().take(200).collect(),
+                    });
                 }
-                .into_response();
+                // Looked up by digest, as team keys are: the time taken says nothing of the token.
+                let presented = bearer(request).map(KeyDigest::of);
+                let Some(label) = presented.and_then(|digest| self.admin_tokens.get(&digest))
+                else {
+                    return Err(GatewayError::InvalidApiKey);
+                };
+                if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+                    facts.set_team("admin");
+                    facts.set_key(label.clone());
+                }
+                request.extensions_mut().insert(Admin(label.clone()));
+                return Ok(());
             }
-            // Looked up by digest, as team keys are: the time taken says nothing of the token.
-            let presented = bearer(&request).map(KeyDigest::of);
-            let Some(label) = presented.and_then(|digest| keys.admin_tokens.get(&digest)) else {
-                return GatewayError::InvalidApiKey.into_response();
-            };
-            if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-                facts.set_team("admin");
-                facts.set_key(label.clone());
+            Access::Team => {}
+        }
+        let Some(digest) = team_key(request).map(|key| KeyDigest::of(&key)) else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let config = self.config.load();
+        let Some(entry) = config.key_by_digest(&digest) else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        // The request's log line names the team and key label whether or not the key is in its
+        // window: an operator asking why a team gets 401 finds the expired key there.
+        if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
+            facts.set_team(&entry.team.name);
+            facts.set_key(entry.label.clone());
+        }
+        let now = self.clock.now();
+        match entry.window_at(now) {
+            KeyWindow::Valid => {
+                self.metrics.keys.used(&digest, now);
+                request.extensions_mut().insert(Caller {
+                    key: entry.name(&digest),
+                    team: entry.team.clone(),
+                });
+                Ok(())
             }
-            request.extensions_mut().insert(Admin(label.clone()));
-            return next.run(request).await;
-        }
-        Access::Team => {}
-    }
-    let Some(digest) = team_key(&request).map(|key| KeyDigest::of(&key)) else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    let Some(entry) = keys.config.load().key_by_digest(&digest).cloned() else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    // The request's log line names the team and key label whether or not the key is in its
-    // window: an operator asking why a team gets 401 finds the expired key there.
-    if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-        facts.set_team(&entry.team.name);
-        facts.set_key(entry.label.clone());
-    }
-    let now = keys.clock.now();
-    match entry.window_at(now) {
-        KeyWindow::Valid => {
-            keys.metrics.keys.used(&digest, now);
-            request.extensions_mut().insert(Caller {
-                key: entry.name(&digest),
-                team: entry.team,
-            });
-            next.run(request).await
-        }
-        outside => {
-            keys.metrics.keys.refused(&digest, &entry, outside);
-            GatewayError::InvalidApiKey.into_response()
+            outside => {
+                self.metrics.keys.refused(&digest, entry, outside);
+                Err(GatewayError::InvalidApiKey)
+            }
         }
     }
 }

@@ -1,7 +1,10 @@
-//! The gateway's own middleware, one per file. The stack itself is assembled in `router::router`.
+//! The gateway's own middleware, one layer per file: `outer` (what every request gets around
+//! it, made of the parts in `request_id`, `trace` and `request_metrics`), `auth`, `rate_limit`.
+//! The stack itself is assembled in `router::router`.
 
 pub mod audit;
 pub mod auth;
+pub mod outer;
 pub mod rate_limit;
 pub mod request_id;
 pub mod request_metrics;

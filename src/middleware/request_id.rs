@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use axum::{extract::Request, middleware::Next, response::Response};
+use axum::extract::Request;
 use http::HeaderValue;
 
 use crate::headers::REQUEST_ID as HEADER;
@@ -33,19 +33,27 @@ fn acceptable(value: &HeaderValue) -> Option<&str> {
     sane.then_some(text)
 }
 
-pub async fn assign(mut request: Request, next: Next) -> Response {
-    let id: Arc<str> = match request.headers().get(HEADER).and_then(acceptable) {
-        Some(given) => given.into(),
-        // Without the crate's shared context, whose lock every worker would take in turn: ids
-        // made in the same millisecond need not sort in the order they were made.
-        None => uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext))
-            .to_string()
-            .into(),
-    };
-    let header = HeaderValue::from_str(&id).expect("request ids are header-safe by construction");
-    request.headers_mut().insert(HEADER, header.clone());
-    request.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(request).await;
-    response.headers_mut().insert(HEADER, header);
-    response
+/// Sets the request's id on its `X-Request-Id` header and in its extensions, and returns it
+/// with the header value the response carries back.
+pub fn assign(request: &mut Request) -> (RequestId, HeaderValue) {
+    let (id, header): (Arc<str>, HeaderValue) =
+        match request.headers().get(HEADER).and_then(acceptable) {
+            // The caller's header, kept as it came: its value is already the one to return.
+            Some(given) => (given.into(), request.headers()[HEADER].clone()),
+            None => {
+                // Without the crate's shared context, whose lock every worker would take in
+                // turn: ids made in the same millisecond need not sort in the order they were
+                // made. Written on the stack, so the id costs one allocation for its text.
+                let uuid = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+                let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+                let text: &str = uuid.hyphenated().encode_lower(&mut text);
+                let header = HeaderValue::from_str(text)
+                    .expect("request ids are header-safe by construction");
+                request.headers_mut().insert(HEADER, header.clone());
+                (text.into(), header)
+            }
+        };
+    let id = RequestId(id);
+    request.extensions_mut().insert(id.clone());
+    (id, header)
 }

@@ -1,18 +1,14 @@
 //! Counts and times every request by team, route and status, and measures the gateway's own
 //! overhead: the request's duration minus the time it spent waiting on the upstream.
 //!
-//! It sits just inside tracing, so it sees every request, including those refused by
+//! The outer layer (`middleware::outer`) records every request here, including those refused by
 //! authentication (`team="unknown"`). Later layers and handlers fill in [`RequestFacts`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::{
-    extract::{MatchedPath, Request, State},
-    middleware::Next,
-    response::Response,
-};
+use axum::extract::MatchedPath;
 
 use super::request_id::RequestId;
 use arc_swap::ArcSwap;
@@ -37,7 +33,7 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    fn new(request_id: Option<RequestId>, method: http::Method, route: String) -> Self {
+    pub fn new(request_id: Option<RequestId>, method: http::Method, route: String) -> Self {
         RequestFacts {
             request_id,
             method,
@@ -121,42 +117,28 @@ impl RequestMetrics {
     }
 }
 
-pub async fn record(
-    State(state): State<RequestMetrics>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let facts = Arc::new(RequestFacts::new(
-        request.extensions().get::<RequestId>().cloned(),
-        request.method().clone(),
-        route_of(request.extensions()).to_owned(),
-    ));
-    let route = facts.route();
-    request.extensions_mut().insert(facts.clone());
-    let started = Instant::now();
-    let mut response = next.run(request).await;
-    let elapsed = started.elapsed();
-
-    let config = state.config.load();
-    let team = facts
-        .team
-        .get()
-        .map_or("unknown", |team| config.team_label(team));
-    let metrics = &state.metrics;
-    metrics
-        .requests
-        .with_label_values(&[team, route, response.status().as_str()])
-        .inc();
-    metrics
-        .request_duration
-        .with_label_values(&[route])
-        .observe(elapsed.as_secs_f64());
-    metrics.overhead.with_label_values(&[route]).observe(
-        elapsed
-            .saturating_sub(facts.upstream_wait().unwrap_or_default())
-            .as_secs_f64(),
-    );
-    // For the closing log line, written by the tracing layer outside this one.
-    response.extensions_mut().insert(facts);
-    response
+impl RequestMetrics {
+    /// Counts and times one answered request.
+    pub fn record(&self, facts: &RequestFacts, status: http::StatusCode, elapsed: Duration) {
+        let config = self.config.load();
+        let team = facts
+            .team
+            .get()
+            .map_or("unknown", |team| config.team_label(team));
+        let route = facts.route();
+        let metrics = &self.metrics;
+        metrics
+            .requests
+            .with_label_values(&[team, route, status.as_str()])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        metrics.overhead.with_label_values(&[route]).observe(
+            elapsed
+                .saturating_sub(facts.upstream_wait().unwrap_or_default())
+                .as_secs_f64(),
+        );
+    }
 }

@@ -7,68 +7,49 @@
 //! needs to follow one request. Headers are never recorded, so keys and tokens cannot reach the
 //! log.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use http::{Request, Response};
-use tower_http::trace::{MakeSpan, OnResponse};
+use http::{Method, Response};
 use tracing::Span;
 
-use super::{
-    request_id::RequestId,
-    request_metrics::{RequestFacts, route_of},
-};
+use super::{request_id::RequestId, request_metrics::RequestFacts};
 use crate::{error::ErrorKind, logging};
 
-#[derive(Debug, Clone, Copy)]
-pub struct RequestSpan;
-
-impl<B> MakeSpan<B> for RequestSpan {
-    fn make_span(&mut self, request: &Request<B>) -> Span {
-        let route = route_of(request.extensions());
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .map_or("", |id| id.as_str());
-        tracing::info_span!(
-            "request",
-            request_id,
-            method = %request.method(),
-            route,
-        )
-    }
+/// The request's span: its id, method and route.
+pub fn span(request_id: &RequestId, method: &Method, route: &str) -> Span {
+    tracing::info_span!(
+        "request",
+        request_id = request_id.as_str(),
+        method = method.as_str(),
+        route,
+    )
 }
-
-#[derive(Debug, Clone, Copy)]
-pub struct LogResponse;
 
 /// The closing line's target, as a `tracing` event here gets, and its message.
 const TARGET: &str = module_path!();
 const MESSAGE: &str = "request finished";
 
-impl<B> OnResponse<B> for LogResponse {
-    fn on_response(self, response: &Response<B>, latency: Duration, _: &Span) {
-        if !tracing::enabled!(tracing::Level::INFO) {
-            return;
-        }
-        let facts = response.extensions().get::<Arc<RequestFacts>>();
-        let facts = facts.map(|facts| &**facts);
-        let line = RequestLine {
-            request_id: facts.and_then(RequestFacts::request_id),
-            method: facts.map(RequestFacts::method),
-            route: facts.map(RequestFacts::route),
-            status: response.status().as_u16(),
-            latency_ms: millis(latency),
-            error: response.extensions().get::<ErrorKind>().map(|k| k.0),
-            team: facts.and_then(RequestFacts::team),
-            key: facts.and_then(RequestFacts::key),
-            task_id: facts.and_then(RequestFacts::task_id),
-            upstream_ms: facts.and_then(RequestFacts::upstream_wait).map(millis),
-        };
-        if logging::json_lines() {
-            logging::write_json_line(tracing::Level::INFO, TARGET, MESSAGE, &line);
-        } else {
-            log_event(&line);
-        }
+/// Writes the request's closing line, if the log level takes it.
+pub fn log_response<B>(response: &Response<B>, facts: &RequestFacts, latency: Duration) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let line = RequestLine {
+        request_id: facts.request_id(),
+        method: Some(facts.method()),
+        route: Some(facts.route()),
+        status: response.status().as_u16(),
+        latency_ms: millis(latency),
+        error: response.extensions().get::<ErrorKind>().map(|k| k.0),
+        team: facts.team(),
+        key: facts.key(),
+        task_id: facts.task_id(),
+        upstream_ms: facts.upstream_wait().map(millis),
+    };
+    if logging::json_lines() {
+        logging::write_json_line(tracing::Level::INFO, TARGET, MESSAGE, &line);
+    } else {
+        log_event(&line);
     }
 }
 
@@ -90,29 +71,35 @@ fn log_event(line: &RequestLine) {
     );
 }
 
-/// The closing line's fields. In the JSON format they are serialized as they are (see
+/// The closing line's fields. In the JSON format they are written as they are (see
 /// [`logging::write_json_line`]): the members the same `tracing` event gets there, in the same
 /// order, absent ones left out.
-#[derive(serde::Serialize)]
 struct RequestLine<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     method: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     route: Option<&'a str>,
     status: u16,
     latency_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     team: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     task_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     upstream_ms: Option<f64>,
+}
+
+impl logging::JsonMembers for RequestLine<'_> {
+    fn write_members(&self, members: &mut logging::Members<'_>) {
+        members.str("request_id", self.request_id);
+        members.str("method", self.method);
+        members.str("route", self.route);
+        members.value("status", Some(self.status));
+        members.value("latency_ms", Some(self.latency_ms));
+        members.str("error", self.error);
+        members.str("team", self.team);
+        members.str("key", self.key);
+        members.str("task_id", self.task_id);
+        members.value("upstream_ms", self.upstream_ms);
+    }
 }
 
 /// Milliseconds to the microsecond, so the line shows `1.259321`, not `1.2593210000000001`.
@@ -153,7 +140,7 @@ mod tests {
             },
         ];
         for line in &lines {
-            let direct = logging::json_line(tracing::Level::INFO, TARGET, MESSAGE, line).unwrap();
+            let direct = logging::json_line(tracing::Level::INFO, TARGET, MESSAGE, line);
             let mut direct: serde_json::Value = serde_json::from_slice(&direct).unwrap();
             let mut event = logging::tests::logged(|| log_event(line)).remove(0);
             let [direct_stamp, event_stamp] = [&mut direct, &mut event].map(|json| {

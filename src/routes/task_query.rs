@@ -28,12 +28,20 @@ use ketchup_domain::{
 const MAX_TASK_ID_LEN: usize = 256;
 
 fn task_id_of(query: Option<&str>) -> Result<String, GatewayError> {
-    let task_id = query
-        .into_iter()
-        .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()))
-        .find(|(key, _)| key == "task_id")
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default();
+    let query = query.unwrap_or_default();
+    let task_id = if query.contains(['%', '+']) {
+        url::form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == "task_id")
+            .map(|(_, value)| value.into_owned())
+    } else {
+        // Nothing encoded, so nothing to decode: the pairs as they are, as every client sends.
+        query
+            .split('&')
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .find(|(key, _)| *key == "task_id")
+            .map(|(_, value)| value.to_owned())
+    }
+    .unwrap_or_default();
     if task_id.is_empty() {
         return Err(GatewayError::InvalidRequest("task_id is required".into()));
     }
@@ -63,23 +71,17 @@ async fn owned_task<'a>(
         team,
         closed,
     };
-    let from = |source: &str| {
-        state
-            .metrics
-            .ownership_lookups
-            .with_label_values(&[source])
-            .inc()
-    };
+    let counters = &state.metrics.status_reads;
     match state.owners.lookup(task_id, team) {
         Lookup::Owned { closed } => {
-            from("memory");
+            counters.owner_from_memory.inc();
             return Ok(owned(closed));
         }
         Lookup::NotOwned => {
-            from("memory");
+            counters.owner_from_memory.inc();
             return Err(GatewayError::TaskNotFound);
         }
-        Lookup::Unknown => from("ledger"),
+        Lookup::Unknown => counters.owner_from_ledger.inc(),
     }
     let task = state
         .ledger
@@ -118,11 +120,13 @@ pub async fn query(
         facts.add_upstream_wait(asked.elapsed());
     }
     if state.status_cache.is_enabled() {
-        state
-            .metrics
-            .cache_requests
-            .with_label_values(&[served.as_str()])
-            .inc();
+        let counters = &state.metrics.status_reads;
+        match served {
+            Served::Hit => &counters.cache_hit,
+            Served::Miss => &counters.cache_miss,
+            Served::Coalesced => &counters.cache_coalesced,
+        }
+        .inc();
     }
     let answer = match read {
         Ok(answer) => answer,
@@ -293,6 +297,28 @@ fn pending(task: &TaskRecord) -> Answer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_task_id_is_read_as_a_form_decoder_reads_it() {
+        for query in [
+            "task_id=ta-1",
+            "a=b&task_id=ta-1&task_id=ta-2",
+            "task_id=ta%2D1",
+            "task_id=ta+1",
+            "x=%ZZ&task_id=t",
+            "task_id",
+            "task_id=",
+            "&&task_id=a=b",
+            "",
+        ] {
+            let decoded = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(key, _)| key == "task_id")
+                .map(|(_, value)| value.into_owned())
+                .filter(|id| !id.is_empty());
+            assert_eq!(super::task_id_of(Some(query)).ok(), decoded, "{query}");
+        }
+        assert!(super::task_id_of(None).is_err());
+    }
+
     /// The size of the future an async fn of five arguments returns.
     fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
