@@ -456,6 +456,23 @@ mod tests {
         assert_eq!(claims(&path), 2, "the claims until 11:03 and 11:04 stay");
     }
 
+    /// A ledger file at `path` as the version before the migration that contains `change` left
+    /// it: the schema and every migration before that one, and its `user_version`.
+    fn ledger_before(path: &std::path::Path, change: &str) -> Connection {
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains(change))
+            .unwrap_or_else(|| panic!("no migration contains {change:?}"));
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        for migration in &MIGRATIONS[..before] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", before as i64)
+            .unwrap();
+        conn
+    }
+
     #[tokio::test]
     async fn a_reservation_left_waiting_by_the_version_before_dispatch_counts_as_sent() {
         let dir = tempfile::tempdir().unwrap();
@@ -463,17 +480,7 @@ mod tests {
         let id = ReservationId::new();
         {
             // The schema as the version before dispatch left it, with one reservation waiting.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA).unwrap();
-            let before = MIGRATIONS
-                .iter()
-                .position(|m| m.contains("ADD COLUMN dispatched_at"))
-                .expect("the migration that records dispatch");
-            for migration in &MIGRATIONS[..before] {
-                conn.execute_batch(migration).unwrap();
-            }
-            conn.pragma_update(None, "user_version", before as i64)
-                .unwrap();
+            let conn = ledger_before(&path, "ADD COLUMN dispatched_at");
             conn.execute(
                 "INSERT INTO reservations (id, team, model, period, reserved, state, request_id,
                                            created_at)
@@ -548,19 +555,9 @@ mod tests {
     async fn tasks_recorded_before_route_families_count_as_images() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let before_families = MIGRATIONS
-            .iter()
-            .position(|m| m.contains("ADD COLUMN family"))
-            .unwrap();
         {
             // The schema as the version before families left it, with one open task.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA).unwrap();
-            for migration in &MIGRATIONS[..before_families] {
-                conn.execute_batch(migration).unwrap();
-            }
-            conn.pragma_update(None, "user_version", before_families as i64)
-                .unwrap();
+            let conn = ledger_before(&path, "ADD COLUMN family");
             conn.execute(
                 "INSERT INTO reservations (id, task_id, team, model, period, reserved, state,
                                            request_id, created_at)
@@ -587,19 +584,9 @@ mod tests {
     async fn tasks_recorded_before_key_names_are_reported_with_an_empty_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let before_keys = MIGRATIONS
-            .iter()
-            .position(|m| m.contains("ADD COLUMN key_label"))
-            .unwrap();
         {
             // The schema as the version before key names left it, with one settled task.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA).unwrap();
-            for migration in &MIGRATIONS[..before_keys] {
-                conn.execute_batch(migration).unwrap();
-            }
-            conn.pragma_update(None, "user_version", before_keys as i64)
-                .unwrap();
+            let conn = ledger_before(&path, "ADD COLUMN key_label");
             conn.execute(
                 "INSERT INTO reservations (id, task_id, team, model, period, reserved, consumed,
                                            state, final_status, request_id, created_at)
