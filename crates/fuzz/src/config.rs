@@ -431,9 +431,16 @@ fn broken(u: &mut Unstructured) {
                 text(u, 12).replace(['\n', '\r'], " ")
             };
             lines[at] = format!("{key} = {value}");
-            // A multi-line string opened here ends in another key's line, which the error names.
-            let multi_line = value.contains("\"\"\"") || value.contains("\'\'\'");
-            (!multi_line).then_some(key)
+            // A multi-line string, an array or an inline table opened here may end in another
+            // key's line (TOML 1.1 lets inline tables span lines too), which the error names.
+            let unclosed = |open: char, close: char| {
+                value.matches(open).count() > value.matches(close).count()
+            };
+            let spans_lines = value.contains("\"\"\"")
+                || value.contains("\'\'\'")
+                || unclosed('[', ']')
+                || unclosed('{', '}');
+            (!spans_lines).then_some(key)
         }
         2 => {
             lines.insert(at, "typo_key = 1".into());
