@@ -957,7 +957,14 @@ async fn retried_status_reads_stay_within_the_upstream_accounts_limit() {
     let started = Instant::now();
     let replies = gateway.api.concurrently(&reads).await;
     let window = started.elapsed();
-    assert_eq!(statuses(&replies), HashMap::from([(500, 2)]));
+    // Each read ends in the upstream's 500 after its retries, or in a 429 when the other read's
+    // retries took the account's limit before it arrived (which the machine's load decides).
+    let answered = statuses(&replies);
+    assert!(
+        answered.get(&500).is_some_and(|n| *n >= 1)
+            && answered.keys().all(|status| [500, 429].contains(status)),
+        "{answered:?}"
+    );
     let sent = fake.stats().query_requests;
     assert!(
         sent as usize <= global_allowance(2, window),
