@@ -17,10 +17,11 @@ use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::{Extension, Path, State},
-    response::Response,
+    extract::{Extension, FromRequestParts, Path, State},
+    response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
+use http::request::Parts;
 use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt, Limited};
 
@@ -52,7 +53,7 @@ const FAMILY: &str = "text";
 const MAX_ERROR_BYTES: usize = 1 << 20;
 
 /// What a handler learnt of its caller, from the layers before it.
-struct Sender {
+pub struct Sender {
     team: Arc<Team>,
     /// The name of the key it came with, which its reservation records.
     key: Arc<str>,
@@ -60,37 +61,44 @@ struct Sender {
     facts: Arc<RequestFacts>,
 }
 
+impl<S: Send + Sync> FromRequestParts<S> for Sender {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let fail = IntoResponse::into_response;
+        let Extension(Caller { team, key }) = Extension::<Caller>::from_request_parts(parts, state)
+            .await
+            .map_err(fail)?;
+        let Extension(request_id) = Extension::<RequestId>::from_request_parts(parts, state)
+            .await
+            .map_err(fail)?;
+        let Extension(facts) = Extension::<Arc<RequestFacts>>::from_request_parts(parts, state)
+            .await
+            .map_err(fail)?;
+        Ok(Sender {
+            team,
+            key,
+            request_id,
+            facts,
+        })
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, key }): Extension<Caller>,
-    Extension(request_id): Extension<RequestId>,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    caller: Sender,
     uri: Uri,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let caller = Sender {
-        team,
-        key,
-        request_id,
-        facts,
-    };
     serve(state, caller, Dialect::OpenAi, None, &uri, body).await
 }
 
 pub async fn messages(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, key }): Extension<Caller>,
-    Extension(request_id): Extension<RequestId>,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    caller: Sender,
     uri: Uri,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let caller = Sender {
-        team,
-        key,
-        request_id,
-        facts,
-    };
     serve(state, caller, Dialect::Anthropic, None, &uri, body).await
 }
 
@@ -98,9 +106,7 @@ pub async fn messages(
 /// its last colon.
 pub async fn gemini(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, key }): Extension<Caller>,
-    Extension(request_id): Extension<RequestId>,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    caller: Sender,
     Path(model_action): Path<String>,
     uri: Uri,
     body: Body,
@@ -114,12 +120,6 @@ pub async fn gemini(
                 path: uri.path().chars().take(200).collect(),
             });
         }
-    };
-    let caller = Sender {
-        team,
-        key,
-        request_id,
-        facts,
     };
     serve(
         state,
