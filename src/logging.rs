@@ -22,6 +22,10 @@ use std::time::Duration;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
+mod request_scope;
+
+pub use request_scope::{InRequest, LoggedRequest, RequestContext};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Human,
@@ -41,8 +45,8 @@ pub fn json_lines() -> bool {
 /// formatting, which visits each field through `dyn Visit` and writes it piece by piece.
 pub fn write_json_line(
     level: tracing::Level,
-    target: &str,
-    message: &str,
+    target: &'static str,
+    message: &'static str,
     fields: &impl JsonMembers,
 ) {
     let _ = LogWriter.write_all(&json_line(level, target, message, fields));
@@ -53,12 +57,13 @@ pub trait JsonMembers {
     fn write_members(&self, members: &mut Members<'_>);
 }
 
-/// The members of a line being written, each as `,"name":value`.
+/// The members of a line being written, each as `,"name":value`. Names are the code's own
+/// identifiers, written as they are: nothing in them needs escaping.
 pub struct Members<'a>(&'a mut Vec<u8>);
 
 impl Members<'_> {
     /// A string member, left out when `None`.
-    pub fn str(&mut self, name: &str, value: Option<&str>) {
+    pub fn str(&mut self, name: &'static str, value: Option<&str>) {
         if let Some(value) = value {
             self.name(name);
             push_json_str(self.0, value);
@@ -66,57 +71,101 @@ impl Members<'_> {
     }
 
     /// A number member (or any other value serde_json writes), left out when `None`.
-    pub fn value(&mut self, name: &str, value: Option<impl serde::Serialize>) {
+    pub fn value(&mut self, name: &'static str, value: Option<impl serde::Serialize>) {
         if let Some(value) = value {
             self.name(name);
             let _ = serde_json::to_writer(&mut *self.0, &value);
         }
     }
 
-    fn name(&mut self, name: &str) {
+    fn name(&mut self, name: &'static str) {
         self.0.push(b',');
-        push_json_str(self.0, name);
+        push_plain_str(self.0, name);
         self.0.push(b':');
     }
 }
 
 /// `text` as a JSON string, as serde_json writes it. Text with nothing to escape, as a request's
-/// fields almost always are, is copied whole rather than looked at byte by byte on the way; the
-/// check has no early exit, so that the compiler does it many bytes at a time.
+/// fields almost always are, is copied whole rather than looked at byte by byte on the way.
 fn push_json_str(out: &mut Vec<u8>, text: &str) {
-    let plain = !text.bytes().fold(false, |escape, b| {
-        escape | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if plain {
+    if needs_escape(text.as_bytes()) {
+        let _ = serde_json::to_writer(&mut *out, text);
+    } else {
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
         out.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *out, text);
     }
+}
+
+/// `text`, which the code itself wrote and knows to need no escaping, as a JSON string.
+fn push_plain_str(out: &mut Vec<u8>, text: &str) {
+    debug_assert!(!needs_escape(text.as_bytes()), "{text:?} needs escaping");
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+}
+
+/// Whether `text` holds a byte a JSON string escapes: looked at 16 bytes at a time, with no early
+/// exit inside a block, so that the compiler checks each block in a few vector instructions.
+fn needs_escape(text: &[u8]) -> bool {
+    let escaped = |escape: bool, b: &u8| escape | (*b < 0x20) | (*b == b'"') | (*b == b'\\');
+    let (blocks, rest) = text.as_chunks::<16>();
+    blocks.iter().any(|block| block.iter().fold(false, escaped)) || rest.iter().fold(false, escaped)
 }
 
 /// The line [`write_json_line`] writes: the members the JSON layer starts an event's line with
 /// (level, target, timestamp, message), then those of `fields`, then a newline.
 pub fn json_line(
     level: tracing::Level,
-    target: &str,
-    message: &str,
+    target: &'static str,
+    message: &'static str,
     fields: &impl JsonMembers,
 ) -> Vec<u8> {
     let mut text = Vec::with_capacity(512);
     text.extend_from_slice(b"{\"level\":");
-    push_json_str(&mut text, level.as_str());
+    push_plain_str(&mut text, level.as_str());
     let mut members = Members(&mut text);
-    members.str("target", Some(target));
-    // RFC 3339 in UTC, to the microsecond, as the log layers write it: by chrono's RFC 3339
-    // writer rather than a strftime pattern, which is parsed anew at every use.
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    members.str("timestamp", Some(&now));
-    members.str("message", Some(message));
+    members.name("target");
+    push_plain_str(members.0, target);
+    members.name("timestamp");
+    push_timestamp(members.0, std::time::SystemTime::now());
+    members.name("message");
+    push_plain_str(members.0, message);
     fields.write_members(&mut members);
     text.extend_from_slice(b"}\n");
     text
+}
+
+thread_local! {
+    /// The second the thread last wrote a timestamp in, and that timestamp to the second.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+}
+
+/// `at` as the log layers write it, as a JSON string: RFC 3339 in UTC, to the microsecond
+/// (`"2026-12-02T16:16:52.123456Z"`). The part to the second is formatted once a second per
+/// thread, by chrono; the microseconds are six digits written here.
+fn push_timestamp(out: &mut Vec<u8>, at: std::time::SystemTime) {
+    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let second = since_epoch.as_secs();
+    out.push(b'"');
+    SECOND.with_borrow_mut(|(formatted_second, text)| {
+        if *formatted_second != second || text.is_empty() {
+            let utc = i64::try_from(second)
+                .ok()
+                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+                .unwrap_or_default();
+            *text = utc.format("%Y-%m-%dT%H:%M:%S").to_string();
+            *formatted_second = second;
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+    let mut fraction = *b".000000Z\"";
+    let mut micros = since_epoch.subsec_micros();
+    for digit in fraction[1..7].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    out.extend_from_slice(&fraction);
 }
 
 /// Installs the global subscriber. The level comes from `RUST_LOG` (default `info`).
@@ -331,7 +380,8 @@ impl Write for LogWriter {
 }
 
 /// The line format of `json_subscriber::fmt().flatten_event(true)`: level, target, timestamp,
-/// the event's fields at the top level, and the current span's fields under `span`. The
+/// the event's fields at the top level, and the request being served (as the fields of a span
+/// named `request`, see [`request_scope`]) under `span`, unless the event is a root. The
 /// event's fields are written straight into the line; the built-in flattening first collects
 /// them into a `serde_json` map, which cost about 7,500 of the 90,000 instructions of a cached
 /// status read (callgrind).
@@ -345,7 +395,11 @@ where
         .with_level("level")
         .with_target("target")
         .with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime)
-        .with_current_span("span");
+        .add_dynamic_field("span", |event, _| {
+            (!event.is_root())
+                .then(request_scope::span_member)
+                .flatten()
+        });
     layer.add_multiple_dynamic_fields(|event, _, line| event.record(&mut TopLevel(line)));
     layer
 }
@@ -390,7 +444,8 @@ pub(crate) mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::{
-        HAND_OVER_LIMIT, HandOver, PIPE_BUF, hand_over_whole_lines, json_layer, write_in_pieces,
+        HAND_OVER_LIMIT, HandOver, InRequest, PIPE_BUF, RequestContext, hand_over_whole_lines,
+        json_layer, write_in_pieces,
     };
 
     /// Collects what the layer writes.
@@ -444,10 +499,27 @@ pub(crate) mod tests {
             "ünïcödé",
             "\u{7f}",
             "\u{1}",
+            "0123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcde\"",
+            "0123456789abcdef\n",
+            "0123456789abcdef0123456789abcdef0123\\",
         ] {
             let mut written = Vec::new();
             super::push_json_str(&mut written, text);
             assert_eq!(written, serde_json::to_vec(text).unwrap(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc_3339_to_the_microsecond_as_chrono_writes_them() {
+        use std::time::{Duration, UNIX_EPOCH};
+        for micros in [0, 1, 999_999, 1_764_691_012_345_678, 1_764_691_013_000_001] {
+            let at = UNIX_EPOCH + Duration::from_micros(micros);
+            let mut written = Vec::new();
+            super::push_timestamp(&mut written, at);
+            let chrono = chrono::DateTime::<chrono::Utc>::from(at)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            assert_eq!(written, serde_json::to_vec(&chrono).unwrap(), "{chrono}");
         }
     }
 
@@ -552,17 +624,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_line_inside_a_span_carries_the_span_but_a_root_line_does_not() {
+    fn a_line_inside_a_request_carries_the_request_but_a_root_line_does_not() {
+        struct Served;
+        impl RequestContext for Served {
+            fn request_id(&self) -> Option<&str> {
+                Some("r-1")
+            }
+            fn method(&self) -> &str {
+                "GET"
+            }
+            fn route(&self) -> &str {
+                "/api/user"
+            }
+        }
         let lines = logged(|| {
-            let span = tracing::info_span!("request", request_id = "r-1", route = "/api/user");
-            let _entered = span.enter();
-            tracing::info!(n = 1u64, "inside");
-            tracing::info!(parent: None, n = 2u64, "root");
+            let serve = InRequest::new(std::sync::Arc::new(Served), async {
+                tracing::info!(n = 1u64, "inside");
+                tracing::info!(parent: None, n = 2u64, "root");
+            });
+            futures_util::FutureExt::now_or_never(serve).expect("nothing to wait for");
         });
         assert_eq!(lines.len(), 2);
         assert_eq!(
             lines[0]["span"],
-            json!({"name": "request", "request_id": "r-1", "route": "/api/user"})
+            json!({"name": "request", "request_id": "r-1", "method": "GET", "route": "/api/user"})
         );
         assert_eq!(lines[0]["n"], 1);
         assert!(lines[1].get("span").is_none(), "{}", lines[1]);

@@ -1,6 +1,7 @@
 //! What every request gets around its handling, in one layer: the headers that carry keys and
-//! tokens marked sensitive (no later layer or log line ever shows it), its id (`request_id`), its span and
-//! closing log line (`trace`), its metrics (`request_metrics`), a panic answered 500 in the
+//! tokens marked sensitive (no later layer or log line ever shows it), its id (`request_id`), the request its
+//! lines are logged for (`logging::InRequest`; a span in the human format) and its closing log
+//! line (`trace`), its metrics (`request_metrics`), a panic answered 500 in the
 //! envelope instead of a dropped connection, and the request timeout (until the answer's head;
 //! the handler's spawned upstream work is not cut short, so the ledger still records what the
 //! upstream accepted, and a text answer's body streams on after it, bounded between chunks by
@@ -18,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::{
-    extract::Request,
+    extract::{MatchedPath, Request},
     response::{IntoResponse, Response},
 };
 use futures_util::FutureExt;
@@ -28,10 +29,10 @@ use tracing::Instrument;
 
 use super::{
     request_id,
-    request_metrics::{RequestFacts, RequestMetrics, route_of},
+    request_metrics::{RequestFacts, RequestMetrics},
     trace,
 };
-use crate::{error::GatewayError, headers};
+use crate::{error::GatewayError, headers, logging};
 
 /// The headers a team key or token may come in, hidden from every later layer and log line.
 const SECRET_HEADERS: [header::HeaderName; 3] = [
@@ -100,18 +101,15 @@ where
             }
         }
         let (id, id_header) = request_id::assign(&mut request);
-        let route = route_of(request.extensions());
-        let span = trace::span(&id, request.method(), route);
-        let facts = Arc::new(RequestFacts::new(
-            Some(id),
-            request.method().clone(),
-            route.to_owned(),
-        ));
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let facts = Arc::new(RequestFacts::new(Some(id), request.method().clone(), route));
+        let span = trace::span(&facts);
         request.extensions_mut().insert(facts.clone());
         // The service that was made ready is the one called; its clone waits for the next.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let shared = self.shared.clone();
+        let request_facts: logging::LoggedRequest = facts.clone();
         let handled = async move {
             let timeout = shared.request_timeout;
             let answer = AssertUnwindSafe(async move { inner.call(request).await }).catch_unwind();
@@ -131,6 +129,6 @@ where
             trace::log_response(&response, &facts, elapsed);
             Ok(response)
         };
-        Box::pin(handled.instrument(span))
+        Box::pin(logging::InRequest::new(request_facts, handled).instrument(span))
     }
 }

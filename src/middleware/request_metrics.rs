@@ -14,7 +14,7 @@ use super::request_id::RequestId;
 use arc_swap::ArcSwap;
 use ketchup_domain::config::Config;
 
-use crate::metrics::Metrics;
+use crate::{logging, metrics::Metrics};
 
 /// What layers and handlers learn about a request that its metrics and its closing log line
 /// need. Kept here rather than recorded on the request's span: a field recorded on a span after
@@ -24,7 +24,7 @@ pub struct RequestFacts {
     /// Known when the request comes in.
     request_id: Option<RequestId>,
     method: http::Method,
-    route: String,
+    route: Option<MatchedPath>,
     team: OnceLock<String>,
     key: OnceLock<Arc<str>>,
     task_id: OnceLock<String>,
@@ -33,7 +33,11 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    pub fn new(request_id: Option<RequestId>, method: http::Method, route: String) -> Self {
+    pub fn new(
+        request_id: Option<RequestId>,
+        method: http::Method,
+        route: Option<MatchedPath>,
+    ) -> Self {
         RequestFacts {
             request_id,
             method,
@@ -50,9 +54,10 @@ impl RequestFacts {
         self.method.as_str()
     }
 
-    /// The route template (`/api/task/query`), or `unmatched`.
+    /// The route template (`/api/task/query`), or `unmatched`: the one value the request's
+    /// span, its closing line and its metrics label it with.
     pub fn route(&self) -> &str {
-        &self.route
+        self.route.as_ref().map_or("unmatched", MatchedPath::as_str)
     }
 
     pub fn set_team(&self, team: &str) {
@@ -96,12 +101,17 @@ impl RequestFacts {
     }
 }
 
-/// The route template a request matched, or `unmatched`: the one value the request's span, its
-/// closing line and its metrics label it with.
-pub fn route_of(extensions: &http::Extensions) -> &str {
-    extensions
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
+/// Lines logged while the request is served name it by these (see [`logging::InRequest`]).
+impl logging::RequestContext for RequestFacts {
+    fn request_id(&self) -> Option<&str> {
+        RequestFacts::request_id(self)
+    }
+    fn method(&self) -> &str {
+        RequestFacts::method(self)
+    }
+    fn route(&self) -> &str {
+        RequestFacts::route(self)
+    }
 }
 
 /// What the layer records into, and the configuration that bounds its team labels.

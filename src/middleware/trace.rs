@@ -1,27 +1,32 @@
-//! One span per request, and one log line when it ends.
+//! The request's span, and its one log line when it ends.
 //!
-//! The span carries the request id, method and route, so every line logged while serving the
-//! request can be traced to it. The closing line is flat: it carries those three itself, plus
-//! what layers and handlers learned on the way ([`RequestFacts`]: the team, the key's label, the
-//! task id, the time spent waiting on the upstream), so that one line has everything an operator
-//! needs to follow one request. Headers are never recorded, so keys and tokens cannot reach the
-//! log.
+//! Every line logged while serving a request names it (its id, method and route): in the JSON
+//! format from [`logging::InRequest`], in the human format from a span this makes. The closing
+//! line is flat: it carries those three itself, plus what layers and handlers learned on the way
+//! ([`RequestFacts`]: the team, the key's label, the task id, the time spent waiting on the
+//! upstream), so that one line has everything an operator needs to follow one request. Headers
+//! are never recorded, so keys and tokens cannot reach the log.
 
 use std::time::Duration;
 
-use http::{Method, Response};
+use http::Response;
 use tracing::Span;
 
-use super::{request_id::RequestId, request_metrics::RequestFacts};
+use super::request_metrics::RequestFacts;
 use crate::{error::ErrorKind, logging};
 
-/// The request's span: its id, method and route.
-pub fn span(request_id: &RequestId, method: &Method, route: &str) -> Span {
+/// The request's span in the human format: its id, method and route as the prefix of every
+/// line logged while it is served. None in the JSON format, whose lines name the request from
+/// [`logging::InRequest`] at a fraction of a span's cost.
+pub fn span(facts: &RequestFacts) -> Span {
+    if logging::json_lines() {
+        return Span::none();
+    }
     tracing::info_span!(
         "request",
-        request_id = request_id.as_str(),
-        method = method.as_str(),
-        route,
+        request_id = facts.request_id(),
+        method = facts.method(),
+        route = facts.route(),
     )
 }
 

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     error::GatewayError,
+    logging,
     middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
     state::AppState,
     upstream::UpstreamError,
@@ -296,9 +297,9 @@ pub async fn generate(
         keyed,
     };
     let work = forward(state.clone(), started, body, request_id, facts);
-    let forwarding = state
-        .background
-        .spawn(work.instrument(tracing::Span::current()));
+    let forwarding = state.background.spawn(logging::InRequest::current(
+        work.instrument(tracing::Span::current()),
+    ));
     // The spawned work owns the reservation now, whatever happens to this handler.
     hold.armed = false;
     let mut response = forwarding
