@@ -104,13 +104,10 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
         ))
         // Inside authentication, which names the admin; around every route, so each admin
         // route that changes state is recorded in the audit trail without a line of its own.
-        .layer(axum::middleware::from_fn_with_state(
-            audit::AuditTrail::new(
-                state.ledger.clone(),
-                state.clock.clone(),
-                state.background.clone(),
-            ),
-            audit::record,
+        .layer(audit::AuditTrail::new(
+            state.ledger.clone(),
+            state.clock.clone(),
+            state.background.clone(),
         ));
 
     routes.layer(stack).with_state(state)

@@ -13,16 +13,20 @@
 //! a client that hangs up then does not lose it. A ledger that cannot take it is logged with the
 //! whole record: the action itself already happened.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::{
     RequestPartsExt,
-    extract::{MatchedPath, RawPathParams, Request, State},
-    middleware::Next,
+    extract::{MatchedPath, RawPathParams, Request},
     response::Response,
 };
+use futures_util::future::Either;
 use http::Method;
 use tokio_util::task::TaskTracker;
+use tower::{Layer, Service};
 
 use super::{auth::Admin, request_id::RequestId};
 use ketchup_domain::{
@@ -54,18 +58,74 @@ impl AuditTrail {
     }
 }
 
-pub async fn record(State(trail): State<AuditTrail>, request: Request, next: Next) -> Response {
-    let admin = request
-        .extensions()
-        .get::<Admin>()
-        .map(|Admin(a)| a.clone());
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let (Some(admin), Some(route)) = (admin, route) else {
-        return next.run(request).await;
-    };
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return next.run(request).await;
+impl<S> Layer<S> for AuditTrail {
+    type Service = Audited<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Audited {
+            trail: self.clone(),
+            inner,
+        }
     }
+}
+
+/// The layer's service: a request that is not an admin action goes on to `inner` as it is,
+/// without a future of this layer's own.
+#[derive(Clone)]
+pub struct Audited<S> {
+    trail: AuditTrail,
+    inner: S,
+}
+
+type Recording = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> Service<Request> for Audited<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, Recording>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let admin = request.extensions().get::<Admin>();
+        let route = request.extensions().get::<MatchedPath>();
+        let (Some(Admin(admin)), Some(route)) = (admin, route) else {
+            return Either::Left(self.inner.call(request));
+        };
+        if matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Either::Left(self.inner.call(request));
+        }
+        let (admin, route) = (admin.clone(), route.clone());
+        // The service that was made ready is the one called; its clone waits for the next.
+        let ready = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, ready);
+        Either::Right(Box::pin(record(
+            self.trail.clone(),
+            admin,
+            route,
+            request,
+            inner,
+        )))
+    }
+}
+
+/// Answers the admin's request through `inner`, then records it.
+async fn record<S>(
+    trail: AuditTrail,
+    admin: Arc<str>,
+    route: MatchedPath,
+    request: Request,
+    mut inner: S,
+) -> Result<Response, Infallible>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
     let (mut parts, body) = request.into_parts();
     let target: String = match parts.extract::<RawPathParams>().await {
         Ok(params) => params
@@ -84,7 +144,7 @@ pub async fn record(State(trail): State<AuditTrail>, request: Request, next: Nex
         .extensions
         .get::<RequestId>()
         .map_or_else(String::new, |id| id.as_str().to_owned());
-    let response = next.run(Request::from_parts(parts, body)).await;
+    let response = inner.call(Request::from_parts(parts, body)).await?;
     let action = NewAdminAction {
         at: trail.clock.now(),
         admin: admin.to_string(),
@@ -107,5 +167,5 @@ pub async fn record(State(trail): State<AuditTrail>, request: Request, next: Nex
         }
     });
     let _ = written.await;
-    response
+    Ok(response)
 }

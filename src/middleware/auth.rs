@@ -194,11 +194,7 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         match self.keys.admit(&mut request) {
-            Ok(()) => {
-                // The service that was made ready is the one called; its clone waits for the next.
-                let ready = self.inner.clone();
-                Either::Right(std::mem::replace(&mut self.inner, ready).call(request))
-            }
+            Ok(()) => Either::Right(self.inner.call(request)),
             Err(refused) => Either::Left(ready(Ok(refused.into_response()))),
         }
     }
