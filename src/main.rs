@@ -14,7 +14,9 @@ use ketchup_gateway::{
 };
 
 /// glibc's malloc takes an arena lock that the runtime's worker threads contend for on every
-/// request; mimalloc's thread-local free lists do not (measured in `bench/run`).
+/// request; mimalloc's thread-local free lists do not (measured in `bench/run`). It is built
+/// with its `no_thp` feature: without it each thread's pages sit in transparent huge pages of
+/// their own (the workspace's Cargo.toml says what that cost).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
