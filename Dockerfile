@@ -33,6 +33,9 @@ COPY --from=build /out/ketchup-gateway /usr/local/bin/ketchup-gateway
 
 USER 10001:10001
 WORKDIR /var/lib/ketchup-gateway
+# No transparent huge pages for the process (mimalloc disables them with prctl at start): on a
+# host whose THP mode is `always`, each thread's heap would otherwise fill a 2 MiB page of its own.
+ENV MIMALLOC_ALLOW_THP=0
 EXPOSE 8080
 # The gateway finishes in-flight requests on SIGTERM ([server] shutdown_timeout); give it more
 # than that before the kill (docker stop -t / stop_grace_period). SIGHUP reloads teams and keys.
