@@ -18,8 +18,9 @@ COMPONENTS = [
      r"sqlite3Prepare|sqlite3_prepare|sqlite3LockAndPrepare|sqlite3RunParser"),
     ("ledger: fsync", r"fsync|fdatasync|file_write_and_wait|jbd2"),
     ("ledger: SQLite execution and WAL writes", r"sqlite3|rusqlite"),
+    # Not the request scope's own frame: every request's future is polled inside it.
     ("tracing: spans and the request log line",
-     r"tracing_subscriber|json_subscriber|ketchup_gateway::logging"),
+     r"tracing_subscriber|json_subscriber|ketchup_gateway::logging::(?!request_scope::InRequest)"),
     ("upstream client (hyper-util pool, connections to the upstream)",
      r"hyper_util::client|hyper::client|proto::h1::role::Client|HttpConnector|hyper_rustls"),
     ("status cache and ownership memo (moka)", r"moka::"),
