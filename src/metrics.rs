@@ -80,11 +80,8 @@ pub struct Metrics {
     pub reconciler_abandoned: IntCounter,
     pub reconciler_released: IntCounter,
     pub reconciler_backlog: IntGauge,
-    pub cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_evictions: IntCounter,
-    /// Status reads' ownership checks, by where the owner came from: `memory` or `ledger`.
-    pub ownership_lookups: IntCounterVec,
     pub owners_in_memory: IntGauge,
     pub callbacks: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
@@ -104,7 +101,9 @@ pub struct Metrics {
     pub status_reads: StatusReadCounters,
 }
 
-/// The series of `ownership_lookups` and `cache_requests` that every status read counts.
+/// The series of `ownership_lookups_total` (by where the task's owner came from) and
+/// `cache_requests_total` that every status read counts; made with the registry, so they are
+/// exported at zero from the start.
 pub struct StatusReadCounters {
     pub owner_from_memory: IntCounter,
     pub owner_from_ledger: IntCounter,
@@ -423,8 +422,6 @@ impl Metrics {
                 cache_miss: cache_requests.with_label_values(&["miss"]),
                 cache_coalesced: cache_requests.with_label_values(&["coalesced"]),
             },
-            ownership_lookups,
-            cache_requests,
             registry,
         };
         let build = GaugeVec::new(
@@ -504,9 +501,6 @@ impl Metrics {
             self.settlement
                 .credits_spent
                 .with_label_values(&[entry.team.name.as_str(), &entry.name(digest)]);
-        }
-        for source in ["memory", "ledger"] {
-            self.ownership_lookups.with_label_values(&[source]);
         }
         for route in [
             upstream_route::GENERATE,
