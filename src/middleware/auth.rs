@@ -19,7 +19,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::future::Either;
-use http::header;
+use http::{HeaderValue, header};
 use tower::{Layer, Service};
 
 use super::request_metrics::RequestFacts;
@@ -69,14 +69,16 @@ pub struct Admin(pub Arc<str>);
 /// The admin tokens' digests, each with its admin's label. Empty, the admin API does not exist.
 pub type AdminTokens = Arc<HashMap<KeyDigest, Arc<str>>>;
 
+/// The bearer token of the request's (first) `Authorization` header, for the admin API.
 fn bearer(request: &Request) -> Option<&str> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    bearer_token(request.headers().get(header::AUTHORIZATION)?)?
+}
+
+/// One `Authorization` value: its token if the scheme is Bearer, `Some(None)` for another
+/// scheme, `None` if it is not readable text with a scheme.
+fn bearer_token(value: &HeaderValue) -> Option<Option<&str>> {
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+    Some(scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()))
 }
 
 /// Where a path's clients may put a team key besides `Authorization: Bearer`.
@@ -106,9 +108,8 @@ fn team_key(request: &Request) -> Option<Cow<'_, str>> {
     let request_headers = request.headers();
     let mut keys: Vec<Cow<'_, str>> = Vec::new();
     for value in request_headers.get_all(header::AUTHORIZATION) {
-        let (scheme, key) = value.to_str().ok()?.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            keys.push(Cow::Borrowed(key.trim()));
+        if let Some(key) = bearer_token(value)? {
+            keys.push(Cow::Borrowed(key));
         }
     }
     let places = key_places(request.uri().path());
