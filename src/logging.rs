@@ -91,9 +91,7 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     if needs_escape(text.as_bytes()) {
         let _ = serde_json::to_writer(&mut *out, text);
     } else {
-        out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'"');
+        push_plain_str(out, text);
     }
 }
 

@@ -87,9 +87,9 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
 
     let stack = ServiceBuilder::new()
         // First: the team key and token headers hidden from everything after it, the request
-        // id, the span and closing log line, the metrics, the panic guard and the request
-        // timeout, around everything below, so every answer (a refusal too) is counted and
-        // logged.
+        // id, the request its lines are logged for and its closing log line, the metrics, the
+        // panic guard and the request timeout, around everything below, so every answer (a
+        // refusal too) is counted and logged.
         .layer(outer::Outer::new(
             request_metrics::RequestMetrics::new(state.metrics.clone(), state.config.clone()),
             request_timeout,

@@ -125,9 +125,7 @@ impl RequestMetrics {
     pub fn new(metrics: Arc<Metrics>, config: Arc<ArcSwap<Config>>) -> Self {
         RequestMetrics { metrics, config }
     }
-}
 
-impl RequestMetrics {
     /// Counts and times one answered request.
     pub fn record(&self, facts: &RequestFacts, status: http::StatusCode, elapsed: Duration) {
         let config = self.config.load();
