@@ -633,14 +633,7 @@ async fn a_text_answer_carries_the_budget_its_worst_case_left() {
         let worst = prices(model)
             .worst_case(serde_json::to_vec(&body).unwrap().len(), Some(200))
             .unwrap();
-        let reply = api
-            .send(
-                reqwest::Client::new()
-                    .post(api.url(&path))
-                    .bearer_auth(DESIGN_KEY)
-                    .json(&body),
-            )
-            .await;
+        let reply = api.submit(DESIGN_KEY, &path, &body.to_string()).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         // At the head, before the answer's usage is known: what reserving its worst case left.
         let expected = budget
@@ -666,14 +659,7 @@ async fn a_text_answer_carries_the_budget_its_worst_case_left() {
     // Refused upstream: nothing was reserved for long, no standing to tell.
     env.fake.text_faults().inject(TextFault::Status500, 1);
     let (path, body) = request("openai", false, 200);
-    let reply = api
-        .send(
-            reqwest::Client::new()
-                .post(api.url(&path))
-                .bearer_auth(DESIGN_KEY)
-                .json(&body),
-        )
-        .await;
+    let reply = api.submit(DESIGN_KEY, &path, &body.to_string()).await;
     assert_eq!(reply.status, 500, "{}", reply.text);
     assert_eq!(reply.header("x-budget-remaining"), None);
     assert_eq!(reply.header("x-budget-reset"), None);
