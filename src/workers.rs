@@ -20,6 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,7 +32,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
@@ -264,21 +266,19 @@ async fn serve_connection(
     stop: CancellationToken,
     _place: Place,
 ) {
-    // Requests in flight: from the call until the response body is dropped (sent, or abandoned
-    // with the connection), so a slow download is not taken for idleness.
-    let in_flight = Arc::new(watch::Sender::new(0usize));
-    let mut idle = pin!(idle_for(in_flight.subscribe(), limits.keep_alive_timeout));
-    let mut started = in_flight.subscribe();
-    let mut no_first_request = pin!(async move {
-        if tokio::time::timeout(limits.header_read_timeout, started.changed())
-            .await
-            .is_ok()
-        {
-            pending::<()>().await;
+    let activity = Arc::new(Activity::new());
+    let mut idle = pin!(idle_for(activity.clone(), limits.keep_alive_timeout));
+    let mut no_first_request = pin!({
+        let activity = activity.clone();
+        async move {
+            tokio::time::sleep(limits.header_read_timeout).await;
+            if activity.has_begun() {
+                pending::<()>().await;
+            }
         }
     });
     let service = tower::service_fn(move |request: hyper::Request<Incoming>| {
-        let guard = InFlight::start(in_flight.clone());
+        let guard = InFlight::start(activity.clone());
         let response = app.clone().oneshot(request);
         async move {
             let response = response.await?;
@@ -297,6 +297,8 @@ async fn serve_connection(
     let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first: it is the branch that is ready on nearly every wake-up.
+            biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -319,34 +321,76 @@ async fn serve_connection(
     }
 }
 
-/// Resolves once no request has been in flight for `timeout`.
-async fn idle_for(mut in_flight: watch::Receiver<usize>, timeout: Duration) {
+/// Resolves once no request has been in flight for `timeout`. Its timer fires at most once
+/// per `timeout` and reads what the requests left in [`Activity`], so a request neither arms nor
+/// wakes it.
+async fn idle_for(activity: Arc<Activity>, timeout: Duration) {
+    let mut timer = pin!(tokio::time::sleep_until(activity.opened + timeout));
     loop {
-        // The count's sender lives as long as the connection, which is polled alongside.
-        if in_flight.wait_for(|n| *n == 0).await.is_err() {
-            return pending().await;
-        }
-        if tokio::time::timeout(timeout, in_flight.changed())
-            .await
-            .is_err()
-        {
-            return;
-        }
+        timer.as_mut().await;
+        let next_look = match activity.quiet_since() {
+            Some(since) if since + timeout <= Instant::now() => return,
+            Some(since) => since + timeout,
+            // Busy: no sooner idle than a whole timeout after it ends.
+            None => Instant::now() + timeout,
+        };
+        timer.as_mut().reset(next_look);
     }
 }
 
-/// One request in flight on a connection, counted until dropped.
-struct InFlight(Arc<watch::Sender<usize>>);
+/// What a connection's requests tell its timers: how many have begun and ended, and when the
+/// last one ended. Each request writes it with three atomic operations; the timers read it only
+/// when they fire.
+struct Activity {
+    opened: Instant,
+    begun: AtomicU64,
+    ended: AtomicU64,
+    /// When the last request ended, in microseconds since `opened`.
+    last_end_micros: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            begun: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            last_end_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Relaxed) > 0
+    }
+
+    /// Since when no request has been in flight, or `None` while one is.
+    fn quiet_since(&self) -> Option<Instant> {
+        // `ended` first: a request that ends between the two loads is then still counted busy.
+        let ended = self.ended.load(Ordering::Acquire);
+        if self.begun.load(Ordering::Acquire) != ended {
+            return None;
+        }
+        let micros = self.last_end_micros.load(Ordering::Relaxed);
+        Some(self.opened + Duration::from_micros(micros))
+    }
+}
+
+/// One request in flight on a connection: from the call until its response body is dropped
+/// (sent, or abandoned with the connection), so a slow download is not taken for idleness.
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(count: Arc<watch::Sender<usize>>) -> InFlight {
-        count.send_modify(|n| *n += 1);
-        InFlight(count)
+    fn start(activity: Arc<Activity>) -> InFlight {
+        activity.begun.fetch_add(1, Ordering::Release);
+        InFlight(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        let activity = &self.0;
+        let micros = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        activity.last_end_micros.store(micros, Ordering::Relaxed);
+        activity.ended.fetch_add(1, Ordering::Release);
     }
 }

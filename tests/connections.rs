@@ -91,6 +91,27 @@ async fn an_idle_connection_is_closed_after_the_keep_alive_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_in_use_outlives_the_keep_alive_timeout_and_closes_once_idle() {
+    let env = gateway(r#"keep_alive_timeout = "1s""#).await;
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    // Five requests half a timeout apart: open for over twice the timeout, never idle for one.
+    for _ in 0..5 {
+        stream.write_all(HEALTHZ).await.unwrap();
+        let mut buffer = [0u8; 512];
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(
+            buffer[..n].starts_with(b"HTTP/1.1 200"),
+            "closed while in use"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rest = read_until_closed(&mut stream, Duration::from_secs(3))
+        .await
+        .expect("still open long after its last request");
+    assert!(rest.is_empty(), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_request_in_flight_is_not_cut_by_the_keep_alive_timeout() {
     let env = gateway(r#"keep_alive_timeout = "1s""#).await;
     let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
