@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
+use nohash_hasher::BuildNoHashHasher;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use ketchup_domain::config::{Config, KeyDigest, KeyEntry, KeyWindow};
 
 pub struct KeyUse {
-    last_used: DashMap<KeyDigest, AtomicI64>,
+    last_used: DashMap<KeyDigest, AtomicI64, BuildNoHashHasher<KeyDigest>>,
     expiry: IntGaugeVec,
     last_used_gauge: IntGaugeVec,
     refusals: IntCounterVec,
@@ -23,7 +24,7 @@ impl KeyUse {
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("ketchup_gateway");
         let labels = &["team", "key"];
         let key_use = KeyUse {
-            last_used: DashMap::new(),
+            last_used: DashMap::default(),
             expiry: IntGaugeVec::new(
                 opts(
                     "key_expiry_timestamp_seconds",

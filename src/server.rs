@@ -1,6 +1,5 @@
 //! Starting, reloading and stopping the gateway.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,8 +24,8 @@ use crate::{
 use ketchup_domain::{
     clock::SharedClock,
     config::{
-        AdminConfig, Config, KeyDigest, RateLimitsWhenUnavailable, SINGLE_TOKEN_LABEL, Secret,
-        StoreConfig,
+        AdminConfig, Config, DigestMap, KeyDigest, RateLimitsWhenUnavailable, SINGLE_TOKEN_LABEL,
+        Secret, StoreConfig,
     },
     ledger::{Ledger, redis::RedisStore, sqlite::SqliteStore},
     notices::Notifier,
@@ -307,12 +306,10 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// The Redis to connect to: the URL with its password (from the environment or a file) put in,
-/// a `Secret` so that it is never printed, and the store's TLS certificates.
 /// The admin tokens by digest, each with its label: the one of `token_env` or `token_file` (read
 /// now) labelled `admin`, and the labelled `tokens`.
 fn admin_tokens(admin: &AdminConfig) -> Result<AdminTokens, String> {
-    let mut tokens: HashMap<KeyDigest, Arc<str>> = admin
+    let mut tokens: DigestMap<Arc<str>> = admin
         .tokens
         .iter()
         .map(|token| (token.digest, Arc::from(token.label.as_str())))
@@ -330,6 +327,8 @@ fn admin_tokens(admin: &AdminConfig) -> Result<AdminTokens, String> {
     Ok(Arc::new(tokens))
 }
 
+/// The Redis to connect to: the URL with its password (from the environment or a file) put in,
+/// a `Secret` so that it is never printed, and the store's TLS certificates.
 fn redis_endpoint(store: &StoreConfig) -> Result<RedisEndpoint, String> {
     let StoreConfig::Redis {
         url, password, tls, ..

@@ -8,7 +8,6 @@
 //! A team key comes as `Authorization: Bearer`, and on the text routes of a dialect whose
 //! public clients send their key elsewhere, also where they send it ([`key_places`]).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::task::{Context, Poll};
@@ -28,7 +27,7 @@ use arc_swap::ArcSwap;
 use crate::{error::GatewayError, headers, metrics::Metrics};
 use ketchup_domain::{
     clock::SharedClock,
-    config::{Config, KeyDigest, KeyWindow, Team},
+    config::{Config, DigestMap, KeyDigest, KeyWindow, Team},
 };
 
 /// Who may call a path.
@@ -67,7 +66,7 @@ pub struct Caller {
 pub struct Admin(pub Arc<str>);
 
 /// The admin tokens' digests, each with its admin's label. Empty, the admin API does not exist.
-pub type AdminTokens = Arc<HashMap<KeyDigest, Arc<str>>>;
+pub type AdminTokens = Arc<DigestMap<Arc<str>>>;
 
 /// The bearer token of the request's (first) `Authorization` header, for the admin API.
 fn bearer(request: &Request) -> Option<&str> {

@@ -24,7 +24,7 @@ mod upstream;
 mod values;
 mod webhooks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub use upstream::{
     DEFAULT_ACCOUNT, DEFAULT_MAX_REFERENCE_IMAGES, FIRST_RETRY_DELAY, MAX_ACCOUNTS,
     MAX_RETRY_DELAY, UpstreamAccount, UpstreamConfig,
 };
-pub use values::{KeyDigest, Rate, Secret, SecretSource};
+pub use values::{DigestMap, KeyDigest, Rate, Secret, SecretSource};
 pub use webhooks::WebhooksConfig;
 
 /// A configuration problem, already phrased for the admin: it names the file, the line, the key
@@ -141,7 +141,7 @@ pub struct Config {
     /// The asynchronous endpoints served: the built-in ones and `[routes."…"]`.
     pub routes: RouteTable,
     pub teams: Vec<Arc<Team>>,
-    keys: HashMap<KeyDigest, KeyEntry>,
+    keys: DigestMap<KeyEntry>,
 }
 
 /// The file as written: one field per table, each parsed by its module.

@@ -1,7 +1,6 @@
 //! `[[teams]]` and `[defaults.limits]`: who may call the gateway, with which keys, within which
 //! budget and limits.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Invalid;
-use super::values::{HttpUrl, Instant, KeyDigest, Rate, SecretSource, secret_source};
+use super::values::{DigestMap, HttpUrl, Instant, KeyDigest, Rate, SecretSource, secret_source};
 use crate::credits::Credits;
 
 /// The limits of a team when neither it nor `[defaults.limits]` sets them.
@@ -269,7 +268,7 @@ impl ModelAllowList {
 /// The teams in the file's order, and every key's entry by its digest.
 pub(super) struct Teams {
     pub(super) teams: Vec<Arc<Team>>,
-    pub(super) keys: HashMap<KeyDigest, KeyEntry>,
+    pub(super) keys: DigestMap<KeyEntry>,
 }
 
 /// A team's table as messages name it: `[[teams]] name = "design":`.
@@ -289,7 +288,7 @@ pub(super) fn teams(
         None => BUILTIN_LIMITS,
     };
     let mut teams: Vec<Arc<Team>> = Vec::with_capacity(raw.len());
-    let mut keys = HashMap::new();
+    let mut keys = DigestMap::default();
     for raw_team in raw {
         let raw_team = raw_team.into_inner();
         let name_span = raw_team.name.span();
