@@ -28,7 +28,7 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
-use super::{auth::Admin, request_id::RequestId};
+use super::{auth::Admin, request_metrics::RequestFacts};
 use ketchup_domain::{
     clock::SharedClock,
     ledger::{Audit, NewAdminAction},
@@ -142,8 +142,8 @@ where
     let action = format!("{method} {}", route.as_str());
     let request_id = parts
         .extensions
-        .get::<RequestId>()
-        .map_or_else(String::new, |id| id.as_str().to_owned());
+        .get::<Arc<RequestFacts>>()
+        .map_or_else(String::new, |facts| facts.request_id().as_str().to_owned());
     let response = inner.call(Request::from_parts(parts, body)).await?;
     let action = NewAdminAction {
         at: trail.clock.now(),

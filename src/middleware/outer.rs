@@ -100,9 +100,9 @@ where
                 entry.iter_mut().for_each(|value| value.set_sensitive(true));
             }
         }
-        let (id, id_header) = request_id::assign(&mut request);
+        let (id, id_header) = request_id::assign(&request);
         let route = request.extensions().get::<MatchedPath>().cloned();
-        let facts = Arc::new(RequestFacts::new(Some(id), request.method().clone(), route));
+        let facts = Arc::new(RequestFacts::new(id, request.method().clone(), route));
         let span = trace::span(&facts);
         request.extensions_mut().insert(facts.clone());
         // The service that was made ready is the one called; its clone waits for the next.

@@ -1,5 +1,7 @@
 //! Gives every request an id: the caller's `X-Request-Id` if it is a sane token, otherwise a new
-//! UUIDv7. The id is logged, forwarded upstream and returned to the caller.
+//! UUIDv7. The id is logged, forwarded upstream and returned to the caller. It lives in the
+//! request's facts ([`RequestFacts`](super::request_metrics::RequestFacts)), which handlers
+//! extract it from.
 //!
 //! tower-http's `SetRequestId` would keep any client value verbatim; this one bounds it, because
 //! the id ends up in our logs and in the upstream's.
@@ -13,7 +15,7 @@ use crate::headers::REQUEST_ID as HEADER;
 
 const MAX_LEN: usize = 128;
 
-/// The request's id, in the request's extensions.
+/// The request's id.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
 
@@ -33,9 +35,8 @@ fn acceptable(value: &HeaderValue) -> Option<&str> {
     sane.then_some(text)
 }
 
-/// Sets the request's id on its `X-Request-Id` header and in its extensions, and returns it
-/// with the header value the response carries back.
-pub fn assign(request: &mut Request) -> (RequestId, HeaderValue) {
+/// The request's id, with the header value the response carries back.
+pub fn assign(request: &Request) -> (RequestId, HeaderValue) {
     let (id, header): (Arc<str>, HeaderValue) =
         match request.headers().get(HEADER).and_then(acceptable) {
             // The caller's header, kept as it came: its value is already the one to return.
@@ -49,11 +50,8 @@ pub fn assign(request: &mut Request) -> (RequestId, HeaderValue) {
                 let text: &str = uuid.hyphenated().encode_lower(&mut text);
                 let header = HeaderValue::from_str(text)
                     .expect("request ids are header-safe by construction");
-                request.headers_mut().insert(HEADER, header.clone());
                 (text.into(), header)
             }
         };
-    let id = RequestId(id);
-    request.extensions_mut().insert(id.clone());
-    (id, header)
+    (RequestId(id), header)
 }

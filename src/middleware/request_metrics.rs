@@ -8,21 +8,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::MatchedPath;
+use axum::extract::{FromRequestParts, MatchedPath};
+use http::request::Parts;
 
 use super::request_id::RequestId;
 use arc_swap::ArcSwap;
 use ketchup_domain::config::Config;
 
-use crate::{logging, metrics::Metrics};
+use crate::{error::GatewayError, logging, metrics::Metrics};
 
 /// What layers and handlers learn about a request that its metrics and its closing log line
 /// need. Kept here rather than recorded on the request's span: a field recorded on a span after
 /// it was made costs the JSON log format a parse and a rewrite of all its fields each time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestFacts {
     /// Known when the request comes in.
-    request_id: Option<RequestId>,
+    request_id: RequestId,
     method: http::Method,
     route: Option<MatchedPath>,
     team: OnceLock<String>,
@@ -33,21 +34,21 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    pub fn new(
-        request_id: Option<RequestId>,
-        method: http::Method,
-        route: Option<MatchedPath>,
-    ) -> Self {
+    pub fn new(request_id: RequestId, method: http::Method, route: Option<MatchedPath>) -> Self {
         RequestFacts {
             request_id,
             method,
             route,
-            ..RequestFacts::default()
+            team: OnceLock::new(),
+            key: OnceLock::new(),
+            task_id: OnceLock::new(),
+            upstream_wait_micros: AtomicU64::new(0),
+            waited_on_upstream: AtomicBool::new(false),
         }
     }
 
-    pub fn request_id(&self) -> Option<&str> {
-        self.request_id.as_ref().map(RequestId::as_str)
+    pub fn request_id(&self) -> &RequestId {
+        &self.request_id
     }
 
     pub fn method(&self) -> &str {
@@ -104,13 +105,25 @@ impl RequestFacts {
 /// Lines logged while the request is served name it by these (see [`logging::InRequest`]).
 impl logging::RequestContext for RequestFacts {
     fn request_id(&self) -> Option<&str> {
-        RequestFacts::request_id(self)
+        Some(self.request_id.as_str())
     }
     fn method(&self) -> &str {
         RequestFacts::method(self)
     }
     fn route(&self) -> &str {
         RequestFacts::route(self)
+    }
+}
+
+/// A handler's `RequestId` argument: the id in the request's facts.
+impl<S: Sync> FromRequestParts<S> for RequestId {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, GatewayError> {
+        let facts = parts.extensions.get::<Arc<RequestFacts>>();
+        facts
+            .map(|facts| facts.request_id.clone())
+            .ok_or_else(|| GatewayError::Internal("a request without its facts".into()))
     }
 }
 

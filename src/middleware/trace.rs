@@ -24,7 +24,7 @@ pub fn span(facts: &RequestFacts) -> Span {
     }
     tracing::info_span!(
         "request",
-        request_id = facts.request_id(),
+        request_id = facts.request_id().as_str(),
         method = facts.method(),
         route = facts.route(),
     )
@@ -40,7 +40,7 @@ pub fn log_response<B>(response: &Response<B>, facts: &RequestFacts, latency: Du
         return;
     }
     let line = RequestLine {
-        request_id: facts.request_id(),
+        request_id: Some(facts.request_id().as_str()),
         method: Some(facts.method()),
         route: Some(facts.route()),
         status: response.status().as_u16(),

@@ -168,7 +168,7 @@ pub async fn generate(
         team,
         key: caller_key,
     }): Extension<Caller>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
     headers: HeaderMap,

@@ -101,7 +101,7 @@ async fn owned_task<'a>(
 pub async fn query(
     State(state): State<Arc<AppState>>,
     Extension(Caller { team, .. }): Extension<Caller>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     Extension(facts): Extension<Arc<RequestFacts>>,
     uri: Uri,
 ) -> Result<Response, GatewayError> {

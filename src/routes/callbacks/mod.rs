@@ -55,7 +55,7 @@ fn malformed(detail: impl Into<String>) -> GatewayError {
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     Path(token): Path<String>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     Extension(facts): Extension<Arc<RequestFacts>>,
     body: Body,
 ) -> Result<Response, GatewayError> {

@@ -69,9 +69,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Sender {
         let Extension(Caller { team, key }) = Extension::<Caller>::from_request_parts(parts, state)
             .await
             .map_err(fail)?;
-        let Extension(request_id) = Extension::<RequestId>::from_request_parts(parts, state)
+        let request_id = RequestId::from_request_parts(parts, state)
             .await
-            .map_err(fail)?;
+            .map_err(IntoResponse::into_response)?;
         let Extension(facts) = Extension::<Arc<RequestFacts>>::from_request_parts(parts, state)
             .await
             .map_err(fail)?;
