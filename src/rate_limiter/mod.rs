@@ -12,8 +12,8 @@
 pub mod shared;
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -379,13 +379,24 @@ fn allowed(kind: LimitKind, snapshot: &StateSnapshot) -> Verdict {
     }
 }
 
+/// `n` as a header value. The numbers limits nearly always give (up to 1,000) are made once and
+/// shared, which saves every limited answer an allocation per header.
+fn number(n: u64) -> HeaderValue {
+    static SMALL: LazyLock<Vec<HeaderValue>> =
+        LazyLock::new(|| (0..=1000u64).map(HeaderValue::from).collect());
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| SMALL.get(n))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
+}
+
 impl Verdict {
     /// The `RateLimit-*` headers (and `Retry-After` on a refusal).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         if self.limit == 0 {
             return;
         }
-        let number = |n: u64| HeaderValue::from(n);
         headers.insert(RATELIMIT_LIMIT, number(u64::from(self.limit)));
         headers.insert(RATELIMIT_REMAINING, number(u64::from(self.remaining)));
         headers.insert(RATELIMIT_RESET, number(seconds_up(self.reset)));
@@ -455,6 +466,13 @@ mod tests {
         );
         // Status reads have their own allowance.
         assert!(limits.check_team("design", LimitKind::Query).await.is_ok());
+    }
+
+    #[test]
+    fn shared_and_made_numbers_read_the_same() {
+        for n in [0, 1, 59, 1000, 1001, 86_400, u64::MAX] {
+            assert_eq!(number(n), n.to_string(), "{n}");
+        }
     }
 
     #[test]
