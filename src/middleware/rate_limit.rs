@@ -4,20 +4,23 @@
 //! router puts this layer on the routes a limit applies to, with that limit's kind.
 
 use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use super::auth::Caller;
 use crate::{
     error::GatewayError,
     headers,
-    rate_limiter::{LimitKind, RateLimits},
+    rate_limiter::{LimitKind, RateLimits, Verdict},
 };
 use axum::{
     extract::Request,
     response::{IntoResponse, Response},
 };
+use futures_util::future::Either;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 /// The layer: the team's limit of one kind.
@@ -57,20 +60,76 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Either<
+        Either<Ready<Result<Response, Infallible>>, WithHeaders<S::Future>>,
+        Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        // The service that was made ready is the one called; its clone waits for the next.
-        let ready = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, ready);
-        Box::pin(limit(self.limit.clone(), request, inner))
+        let Limit { limits, kind } = &self.limit;
+        let decided = match request.extensions().get::<Caller>() {
+            Some(Caller { team, .. }) => limits.check_team_here(&team.name, *kind),
+            None => Some(Ok(Verdict::unlimited(*kind))),
+        };
+        match decided {
+            // The limits are this process's: decided already, and the answer needs no box.
+            Some(Ok(verdict)) => Either::Left(Either::Right(WithHeaders {
+                inner: self.inner.call(request),
+                verdict: Some(verdict),
+            })),
+            Some(Err(refused)) => Either::Left(Either::Left(ready(Ok(GatewayError::from(
+                refused,
+            )
+            .into_response())))),
+            // Shared in Redis: asked on the way, in a future of its own.
+            None => {
+                // The service that was made ready is the one called; its clone waits for the next.
+                let ready = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, ready);
+                Either::Right(Box::pin(limit(self.limit.clone(), request, inner)))
+            }
+        }
     }
 }
 
+pin_project! {
+    /// The inner service's answer, with the headers of the limit that let the request through.
+    pub struct WithHeaders<F> {
+        #[pin]
+        inner: F,
+        verdict: Option<Verdict>,
+    }
+}
+
+impl<F> Future for WithHeaders<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(verdict) = this.verdict.take() {
+            add_headers(&verdict, &mut response);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// The limit's headers on an answer, unless a refusal further in (the upstream account's
+/// limit) set its own.
+fn add_headers(verdict: &Verdict, response: &mut Response) {
+    if !response.headers().contains_key(headers::RATELIMIT_LIMIT) {
+        verdict.write_headers(response.headers_mut());
+    }
+}
+
+/// The request through a limit shared in Redis.
 async fn limit<S>(
     Limit { limits, kind }: Limit,
     request: Request,
@@ -86,10 +145,7 @@ where
         Err(refused) => Ok(GatewayError::from(refused).into_response()),
         Ok(verdict) => {
             let mut response = inner.call(request).await?;
-            // A refusal further in (the upstream account's limit) keeps its own headers.
-            if !response.headers().contains_key(headers::RATELIMIT_LIMIT) {
-                verdict.write_headers(response.headers_mut());
-            }
+            add_headers(&verdict, &mut response);
             Ok(response)
         }
     }

@@ -64,6 +64,19 @@ pub struct Verdict {
     pub allowed: bool,
 }
 
+impl Verdict {
+    /// What an unlimited request is told: no limit, so no headers.
+    pub fn unlimited(kind: LimitKind) -> Self {
+        Verdict {
+            kind,
+            limit: 0,
+            remaining: 0,
+            reset: Duration::ZERO,
+            allowed: true,
+        }
+    }
+}
+
 /// A refusal, with everything the 429 answer needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -85,6 +98,41 @@ struct TeamLimiters {
     generate: Limiter,
     query: Limiter,
     text: Limiter,
+}
+
+/// A team's limit of one kind: its limiter, its rate and burst, and what its refusal says the
+/// team may do.
+struct TeamLimit<'a> {
+    limiter: &'a Limiter,
+    rate: Rate,
+    burst: NonZeroU32,
+    action: &'static str,
+}
+
+impl TeamLimiters {
+    fn of_kind(&self, kind: LimitKind) -> TeamLimit<'_> {
+        let limits = &self.limits;
+        match kind {
+            LimitKind::Generate => TeamLimit {
+                limiter: &self.generate,
+                rate: limits.generate,
+                burst: limits.generate_burst,
+                action: "start",
+            },
+            LimitKind::Text => TeamLimit {
+                limiter: &self.text,
+                rate: limits.text,
+                burst: limits.text_burst,
+                action: "send",
+            },
+            LimitKind::Query | LimitKind::Global => TeamLimit {
+                limiter: &self.query,
+                rate: limits.query,
+                burst: limits.query_burst,
+                action: "read the status of",
+            },
+        }
+    }
 }
 
 pub struct RateLimits {
@@ -230,56 +278,64 @@ impl RateLimits {
 
     /// Counts one request of `team` against its limit of `kind` (generate or query).
     pub async fn check_team(&self, team: &str, kind: LimitKind) -> Result<Verdict, Refused> {
-        let Some(limiters) = self.teams.get(team).map(|l| l.clone()) else {
-            // Only teams from the config get here; one removed by a reload a moment ago is
-            // simply not limited for this request.
-            return Ok(Verdict {
-                kind,
-                limit: 0,
-                remaining: 0,
-                reset: Duration::ZERO,
-                allowed: true,
-            });
+        let Some(limiters) = self.team_limiters(team) else {
+            return Ok(Verdict::unlimited(kind));
         };
-        let (limiter, rate, burst, action) = match kind {
-            LimitKind::Generate => (
-                &limiters.generate,
-                limiters.limits.generate,
-                limiters.limits.generate_burst,
-                "start",
-            ),
-            LimitKind::Text => (
-                &limiters.text,
-                limiters.limits.text,
-                limiters.limits.text_burst,
-                "send",
-            ),
-            _ => (
-                &limiters.query,
-                limiters.limits.query,
-                limiters.limits.query_burst,
-                "read the status of",
-            ),
+        let limit = limiters.of_kind(kind);
+        let name = || format!("{team}:{}", kind.as_str());
+        let decided = self
+            .step(name, kind, limit.rate, limit.burst, limit.limiter)
+            .await?;
+        decided.map_err(|verdict| self.refuse_team(team, kind, &limit, verdict))
+    }
+
+    /// As [`check_team`](Self::check_team), decided at once where the limits are this
+    /// process's alone; `None` where replicas share them in Redis, which `check_team` asks.
+    pub fn check_team_here(&self, team: &str, kind: LimitKind) -> Option<Result<Verdict, Refused>> {
+        if self.shared.is_some() {
+            return None;
+        }
+        let Some(limiters) = self.team_limiters(team) else {
+            return Some(Ok(Verdict::unlimited(kind)));
         };
+        let limit = limiters.of_kind(kind);
+        Some(
+            check(limit.limiter, kind)
+                .map_err(|verdict| self.refuse_team(team, kind, &limit, verdict)),
+        )
+    }
+
+    /// The team's limiters. Only teams from the config have any; one removed by a reload a
+    /// moment ago is simply not limited for this request.
+    fn team_limiters(&self, team: &str) -> Option<Arc<TeamLimiters>> {
+        self.teams.get(team).map(|limiters| limiters.clone())
+    }
+
+    /// The refusal of a team's request over its limit, counted.
+    fn refuse_team(
+        &self,
+        team: &str,
+        kind: LimitKind,
+        limit: &TeamLimit,
+        verdict: Verdict,
+    ) -> Refused {
+        self.count_refusal(team, kind);
         let what = if kind == LimitKind::Text {
             "text request"
         } else {
             "task"
         };
-        let name = || format!("{team}:{}", kind.as_str());
-        let decided = self.step(name, kind, rate, burst, limiter).await?;
-        decided.map_err(|verdict| {
-            self.count_refusal(team, kind);
-            Refused::Limited(Refusal {
-                verdict,
-                detail: format!(
-                    "team '{team}' may {action} {} {what}{} per {}; retry in {} s",
-                    rate.count,
-                    if rate.count.get() == 1 { "" } else { "s" },
-                    unit(rate.per),
-                    seconds_up(verdict.reset).max(1)
-                ),
-            })
+        let rate = limit.rate;
+        Refused::Limited(Refusal {
+            verdict,
+            detail: format!(
+                "team '{team}' may {} {} {what}{} per {}; retry in {} s",
+                limit.action,
+                rate.count,
+                if rate.count.get() == 1 { "" } else { "s" },
+                unit(rate.per),
+                seconds_up(verdict.reset).max(1)
+            ),
         })
     }
 
