@@ -625,8 +625,8 @@ pub(crate) mod tests {
     fn a_line_inside_a_request_carries_the_request_but_a_root_line_does_not() {
         struct Served;
         impl RequestContext for Served {
-            fn request_id(&self) -> Option<&str> {
-                Some("r-1")
+            fn request_id(&self) -> &str {
+                "r-1"
             }
             fn method(&self) -> &str {
                 "GET"

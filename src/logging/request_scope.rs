@@ -18,7 +18,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 /// What a line says of the request it was logged for.
 pub trait RequestContext: Send + Sync {
-    fn request_id(&self) -> Option<&str>;
+    fn request_id(&self) -> &str;
     fn method(&self) -> &str;
     fn route(&self) -> &str;
 }
@@ -47,9 +47,7 @@ impl Serialize for SpanMember {
         let request = &*self.0;
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("name", "request")?;
-        if let Some(id) = request.request_id() {
-            map.serialize_entry("request_id", id)?;
-        }
+        map.serialize_entry("request_id", request.request_id())?;
         map.serialize_entry("method", request.method())?;
         map.serialize_entry("route", request.route())?;
         map.end()
@@ -116,8 +114,8 @@ mod tests {
     struct Fixed(&'static str);
 
     impl RequestContext for Fixed {
-        fn request_id(&self) -> Option<&str> {
-            Some(self.0)
+        fn request_id(&self) -> &str {
+            self.0
         }
         fn method(&self) -> &str {
             "GET"
@@ -128,7 +126,7 @@ mod tests {
     }
 
     fn id_now() -> Option<String> {
-        current().and_then(|r| r.request_id().map(str::to_owned))
+        current().map(|r| r.request_id().to_owned())
     }
 
     #[tokio::test]

@@ -104,8 +104,8 @@ impl RequestFacts {
 
 /// Lines logged while the request is served name it by these (see [`logging::InRequest`]).
 impl logging::RequestContext for RequestFacts {
-    fn request_id(&self) -> Option<&str> {
-        Some(self.request_id.as_str())
+    fn request_id(&self) -> &str {
+        self.request_id.as_str()
     }
     fn method(&self) -> &str {
         RequestFacts::method(self)
