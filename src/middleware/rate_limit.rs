@@ -20,6 +20,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::future::Either;
+use ketchup_domain::config::Team;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -71,11 +72,14 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let Limit { limits, kind } = &self.limit;
-        let decided = match request.extensions().get::<Caller>() {
-            Some(Caller { team, .. }) => limits.check_team_here(&team.name, *kind),
-            None => Some(Ok(Verdict::unlimited(*kind))),
+        let Some(Caller { team, .. }) = request.extensions().get::<Caller>() else {
+            // No team, so no team's limit to count it against.
+            return Either::Left(Either::Right(WithHeaders {
+                inner: self.inner.call(request),
+                verdict: None,
+            }));
         };
-        match decided {
+        match limits.check_team_here(&team.name, *kind) {
             // The limits are this process's: decided already, and the answer needs no box.
             Some(Ok(verdict)) => Either::Left(Either::Right(WithHeaders {
                 inner: self.inner.call(request),
@@ -87,10 +91,11 @@ where
             .into_response())))),
             // Shared in Redis: asked on the way, in a future of its own.
             None => {
+                let team = team.clone();
                 // The service that was made ready is the one called; its clone waits for the next.
                 let ready = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, ready);
-                Either::Right(Box::pin(limit(self.limit.clone(), request, inner)))
+                Either::Right(Box::pin(limit(self.limit.clone(), team, request, inner)))
             }
         }
     }
@@ -129,18 +134,16 @@ fn add_headers(verdict: &Verdict, response: &mut Response) {
     }
 }
 
-/// The request through a limit shared in Redis.
+/// The team's request through its limit shared in Redis.
 async fn limit<S>(
     Limit { limits, kind }: Limit,
+    team: Arc<Team>,
     request: Request,
     mut inner: S,
 ) -> Result<Response, Infallible>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
-    let Some(Caller { team, .. }) = request.extensions().get::<Caller>() else {
-        return inner.call(request).await;
-    };
     match limits.check_team(&team.name, kind).await {
         Err(refused) => Ok(GatewayError::from(refused).into_response()),
         Ok(verdict) => {
@@ -155,7 +158,7 @@ where
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

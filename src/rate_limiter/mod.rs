@@ -66,7 +66,7 @@ pub struct Verdict {
 
 impl Verdict {
     /// What an unlimited request is told: no limit, so no headers.
-    pub fn unlimited(kind: LimitKind) -> Self {
+    fn unlimited(kind: LimitKind) -> Self {
         Verdict {
             kind,
             limit: 0,
