@@ -10,7 +10,11 @@ use axum::{
 use tower::ServiceBuilder;
 
 use crate::{
-    middleware::{audit, auth, outer, rate_limit, request_metrics},
+    middleware::{
+        audit, auth, outer,
+        rate_limit::{self, LimitedRoutes},
+        request_metrics,
+    },
     rate_limiter::LimitKind,
     routes,
     state::AppState,
@@ -26,35 +30,36 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
         metrics: config.server.metrics_listen.is_none(),
     };
 
-    // The team's limit of each kind, on the routes it applies to; inside the stack below, so
-    // it runs after authentication and before the handler spends anything on the request.
-    let limited = |kind| rate_limit::Limit::new(state.rate_limits.clone(), kind);
+    // The routes a team's rate limit applies to, each added with the kind of limit it counts
+    // against, for the `rate_limit` layer in the stack below.
+    let mut limited = LimitedRoutes::default();
+    let mut limited_route = |router: Router<_>, path: &str, kind, method_router| {
+        limited.insert(path, kind);
+        router.route(path, method_router)
+    };
     // Every asynchronous endpoint of the route table, each at its upstream path.
-    let generations = config
-        .routes
-        .iter()
-        .fold(Router::new(), |router, route| {
-            router.route(&route.path, post(routes::generate::generate))
-        })
-        .route_layer(limited(LimitKind::Generate));
+    let generations = config.routes.iter().fold(Router::new(), |router, route| {
+        let generate = post(routes::generate::generate);
+        limited_route(router, &route.path, LimitKind::Generate, generate)
+    });
     // Text generation in its three dialects, answered at once (streamed or not).
-    let text = Router::new()
-        .route(
+    let text = [
+        (
             "/api/v1/chat/completions",
             post(routes::text::chat_completions),
-        )
-        .route("/api/v1/messages", post(routes::text::messages))
-        .route(
+        ),
+        ("/api/v1/messages", post(routes::text::messages)),
+        (
             "/api/v1beta/models/{model_action}",
             post(routes::text::gemini),
-        )
-        .route_layer(limited(LimitKind::Text));
-    let mut routes = generations
-        .merge(text)
-        .route(
-            "/api/task/query",
-            get(routes::task_query::query).route_layer(limited(LimitKind::Query)),
-        )
+        ),
+    ]
+    .into_iter()
+    .fold(generations, |router, (path, dialect)| {
+        limited_route(router, path, LimitKind::Text, dialect)
+    });
+    let query = get(routes::task_query::query);
+    let mut routes = limited_route(text, "/api/task/query", LimitKind::Query, query)
         .route("/api/user", get(routes::budget::user_balance))
         .route("/gateway/v1/budget", get(routes::budget::budget))
         .route("/admin/teams", get(routes::admin::teams))
@@ -108,7 +113,10 @@ pub fn router(state: Arc<AppState>, admin_tokens: auth::AdminTokens) -> Router {
             state.ledger.clone(),
             state.clock.clone(),
             state.background.clone(),
-        ));
+        ))
+        // Inside authentication, whose caller it counts; before the handler spends anything on
+        // the request.
+        .layer(rate_limit::Limit::new(state.rate_limits.clone(), limited));
 
     routes.layer(stack).with_state(state)
 }

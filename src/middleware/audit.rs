@@ -28,7 +28,7 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
-use super::{auth::Admin, request_metrics::RequestFacts};
+use super::{auth::Admin, facts::RequestFacts};
 use ketchup_domain::{
     clock::SharedClock,
     ledger::{Audit, NewAdminAction},

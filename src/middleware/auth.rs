@@ -21,13 +21,13 @@ use futures_util::future::Either;
 use http::{HeaderValue, header};
 use tower::{Layer, Service};
 
-use super::request_metrics::RequestFacts;
+use super::facts::{Caller, RequestFacts};
 use arc_swap::ArcSwap;
 
 use crate::{error::GatewayError, headers, metrics::Metrics};
 use ketchup_domain::{
     clock::SharedClock,
-    config::{Config, DigestMap, KeyDigest, KeyWindow, Team},
+    config::{Config, DigestMap, KeyDigest, KeyWindow},
 };
 
 /// Who may call a path.
@@ -50,15 +50,6 @@ pub fn access_for(path: &str) -> Access {
         _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,
         _ => Access::Team,
     }
-}
-
-/// The authenticated caller, in the request's extensions: its team, and the name of the key it
-/// used ([`ketchup_domain::config::KeyEntry::name`]), which its reservations record as the key
-/// that spent.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub team: Arc<Team>,
-    pub key: Arc<str>,
 }
 
 /// The label of the admin token an admin request came with, in the request's extensions.
@@ -105,10 +96,10 @@ fn key_places(path: &str) -> KeyPlaces {
 /// be a guess): each gets the 401 of an unknown key.
 fn team_key(request: &Request) -> Option<Cow<'_, str>> {
     let request_headers = request.headers();
-    let mut keys: Vec<Cow<'_, str>> = Vec::new();
+    let mut key = None;
     for value in request_headers.get_all(header::AUTHORIZATION) {
-        if let Some(key) = bearer_token(value)? {
-            keys.push(Cow::Borrowed(key));
+        if let Some(bearer) = bearer_token(value)? {
+            same_key(&mut key, Cow::Borrowed(bearer))?;
         }
     }
     let places = key_places(request.uri().path());
@@ -119,20 +110,30 @@ fn team_key(request: &Request) -> Option<Cow<'_, str>> {
     };
     if let Some(name) = header_name {
         for value in request_headers.get_all(name) {
-            keys.push(Cow::Borrowed(value.to_str().ok()?.trim()));
+            same_key(&mut key, Cow::Borrowed(value.to_str().ok()?.trim()))?;
         }
     }
     if places == KeyPlaces::Gemini
         && let Some(query) = request.uri().query()
     {
-        keys.extend(
-            url::form_urlencoded::parse(query.as_bytes())
-                .filter(|(name, _)| name == "key")
-                .map(|(_, key)| key),
-        );
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if name == "key" {
+                same_key(&mut key, value)?;
+            }
+        }
     }
-    let first = keys.pop()?;
-    keys.iter().all(|key| *key == first).then_some(first)
+    key
+}
+
+/// Keeps `key` as the request's key if it is the first found; `None` if it differs from it.
+fn same_key<'a>(found: &mut Option<Cow<'a, str>>, key: Cow<'a, str>) -> Option<()> {
+    match found {
+        Some(first) => (*first == key).then_some(()),
+        None => {
+            *found = Some(key);
+            Some(())
+        }
+    }
 }
 
 /// What authentication reads: the live configuration's keys, the admin tokens, the clock keys'
@@ -201,7 +202,7 @@ where
 }
 
 impl Keys {
-    /// Lets the request through (with its caller in its extensions), or answers it.
+    /// Lets the request through (with its caller in its facts), or answers it.
     fn admit(&self, request: &mut Request) -> Result<(), GatewayError> {
         match access_for(request.uri().path()) {
             Access::Public => return Ok(()),
@@ -235,23 +236,25 @@ impl Keys {
         let Some(entry) = config.key_by_digest(&digest) else {
             return Err(GatewayError::InvalidApiKey);
         };
+        let facts = request
+            .extensions()
+            .get::<Arc<RequestFacts>>()
+            .ok_or_else(|| GatewayError::Internal("a request without its facts".into()))?;
         // The request's log line names the team and key label whether or not the key is in its
         // window: an operator asking why a team gets 401 finds the expired key there.
-        if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-            facts.set_team(&entry.team.name);
-            facts.set_key(entry.label.clone());
-        }
+        facts.set_key(entry.label.clone());
         let now = self.clock.now();
         match entry.window_at(now) {
             KeyWindow::Valid => {
                 self.metrics.keys.used(&digest, now);
-                request.extensions_mut().insert(Caller {
+                facts.set_caller(Caller {
                     key: entry.name(&digest),
                     team: entry.team.clone(),
                 });
                 Ok(())
             }
             outside => {
+                facts.set_team(&entry.team.name);
                 self.metrics.keys.refused(&digest, entry, outside);
                 Err(GatewayError::InvalidApiKey)
             }

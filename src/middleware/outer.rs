@@ -27,11 +27,7 @@ use http::header;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::{
-    request_id,
-    request_metrics::{RequestFacts, RequestMetrics},
-    trace,
-};
+use super::{facts::RequestFacts, request_id, request_metrics::RequestMetrics, trace};
 use crate::{error::GatewayError, headers, logging};
 
 /// The headers a team key or token may come in, hidden from every later layer and log line.

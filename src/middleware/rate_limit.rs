@@ -1,15 +1,18 @@
 //! Per-team rate limits on generation and status reads, checked right after authentication so a
 //! refused request costs nothing further: no validation, no reservation, no upstream call.
 //! Every limited response carries the `RateLimit-*` headers of the limit that applied. The
-//! router puts this layer on the routes a limit applies to, with that limit's kind.
+//! layer sits around every route, and the router tells it which routes a limit applies to, and
+//! of which kind: a layer on those routes alone would wrap each of them in a route of its own,
+//! which costs every request on it a boxed clone of the service and a future more.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use super::auth::Caller;
+use super::facts::{Caller, RequestFacts};
 use crate::{
     error::GatewayError,
     headers,
@@ -19,21 +22,41 @@ use axum::{
     extract::Request,
     response::{IntoResponse, Response},
 };
+use foldhash::fast::RandomState;
 use futures_util::future::Either;
+use http::StatusCode;
 use ketchup_domain::config::Team;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-/// The layer: the team's limit of one kind.
+/// The routes a team's rate limit applies to, each with the kind of limit it counts against,
+/// by route template.
+#[derive(Default)]
+pub struct LimitedRoutes(HashMap<Box<str>, LimitKind, RandomState>);
+
+impl LimitedRoutes {
+    pub fn insert(&mut self, route: &str, kind: LimitKind) {
+        self.0.insert(route.into(), kind);
+    }
+
+    fn kind_of(&self, route: &str) -> Option<LimitKind> {
+        self.0.get(route).copied()
+    }
+}
+
+/// The layer: the team's limits, and which routes they apply to.
 #[derive(Clone)]
 pub struct Limit {
     limits: Arc<RateLimits>,
-    kind: LimitKind,
+    routes: Arc<LimitedRoutes>,
 }
 
 impl Limit {
-    pub fn new(limits: Arc<RateLimits>, kind: LimitKind) -> Self {
-        Limit { limits, kind }
+    pub fn new(limits: Arc<RateLimits>, routes: LimitedRoutes) -> Self {
+        Limit {
+            limits,
+            routes: Arc::new(routes),
+        }
     }
 }
 
@@ -71,15 +94,19 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let Limit { limits, kind } = &self.limit;
-        let Some(Caller { team, .. }) = request.extensions().get::<Caller>() else {
-            // No team, so no team's limit to count it against.
+        let Limit { limits, routes } = &self.limit;
+        let limited = request
+            .extensions()
+            .get::<Arc<RequestFacts>>()
+            .and_then(|facts| Some((facts.caller()?, routes.kind_of(facts.route())?)));
+        // A route without a limit, or no team (a public route) to count it against.
+        let Some((Caller { team, .. }, kind)) = limited else {
             return Either::Left(Either::Right(WithHeaders {
                 inner: self.inner.call(request),
                 verdict: None,
             }));
         };
-        match limits.check_team_here(&team.name, *kind) {
+        match limits.check_team_here(&team.name, kind) {
             // The limits are this process's: decided already, and the answer needs no box.
             Some(Ok(verdict)) => Either::Left(Either::Right(WithHeaders {
                 inner: self.inner.call(request),
@@ -95,7 +122,8 @@ where
                 // The service that was made ready is the one called; its clone waits for the next.
                 let ready = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, ready);
-                Either::Right(Box::pin(limit(self.limit.clone(), team, request, inner)))
+                let limits = limits.clone();
+                Either::Right(Box::pin(limit(limits, kind, team, request, inner)))
             }
         }
     }
@@ -129,14 +157,17 @@ where
 /// The limit's headers on an answer, unless a refusal further in (the upstream account's
 /// limit) set its own.
 fn add_headers(verdict: &Verdict, response: &mut Response) {
-    if !response.headers().contains_key(headers::RATELIMIT_LIMIT) {
+    let refused_further_in = response.status() == StatusCode::TOO_MANY_REQUESTS
+        && response.headers().contains_key(headers::RATELIMIT_LIMIT);
+    if !refused_further_in {
         verdict.write_headers(response.headers_mut());
     }
 }
 
 /// The team's request through its limit shared in Redis.
 async fn limit<S>(
-    Limit { limits, kind }: Limit,
+    limits: Arc<RateLimits>,
+    kind: LimitKind,
     team: Arc<Team>,
     request: Request,
     mut inner: S,
@@ -158,7 +189,7 @@ where
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
+    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

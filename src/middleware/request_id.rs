@@ -1,6 +1,6 @@
 //! Gives every request an id: the caller's `X-Request-Id` if it is a sane token, otherwise a new
 //! UUIDv7. The id is logged, forwarded upstream and returned to the caller. It lives in the
-//! request's facts ([`RequestFacts`](super::request_metrics::RequestFacts)), which handlers
+//! request's facts ([`RequestFacts`](super::facts::RequestFacts)), which handlers
 //! extract it from.
 //!
 //! tower-http's `SetRequestId` would keep any client value verbatim; this one bounds it, because

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::Response;
 use tracing::Span;
 
-use super::request_metrics::RequestFacts;
+use super::facts::RequestFacts;
 use crate::{error::ErrorKind, logging};
 
 /// The request's span in the human format: its id, method and route as the prefix of every

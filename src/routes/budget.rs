@@ -3,17 +3,14 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{Extension, State},
-    response::Response,
-};
+use axum::{extract::State, response::Response};
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
 use super::json;
-use crate::{error::GatewayError, headers, middleware::auth::Caller, state::AppState};
+use crate::{error::GatewayError, headers, middleware::facts::Caller, state::AppState};
 use ketchup_domain::{
     config::{Budget, BudgetPeriod, Team},
     credits::Credits,
@@ -109,7 +106,7 @@ pub async fn standing(state: &AppState, team: &Team) -> Result<BudgetView, Gatew
 
 pub async fn budget(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, .. }): Extension<Caller>,
+    Caller { team, .. }: Caller,
 ) -> Result<Response, GatewayError> {
     let view = standing(&state, &team).await?;
     Ok(json(StatusCode::OK, &json!(view)))
@@ -117,7 +114,7 @@ pub async fn budget(
 
 pub async fn user_balance(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, .. }): Extension<Caller>,
+    Caller { team, .. }: Caller,
 ) -> Result<Response, GatewayError> {
     let view = standing(&state, &team).await?;
     Ok(json(

@@ -8,11 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::{
-    body::Body,
-    extract::{Extension, State},
-    response::Response,
-};
+use axum::{body::Body, extract::State, response::Response};
 use bytes::Bytes;
 use http::{HeaderMap, Uri};
 use serde_json::{Map, Value};
@@ -27,7 +23,10 @@ use super::{
 use crate::{
     error::GatewayError,
     logging,
-    middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
+    middleware::{
+        facts::{Caller, Facts, RequestFacts},
+        request_id::RequestId,
+    },
     state::AppState,
     upstream::UpstreamError,
     webhooks::{self, notices, target},
@@ -164,12 +163,12 @@ fn intercept_callback(
 
 pub async fn generate(
     State(state): State<Arc<AppState>>,
-    Extension(Caller {
+    Caller {
         team,
         key: caller_key,
-    }): Extension<Caller>,
+    }: Caller,
     request_id: RequestId,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    Facts(facts): Facts,
     uri: Uri,
     headers: HeaderMap,
     body: Body,

@@ -4,11 +4,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::{
-    body::Body,
-    extract::{Extension, State},
-    response::Response,
-};
+use axum::{body::Body, extract::State, response::Response};
 use http::{HeaderValue, StatusCode, Uri, header};
 use serde_json::json;
 
@@ -16,7 +12,7 @@ use crate::{
     accounts::refuses_token,
     error::GatewayError,
     headers,
-    middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
+    middleware::facts::{Caller, Facts, RequestFacts},
     state::AppState,
     status_cache::{Answer, Fetched, NotCached, Served},
 };
@@ -101,9 +97,8 @@ async fn owned_task<'a>(
 
 pub async fn query(
     State(state): State<Arc<AppState>>,
-    Extension(Caller { team, .. }): Extension<Caller>,
-    request_id: RequestId,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    Caller { team, .. }: Caller,
+    Facts(facts): Facts,
     uri: Uri,
 ) -> Result<Response, GatewayError> {
     let task_id = task_id_of(uri.query())?;
@@ -113,9 +108,7 @@ pub async fn query(
     let asked = std::time::Instant::now();
     let (served, read) = state
         .status_cache
-        .get_or_fetch(&task_id, || {
-            read_upstream(&state, &task, &request_id, &facts)
-        })
+        .get_or_fetch(&task_id, || read_upstream(&state, &task, &facts))
         .await;
     if served == Served::Coalesced {
         // Waiting on another request's upstream read is waiting on the upstream.
@@ -157,11 +150,10 @@ pub async fn query(
 async fn read_upstream(
     state: &AppState,
     task: &OwnedTask<'_>,
-    request_id: &RequestId,
     facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    let (fetched, said) =
-        read_status(state, task.task_id, task.team, request_id.as_str(), facts).await;
+    let request_id = facts.request_id().as_str();
+    let (fetched, said) = read_status(state, task.task_id, task.team, request_id, facts).await;
     match said {
         // Known to be closed already: nothing to write.
         Said::Final(..) if task.closed => {}
@@ -328,8 +320,8 @@ mod tests {
         assert!(super::task_id_of(None).is_err());
     }
 
-    /// The size of the future an async fn of five arguments returns.
-    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+    /// The size of the future an async fn of four arguments returns.
+    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

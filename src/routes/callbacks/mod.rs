@@ -19,7 +19,6 @@ mod claim;
 use std::sync::Arc;
 
 use axum::{
-    Extension,
     body::Body,
     extract::{Path, State},
     response::Response,
@@ -31,7 +30,10 @@ use serde_json::{json, value::RawValue};
 use super::{json, task_query};
 use crate::{
     error::GatewayError,
-    middleware::{request_id::RequestId, request_metrics::RequestFacts},
+    middleware::{
+        facts::{Facts, RequestFacts},
+        request_id::RequestId,
+    },
     state::AppState,
     status_cache::{Answer, NotCached, Served},
     webhooks,
@@ -56,7 +58,7 @@ pub async fn receive(
     State(state): State<Arc<AppState>>,
     Path(token): Path<String>,
     request_id: RequestId,
-    Extension(facts): Extension<Arc<RequestFacts>>,
+    Facts(facts): Facts,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let count = |outcome: &str| state.metrics.callbacks.with_label_values(&[outcome]).inc();

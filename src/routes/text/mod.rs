@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::{Extension, FromRequestParts, Path, State},
+    extract::{FromRequestParts, Path, State},
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
@@ -32,7 +32,10 @@ use super::{
 };
 use crate::{
     error::GatewayError,
-    middleware::{auth::Caller, request_id::RequestId, request_metrics::RequestFacts},
+    middleware::{
+        facts::{Caller, Facts, RequestFacts},
+        request_id::RequestId,
+    },
     state::AppState,
     upstream::{UpstreamError, UpstreamResponse},
     webhooks::notices,
@@ -66,15 +69,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Sender {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let fail = IntoResponse::into_response;
-        let Extension(Caller { team, key }) = Extension::<Caller>::from_request_parts(parts, state)
+        let Caller { team, key } = Caller::from_request_parts(parts, state)
             .await
             .map_err(fail)?;
-        let request_id = RequestId::from_request_parts(parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let Extension(facts) = Extension::<Arc<RequestFacts>>::from_request_parts(parts, state)
+        let Facts(facts) = Facts::from_request_parts(parts, state)
             .await
             .map_err(fail)?;
+        let request_id = facts.request_id().clone();
         Ok(Sender {
             team,
             key,
