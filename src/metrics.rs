@@ -6,9 +6,14 @@
 //! their sources, so they can never drift from what the ledger says.
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+mod series;
+
+pub use series::Series;
+use series::Vector;
 
 use crate::key_use::KeyUse;
 use ketchup_domain::{config::Config, credits::Credits, settlement::SettlementMetrics};
@@ -47,11 +52,8 @@ pub struct Metrics {
     pub refused_connections: IntCounter,
     pub ops_open_connections: IntGauge,
     pub ops_refused_connections: IntCounter,
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub overhead: HistogramVec,
-    pub upstream_requests: IntCounterVec,
-    pub upstream_duration: HistogramVec,
+    pub requests: Series<RequestVectors>,
+    pub upstream_requests: Series<UpstreamVectors>,
     pub upstream_retries: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -149,44 +151,48 @@ impl Metrics {
             &["result"]
         ));
         let metrics = Metrics {
-            requests: register!(IntCounterVec::new(
-                opts(
-                    "requests_total",
-                    "Requests answered, by team, route and HTTP status."
-                ),
-                &["team", "route", "status"]
-            )),
-            request_duration: register!(HistogramVec::new(
-                histogram(
-                    "request_duration_seconds",
-                    "Time to answer a request, by route.",
-                    LATENCY_BUCKETS
-                ),
-                &["route"]
-            )),
-            overhead: register!(HistogramVec::new(
-                histogram(
-                    "overhead_seconds",
-                    "The gateway's own share of a request: its duration minus the time spent waiting on the upstream.",
-                    LATENCY_BUCKETS
-                ),
-                &["route"]
-            )),
-            upstream_requests: register!(IntCounterVec::new(
-                opts(
-                    "upstream_requests_total",
-                    "Requests sent to the upstream (each attempt), by route and answer status (`error` when none came)."
-                ),
-                &["route", "status"]
-            )),
-            upstream_duration: register!(HistogramVec::new(
-                histogram(
-                    "upstream_request_duration_seconds",
-                    "Time one upstream attempt took.",
-                    LATENCY_BUCKETS
-                ),
-                &["route"]
-            )),
+            requests: Series::new(RequestVectors {
+                total: register!(IntCounterVec::new(
+                    opts(
+                        "requests_total",
+                        "Requests answered, by team, route and HTTP status."
+                    ),
+                    &["team", "route", "status"]
+                )),
+                duration: register!(HistogramVec::new(
+                    histogram(
+                        "request_duration_seconds",
+                        "Time to answer a request, by route.",
+                        LATENCY_BUCKETS
+                    ),
+                    &["route"]
+                )),
+                overhead: register!(HistogramVec::new(
+                    histogram(
+                        "overhead_seconds",
+                        "The gateway's own share of a request: its duration minus the time spent waiting on the upstream.",
+                        LATENCY_BUCKETS
+                    ),
+                    &["route"]
+                )),
+            }),
+            upstream_requests: Series::new(UpstreamVectors {
+                total: register!(IntCounterVec::new(
+                    opts(
+                        "upstream_requests_total",
+                        "Requests sent to the upstream (each attempt), by route and answer status (`error` when none came)."
+                    ),
+                    &["route", "status"]
+                )),
+                duration: register!(HistogramVec::new(
+                    histogram(
+                        "upstream_request_duration_seconds",
+                        "Time one upstream attempt took.",
+                        LATENCY_BUCKETS
+                    ),
+                    &["route"]
+                )),
+            }),
             upstream_retries: register!(IntCounterVec::new(
                 opts(
                     "upstream_retries_total",
@@ -535,6 +541,62 @@ impl Metrics {
     }
 }
 
+/// What every answered request is counted in, by team, route and status, and timed in, by
+/// route: one series of each per request, found in one lookup.
+pub struct RequestVectors {
+    total: IntCounterVec,
+    duration: HistogramVec,
+    overhead: HistogramVec,
+}
+
+/// The series of one team, route and status of [`RequestVectors`].
+pub struct RequestSeries {
+    pub total: IntCounter,
+    pub duration: Histogram,
+    pub overhead: Histogram,
+}
+
+impl Vector for RequestVectors {
+    type Series = RequestSeries;
+
+    fn series(&self, labels: &[&str]) -> RequestSeries {
+        let [_team, route, _status] = labels else {
+            panic!("requests are labelled by team, route and status, not {labels:?}");
+        };
+        RequestSeries {
+            total: self.total.with_label_values(labels),
+            duration: self.duration.with_label_values(&[route]),
+            overhead: self.overhead.with_label_values(&[route]),
+        }
+    }
+}
+
+/// What every upstream attempt is counted in, by route and status, and timed in, by route.
+pub struct UpstreamVectors {
+    total: IntCounterVec,
+    duration: HistogramVec,
+}
+
+/// The series of one route and status of [`UpstreamVectors`].
+pub struct UpstreamSeries {
+    pub total: IntCounter,
+    pub duration: Histogram,
+}
+
+impl Vector for UpstreamVectors {
+    type Series = UpstreamSeries;
+
+    fn series(&self, labels: &[&str]) -> UpstreamSeries {
+        let [route, _status] = labels else {
+            panic!("upstream attempts are labelled by route and status, not {labels:?}");
+        };
+        UpstreamSeries {
+            total: self.total.with_label_values(labels),
+            duration: self.duration.with_label_values(&[route]),
+        }
+    }
+}
+
 /// Credits as a float, for gauges and counters only.
 pub fn credits(amount: Credits) -> f64 {
     amount.as_f64_for_metrics()
@@ -549,8 +611,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics
             .requests
-            .with_label_values(&["design", "/healthz", "200"])
-            .inc();
+            .with(&["design", "/healthz", "200"], |series| series.total.inc());
         let text = metrics.render();
         assert!(text.contains(
             "ketchup_gateway_requests_total{route=\"/healthz\",status=\"200\",team=\"design\"} 1"

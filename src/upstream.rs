@@ -337,21 +337,17 @@ impl UpstreamClient {
         result: Result<StatusCode, &UpstreamError>,
     ) {
         let metrics = &self.metrics;
-        metrics
-            .upstream_duration
-            .with_label_values(&[route])
-            .observe(started.elapsed().as_secs_f64());
-        let (status, error_kind) = match result {
-            Ok(status) if status.is_server_error() => (status.as_str().to_owned(), Some("5xx")),
-            Ok(status) => (status.as_str().to_owned(), None),
-            Err(UpstreamError::Connect(_)) => ("error".to_owned(), Some("connect")),
-            Err(UpstreamError::Timeout(_)) => ("error".to_owned(), Some("timeout")),
-            Err(UpstreamError::Broken(_)) => ("error".to_owned(), Some("broken")),
+        let (status, error_kind) = match &result {
+            Ok(status) if status.is_server_error() => (status.as_str(), Some("5xx")),
+            Ok(status) => (status.as_str(), None),
+            Err(UpstreamError::Connect(_)) => ("error", Some("connect")),
+            Err(UpstreamError::Timeout(_)) => ("error", Some("timeout")),
+            Err(UpstreamError::Broken(_)) => ("error", Some("broken")),
         };
-        metrics
-            .upstream_requests
-            .with_label_values(&[route, &status])
-            .inc();
+        metrics.upstream_requests.with(&[route, status], |series| {
+            series.total.inc();
+            series.duration.observe(started.elapsed().as_secs_f64());
+        });
         if let Some(kind) = error_kind {
             metrics
                 .upstream_errors

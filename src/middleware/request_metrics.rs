@@ -33,20 +33,12 @@ impl RequestMetrics {
             (None, Some(team)) => self.config.load().team_label(team),
             (None, None) => "unknown",
         };
-        let route = facts.route();
-        let metrics = &self.metrics;
-        metrics
-            .requests
-            .with_label_values(&[team, route, status.as_str()])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        metrics.overhead.with_label_values(&[route]).observe(
-            elapsed
-                .saturating_sub(facts.upstream_wait().unwrap_or_default())
-                .as_secs_f64(),
-        );
+        let own = elapsed.saturating_sub(facts.upstream_wait().unwrap_or_default());
+        let labels = [team, facts.route(), status.as_str()];
+        self.metrics.requests.with(&labels, |series| {
+            series.total.inc();
+            series.duration.observe(elapsed.as_secs_f64());
+            series.overhead.observe(own.as_secs_f64());
+        });
     }
 }
