@@ -90,7 +90,7 @@ impl Server {
         let accounts = Accounts::new(&account_names, &metrics);
         let task_accounts = moka::sync::Cache::builder()
             .max_capacity(config.cache.max_owners)
-            .build();
+            .build_with_hasher(Default::default());
         let settler = Settler::new(
             ledger.clone(),
             ledger.clone(),
@@ -111,7 +111,7 @@ impl Server {
             recently_observed: moka::sync::Cache::builder()
                 .max_capacity(config.cache.max_entries.max(10_000))
                 .time_to_live(config.reconciler.settle_after / 2)
-                .build(),
+                .build_with_hasher(Default::default()),
             config: Arc::new(ArcSwap::from_pointee(config)),
             ledger,
             upstream,

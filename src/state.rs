@@ -34,7 +34,7 @@ pub struct AppState {
     pub settler: Settler,
     /// Tasks whose status a client read lately (for half of `reconciler.settle_after`): their
     /// ledger row is not touched again until then, which is often enough for the reconciler.
-    pub recently_observed: moka::sync::Cache<String, ()>,
+    pub recently_observed: TaskMap<()>,
     pub clock: SharedClock,
     /// Work that must finish even if its client has gone (recording a task the upstream
     /// accepted); shutdown waits for it.
@@ -48,8 +48,12 @@ pub struct AppState {
     pub notifier: Notifier,
     /// The account that started each of the newest tasks, so that reading their status need not
     /// ask the ledger; bounded like the ownership index. Unused with a single account.
-    pub task_accounts: moka::sync::Cache<String, AccountId>,
+    pub task_accounts: TaskMap<AccountId>,
 }
+
+/// A bounded map by task id, hashed with foldhash rather than SipHash: only the ids of tasks
+/// the gateway owns go in, and the upstream made them.
+pub type TaskMap<V> = moka::sync::Cache<String, V, foldhash::fast::RandomState>;
 
 impl AppState {
     /// The account whose token reads `task_id`: the one that started it, as the ledger recorded

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use http::{HeaderValue, StatusCode};
 use moka::{Expiry, future::Cache, notification::RemovalCause};
 
@@ -94,8 +95,10 @@ impl Expiry<String, Arc<Answer>> for Lifetime {
 }
 
 pub struct StatusCache {
-    /// `None` when `cache.max_entries = 0`: every read goes upstream.
-    entries: Option<Cache<String, Arc<Answer>>>,
+    /// `None` when `cache.max_entries = 0`: every read goes upstream. Hashed with foldhash
+    /// rather than SipHash: only the ids of tasks the gateway owns are looked up, and the
+    /// upstream made them.
+    entries: Option<Cache<String, Arc<Answer>, RandomState>>,
     /// With several replicas: statuses any of them read, behind this replica's own cache.
     shared: Option<Arc<SharedStatuses>>,
 }
@@ -124,7 +127,7 @@ impl StatusCache {
                         metrics.cache_evictions.inc();
                     }
                 })
-                .build()
+                .build_with_hasher(RandomState::default())
         });
         let shared = shared.filter(|_| entries.is_some()).map(Arc::new);
         StatusCache { entries, shared }
@@ -148,8 +151,11 @@ impl StatusCache {
             return (Served::Hit, Ok(answer));
         }
         // Boxed, so that a hit does not carry it: the upstream read and its coalescing make a
-        // future of kilobytes, and a request's future is moved whole, hits included.
-        Box::pin(self.fetch_through(task_id, fetch(), Fresh::Any)).await
+        // future of kilobytes, and a request's future is moved whole, hits included. The read
+        // is boxed where it is made, so that it is copied once, not again into each future
+        // that takes it on the way.
+        let fetch = Box::pin(fetch());
+        Box::pin(self.fetch_through(task_id, fetch, Fresh::Any)).await
     }
 
     /// The task's status as the upstream says it now, to check a claim against (a callback's):
