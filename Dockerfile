@@ -14,8 +14,8 @@ COPY . .
 RUN --mount=type=cache,id=ketchup-gateway-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=ketchup-gateway-cargo-git,target=/usr/local/cargo/git \
     --mount=type=cache,id=ketchup-gateway-target,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin ketchup-gateway \
- && install -D -m 0755 target/release/ketchup-gateway /out/ketchup-gateway
+    cargo build --profile production --locked --bin ketchup-gateway \
+ && install -D -m 0755 target/production/ketchup-gateway /out/ketchup-gateway
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim
