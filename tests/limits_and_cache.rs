@@ -624,6 +624,61 @@ async fn generation_and_status_limits_are_independent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_limit_counts_on_its_own_routes_and_no_other() {
+    let _serial = serial().await;
+    let fake = start_fake_with_phase(Duration::from_secs(60)).await;
+    let gateway = Gateway::start(
+        &config(&fake.base_url())
+            .text_model("openai/gpt-5.2", "1.50", "6.00", "max_output_tokens = 1000")
+            .text_model(
+                "gemini-3.1-pro-preview",
+                "0.50",
+                "2.50",
+                "max_output_tokens = 1000",
+            )
+            .limits("design", r#"{ text = "1/min", text_burst = 2 }"#),
+    );
+    let chat =
+        r#"{"model":"openai/gpt-5.2","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+    let gemini = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let gemini_path = "/api/v1beta/models/gemini-3.1-pro-preview:generateContent";
+
+    // One text limit over the dialects, the templated Gemini route included.
+    let first = gateway
+        .api
+        .submit(DESIGN_KEY, "/api/v1/chat/completions", chat)
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(first.rate_limit(), limit_headers("2", "1", "60"));
+    let second = gateway.api.submit(DESIGN_KEY, gemini_path, gemini).await;
+    assert_eq!(second.status, 200, "{}", second.text);
+    assert_eq!(second.rate_limit(), limit_headers("2", "0", "120"));
+    let refused = gateway.api.submit(DESIGN_KEY, gemini_path, gemini).await;
+    assert_eq!(refused.status, 429, "{}", refused.text);
+    assert_eq!(
+        refused.json(),
+        rate_limited("team 'design' may send 1 text request per minute; retry in 60 s")
+    );
+    assert_eq!(fake.stats().text_requests, 2, "the refused one never left");
+
+    // The generation and status limits are the defaults', untouched by the text requests.
+    let generated = gateway.api.generate(DESIGN_KEY, GEMPIX).await;
+    assert_eq!(generated.status, 200, "{}", generated.text);
+    assert_eq!(generated.rate_limit(), limit_headers("1000", "999", "1"));
+    let read = gateway.api.query(DESIGN_KEY, &generated.task_id()).await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    assert_eq!(read.rate_limit(), limit_headers("1000", "999", "1"));
+
+    // A route no limit applies to answers without the headers of any.
+    let budget = gateway
+        .api
+        .get("/gateway/v1/budget", Some(DESIGN_KEY))
+        .await;
+    assert_eq!(budget.status, 200, "{}", budget.text);
+    assert_eq!(budget.rate_limit(), (None, None, None));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn one_teams_flood_does_not_touch_another_team() {
     let _serial = serial().await;
     let fake = start_fake_with_phase(Duration::from_secs(60)).await;
