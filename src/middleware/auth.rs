@@ -220,10 +220,9 @@ impl Keys {
                 else {
                     return Err(GatewayError::InvalidApiKey);
                 };
-                if let Some(facts) = request.extensions().get::<Arc<RequestFacts>>() {
-                    facts.set_team("admin");
-                    facts.set_key(label.clone());
-                }
+                let facts = RequestFacts::of(request.extensions())?;
+                facts.set_team("admin");
+                facts.set_key(label.clone());
                 request.extensions_mut().insert(Admin(label.clone()));
                 return Ok(());
             }
@@ -236,10 +235,7 @@ impl Keys {
         let Some(entry) = config.key_by_digest(&digest) else {
             return Err(GatewayError::InvalidApiKey);
         };
-        let facts = request
-            .extensions()
-            .get::<Arc<RequestFacts>>()
-            .ok_or_else(|| GatewayError::Internal("a request without its facts".into()))?;
+        let facts = RequestFacts::of(request.extensions())?;
         // The request's log line names the team and key label whether or not the key is in its
         // window: an operator asking why a team gets 401 finds the expired key there.
         facts.set_key(entry.label.clone());

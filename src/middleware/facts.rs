@@ -1,8 +1,8 @@
 //! What layers and handlers learn about a request, in one place per request: made by the outer
 //! layer when the request comes in, filled in on the way (the caller by authentication, the task
 //! id by the handler, the time spent on the upstream), and read at the end by the request's
-//! metrics and its closing log line. Handlers take it, or the part they need, as an argument:
-//! [`Facts`], [`Caller`], [`RequestId`].
+//! metrics and its closing log line. Handlers take it, or the caller alone, as an argument:
+//! [`Facts`], [`Caller`].
 //!
 //! Kept here rather than recorded on the request's span: a field recorded on a span after it
 //! was made costs the JSON log format a parse and a rewrite of all its fields each time. And one
@@ -142,12 +142,13 @@ impl logging::RequestContext for RequestFacts {
     }
 }
 
-/// The facts of the request `parts` belong to.
-fn facts_of(parts: &Parts) -> Result<&Arc<RequestFacts>, GatewayError> {
-    parts
-        .extensions
-        .get::<Arc<RequestFacts>>()
-        .ok_or_else(|| GatewayError::Internal("a request without its facts".into()))
+impl RequestFacts {
+    /// The facts in a request's extensions, where the outer layer put them.
+    pub fn of(extensions: &http::Extensions) -> Result<&Arc<RequestFacts>, GatewayError> {
+        extensions
+            .get::<Arc<RequestFacts>>()
+            .ok_or_else(|| GatewayError::Internal("a request without its facts".into()))
+    }
 }
 
 /// A handler's argument: the request's facts.
@@ -157,7 +158,7 @@ impl<S: Sync> FromRequestParts<S> for Facts {
     type Rejection = GatewayError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, GatewayError> {
-        facts_of(parts).map(|facts| Facts(facts.clone()))
+        RequestFacts::of(&parts.extensions).map(|facts| Facts(facts.clone()))
     }
 }
 
@@ -167,18 +168,9 @@ impl<S: Sync> FromRequestParts<S> for Caller {
     type Rejection = GatewayError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, GatewayError> {
-        facts_of(parts)?
+        RequestFacts::of(&parts.extensions)?
             .caller()
             .cloned()
             .ok_or_else(|| GatewayError::Internal("a team route without its caller".into()))
-    }
-}
-
-/// A handler's argument: the request's id.
-impl<S: Sync> FromRequestParts<S> for RequestId {
-    type Rejection = GatewayError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, GatewayError> {
-        facts_of(parts).map(|facts| facts.request_id.clone())
     }
 }

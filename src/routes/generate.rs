@@ -23,10 +23,7 @@ use super::{
 use crate::{
     error::GatewayError,
     logging,
-    middleware::{
-        facts::{Caller, Facts, RequestFacts},
-        request_id::RequestId,
-    },
+    middleware::facts::{Caller, Facts, RequestFacts},
     state::AppState,
     upstream::UpstreamError,
     webhooks::{self, notices, target},
@@ -167,7 +164,6 @@ pub async fn generate(
         team,
         key: caller_key,
     }: Caller,
-    request_id: RequestId,
     Facts(facts): Facts,
     uri: Uri,
     headers: HeaderMap,
@@ -203,7 +199,7 @@ pub async fn generate(
         period: period::period_key(period, now),
         limit: team.budget.map(|b| b.credits),
         max_in_flight: team.budget.and_then(|b| b.max_in_flight),
-        request_id: request_id.as_str().to_owned(),
+        request_id: facts.request_id().as_str().to_owned(),
         created_at: now,
         callback,
         idempotency: claim,
@@ -295,7 +291,7 @@ pub async fn generate(
         path: uri.path().to_owned(),
         keyed,
     };
-    let work = forward(state.clone(), started, body, request_id, facts);
+    let work = forward(state.clone(), started, body, facts);
     let forwarding = state.background.spawn(logging::InRequest::current(
         work.instrument(tracing::Span::current()),
     ));
@@ -409,7 +405,6 @@ async fn forward(
     state: Arc<AppState>,
     task: StartedTask,
     body: Bytes,
-    request_id: RequestId,
     facts: Arc<RequestFacts>,
 ) -> Result<Response, GatewayError> {
     let id = task.reservation;
@@ -429,9 +424,12 @@ async fn forward(
         return Err(error.into());
     }
     let sent = failover::send(&state, "generation", |account| {
-        state
-            .upstream
-            .generate(account, &task.path, body.clone(), request_id.as_str())
+        state.upstream.generate(
+            account,
+            &task.path,
+            body.clone(),
+            facts.request_id().as_str(),
+        )
     })
     .await;
     let (account, upstream) = match sent {

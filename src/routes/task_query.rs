@@ -152,8 +152,7 @@ async fn read_upstream(
     task: &OwnedTask<'_>,
     facts: &RequestFacts,
 ) -> Fetched<GatewayError> {
-    let request_id = facts.request_id().as_str();
-    let (fetched, said) = read_status(state, task.task_id, task.team, request_id, facts).await;
+    let (fetched, said) = read_status(state, task.task_id, task.team, facts).await;
     match said {
         // Known to be closed already: nothing to write.
         Said::Final(..) if task.closed => {}
@@ -210,13 +209,12 @@ pub(super) async fn read_status(
     state: &AppState,
     task_id: &str,
     team: &str,
-    request_id: &str,
     facts: &RequestFacts,
 ) -> (Fetched<GatewayError>, Said) {
     if let Err(refused) = state.rate_limits.check_global(team).await {
         return (Fetched::Failed(refused.into()), Said::Nothing);
     }
-    let upstream = match state.query_task(task_id, request_id).await {
+    let upstream = match state.query_task(task_id, facts.request_id().as_str()).await {
         // Its account's token, not the team's key: the team is told so.
         Ok(upstream) if refuses_token(upstream.status) => {
             return (

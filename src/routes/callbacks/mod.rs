@@ -30,10 +30,7 @@ use serde_json::{json, value::RawValue};
 use super::{json, task_query};
 use crate::{
     error::GatewayError,
-    middleware::{
-        facts::{Facts, RequestFacts},
-        request_id::RequestId,
-    },
+    middleware::facts::{Facts, RequestFacts},
     state::AppState,
     status_cache::{Answer, NotCached, Served},
     webhooks,
@@ -57,7 +54,6 @@ fn malformed(detail: impl Into<String>) -> GatewayError {
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     Path(token): Path<String>,
-    request_id: RequestId,
     Facts(facts): Facts,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -109,7 +105,7 @@ pub async fn receive(
         .await?
         .ok_or(GatewayError::UnknownCallback)?;
 
-    let answer = confirming_read(&state, &task_id, &target.team, &request_id, &facts)
+    let answer = confirming_read(&state, &task_id, &target.team, &facts)
         .await
         .inspect_err(|_| count("unconfirmed"))?;
     let Some(upstream) = answer
@@ -188,16 +184,13 @@ async fn confirming_read(
     state: &AppState,
     task_id: &str,
     team: &str,
-    request_id: &RequestId,
     facts: &RequestFacts,
 ) -> Result<Arc<Answer>, GatewayError> {
     let asked = std::time::Instant::now();
     let (served, read) = state
         .status_cache
         .get_final_or_fetch(task_id, || async {
-            task_query::read_status(state, task_id, team, request_id.as_str(), facts)
-                .await
-                .0
+            task_query::read_status(state, task_id, team, facts).await.0
         })
         .await;
     if served == Served::Coalesced {

@@ -32,10 +32,7 @@ use super::{
 };
 use crate::{
     error::GatewayError,
-    middleware::{
-        facts::{Caller, Facts, RequestFacts},
-        request_id::RequestId,
-    },
+    middleware::facts::{Caller, Facts, RequestFacts},
     state::AppState,
     upstream::{UpstreamError, UpstreamResponse},
     webhooks::notices,
@@ -60,7 +57,6 @@ pub struct Sender {
     team: Arc<Team>,
     /// The name of the key it came with, which its reservation records.
     key: Arc<str>,
-    request_id: RequestId,
     facts: Arc<RequestFacts>,
 }
 
@@ -75,13 +71,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Sender {
         let Facts(facts) = Facts::from_request_parts(parts, state)
             .await
             .map_err(fail)?;
-        let request_id = facts.request_id().clone();
-        Ok(Sender {
-            team,
-            key,
-            request_id,
-            facts,
-        })
+        Ok(Sender { team, key, facts })
     }
 }
 
@@ -141,12 +131,8 @@ async fn serve(
     uri: &Uri,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let Sender {
-        team,
-        key,
-        request_id,
-        facts,
-    } = caller;
+    let Sender { team, key, facts } = caller;
+    let request_id = facts.request_id().clone();
     let config = state.config.load_full();
     let invalid = |detail: String| GatewayError::InvalidTextRequest(dialect.error_shape(), detail);
     let body = read_body(body, config.server.max_body_bytes).await?;
